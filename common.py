@@ -1,0 +1,854 @@
+"""Shared pieces of the study: the nine objectives, the ResNet, the datasets, features, checkpoints.
+
+Every script imports this file; scripts talk to each other only through checkpoint files and
+.npz/.json outputs. Definitions follow ../SPEC.md (Kornblith et al., NeurIPS 2021).
+
+    import common
+    crit = common.make_criterion("logit_normalization", num_classes=1000, tau=0.05)
+    model = common.build_model("cosine_softmax", 1000, arch="resnet50")
+    data = common.load_dataset("digits@0-4")        # {'train','val','test', 'num_classes', ...}
+    feats = common.extract_features(model, loader, ["block16", "pool"])
+"""
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2 as T
+
+
+class UserError(ValueError):
+    """Bad input from the user: scripts print the message on one line and exit with status 2."""
+
+
+def run_main(main):
+    """Run a script's main(), turning UserError into a one-line message and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives (SPEC.md, "The nine objectives")
+
+OBJECTIVES = {
+    "softmax": {},
+    "label_smoothing": {"alpha": 0.1},
+    "sigmoid": {},
+    "extra_final_layer_l2": {"lambda_": 8e-4},
+    "dropout": {"dropout": 0.3},
+    "logit_penalty": {"beta": 6e-4},
+    "logit_normalization": {"tau": 0.04},
+    "cosine_softmax": {"tau": 0.05, "normalize_features": True},
+    "squared_error": {"kappa": 9.0, "m": 60.0, "loss_scale": 10.0},
+}
+
+
+def objective_hparams(objective, **overrides):
+    """The objective's hyperparameters with overrides applied; unknown names raise ValueError.
+
+    Overrides set to None are ignored, so argparse defaults of None can be passed straight in."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    hp = dict(OBJECTIVES[objective])
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in hp:
+            valid = ", ".join(hp) or "none"
+            raise UserError(f"objective {objective!r} has no hyperparameter {key!r}; valid: {valid}")
+        hp[key] = type(hp[key])(value)
+    return hp
+
+
+def make_criterion(objective, num_classes, **overrides):
+    """Return loss(logits, targets) -> 0-dim tensor, the batch mean of the objective's loss.
+
+    `logits` is the head output (for cosine_softmax the cosine plus bias, before 1/tau).
+    extra_final_layer_l2 and dropout are plain cross-entropy here: their extra terms live in
+    param_groups() and in the model."""
+    hp = objective_hparams(objective, **overrides)
+    K = int(num_classes)
+
+    def onehot(targets, like):
+        return F.one_hot(targets, K).to(like.dtype)
+
+    if objective in ("softmax", "extra_final_layer_l2", "dropout"):
+        return lambda z, y: F.cross_entropy(z, y)
+    if objective == "label_smoothing":
+        a = hp["alpha"]
+
+        def loss(z, y):
+            t = (1 - a) * onehot(y, z) + a / K
+            return -(t * F.log_softmax(z, dim=1)).sum(1).mean() / (1 - a)
+        return loss
+    if objective == "sigmoid":
+        offset = math.log(K)
+
+        def loss(z, y):
+            bce = F.binary_cross_entropy_with_logits(z - offset, onehot(y, z), reduction="none")
+            return bce.sum(1).mean()
+        return loss
+    if objective == "logit_penalty":
+        beta = hp["beta"]
+        return lambda z, y: F.cross_entropy(z, y) + beta / 2 * z.pow(2).sum(1).mean()
+    if objective == "logit_normalization":
+        tau = hp["tau"]
+
+        def loss(z, y):
+            norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return F.cross_entropy(z / (tau * norm), y)
+        return loss
+    if objective == "cosine_softmax":
+        tau = hp["tau"]
+        return lambda z, y: F.cross_entropy(z / tau, y)
+    if objective == "squared_error":
+        kappa, m, s = hp["kappa"], hp["m"], hp["loss_scale"]
+
+        def loss(z, y):
+            hot = onehot(y, z)
+            per_class = hot * kappa * (z - m).pow(2) + (1 - hot) * z.pow(2)
+            return s * per_class.sum(1).mean()
+        return loss
+    raise AssertionError(objective)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d")
+
+
+class DropoutLinear(nn.Linear):
+    """nn.Linear with dropout on its input (training only); state_dict keys stay fc.weight/bias."""
+
+    def __init__(self, in_features, out_features, p):
+        super().__init__(in_features, out_features)
+        self.p = p
+
+    def forward(self, x):
+        return super().forward(F.dropout(x, self.p, self.training))
+
+
+class CosineLinear(nn.Module):
+    """z_k = x.w_k / (||x|| ||w_k||) + b_k; with normalize_features=False only w_k is normalized
+    (the released TF code's variant). Parameters are named weight/bias like nn.Linear."""
+
+    def __init__(self, in_features, out_features, normalize_features=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.normalize_features = normalize_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        if self.normalize_features:
+            x = F.normalize(x, dim=1, eps=1e-12)
+        return F.linear(x, F.normalize(self.weight, dim=1, eps=1e-12), self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"normalize_features={self.normalize_features}"
+
+
+def build_model(objective, num_classes, arch="resnet50", small_input=False, **overrides):
+    """A torchvision ResNet for `objective` (SPEC.md): zero-init last BN gamma of each residual
+    branch, final layer N(0, 0.01^2) with zero bias, dropout or cosine head where the objective
+    asks. With a linear head the state_dict loads strictly into torchvision.models.<arch>."""
+    hp = objective_hparams(objective, **overrides)
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    model = getattr(torchvision.models, arch)(num_classes=num_classes, zero_init_residual=True)
+    dim = model.fc.in_features
+    if objective == "dropout":
+        model.fc = DropoutLinear(dim, num_classes, hp["dropout"])
+    elif objective == "cosine_softmax":
+        model.fc = CosineLinear(dim, num_classes, hp["normalize_features"])
+    nn.init.normal_(model.fc.weight, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    if small_input:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def param_groups(model, objective, weight_decay, **overrides):
+    """SGD parameter groups: weight decay on conv and linear weights only (not BN, not biases);
+    for extra_final_layer_l2 the final layer's weight gets weight_decay + lambda_."""
+    hp = objective_hparams(objective, **overrides)
+    fc_weight = model.fc.weight if hasattr(model, "fc") else None
+    decay, no_decay, head = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if p is fc_weight and objective == "extra_final_layer_l2":
+                head.append(p)
+            elif name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear, CosineLinear)):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if head:
+        groups.append({"params": head, "weight_decay": weight_decay + hp["lambda_"]})
+    return [g for g in groups if g["params"]]
+
+
+def block_modules(model):
+    """The residual blocks in order (block1..blockN): 16 for ResNet-50, 8 for ResNet-18."""
+    return [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+
+
+def layer_names(model):
+    return [f"block{i + 1}" for i in range(len(block_modules(model)))] + ["pool", "logits"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms: images travel as uint8 CHW and are normalized on the device.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def train_transform(resolution, style="paper", flip=True):
+    """uint8 -> uint8. 'paper': Inception random-resized crop (0.08-1, 3/4-4/3), bicubic, flip.
+    'small': resize to the resolution, random crop with 1/8 reflect padding, flip (CIFAR-style,
+    for tiny images where a 0.08 crop leaves nothing)."""
+    flips = [T.RandomHorizontalFlip()] if flip else []
+    if style == "paper":
+        return T.Compose([T.RandomResizedCrop(resolution, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                              interpolation=BICUBIC, antialias=True), *flips])
+    if style == "small":
+        pad = max(1, resolution // 8)
+        return T.Compose([T.Resize((resolution, resolution), interpolation=BICUBIC, antialias=True),
+                          T.RandomCrop(resolution, padding=pad, padding_mode="reflect"), *flips])
+    raise UserError(f"unknown augmentation style {style!r}; valid: paper, small")
+
+
+def eval_transform(resolution, crop_fraction=0.875):
+    """uint8 -> uint8: center crop of crop_fraction of the short side, bicubic resize."""
+    def center_crop(img):
+        h, w = img.shape[-2:]
+        side = max(1, round(min(h, w) * crop_fraction))
+        return T.functional.center_crop(img, [side, side])
+    steps = [] if crop_fraction >= 1 else [T.Lambda(center_crop)]
+    return T.Compose([*steps, T.Resize((resolution, resolution), interpolation=BICUBIC,
+                                       antialias=True)])
+
+
+def normalize(images, dtype=torch.float32):
+    """uint8 NCHW batch (on any device) -> normalized float in channels_last."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    x = (images.to(dtype) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets. One spec string names a dataset everywhere; see load_dataset().
+
+VAL_FRACTION = 0.1        # stratified hold-out from train where a dataset has no val split
+VAL_MAX = 10_000          # ... capped at this many images (ImageNet: 10 per class)
+TEST_FRACTION = 0.2       # stratified test split for datasets without one (SUN397, Caltech-101)
+SPLIT_SEED = 0            # splits never depend on a training seed
+MEAN_PER_CLASS = {"oxford_pets", "flowers102", "fgvc_aircraft", "caltech101"}
+TORCHVISION_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "stanford_cars",
+                        "oxford_pets", "flowers102", "fgvc_aircraft", "dtd", "caltech101")
+FOLDER_DATASETS = ("imagenet", "folder", "birdsnap")
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """An image list that yields (uint8 CHW tensor with 3 channels, label) without transforms.
+
+    Backed by an in-memory uint8 array (N, H, W, C), a list of image file paths, or a list of
+    torchvision datasets laid end to end. Picklable, for DataLoader workers."""
+
+    def __init__(self, labels, images=None, paths=None, datasets=None):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.images, self.paths, self.datasets = images, paths, datasets
+        if datasets is not None:
+            self.offsets = np.cumsum([0] + [len(d) for d in datasets])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self.images is not None:
+            img = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        elif self.paths is not None:
+            img = _read_image(self.paths[i])
+        else:
+            j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            pil, _ = self.datasets[j][i - self.offsets[j]]
+            img = T.functional.pil_to_tensor(pil.convert("RGB"))
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        elif img.shape[0] == 4:
+            img = img[:3]
+        return img, int(self.labels[i])
+
+
+class Split(torch.utils.data.Dataset):
+    """A view of an ImageSource: selected indices, labels remapped to 0..k-1, an optional
+    transform. `labels` holds the remapped labels of the view (for samplers and metrics)."""
+
+    def __init__(self, source, indices, label_map, transform=None):
+        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+        self.label_map = label_map
+        self.labels = label_map[source.labels[self.indices]]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, _ = self.source[int(self.indices[i])]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
+
+    @property
+    def images(self):
+        """The in-memory uint8 (N, H, W, C) array of this view, or None for file-backed data."""
+        return None if self.source.images is None else self.source.images[self.indices]
+
+
+def with_transform(split, transform):
+    """The same view of the data with another transform."""
+    return Split(split.source, split.indices, split.label_map, transform)
+
+
+def concat_splits(a, b):
+    """train+val as one view (both must come from the same source)."""
+    if a.source is not b.source:
+        raise ValueError("can only concatenate views of the same source")
+    return Split(a.source, np.concatenate([a.indices, b.indices]), a.label_map, a.transform)
+
+
+def parse_spec(spec):
+    """'name[:path][@classes]' -> (name, path or None, class list string or None)."""
+    if not isinstance(spec, str) or not spec:
+        raise UserError("empty dataset spec; examples: digits, npz:DIR, cifar10:ROOT@0-4")
+    body, _, subset = spec.partition("@")
+    name, _, path = body.partition(":")
+    valid = ("digits", "npz", *FOLDER_DATASETS, *TORCHVISION_DATASETS)
+    if name not in valid:
+        raise UserError(f"unknown dataset {name!r} in {spec!r}; valid: {', '.join(valid)}")
+    if name == "digits" and path:
+        raise UserError(f"'digits' takes no path (got {spec!r}); use digits or digits@0-4")
+    if name != "digits" and not path:
+        raise UserError(f"dataset {name!r} needs a path: {name}:DIR")
+    return name, path or None, subset or None
+
+
+def dataset_label(spec):
+    """A filesystem-safe short name for a spec: 'npz:/a/cifar10@5-9' -> 'cifar10@5-9'."""
+    name, path, subset = parse_spec(spec)
+    base = os.path.basename(os.path.normpath(path)) if path else name
+    if name not in ("npz", "folder") and path:
+        base = name
+    label = base + (f"@{subset}" if subset else "")
+    return re.sub(r"[^A-Za-z0-9@,._-]", "_", label)
+
+
+def parse_classes(subset, num_classes, spec):
+    """'0-4' or '0,3,7' or '0-2,5' -> list of class indices (order kept)."""
+    classes = []
+    for part in subset.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UserError(f"bad class subset {subset!r} in {spec!r}; write e.g. @0-4 or @0,3,7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UserError(f"bad class range {part!r} in {spec!r}: end before start")
+        classes.extend(range(lo, hi + 1))
+    bad = [c for c in classes if c >= num_classes]
+    if bad:
+        raise UserError(f"class subset {subset!r} of {spec!r} is out of range: the dataset has "
+                        f"{num_classes} classes (0-{num_classes - 1})")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"class subset {subset!r} of {spec!r} repeats a class")
+    if len(classes) < 2:
+        raise UserError(f"class subset {subset!r} of {spec!r} has fewer than 2 classes")
+    return classes
+
+
+def stratified_holdout(labels, fraction, cap=None, seed=SPLIT_SEED, what="validation"):
+    """Split indices 0..n-1 into (keep, held_out), stratified by label, seeded."""
+    from sklearn.model_selection import train_test_split
+    labels = np.asarray(labels)
+    n, k = len(labels), len(np.unique(labels))
+    size = math.ceil(fraction * n)  # as sklearn's train_test_split rounds a fraction
+    if cap:
+        size = min(size, cap)
+    size = max(size, k)
+    counts = np.bincount(labels)
+    if n - size < k or counts[counts > 0].min() < 2:
+        raise UserError(f"too few images for a {what} split ({n} images, {k} classes, smallest "
+                        f"class {counts[counts > 0].min()}): need at least 2 per class")
+    idx = np.arange(n)
+    keep, held = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
+    return np.sort(keep), np.sort(held)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = np.round(d.images * (255 / 16)).clip(0, 255).astype(np.uint8)[..., None]
+    src = ImageSource(d.target, images=images)
+    # The test split of SPEC.md's published logistic-regression vectors.
+    train, test = stratified_holdout(d.target, 0.25, what="test")
+    return src, {"train": train, "test": test}, [str(i) for i in range(10)], 8
+
+
+def _npz(path):
+    if not os.path.isdir(path):
+        raise UserError(f"npz dataset folder not found: {path}")
+    files = sorted(glob.glob(os.path.join(path, "*.npz")))
+    if not files:
+        raise UserError(f"no .npz files in {path}; expected files named *train*.npz / *test*.npz")
+    groups = {"train": [], "val": [], "test": []}
+    for f in files:
+        base = os.path.basename(f).lower()
+        if "train" in base:
+            groups["train"].append(f)
+        elif "val" in base:
+            groups["val"].append(f)
+        elif "test" in base:
+            groups["test"].append(f)
+    if not groups["train"]:
+        raise UserError(f"no training file in {path}: one .npz name must contain 'train'")
+    images, labels, ranges, start = [], [], {}, 0
+    for split, fs in groups.items():
+        for f in fs:
+            try:
+                with np.load(f) as d:
+                    im, lb = d["images"], d["labels"]
+            except KeyError as e:
+                raise UserError(f"{f} lacks array {e}; expected arrays 'images' and 'labels'")
+            except Exception as e:
+                raise UserError(f"cannot read {f}: {type(e).__name__}: {e}")
+            if im.dtype != np.uint8 or im.ndim != 4 or len(im) != len(lb):
+                raise UserError(f"{f}: expected images uint8 (N,H,W,C) and labels (N,), got "
+                                f"{im.dtype} {im.shape} and {lb.shape}")
+            images.append(im)
+            labels.append(lb.astype(np.int64))
+        n = sum(len(x) for x in labels) - start
+        ranges[split] = np.arange(start, start + n)
+        start += n
+    shapes = {im.shape[1:] for im in images}
+    if len(shapes) != 1:
+        raise UserError(f"image shapes differ between the files of {path}: {sorted(shapes)}")
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    num_classes = int(labels.max()) + 1
+    classes = [str(i) for i in range(num_classes)]
+    cj = os.path.join(path, "classes.json")
+    if os.path.exists(cj):
+        with open(cj) as fh:
+            meta = json.load(fh)
+        names = meta.get("classes") if isinstance(meta, dict) else meta
+        if isinstance(names, list) and len(names) >= num_classes:
+            classes = [str(c) for c in names]
+    splits = {k: v for k, v in ranges.items() if len(v)}
+    return ImageSource(labels, images=images), splits, classes, images.shape[1]
+
+
+def _read_image(path):
+    try:
+        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    except Exception as e:
+        raise RuntimeError(f"cannot decode image {path}: {e}") from e
+
+
+def _folder(name, path):
+    """ImageFolder layout: DIR/train/<class>/*.jpg, optional DIR/val/, DIR/test/."""
+    if not os.path.isdir(path):
+        raise UserError(f"{name} folder not found: {path}")
+    train_dir = os.path.join(path, "train")
+    if not os.path.isdir(train_dir):
+        raise UserError(f"{path} has no train/ folder; expected {path}/train/<class>/<image>")
+    def scan(d):
+        try:
+            return torchvision.datasets.ImageFolder(d, loader=_read_image)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"cannot read image folder {d}: {str(e).splitlines()[0]}")
+    parts = {"train": scan(train_dir)}
+    classes = parts["train"].classes
+    for split, sub in (("val", "val"), ("val", "validation"), ("test", "test")):
+        d = os.path.join(path, sub)
+        if os.path.isdir(d) and split not in parts:
+            parts[split] = scan(d)
+            if parts[split].classes != classes:
+                raise UserError(f"class folders of {d} differ from those of {train_dir}")
+    if name == "imagenet" and "test" not in parts and "val" in parts:
+        # ImageNet's val/ is the reported (test) set; validation is held out from train.
+        parts["test"] = parts.pop("val")
+    samples, splits = [], {}
+    for split, ds in parts.items():
+        splits[split] = np.arange(len(samples), len(samples) + len(ds.samples))
+        samples.extend(ds.samples)
+    src = ImageSource([s[1] for s in samples], paths=[s[0] for s in samples])
+    return src, splits, list(classes), None
+
+
+def _tv_labels(ds):
+    for attr in ("targets", "_labels", "y"):
+        if hasattr(ds, attr):
+            return list(getattr(ds, attr))
+    if hasattr(ds, "_samples"):
+        return [s[1] for s in ds._samples]
+    raise AssertionError(f"cannot find labels of {type(ds).__name__}")
+
+
+def _tv_classes(ds, n):
+    for attr in ("classes", "categories"):
+        if hasattr(ds, attr):
+            return [str(c) for c in getattr(ds, attr)]
+    return [str(i) for i in range(n)]
+
+
+def _torchvision(name, root, download):
+    D = torchvision.datasets
+    ctor = {
+        "cifar10": lambda s: D.CIFAR10(root, train=s == "train", download=download),
+        "cifar100": lambda s: D.CIFAR100(root, train=s == "train", download=download),
+        "food101": lambda s: D.Food101(root, split=s, download=download),
+        "sun397": lambda s: D.SUN397(root, download=download),
+        "stanford_cars": lambda s: D.StanfordCars(root, split=s, download=download),
+        "oxford_pets": lambda s: D.OxfordIIITPet(root, split="trainval" if s == "train" else s,
+                                                 download=download),
+        "flowers102": lambda s: D.Flowers102(root, split=s, download=download),
+        "fgvc_aircraft": lambda s: D.FGVCAircraft(root, split=s, download=download),
+        "dtd": lambda s: D.DTD(root, split=s, download=download),
+        "caltech101": lambda s: D.Caltech101(root, download=download),
+    }[name]
+    official = {"sun397": ["all"], "caltech101": ["all"],
+                "flowers102": ["train", "val", "test"], "fgvc_aircraft": ["train", "val", "test"],
+                "dtd": ["train", "val", "test"]}.get(name, ["train", "test"])
+    parts = {}
+    for split in official:
+        try:
+            parts[split] = ctor(split)
+        except RuntimeError as e:
+            hint = "" if download else " (add --download to fetch it, where torchvision can)"
+            raise UserError(f"{name} not found or corrupt under {root}: "
+                            f"{str(e).splitlines()[0]}{hint}")
+    datasets, labels, splits = [], [], {}
+    for split, ds in parts.items():
+        lb = _tv_labels(ds)
+        splits[split] = np.arange(len(labels), len(labels) + len(lb))
+        datasets.append(ds)
+        labels.extend(lb)
+    src = ImageSource(labels, datasets=datasets)
+    if "all" in splits:
+        train, test = stratified_holdout(src.labels, TEST_FRACTION, what="test")
+        splits = {"train": train, "test": test}
+    return src, splits, _tv_classes(datasets[0], int(max(labels)) + 1), None
+
+
+def load_dataset(spec, download=False):
+    """Load a dataset by spec and return a dict:
+        train, val, test: Split views (uint8 CHW images, labels 0..k-1, no transform yet)
+        num_classes, classes, metric ('top1' or 'mean_per_class'), name, spec,
+        image_size: native side length of in-memory images (None for image files).
+    Specs: digits | npz:DIR | imagenet:DIR | folder:DIR | birdsnap:DIR | <torchvision name>:ROOT,
+    each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order).
+    Where a dataset has no validation split, val is a stratified, seeded hold-out of
+    VAL_FRACTION of train (at most VAL_MAX images); test is never used to select anything."""
+    name, path, subset = parse_spec(spec)
+    if name == "digits":
+        src, splits, classes, size = _digits()
+    elif name == "npz":
+        src, splits, classes, size = _npz(path)
+    elif name in FOLDER_DATASETS:
+        src, splits, classes, size = _folder(name, path)
+    else:
+        src, splits, classes, size = _torchvision(name, path, download)
+    if len(src) == 0 or len(splits.get("train", [])) == 0:
+        raise UserError(f"dataset {spec!r} has no training images")
+    num_all = max(len(classes), int(src.labels.max()) + 1)
+    chosen = parse_classes(subset, num_all, spec) if subset else list(range(num_all))
+    label_map = np.full(num_all, -1, dtype=np.int64)
+    label_map[chosen] = np.arange(len(chosen))
+    if "val" not in splits:
+        train_labels = src.labels[splits["train"]]
+        # held out from the whole dataset, so a class subset's split is the whole's restricted
+        keep, held = stratified_holdout(train_labels, VAL_FRACTION, VAL_MAX)
+        splits["val"], splits["train"] = splits["train"][held], splits["train"][keep]
+    if "test" not in splits:
+        raise UserError(f"dataset {spec!r} has no test split: add a test/ folder or *test*.npz")
+    views = {}
+    for split in ("train", "val", "test"):
+        idx = splits[split]
+        idx = idx[label_map[src.labels[idx]] >= 0]
+        if len(idx) == 0:
+            raise UserError(f"the {split} split of {spec!r} has no images of the chosen classes")
+        views[split] = Split(src, idx, label_map)
+    return {**views, "num_classes": len(chosen), "classes": [classes[c] if c < len(classes)
+            else str(c) for c in chosen], "metric": "mean_per_class" if name in MEAN_PER_CLASS
+            else "top1", "name": dataset_label(spec), "spec": spec, "image_size": size}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def accuracy_metrics(logits_or_pred, labels, num_classes=None):
+    """top1, top5 (when logits given) and mean per-class accuracy, as floats in [0, 1]."""
+    labels = torch.as_tensor(labels)
+    x = torch.as_tensor(logits_or_pred)
+    pred = x.argmax(1) if x.ndim == 2 else x
+    out = {"top1": (pred == labels).double().mean().item()}
+    if x.ndim == 2:
+        k = min(5, x.shape[1])
+        out["top5"] = (x.topk(k, 1).indices == labels[:, None]).any(1).double().mean().item()
+    out["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
+    return out
+
+
+def mean_per_class_accuracy(pred, labels, num_classes=None):
+    """Mean over the classes present in `labels` of each class's accuracy."""
+    pred, labels = torch.as_tensor(pred), torch.as_tensor(labels)
+    k = int(num_classes or int(max(labels.max(), pred.max())) + 1)
+    total = torch.bincount(labels, minlength=k).double()
+    correct = torch.bincount(labels[pred == labels], minlength=k).double()
+    present = total > 0
+    return (correct[present] / total[present]).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+
+def extract_features(model, loader, layers, device="cpu", dtype=None):
+    """Run `model` over `loader` in eval mode; yield (dict layer -> float tensor (B, D) on
+    `device`, labels) per batch. Layers: block1..blockN, pool, logits. Conv maps are flattened
+    (C, H, W order). Hooks copy activations, so in-place ops downstream cannot change them."""
+    valid = layer_names(model)
+    bad = [l for l in layers if l not in valid]
+    if bad:
+        raise UserError(f"unknown layer(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+    store, handles = {}, []
+    modules = dict(zip(valid[:-2], block_modules(model)))
+    modules["pool"] = model.avgpool
+    for name in layers:
+        if name == "logits":
+            continue
+        def hook(_m, _inp, out, name=name):
+            store[name] = out.detach().flatten(1).float().clone()
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    try:
+        with torch.inference_mode():
+            for images, labels in loader:
+                x = normalize(images.to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(x)
+                if "logits" in layers:
+                    store["logits"] = logits.detach().float().clone()
+                yield {name: store.pop(name) for name in layers}, labels
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def collect_features(model, loader, layers, device="cpu"):
+    """extract_features gathered into numpy: ({layer: float32 (N, D)}, labels int64 (N,))."""
+    chunks, labels = {l: [] for l in layers}, []
+    for feats, y in extract_features(model, loader, layers, device):
+        for l in layers:
+            chunks[l].append(feats[l].cpu().numpy().astype(np.float32, copy=False))
+        labels.append(np.asarray(y))
+    return ({l: np.concatenate(c) for l, c in chunks.items()},
+            np.concatenate(labels).astype(np.int64))
+
+
+def eval_loader(split, resolution, batch_size=256, workers=0, crop_fraction=None):
+    """A deterministic loader over a Split with the eval transform (no augmentation).
+
+    Tiny in-memory images (<= 64 px) are resized without a crop unless crop_fraction is given."""
+    if crop_fraction is None:
+        size = split.source.images.shape[1] if split.source.images is not None else None
+        crop_fraction = 1.0 if size is not None and size <= 64 else 0.875
+    ds = with_transform(split, eval_transform(resolution, crop_fraction))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and file I/O
+
+CKPT_FORMAT = 1
+CKPT_REQUIRED = ("format", "objective", "hparams", "arch", "num_classes", "small_input", "model")
+
+
+def versions():
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def atomic_write(path, write):
+    """Call write(fileobj) on a temporary file beside `path`, fsync it, then os.replace it onto
+    `path`: a reader sees either the old file or the complete new one, never a torn write."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n")
+                                         .encode()))
+
+
+def save_npz(path, **arrays):
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def make_checkpoint(model, objective, hparams, arch, num_classes, small_input, ema=None,
+                    args=None, **extra):
+    """The checkpoint dict every script reads. `ema` is the EMA model's state_dict (or None).
+    Everything stored must load with torch.load(weights_only=True)."""
+    ck = {"format": CKPT_FORMAT, "objective": objective, "hparams": dict(hparams), "arch": arch,
+          "num_classes": int(num_classes), "small_input": bool(small_input),
+          "model": model.state_dict() if isinstance(model, nn.Module) else model,
+          "ema": ema, "args": dict(args or {}), "versions": versions()}
+    ck.update(extra)
+    return ck
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic torch.save: write a temporary file, flush and fsync, os.replace."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
+    """Load and check a checkpoint; raise UserError saying what is wrong (missing, truncated,
+    not a checkpoint of this project, another arch or class count)."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes); re-run the training that writes it")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({msg}); re-save it or "
+                        f"re-run the training that writes it")
+    if not isinstance(ck, dict) or any(k not in ck for k in CKPT_REQUIRED):
+        missing = [k for k in CKPT_REQUIRED if not isinstance(ck, dict) or k not in ck]
+        raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)});"
+                        f" for torchvision weights use torchvision:ARCH:WEIGHTS")
+    if arch is not None and ck["arch"] != arch:
+        raise UserError(f"checkpoint {path} is a {ck['arch']}, expected {arch}")
+    if num_classes is not None and ck["num_classes"] != num_classes:
+        raise UserError(f"checkpoint {path} has {ck['num_classes']} classes, expected {num_classes}")
+    return ck
+
+
+def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
+    """Rebuild the model of a checkpoint dict; load its EMA weights when present and asked for."""
+    model = build_model(ck["objective"], ck["num_classes"], arch=ck["arch"],
+                        small_input=ck["small_input"], **ck["hparams"])
+    state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {ck['arch']} with {ck['num_classes']} "
+                        f"classes ({str(e).splitlines()[0]})")
+    return model
+
+
+def load_pretrained(name, map_location="cpu"):
+    """A model to extract features from, by checkpoint path or 'torchvision:ARCH[:WEIGHTS]'.
+
+    Returns (model, info) with info = {label, objective, arch, small_input, resolution, hash}."""
+    if name.startswith("torchvision:"):
+        parts = name.split(":")
+        arch = parts[1] if len(parts) > 1 else ""
+        weights = parts[2] if len(parts) > 2 else "DEFAULT"
+        if arch not in ARCHS:
+            raise UserError(f"unknown torchvision arch {arch!r}; valid: {', '.join(ARCHS)}")
+        try:
+            w = torchvision.models.get_weight(f"{_weights_enum(arch)}.{weights}") \
+                if weights != "DEFAULT" else torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(f"unknown weights {weights!r} for {arch}; valid: "
+                            f"{', '.join(w.name for w in torchvision.models.get_model_weights(arch))}")
+        try:
+            model = torchvision.models.get_model(arch, weights=w)
+        except Exception as e:
+            raise UserError(f"cannot load torchvision weights {w} (download failed or no cache in "
+                            f"{torch.hub.get_dir()}): {str(e).splitlines()[0]}")
+        info = {"label": f"torchvision_{arch}_{w.name}", "objective": "softmax", "arch": arch,
+                "small_input": False, "resolution": 224, "hash": f"torchvision:{arch}:{w.name}",
+                "num_classes": model.fc.out_features, "seed": None}
+        return model, info
+    ck = load_checkpoint(name, map_location=map_location)
+    model = model_from_checkpoint(ck, path=name)
+    args = ck.get("args") or {}
+    label = os.path.splitext(os.path.basename(name))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
+    if label in ("final", "last", "best") and parent:
+        label = parent
+    info = {"label": label, "objective": ck["objective"], "arch": ck["arch"],
+            "small_input": ck["small_input"], "resolution": args.get("resolution"),
+            "hash": file_hash(name), "num_classes": ck["num_classes"], "seed": args.get("seed")}
+    return model, info
+
+
+def _weights_enum(arch):
+    return torchvision.models.get_model_weights(arch).__name__
+
+
+def file_hash(path, chunk=1 << 20):
+    """sha256 of a file's content (hex, first 16 characters)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def resolve_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
