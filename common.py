@@ -473,8 +473,10 @@ def _npz(path):
 
 
 def _read_image(path):
+    from PIL import Image
     try:
-        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        with Image.open(path) as im:
+            return T.functional.pil_to_tensor(im.convert("RGB"))
     except Exception as e:
         raise RuntimeError(f"cannot decode image {path}: {e}") from e
 
@@ -558,7 +560,11 @@ def _torchvision(name, root, download):
         splits[split] = np.arange(len(labels), len(labels) + len(lb))
         datasets.append(ds)
         labels.extend(lb)
-    src = ImageSource(labels, datasets=datasets)
+    arrays = [getattr(ds, "data", None) for ds in datasets]
+    if all(isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4 for a in arrays):
+        src = ImageSource(labels, images=np.concatenate(arrays))  # CIFAR: already in memory
+    else:
+        src = ImageSource(labels, datasets=datasets)
     if "all" in splits:
         train, test = stratified_holdout(src.labels, TEST_FRACTION, what="test")
         splits = {"train": train, "test": test}
@@ -704,7 +710,7 @@ CKPT_REQUIRED = ("format", "objective", "hparams", "arch", "num_classes", "small
 
 
 def versions():
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": np.__version__, "python": platform.python_version()}
 
 
@@ -767,6 +773,11 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
         raise UserError(f"checkpoint {path} is empty (0 bytes); re-run the training that writes it")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = [l for l in str(e).splitlines() if "Unsupported global" in l]
+        raise UserError(f"checkpoint {path} holds objects that cannot be loaded safely "
+                        f"({detail[0].strip() if detail else 'not tensors and plain values'}); "
+                        f"save it with common.make_checkpoint")
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or truncated ({msg}); re-save it or "

@@ -1,0 +1,470 @@
+"""Tests of common.py: objectives, model, param groups, datasets, transforms, features, checkpoints."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import common
+from conftest import ROOT, SHARED_DATA
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: each loss against values worked out by hand with plain Python math, per example.
+
+Z = [[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]]
+Y = [0, 2]
+K = 3
+
+
+def logsumexp(row):
+    m = max(row)
+    return m + math.log(sum(math.exp(v - m) for v in row))
+
+
+def ce(row, y):
+    return logsumexp(row) - row[y]
+
+
+def by_hand(objective, **hp):
+    per = []
+    for row, y in zip(Z, Y):
+        if objective in ("softmax", "extra_final_layer_l2", "dropout"):
+            per.append(ce(row, y))
+        elif objective == "label_smoothing":
+            a = hp.get("alpha", 0.1)
+            lse = logsumexp(row)
+            t = [(1 - a) * (k == y) + a / K for k in range(K)]
+            per.append(sum(-t[k] * (row[k] - lse) for k in range(K)) / (1 - a))
+        elif objective == "sigmoid":
+            total = 0.0
+            for k in range(K):
+                p = 1 / (1 + math.exp(-(row[k] - math.log(K))))
+                total += -math.log(p) if k == y else -math.log(1 - p)
+            per.append(total)
+        elif objective == "logit_penalty":
+            beta = hp.get("beta", 6e-4)
+            per.append(ce(row, y) + beta / 2 * sum(v * v for v in row))
+        elif objective == "logit_normalization":
+            tau = hp.get("tau", 0.04)
+            norm = math.sqrt(sum(v * v for v in row))
+            per.append(ce([v / (tau * norm) for v in row], y))
+        elif objective == "cosine_softmax":
+            tau = hp.get("tau", 0.05)
+            per.append(ce([v / tau for v in row], y))
+        elif objective == "squared_error":
+            kappa, m, s = hp.get("kappa", 9), hp.get("m", 60), hp.get("loss_scale", 10)
+            per.append(s * (kappa * (row[y] - m) ** 2 + sum(row[k] ** 2 for k in range(K) if k != y)))
+    return sum(per) / len(per)
+
+
+@pytest.mark.parametrize("objective", list(common.OBJECTIVES))
+def test_loss_matches_hand_worked_value(objective):
+    crit = common.make_criterion(objective, K)
+    z = torch.tensor(Z, dtype=torch.float64, requires_grad=True)
+    loss = crit(z, torch.tensor(Y))
+    assert loss.ndim == 0 and loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(by_hand(objective), rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    z32 = torch.tensor(Z, dtype=torch.float32)
+    assert crit(z32, torch.tensor(Y)).dtype == torch.float32
+
+
+def test_hand_worked_literals():
+    # A few values written out, to catch a by_hand() that drifts along with the code.
+    y = torch.tensor([0])
+    z = torch.zeros(1, 4, dtype=torch.float64)
+    # label smoothing at z = 0: CE against any target distribution is log K, times 1/(1-a).
+    assert common.make_criterion("label_smoothing", 4)(z, y).item() == pytest.approx(
+        math.log(4) / 0.9)
+    # sigmoid at z = 0: p = 1/(1+K) per class -> -log(1/5) - 3 log(4/5).
+    assert common.make_criterion("sigmoid", 4)(z, y).item() == pytest.approx(
+        math.log(5) - 3 * math.log(0.8))
+    # squared error at z = 0: s * kappa * M^2 = 10 * 9 * 3600.
+    assert common.make_criterion("squared_error", 4)(z, y).item() == pytest.approx(324000.0)
+    # logit penalty: CE(0) + beta/2 * ||z||^2 with z = (1, 1, 1, 1): log 4 + 6e-4/2 * 4.
+    assert common.make_criterion("logit_penalty", 4)(z + 1, y).item() == pytest.approx(
+        math.log(4) + 1.2e-3)
+
+
+def test_overrides_and_unknown_names():
+    crit = common.make_criterion("logit_normalization", K, tau=0.5)
+    z = torch.tensor(Z, dtype=torch.float64)
+    assert crit(z, torch.tensor(Y)).item() == pytest.approx(by_hand("logit_normalization", tau=0.5))
+    with pytest.raises(ValueError, match="valid: softmax"):
+        common.make_criterion("hinge", K)
+    with pytest.raises(ValueError, match="valid: tau"):
+        common.make_criterion("logit_normalization", K, alpha=0.2)
+    assert common.objective_hparams("cosine_softmax")["normalize_features"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def test_resnet50_matches_torchvision():
+    model = common.build_model("softmax", 1000, arch="resnet50")
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    tv = torchvision.models.resnet50(num_classes=1000)
+    tv.load_state_dict(model.state_dict(), strict=True)
+    # zero-init of the last BN gamma of every residual branch, fc ~ N(0, 0.01^2), bias 0
+    assert all((b.bn3.weight == 0).all() for b in common.block_modules(model))
+    assert model.fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert (model.fc.bias == 0).all()
+    assert len(common.block_modules(model)) == 16
+
+
+@pytest.mark.parametrize("objective", ["dropout", "cosine_softmax", "extra_final_layer_l2"])
+def test_heads_keep_torchvision_keys(objective):
+    model = common.build_model(objective, 10, arch="resnet18")
+    keys = set(torchvision.models.resnet18(num_classes=10).state_dict())
+    assert set(model.state_dict()) == keys
+
+
+def test_cosine_head_invariant_to_weight_scale():
+    torch.manual_seed(0)
+    model = common.build_model("cosine_softmax", 10, arch="resnet18", small_input=True).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        model.fc.weight[3] *= 7.5
+        after = model(x)
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
+    assert before.abs().max() <= 1 + 1e-5  # cosine + zero bias
+    # the TF code's variant: only w normalized, so output scales with ||x||
+    tf = common.build_model("cosine_softmax", 10, arch="resnet18", normalize_features=False)
+    assert tf.fc.normalize_features is False
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = common.build_model("dropout", 10, arch="resnet18", small_input=True)
+    assert model.fc.p == pytest.approx(0.3)
+    feats = torch.rand(64, 512)
+    model.eval()
+    torch.testing.assert_close(model.fc(feats), model.fc(feats))
+    model.train()
+    assert not torch.allclose(model.fc(feats), model.fc(feats))
+
+
+def test_small_input_stem():
+    model = common.build_model("softmax", 10, arch="resnet18", small_input=True)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_wide_and_deep_variants_build():
+    for arch in ("resnet34", "wide_resnet50_2"):
+        assert common.build_model("softmax", 7, arch=arch).fc.out_features == 7
+    with pytest.raises(ValueError, match="unknown arch"):
+        common.build_model("softmax", 7, arch="vgg16")
+
+
+def test_param_groups():
+    model = common.build_model("extra_final_layer_l2", 10, arch="resnet18")
+    groups = common.param_groups(model, "extra_final_layer_l2", 8e-5)
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())
+    assert by_id[id(model.fc.weight)] == pytest.approx(8e-5 + 8e-4)
+    assert by_id[id(model.fc.bias)] == 0
+    assert by_id[id(model.conv1.weight)] == pytest.approx(8e-5)
+    assert by_id[id(model.bn1.weight)] == 0 and by_id[id(model.bn1.bias)] == 0
+    plain = common.param_groups(common.build_model("softmax", 10, arch="resnet18"), "softmax", 8e-5)
+    assert len(plain) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: miniature copies in each family's real on-disk format.
+
+def write_npz_folder(path, sizes=(("train", 60), ("validation", 20), ("test", 30)), hw=(12, 10),
+                     channels=3, classes=6):
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in sizes:
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 256, (n, *hw, channels), dtype=np.uint8)
+        images[..., 0, 0, 0] = labels  # label visible in the pixels, to check pairing
+        np.savez(os.path.join(path, f"toy_{split}.npz"), images=images, labels=labels)
+    with open(os.path.join(path, "classes.json"), "w") as f:
+        json.dump({"classes": [f"c{i}" for i in range(classes)]}, f)
+
+
+def test_npz_folder_and_subsets(tmp_path):
+    write_npz_folder(tmp_path / "toy")
+    d = common.load_dataset(f"npz:{tmp_path / 'toy'}")
+    assert (len(d["train"]), len(d["val"]), len(d["test"])) == (60, 20, 30)
+    assert d["num_classes"] == 6 and d["classes"][2] == "c2" and d["metric"] == "top1"
+    img, y = d["train"][7]
+    assert img.dtype == torch.uint8 and img.shape == (3, 12, 10) and img[0, 0, 0] == y
+    sub = common.load_dataset(f"npz:{tmp_path / 'toy'}@4,1")
+    assert sub["num_classes"] == 2 and sub["classes"] == ["c4", "c1"]
+    for split in ("train", "val", "test"):
+        for i in range(len(sub[split])):
+            img, y = sub[split][i]
+            assert {4: 0, 1: 1}[int(img[0, 0, 0])] == y
+
+
+def test_npz_grayscale_and_holdout(tmp_path):
+    write_npz_folder(tmp_path / "g", sizes=(("train", 100), ("test", 20)), channels=1, classes=5)
+    d = common.load_dataset(f"npz:{tmp_path / 'g'}")
+    assert d["train"][0][0].shape == (3, 12, 10)
+    assert len(d["val"]) == 10 and len(d["train"]) == 90
+    assert np.bincount(d["val"].labels).tolist() == [2] * 5  # stratified
+    again = common.load_dataset(f"npz:{tmp_path / 'g'}")
+    assert np.array_equal(d["val"].indices, again["val"].indices)  # deterministic
+    assert not set(d["val"].indices) & set(d["train"].indices)
+
+
+def test_digits_splits_disjoint_deterministic():
+    d = common.load_dataset("digits")
+    idx = [set(d[s].indices.tolist()) for s in ("train", "val", "test")]
+    assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
+    assert sum(map(len, idx)) == 1797 and len(d["test"]) == 450
+    lo, hi = common.load_dataset("digits@0-4"), common.load_dataset("digits@5-9")
+    assert set(lo["test"].indices) | set(hi["test"].indices) == idx[2]
+    assert set(lo["val"].indices) <= idx[1] and set(hi["val"].indices) <= idx[1]
+    assert sorted(set(hi["train"].labels)) == [0, 1, 2, 3, 4]
+    assert hi["classes"] == ["5", "6", "7", "8", "9"]
+    assert np.array_equal(common.load_dataset("digits@0-4")["train"].indices, lo["train"].indices)
+
+
+def test_digits_split_is_the_spec_split():
+    # SPEC.md: sklearn LogisticRegression(C=1) on load_digits/16 with this split scores 0.968889.
+    from sklearn.linear_model import LogisticRegression
+    d = common.load_dataset("digits")
+    tr = np.concatenate([d["train"].indices, d["val"].indices])
+    src = d["train"].source
+    x = src.images[..., 0].reshape(len(src), -1).astype(np.float64)
+    from sklearn.datasets import load_digits
+    x = load_digits().data / 16
+    clf = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(x[tr], src.labels[tr])
+    acc = (clf.predict(x[d["test"].indices]) == src.labels[d["test"].indices]).mean()
+    assert acc == pytest.approx(0.968889, abs=1e-6)
+
+
+def write_image_folder(root, splits=("train", "val"), classes=("cat", "dog", "eel"), n=4):
+    rng = np.random.default_rng(1)
+    for split in splits:
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+
+
+def test_image_folder_families(tmp_path):
+    write_image_folder(tmp_path / "f", splits=("train", "test"), n=12)
+    d = common.load_dataset(f"folder:{tmp_path / 'f'}@1-2")
+    assert d["classes"] == ["dog", "eel"] and d["num_classes"] == 2
+    assert len(d["test"]) == 24 and len(d["train"]) + len(d["val"]) == 24
+    img, y = d["train"][0]
+    assert img.dtype == torch.uint8 and img.shape[0] == 3 and y in (0, 1)
+    write_image_folder(tmp_path / "in", splits=("train", "val"), n=12)
+    inet = common.load_dataset(f"imagenet:{tmp_path / 'in'}")
+    assert len(inet["test"]) == 36 and len(inet["val"]) > 0  # ImageNet val/ is reported as test
+    write_image_folder(tmp_path / "bs", splits=("train", "val", "test"), n=3)
+    bs = common.load_dataset(f"birdsnap:{tmp_path / 'bs'}")
+    assert (len(bs["train"]), len(bs["val"]), len(bs["test"])) == (9, 9, 9)
+
+
+def write_cifar(root, kind):
+    rng = np.random.default_rng(2)
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    os.makedirs(folder)
+    k = 10 if kind == "cifar10" else 100
+    key = "labels" if kind == "cifar10" else "fine_labels"
+
+    def batch(n, offset):
+        labels = [(i + offset) % k for i in range(n)]
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, 0] = labels  # red channel of pixel (0, 0) carries the label
+        return {"data": data, key: labels}
+    if kind == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)]
+        for i, name in enumerate(names):
+            pickle.dump(batch(40, i), open(folder / name, "wb"))
+        pickle.dump(batch(30, 0), open(folder / "test_batch", "wb"))
+        pickle.dump({"label_names": [f"n{i}" for i in range(10)]}, open(folder / "batches.meta", "wb"))
+    else:
+        pickle.dump(batch(1000, 0), open(folder / "train", "wb"))
+        pickle.dump(batch(200, 0), open(folder / "test", "wb"))
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, open(folder / "meta", "wb"))
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_pickled_batches(tmp_path, monkeypatch, kind):
+    write_cifar(tmp_path, kind)
+    # The miniature files cannot match torchvision's md5 sums of the real ones.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    d = common.load_dataset(f"{kind}:{tmp_path}@3,5")
+    assert d["num_classes"] == 2
+    assert d["classes"] == (["n3", "n5"] if kind == "cifar10" else ["f3", "f5"])
+    for split in ("train", "val", "test"):
+        assert len(d[split]) > 0
+        img, y = d[split][0]
+        assert img.shape == (3, 32, 32) and {3: 0, 5: 1}[int(img[0, 0, 0])] == y
+    full = common.load_dataset(f"{kind}:{tmp_path}")
+    assert len(full["train"]) + len(full["val"]) == (200 if kind == "cifar10" else 1000)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
+def test_real_npz_data():
+    d = common.load_dataset(f"npz:{os.path.join(SHARED_DATA, 'clothing_small')}@0-4")
+    assert d["classes"] == ["dress", "hat", "longsleeve", "outwear", "pants"]
+    assert d["image_size"] == 64 and len(d["val"]) > 0 and len(d["test"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms, features, metrics
+
+def test_transforms_shapes_and_dtype():
+    img = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    for tf in (common.train_transform(24), common.train_transform(24, "small", flip=False),
+               common.eval_transform(24), common.eval_transform(24, crop_fraction=1.0)):
+        out = tf(img)
+        assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
+    x = common.normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_extract_features_layers():
+    torch.manual_seed(0)
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    data = common.load_dataset("digits@0-4")
+    loader = common.eval_loader(data["val"], resolution=8, batch_size=32)
+    names = common.layer_names(model)
+    assert names[:2] == ["block1", "block2"] and names[-3:] == ["block8", "pool", "logits"]
+    feats, labels = common.collect_features(model, loader, ["block1", "block8", "pool", "logits"])
+    n = len(data["val"])
+    assert feats["block1"].shape == (n, 64 * 8 * 8) and feats["block8"].shape == (n, 512)
+    assert feats["pool"].shape == (n, 512) and feats["logits"].shape == (n, 5)
+    assert (feats["pool"] >= 0).all() and np.array_equal(labels, data["val"].labels)
+    # the pooled features are what the head sees: logits = fc(pool)
+    with torch.no_grad():
+        logits = model.fc(torch.from_numpy(feats["pool"])).numpy()
+    np.testing.assert_allclose(logits, feats["logits"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown layer"):
+        next(common.extract_features(model, loader, ["block99"]))
+
+
+def test_metrics_spec_vector():
+    labels = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    pred = [0, 0, 1, 0, 1, 2, 3, 0, 0, 0]
+    assert common.mean_per_class_accuracy(pred, labels) == pytest.approx(0.5208333, abs=1e-7)
+    assert common.accuracy_metrics(torch.tensor(pred), torch.tensor(labels))["top1"] == 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def small_checkpoint(objective="cosine_softmax"):
+    model = common.build_model(objective, 5, arch="resnet18", small_input=True)
+    ema = {k: v.clone() + (1 if v.is_floating_point() else 0) for k, v in model.state_dict().items()}
+    return model, common.make_checkpoint(model, objective, common.objective_hparams(objective),
+                                         "resnet18", 5, True, ema=ema,
+                                         args={"resolution": 8, "seed": 3})
+
+
+def test_checkpoint_roundtrip_and_ema(tmp_path):
+    model, ck = small_checkpoint()
+    path = str(tmp_path / "run" / "final.pt")
+    common.save_checkpoint(path, ck)
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    loaded = common.load_checkpoint(path, arch="resnet18", num_classes=5)
+    assert loaded["versions"]["torch"] == torch.__version__
+    m_ema = common.model_from_checkpoint(loaded)
+    m_raw = common.model_from_checkpoint(loaded, use_ema=False)
+    torch.testing.assert_close(m_raw.conv1.weight, model.conv1.weight)
+    torch.testing.assert_close(m_ema.conv1.weight, model.conv1.weight + 1)
+    net, info = common.load_pretrained(path)
+    assert info["label"] == "run" and info["resolution"] == 8 and info["seed"] == 3
+    assert info["objective"] == "cosine_softmax" and len(info["hash"]) == 16
+
+
+def test_checkpoint_errors(tmp_path):
+    _, ck = small_checkpoint("softmax")
+    path = str(tmp_path / "c.pt")
+    common.save_checkpoint(path, ck)
+    with pytest.raises(ValueError, match="not found"):
+        common.load_checkpoint(str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="is a resnet18, expected resnet50"):
+        common.load_checkpoint(path, arch="resnet50")
+    with pytest.raises(ValueError, match="has 5 classes, expected 10"):
+        common.load_checkpoint(path, num_classes=10)
+    data = open(path, "rb").read()
+    trunc = tmp_path / "t.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        common.load_checkpoint(str(trunc))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        common.load_checkpoint(str(tmp_path / "other.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        common.load_checkpoint(str(tmp_path / "empty.pt"))
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "x.json"
+    common.save_json(path, {"a": 1})
+
+    def boom(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        common.atomic_write(str(path), boom)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_torchvision_weights_offline_error():
+    with pytest.raises(ValueError, match="unknown weights"):
+        common.load_pretrained("torchvision:resnet18:NOPE")
+    with pytest.raises(ValueError, match="unknown torchvision arch"):
+        common.load_pretrained("torchvision:alexnet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad dataset specs: one clear line each.
+
+@pytest.mark.parametrize("spec, message", [
+    ("imagenette:/x", "unknown dataset 'imagenette'"),
+    ("npz:/definitely/missing", "not found"),
+    ("digits@0-12", "out of range"),
+    ("digits@3", "fewer than 2 classes"),
+    ("digits@a-b", "bad class subset"),
+    ("cifar10", "needs a path"),
+    ("", "empty dataset spec"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        common.load_dataset(spec)
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "npzempty").mkdir()
+    with pytest.raises(ValueError, match="no .npz files"):
+        common.load_dataset(f"npz:{tmp_path / 'npzempty'}")
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="cannot read image folder"):
+        common.load_dataset(f"folder:{tmp_path / 'imgs'}")
+    (tmp_path / "notrain").mkdir()
+    with pytest.raises(ValueError, match="no train/ folder"):
+        common.load_dataset(f"folder:{tmp_path / 'notrain'}")
+
+
+def test_run_main_prints_one_line(tmp_path):
+    code = ("import common\n"
+            "def main():\n    common.load_dataset('digits@0-99')\n"
+            "common.run_main(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: class subset")
