@@ -1,0 +1,336 @@
+"""Minibatch linear CKA between every layer of every network (SPEC.md, "Representation analyses").
+
+All checkpoints run over the same images in the same order (the augmentation-free eval transform).
+At every layer (block1..blockN, pool, logits; conv maps flattened) each batch gives one Gram
+matrix per (checkpoint, layer), U-centred in float64; one stacked product then gives the unbiased
+HSIC (Song et al. 2012) of every pair of (checkpoint, layer) x (checkpoint, layer) at once. The
+HSICs are averaged over batches (weighted by batch size, so equal batches weigh equally) and
+normalized at the end: minibatch CKA (Nguyen, Raghu, Kornblith 2021). Memory depends on the batch
+size and the number of (checkpoint, layer) pairs, never on the number of images.
+
+    python cka_analysis.py --checkpoint runs/softmax_s0/final.pt runs/softmax_s1/final.pt \\
+        runs/sigmoid_s0/final.pt --data imagenet:/data/imagenet --split test --out results/cka
+    python cka_analysis.py --checkpoint a.pt b.pt --data digits --out /tmp/cka --layers pool,logits
+    python cka_analysis.py --checkpoint torchvision:resnet50:IMAGENET1K_V1 b.pt --data digits \\
+        --resolution 224 --max-images 500 --out /tmp/cka
+
+All checkpoints must have been trained at the same resolution (or pass --resolution). Pass 1 goes
+over the data in order; with --passes P, passes 2..P use seeded random orders, so the minibatches
+differ from pass to pass (Nguyen et al. average over several). Batches of fewer than 4 images
+(the estimator needs 4) are skipped and counted.
+
+Output DIR/cka.npz: `cka` (M, M, L, L) with cka[a, b, i, j] = CKA(layer i of checkpoint a, layer j
+of checkpoint b); `layers` (L,); per checkpoint `labels`, `objectives`, `seeds` (-1 where the
+checkpoint records none), `archs`, `hashes`, `paths`; `n_images` (per pass), `n_batches`, `passes`.
+DIR/cka.json: the same metadata and `same_layer` {layer: M x M nested list} (null where undefined).
+
+Importable:
+    from cka_analysis import linear_cka, MinibatchCKA
+    linear_cka(x, y)                    # Kornblith et al. 2019 (biased HSIC), feature-space form
+    linear_cka(x, y, debiased=True)     # the unbiased HSIC estimator
+    acc = MinibatchCKA()
+    for batch in ...: acc.update([x1, x2, ...])   # any number of (n, p_g) arrays, same n
+    acc.cka()                           # (G, G) float64
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------
+# CKA
+
+def _matrix(x, name):
+    """An (n, p) array or tensor as a float64 CPU tensor (conv maps are flattened)."""
+    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    if t.ndim == 1:
+        t = t[:, None]
+    t = t.flatten(1)
+    if not torch.isfinite(t).all():
+        raise common.UserError(f"{name} has NaN or infinite values")
+    return t
+
+
+def gram(x):
+    """float64 (n, n) Gram matrix of the column-centred rows of x (any float dtype, any device).
+
+    Centring first removes a large common offset (post-ReLU features) before the float32 product;
+    U-centring below is invariant to it, so the result is the same up to rounding."""
+    x = x.flatten(1)
+    if not x.is_floating_point():
+        x = x.float()
+    x = x - x.mean(0, keepdim=True)
+    return (x @ x.T).double()
+
+
+def u_centre(k):
+    """U-centre a symmetric Gram matrix (..., n, n) in float64 (Szekely & Rizzo 2014): zero the
+    diagonal, subtract row and column means with the U-statistic denominators. Then
+    <U(K), U(L)> / (n (n - 3)) is the unbiased HSIC estimator of Song et al. (2012)."""
+    k = k.double().clone()
+    n = k.shape[-1]
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    means = k.sum(-1) / (n - 2)
+    means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
+    k = k - means[..., :, None] - means[..., None, :]
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    return k
+
+
+def linear_cka(x, y, debiased=False):
+    """Linear CKA of two (n, p) arrays or tensors (same n, any p), as a float.
+
+    Biased (debiased=False): Kornblith et al. 2019, ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
+    in feature space (the equal n x n Gram form when a side has more features than examples).
+    Debiased: the unbiased HSIC estimator (Song et al. 2012) from U-centred Gram matrices."""
+    x, y = _matrix(x, "x"), _matrix(y, "y")
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise common.UserError(f"x and y must have the same number of rows, got {n} and {y.shape[0]}")
+    if n < (4 if debiased else 2):
+        raise common.UserError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
+    if debiased:
+        k, l = u_centre(gram(x)), u_centre(gram(y))
+        num, den = (k * l).sum(), k.norm() * l.norm()
+    elif max(x.shape[1], y.shape[1]) <= n:
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        num = (yc.T @ xc).pow(2).sum()
+        den = (xc.T @ xc).norm() * (yc.T @ yc).norm()
+    else:
+        k, l = gram(x), gram(y)
+        num, den = (k * l).sum(), k.norm() * l.norm()
+    if den <= 0:
+        raise common.UserError("CKA is undefined: x or y is constant over the examples")
+    return float(num / den)
+
+
+class MinibatchCKA:
+    """Accumulates minibatch CKA between G feature sets (Nguyen, Raghu, Kornblith 2021).
+
+    update(features) takes G (n, p_g) tensors or arrays (same n, any p_g, any device; may be a
+    generator, so only one set needs to be alive at a time). Per batch: one Gram matrix per set,
+    U-centred in float64, then all G x G unbiased HSICs from one stacked product. The HSICs are
+    summed weighted by n; cka() normalizes them: CKA = HSIC(a, b) / sqrt(HSIC(a, a) HSIC(b, b)).
+    Memory: G Gram matrices of n x n float64 for one batch, plus the G x G sums."""
+
+    def __init__(self):
+        self.hsic = None        # (G, G) float64: sum over batches of n * HSIC_unbiased
+        self.n_images = 0
+        self.n_batches = 0
+        self.skipped = 0        # images in batches smaller than 4
+
+    def update(self, features):
+        grams = []
+        for f in features:
+            f = torch.as_tensor(f)
+            if grams and f.shape[0] != grams[0].shape[0]:
+                raise common.UserError(f"feature sets of one batch differ in size: "
+                                       f"{grams[0].shape[0]} and {f.shape[0]} rows")
+            if f.shape[0] < 4:
+                self.skipped += f.shape[0]
+                return
+            grams.append(u_centre(gram(f)))
+        if not grams:
+            raise common.UserError("MinibatchCKA.update got no feature sets")
+        n = grams[0].shape[0]
+        flat = torch.stack(grams).reshape(len(grams), -1)
+        del grams
+        hsic = flat @ flat.T / (n * (n - 3))
+        if not torch.isfinite(hsic).all():
+            raise common.UserError("activations have NaN or infinite values (a diverged model?)")
+        if self.hsic is None:
+            self.hsic = torch.zeros_like(hsic)
+        elif self.hsic.shape != hsic.shape:
+            raise common.UserError(f"got {len(hsic)} feature sets, earlier batches had "
+                                   f"{len(self.hsic)}")
+        self.hsic += n * hsic
+        self.n_images += n
+        self.n_batches += 1
+
+    def cka(self):
+        """(G, G) float64 numpy array; NaN where a feature set is constant on every batch."""
+        if self.hsic is None:
+            raise common.UserError("no batch of at least 4 images was accumulated")
+        h = (self.hsic / self.n_images).cpu().numpy()
+        d = np.sqrt(np.clip(np.diag(h), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = h / np.outer(d, d)
+        out[(d == 0)[:, None] | (d == 0)[None, :]] = np.nan
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+
+def load_models(names, resolution, device):
+    """[(model, info)] for each checkpoint, all on `device`; one common input resolution."""
+    loaded = [common.load_pretrained(n) for n in names]
+    if resolution is None:
+        res = {info["resolution"] for _, info in loaded}
+        if None in res:
+            missing = [n for n, (_, i) in zip(names, loaded) if i["resolution"] is None]
+            raise common.UserError(f"checkpoint {missing[0]} records no training resolution; "
+                                   f"pass --resolution")
+        if len(res) > 1:
+            desc = ", ".join(f"{i['label']}: {i['resolution']}" for _, i in loaded)
+            raise common.UserError(f"checkpoints were trained at different resolutions ({desc}); "
+                                   f"CKA needs the same images for all: pass --resolution")
+        resolution = res.pop()
+    for model, _ in loaded:
+        model.to(device)
+    return loaded, int(resolution)
+
+
+def choose_layers(loaded, spec):
+    """'all' (every layer; the same list for every model) or a comma list valid for every model."""
+    lists = [common.layer_names(m) for m, _ in loaded]
+    if spec == "all":
+        if any(l != lists[0] for l in lists):
+            desc = ", ".join(f"{i['label']} ({i['arch']}): {len(l)}" for (_, i), l in
+                             zip(loaded, lists))
+            raise common.UserError(f"checkpoints have different layer lists ({desc} layers); "
+                                   f"pass --layers with names they all have, e.g. pool,logits")
+        return lists[0]
+    layers = [s.strip() for s in spec.split(",") if s.strip()]
+    if not layers:
+        raise common.UserError("--layers is empty; use all or e.g. block16,pool,logits")
+    if len(set(layers)) != len(layers):
+        raise common.UserError(f"--layers repeats a layer: {spec}")
+    for (_, info), valid in zip(loaded, lists):
+        bad = [l for l in layers if l not in valid]
+        if bad:
+            raise common.UserError(f"{info['label']} ({info['arch']}) has no layer "
+                                   f"{', '.join(bad)}; valid: {', '.join(valid)}")
+    return layers
+
+
+def batch_features(models, images, layers, device):
+    """The activations of every (model, layer) for one batch, model by model (a generator, so
+    only one model's activations are alive at a time). common.extract_features copies them."""
+    for model in models:
+        for feats, _ in common.extract_features(model, [(images, None)], layers, device):
+            for layer in layers:
+                yield feats.pop(layer)
+
+
+def pass_views(split, max_images, passes, seed=0):
+    """One Split view per pass: the (seeded) image subset, in order, then in random orders."""
+    idx = split.indices
+    if max_images is not None and max_images < len(idx):
+        keep = np.sort(np.random.default_rng(seed).choice(len(idx), max_images, replace=False))
+        idx = idx[keep]
+    views = []
+    for p in range(passes):
+        order = idx if p == 0 else idx[np.random.default_rng(seed + p).permutation(len(idx))]
+        views.append(common.Split(split.source, order, split.label_map))
+    return views
+
+
+def unique_labels(labels):
+    seen, out = {}, []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}_{seen[label]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True,
+                   help="checkpoint paths or torchvision:ARCH:WEIGHTS (one or more)")
+    p.add_argument("--data", required=True, help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
+    p.add_argument("--out", required=True, help="output folder for cka.npz and cka.json")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--layers", default="all", help="all, or a comma list such as block16,pool,logits")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--passes", type=int, default=1, help="passes over the images (see above)")
+    p.add_argument("--max-images", type=int, default=None, help="seeded random subset of the split")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side length (default: the checkpoints' training resolution)")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    args = p.parse_args(argv)
+
+    if args.batch_size < 4:
+        raise common.UserError("--batch-size must be at least 4 (the unbiased HSIC estimator "
+                               "needs 4 images per batch)")
+    if args.passes < 1:
+        raise common.UserError("--passes must be at least 1")
+    if args.max_images is not None and args.max_images < 4:
+        raise common.UserError("--max-images must be at least 4")
+    if args.resolution is not None and args.resolution < 1:
+        raise common.UserError("--resolution must be positive")
+    device = common.resolve_device(args.device)
+    data = common.load_dataset(args.data, download=args.download)
+    loaded, resolution = load_models(args.checkpoint, args.resolution, device)
+    layers = choose_layers(loaded, args.layers)
+    models = [m for m, _ in loaded]
+    infos = [i for _, i in loaded]
+    labels = unique_labels([i["label"] for i in infos])
+    views = pass_views(data[args.split], args.max_images, args.passes)
+    n_per_pass = len(views[0])
+    print(f"CKA of {len(models)} checkpoints x {len(layers)} layers on {n_per_pass} images of "
+          f"{args.data} {args.split} at {resolution} px, batch {args.batch_size}, "
+          f"{args.passes} pass(es), {device}", flush=True)
+
+    acc = MinibatchCKA()
+    start = time.time()
+    for p_i, view in enumerate(views):
+        loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
+                                    args.crop_fraction)
+        for b, (images, _) in enumerate(loader):
+            acc.update(batch_features(models, images, layers, device))
+            if (b + 1) % 20 == 0:
+                print(f"  pass {p_i + 1} batch {b + 1}/{len(loader)} ({time.time() - start:.0f} s)",
+                      flush=True)
+    M, L = len(models), len(layers)
+    cka = acc.cka().reshape(M, L, M, L).transpose(0, 2, 1, 3)
+    undefined = sorted({f"{labels[a]}:{layers[i]}" for a in range(M) for i in range(L)
+                        if np.isnan(cka[a, a, i, i])})
+    if undefined:
+        print(f"warning: constant activations, CKA undefined (NaN) for {', '.join(undefined)}",
+              file=sys.stderr)
+
+    seeds = [i["seed"] for i in infos]
+    meta = {"labels": labels, "objectives": [i["objective"] for i in infos],
+            "seeds": [None if s is None else int(s) for s in seeds],
+            "archs": [i["arch"] for i in infos], "hashes": [i["hash"] for i in infos],
+            "paths": list(args.checkpoint), "layers": layers, "data": args.data,
+            "dataset": data["name"], "split": args.split, "resolution": resolution,
+            "n_images": n_per_pass, "n_images_used": acc.n_images, "n_batches": acc.n_batches,
+            "skipped_images": acc.skipped, "passes": args.passes, "batch_size": args.batch_size,
+            "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)"}
+    os.makedirs(args.out, exist_ok=True)
+    common.save_npz(os.path.join(args.out, "cka.npz"), cka=cka,
+                    **{k: np.array(v) for k, v in meta.items() if k in
+                       ("labels", "objectives", "archs", "hashes", "paths", "layers")},
+                    seeds=np.array([-1 if s is None else int(s) for s in seeds], dtype=np.int64),
+                    n_images=np.int64(n_per_pass), n_batches=np.int64(acc.n_batches),
+                    passes=np.int64(args.passes), resolution=np.int64(resolution))
+    same = {layer: [[None if np.isnan(v) else round(float(v), 6) for v in row]
+                    for row in cka[:, :, i, i]] for i, layer in enumerate(layers)}
+    common.save_json(os.path.join(args.out, "cka.json"),
+                     {**meta, "versions": common.versions(), "same_layer": same})
+    print(f"done in {time.time() - start:.1f} s ({acc.n_batches} batches, {acc.skipped} images in "
+          f"batches < 4 skipped); wrote {args.out}/cka.npz and cka.json")
+    if M > 1:
+        for a in range(M):
+            for b in range(a + 1, M):
+                vals = " ".join(f"{cka[a, b, i, i]:.3f}" for i in range(L))
+                print(f"  {labels[a]} vs {labels[b]}: {vals}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

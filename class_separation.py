@@ -1,0 +1,213 @@
+"""Class separation of a network's features (SPEC.md, "Representation analyses").
+
+For each checkpoint and layer (default: the penultimate `pool` features):
+  r2        1 - d_within / d_total with the cosine distance d = 1 - cos(a, b), every class weighted
+            equally (self-pairs included), computed as (mean_k ||mu_k||^2 - ||mu||^2) / (1 - ||mu||^2)
+            from the class means mu_k of the unit-normalized features: O(N D), no pairwise matrix
+  sparsity  the fraction of activations that are exactly zero
+  dim       participation ratio of the feature covariance, (sum of eigenvalues)^2 / sum of
+            eigenvalues^2 = tr(C)^2 / ||C||_F^2
+
+    python class_separation.py --checkpoint runs/*/final.pt --data imagenet:/data/imagenet \\
+        --split train --max-per-class 50 --out results/separation
+    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep --layers block8,pool
+
+Output DIR/class_separation.json: a list with one record per checkpoint {label, objective, seed, arch,
+hash, path, dataset, data, split, resolution, n_images, num_classes, layers: {layer: {r2, sparsity,
+dim}}}; DIR/class_separation.npz: labels, objectives, seeds (-1 where unknown), archs, layers (the union
+over checkpoints) and r2, sparsity, dim of shape (checkpoints, layers), NaN where a checkpoint has
+no such layer.
+
+Importable:
+    from class_separation import class_separation, sparsity, participation_ratio
+    class_separation(features, labels)   # R^2, float
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import common
+
+
+def _features(features, name="features"):
+    x = np.asarray(torch.as_tensor(features).detach().cpu().numpy() if torch.is_tensor(features)
+                   else features)
+    if x.ndim != 2:
+        raise common.UserError(f"{name} must be a 2-d (examples, dims) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise common.UserError(f"{name} must be numeric, got {x.dtype}")
+    if not np.isfinite(x).all():
+        raise common.UserError(f"{name} has NaN or infinite values")
+    return x
+
+
+def class_separation(features, labels):
+    """R^2 = 1 - d_within / d_total of SPEC.md for (N, D) features and (N,) integer labels.
+
+    Each class present counts equally, whatever its size. Raises UserError on fewer than two
+    classes, zero feature vectors (cosine undefined), NaN, or features all in one direction."""
+    x = _features(features).astype(np.float64)
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != len(x):
+        raise common.UserError(f"labels must be a 1-d array of {len(x)} entries, got shape {y.shape}")
+    classes, inverse = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise common.UserError(f"class separation needs at least 2 classes, got {len(classes)}")
+    norms = np.linalg.norm(x, axis=1)
+    if (norms == 0).any():
+        raise common.UserError(f"{int((norms == 0).sum())} of {len(x)} feature vectors are zero: "
+                               f"cosine distance is undefined for them")
+    u = torch.from_numpy(x / norms[:, None])
+    sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64)
+    sums.index_add_(0, torch.from_numpy(inverse.astype(np.int64)), u)
+    counts = torch.from_numpy(np.bincount(inverse).astype(np.float64))
+    mu_k = sums / counts[:, None]
+    mu = mu_k.mean(0)
+    within = (mu_k * mu_k).sum(1).mean()
+    total = 1 - mu.dot(mu)
+    if total <= 1e-12:
+        raise common.UserError("all feature vectors point in one direction: d_total is 0, "
+                               "R^2 is undefined")
+    return float((within - mu.dot(mu)) / total)
+
+
+def sparsity(features):
+    """Fraction of exactly-zero entries."""
+    x = _features(features)
+    return float((x == 0).mean())
+
+
+def participation_ratio(features):
+    """(sum lambda)^2 / sum lambda^2 over the eigenvalues of the feature covariance, from the
+    D x D covariance or, when there are fewer examples than dimensions, the N x N Gram matrix
+    of the centred features (same nonzero eigenvalues). Raises UserError for constant features."""
+    x = torch.from_numpy(_features(features).astype(np.float64))
+    x = x - x.mean(0)
+    c = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+    trace, frob2 = torch.trace(c), c.pow(2).sum()
+    if frob2 <= 0:
+        raise common.UserError("features are constant over the examples: dimensionality undefined")
+    return float(trace * trace / frob2)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def per_class_subset(split, max_per_class, seed=0):
+    """A Split view with at most max_per_class images of each class (seeded, in data order)."""
+    if max_per_class is None:
+        return split
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(split.labels):
+        idx = np.flatnonzero(split.labels == c)
+        keep.append(idx if len(idx) <= max_per_class else rng.choice(idx, max_per_class, False))
+    keep = np.sort(np.concatenate(keep))
+    return common.Split(split.source, split.indices[keep], split.label_map)
+
+
+def check_memory(model, layers, resolution, n_images, label):
+    """Refuse, before running, to hold more features than half the machine's memory."""
+    probe = [(torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8), torch.zeros(1))]
+    device = next(model.parameters()).device
+    feats, _ = next(iter(common.extract_features(model, probe, layers, device)))
+    need = n_images * sum(f.shape[1] for f in feats.values()) * 4
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have / 2:
+        raise common.UserError(f"{label}: {n_images} images x layers {','.join(layers)} need "
+                               f"{need / 2**30:.1f} GiB of features (machine: {have / 2**30:.0f} GiB);"
+                               f" use --max-per-class or fewer --layers")
+
+
+def analyse(name, data, args, device):
+    model, info = common.load_pretrained(name)
+    model.to(device)
+    resolution = args.resolution or info["resolution"]
+    if resolution is None:
+        raise common.UserError(f"checkpoint {name} records no training resolution; pass --resolution")
+    valid = common.layer_names(model)
+    layers = valid if args.layers == "all" else [s.strip() for s in args.layers.split(",") if s.strip()]
+    bad = [l for l in layers if l not in valid]
+    if bad or not layers:
+        raise common.UserError(f"{info['label']} ({info['arch']}) has no layer {', '.join(bad) or '(empty)'};"
+                               f" valid: {', '.join(valid)}")
+    view = per_class_subset(data[args.split], args.max_per_class)
+    check_memory(model, layers, int(resolution), len(view), info["label"])
+    loader = common.eval_loader(view, int(resolution), args.batch_size, args.workers,
+                                args.crop_fraction)
+    feats, labels = common.collect_features(model, loader, layers, device)
+    results = {}
+    for layer in layers:
+        try:
+            results[layer] = {"r2": class_separation(feats[layer], labels),
+                              "sparsity": sparsity(feats[layer]),
+                              "dim": participation_ratio(feats[layer])}
+        except common.UserError as e:
+            raise common.UserError(f"{info['label']} layer {layer}: {e}")
+    seed = info["seed"]
+    return {"label": info["label"], "objective": info["objective"],
+            "seed": None if seed is None else int(seed), "arch": info["arch"], "hash": info["hash"],
+            "path": name, "dataset": data["name"], "data": args.data, "split": args.split,
+            "resolution": int(resolution), "n_images": int(len(labels)),
+            "num_classes": int(len(np.unique(labels))), "layers": results}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True,
+                   help="checkpoint paths or torchvision:ARCH:WEIGHTS")
+    p.add_argument("--data", required=True, help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--layers", default="pool", help="pool (default), all, or a comma list")
+    p.add_argument("--max-per-class", type=int, default=None,
+                   help="at most this many images per class (seeded random choice)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side length (default: each checkpoint's training resolution)")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--download", action="store_true")
+    args = p.parse_args(argv)
+    if args.max_per_class is not None and args.max_per_class < 1:
+        raise common.UserError("--max-per-class must be at least 1")
+    if args.batch_size < 1:
+        raise common.UserError("--batch-size must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        raise common.UserError("--resolution must be positive")
+
+    device = common.resolve_device(args.device)
+    data = common.load_dataset(args.data, download=args.download)
+    records, start = [], time.time()
+    for name in args.checkpoint:
+        rec = analyse(name, data, args, device)
+        records.append(rec)
+        vals = "  ".join(f"{l}: r2 {v['r2']:.4f} sparsity {v['sparsity']:.3f} dim {v['dim']:.1f}"
+                         for l, v in rec["layers"].items())
+        print(f"{rec['label']} ({rec['objective']}, seed {rec['seed']}): {vals}", flush=True)
+
+    layers = list(dict.fromkeys(l for r in records for l in r["layers"]))  # NaN where absent
+    nan = {"r2": np.nan, "sparsity": np.nan, "dim": np.nan}
+    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in records],
+                         dtype=np.float64) for k in ("r2", "sparsity", "dim")}
+    os.makedirs(args.out, exist_ok=True)
+    common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
+                    labels=np.array([r["label"] for r in records]),
+                    objectives=np.array([r["objective"] for r in records]),
+                    seeds=np.array([-1 if r["seed"] is None else r["seed"] for r in records],
+                                   dtype=np.int64),
+                    archs=np.array([r["arch"] for r in records]), layers=np.array(layers),
+                    n_images=np.array([r["n_images"] for r in records], dtype=np.int64))
+    common.save_json(os.path.join(args.out, "class_separation.json"), records)
+    print(f"done in {time.time() - start:.1f} s; wrote {args.out}/class_separation.json and .npz")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

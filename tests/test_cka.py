@@ -1,0 +1,214 @@
+"""cka_analysis.py: linear CKA (SPEC.md test vectors), the minibatch accumulator, the script."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from cka_analysis import MinibatchCKA, linear_cka, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spec_vectors():
+    np.random.seed(1337)  # SPEC.md: Kornblith's demo notebook, legacy global RNG
+    x = np.random.randn(100, 10)
+    y = np.random.randn(100, 10) + x
+    t = np.random.randn(10, 10)
+    return x, y, t
+
+
+def hsic_unbiased_3term(k, l):
+    """Song et al. (2012) eq. 5 in float64, written independently of cka_analysis."""
+    k, l = k.astype(np.float64).copy(), l.astype(np.float64).copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+    n = len(k)
+    ones = np.ones(n)
+    return (np.trace(k @ l) + ones @ k @ ones * (ones @ l @ ones) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * ones @ k @ l @ ones) / (n * (n - 3))
+
+
+def test_published_vectors_and_invariances():
+    x, y, t = spec_vectors()
+    assert linear_cka(x, y) == pytest.approx(0.55761, abs=5e-6)
+    assert linear_cka(x, y, debiased=True) == pytest.approx(0.51346, abs=5e-6)
+    # not invariant to an arbitrary invertible linear map
+    assert linear_cka(x @ t, y) == pytest.approx(0.40225, abs=5e-6)
+    q, _ = np.linalg.qr(np.random.RandomState(0).randn(10, 10))
+    for debiased in (False, True):
+        base = linear_cka(x, y, debiased)
+        assert linear_cka(x, x, debiased) == pytest.approx(1, abs=1e-12)
+        assert linear_cka(y, x, debiased) == pytest.approx(base, abs=1e-12)      # symmetric
+        assert linear_cka(x @ q, y, debiased) == pytest.approx(base, abs=1e-10)  # orthogonal
+        assert linear_cka(x, y @ q, debiased) == pytest.approx(base, abs=1e-10)
+        assert linear_cka(1.337 * x, y, debiased) == pytest.approx(base, abs=1e-12)  # isotropic
+        assert linear_cka(x, 0.01 * y, debiased) == pytest.approx(base, abs=1e-12)
+        assert abs(linear_cka(x @ t, y, debiased) - base) > 0.05
+
+
+def test_feature_space_form_equals_gram_form():
+    rng = np.random.RandomState(1)
+    x = rng.randn(60, 7) + 3
+    y = np.maximum(rng.randn(60, 12) + x[:, :1], 0)
+    h = np.eye(60) - 1 / 60
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h  # direct centred n x n Gram matrices
+    direct = np.sum(k * l) / (np.linalg.norm(k) * np.linalg.norm(l))
+    assert linear_cka(x, y) == pytest.approx(direct, abs=1e-6)
+    # wide features (p > n) take the Gram path: the same value
+    xw = np.concatenate([x, np.zeros((60, 80))], 1)
+    assert linear_cka(xw, y) == pytest.approx(direct, abs=1e-6)
+    # debiased form = the independent 3-term unbiased HSIC
+    k, l = x @ x.T, y @ y.T
+    ref = hsic_unbiased_3term(k, l) / np.sqrt(hsic_unbiased_3term(k, k) * hsic_unbiased_3term(l, l))
+    assert linear_cka(x, y, debiased=True) == pytest.approx(ref, abs=1e-9)
+
+
+def test_independent_gaussians():
+    rng = np.random.RandomState(0)
+    n, d1, d2 = 100, 10, 37
+    biased, debiased = [], []
+    for _ in range(30):
+        x, y = rng.randn(n, d1), rng.randn(n, d2)
+        biased.append(linear_cka(x, y))
+        debiased.append(linear_cka(x, y, debiased=True))
+    expected = np.sqrt(d1 * d2 / ((n + d1) * (n + d2)))  # ~0.157 (SPEC.md)
+    assert np.mean(biased) == pytest.approx(expected, abs=0.02)
+    assert abs(np.mean(debiased)) < 0.02
+
+
+def test_minibatch_equals_batchwise_unbiased_hsic_and_approaches_full_data():
+    rng = np.random.RandomState(2)
+    n, batch = 2000, 250
+    z = rng.randn(n, 5)
+    feats = [np.maximum(z @ rng.randn(5, 40) + rng.randn(n, 40) + 4, 0).astype(np.float32),
+             (z[:, :3] @ rng.randn(3, 20) + 0.5 * rng.randn(n, 20)).astype(np.float32),
+             rng.randn(n, 8).astype(np.float32)]
+    acc = MinibatchCKA()
+    sums = np.zeros((3, 3))
+    for s in range(0, n, batch):
+        part = [torch.from_numpy(f[s:s + batch]) for f in feats]
+        acc.update(iter(part))  # a generator is fine
+        grams = [f[s:s + batch].astype(np.float64) @ f[s:s + batch].astype(np.float64).T
+                 for f in feats]
+        sums += [[hsic_unbiased_3term(a, b) for b in grams] for a in grams]
+    got = acc.cka()
+    want = sums / np.sqrt(np.outer(np.diag(sums), np.diag(sums)))
+    assert acc.n_images == n and acc.n_batches == n // batch
+    np.testing.assert_allclose(got, want, atol=1e-7)  # float32 inputs, large offset: still exact
+    np.testing.assert_allclose(np.diag(got), 1, atol=1e-12)
+    np.testing.assert_allclose(got, got.T, atol=1e-12)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert got[a, b] == pytest.approx(linear_cka(feats[a], feats[b], debiased=True), abs=0.02)
+    assert got[0, 1] > 0.5 and abs(got[0, 2]) < 0.05
+
+
+def test_minibatch_weights_batches_skips_tiny_ones_and_checks_input():
+    rng = np.random.RandomState(3)
+    x, y = rng.randn(103, 4), rng.randn(103, 6)
+    acc = MinibatchCKA()
+    acc.update([x[:100], y[:100]])
+    acc.update([x[100:], y[100:]])  # 3 images: skipped, the estimator needs 4
+    assert (acc.n_images, acc.skipped) == (100, 3)
+    assert acc.cka()[0, 1] == pytest.approx(linear_cka(x[:100], y[:100], debiased=True), abs=1e-10)
+    # unequal batches weigh by their size: sum_b n_b HSIC_b, normalized
+    acc = MinibatchCKA()
+    h = np.zeros(3)
+    for s, e in ((0, 80), (80, 100)):
+        acc.update([x[s:e], y[s:e]])
+        k, l = x[s:e] @ x[s:e].T, y[s:e] @ y[s:e].T
+        h += (e - s) * np.array([hsic_unbiased_3term(k, l), hsic_unbiased_3term(k, k),
+                                 hsic_unbiased_3term(l, l)])
+    assert acc.cka()[0, 1] == pytest.approx(h[0] / np.sqrt(h[1] * h[2]), abs=1e-10)
+    with pytest.raises(common.UserError, match="differ in size"):
+        acc.update([x[:50], y[:40]])
+    with pytest.raises(common.UserError, match="NaN"):
+        acc.update([np.full((10, 4), np.nan), y[:10]])
+    with pytest.raises(common.UserError, match="no batch"):
+        MinibatchCKA().cka()
+    with pytest.raises(common.UserError, match="same number of rows"):
+        linear_cka(x, y[:50])
+    with pytest.raises(common.UserError, match="constant"):
+        linear_cka(np.ones((20, 3)), y[:20])
+
+
+# ----------------------------------------------------------------------------------------------
+# The script, on tiny ResNet-18 checkpoints built without training
+
+def make_checkpoint(path, seed, resolution=8, arch="resnet18", objective="softmax"):
+    torch.manual_seed(seed)
+    model = common.build_model(objective, 10, arch=arch, small_input=True)
+    for m in model.modules():  # make the residual branches matter (zero-init gamma otherwise)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, 0, 0.1)
+    ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), arch, 10,
+                                True, args={"resolution": resolution, "seed": seed})
+    common.save_checkpoint(str(path), ck)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    a = make_checkpoint(d / "softmax_s0.pt", 0)
+    b = str(d / "softmax_s0_copy.pt")
+    shutil.copy(a, b)
+    c = make_checkpoint(d / "sigmoid_s1.pt", 1, objective="sigmoid")
+    return a, b, c
+
+
+def test_script_identical_networks_give_one_at_every_layer(ckpts, tmp_path):
+    a, b, c = ckpts
+    out = tmp_path / "cka"
+    main(["--checkpoint", a, b, c, "--data", "digits", "--out", str(out), "--split", "train",
+          "--max-images", "100", "--batch-size", "40", "--passes", "2", "--device", "cpu"])
+    with np.load(out / "cka.npz") as z:
+        cka, layers = z["cka"], list(z["layers"])
+        assert list(z["labels"]) == ["softmax_s0", "softmax_s0_copy", "sigmoid_s1"]
+        assert list(z["objectives"]) == ["softmax", "softmax", "sigmoid"]
+        assert list(z["seeds"]) == [0, 0, 1]
+        assert int(z["n_images"]) == 100 and int(z["n_batches"]) == 6  # 40 + 40 + 20, twice
+    assert layers == [f"block{i}" for i in range(1, 9)] + ["pool", "logits"]
+    assert cka.shape == (3, 3, 10, 10)
+    same = np.einsum("abii->abi", cka)
+    np.testing.assert_allclose(same[0, 1], 1, atol=1e-6)  # identical networks
+    np.testing.assert_allclose(same[[0, 1, 2], [0, 1, 2]], 1, atol=1e-6)
+    np.testing.assert_allclose(cka, cka.transpose(1, 0, 3, 2), atol=1e-9)
+    assert (same[0, 2] < 0.99).sum() >= 5  # another seed differs
+    report = json.loads((out / "cka.json").read_text())
+    assert report["labels"][2] == "sigmoid_s1" and report["seeds"] == [0, 0, 1]
+    assert report["objectives"][2] == "sigmoid" and report["layers"] == layers
+    assert report["same_layer"]["pool"][0][1] == pytest.approx(1, abs=1e-6)
+    assert report["same_layer"]["pool"][0][2] == pytest.approx(same[0, 2, 8], abs=1e-6)
+
+
+def test_script_errors(ckpts, tmp_path):
+    a, _, _ = ckpts
+    other_res = make_checkpoint(tmp_path / "r16.pt", 2, resolution=16)
+    out = str(tmp_path / "out")
+    with pytest.raises(common.UserError, match="different resolutions"):
+        main(["--checkpoint", a, other_res, "--data", "digits", "--out", out])
+    with pytest.raises(common.UserError, match="has no layer block9"):
+        main(["--checkpoint", a, "--data", "digits", "--out", out, "--layers", "block9"])
+    with pytest.raises(common.UserError, match="at least 4"):
+        main(["--checkpoint", a, "--data", "digits", "--out", out, "--batch-size", "2"])
+    deep = make_checkpoint(tmp_path / "r34.pt", 3, arch="resnet34")
+    with pytest.raises(common.UserError, match="different layer lists"):
+        main(["--checkpoint", a, deep, "--data", "digits", "--out", out])
+    # --resolution makes mismatched checkpoints comparable; shared layers work across archs
+    main(["--checkpoint", a, other_res, deep, "--data", "digits", "--out", out, "--resolution", "8",
+          "--layers", "pool,logits", "--max-images", "40", "--batch-size", "40"])
+    with np.load(os.path.join(out, "cka.npz")) as z:
+        assert z["cka"].shape == (3, 3, 2, 2) and list(z["archs"]) == ["resnet18"] * 2 + ["resnet34"]
+    # a bad path: one line on stderr, exit status 2, nothing written
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cka_analysis.py"), "--checkpoint",
+                        a, str(tmp_path / "missing.pt"), "--data", "digits", "--out",
+                        str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "checkpoint not found" in r.stderr and not (tmp_path / "none").exists()

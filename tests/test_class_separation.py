@@ -1,0 +1,123 @@
+"""class_separation.py: R^2 (SPEC.md), sparsity, participation ratio, the script."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from class_separation import class_separation, main, participation_ratio, sparsity
+
+
+def naive_r2(x, labels):
+    """SPEC.md's definition: every pair, self-pairs included, each class weighted equally."""
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1 - u @ u.T
+    classes = np.unique(labels)
+    K = len(classes)
+    within = sum(d[np.ix_(labels == k, labels == k)].sum() / (K * (labels == k).sum() ** 2)
+                 for k in classes)
+    total = sum(d[np.ix_(labels == j, labels == k)].sum()
+                / (K * K * (labels == j).sum() * (labels == k).sum())
+                for j in classes for k in classes)
+    return 1 - within / total
+
+
+def test_equals_naive_pairwise_definition_with_unequal_classes():
+    rng = np.random.RandomState(0)
+    labels = np.repeat([7, 3, 11], [5, 9, 17])  # unequal sizes, arbitrary label values
+    x = rng.randn(len(labels), 6) + labels[:, None] * 0.1 * rng.randn(1, 6)
+    x = np.maximum(x, 0) + 0.01
+    assert class_separation(x, labels) == pytest.approx(naive_r2(x, labels), abs=1e-9)
+    perm = rng.permutation(len(labels))  # order does not matter
+    assert class_separation(x[perm], labels[perm]) == pytest.approx(naive_r2(x, labels), abs=1e-9)
+
+
+def test_spec_vectors_and_scaling_invariance():
+    x = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=float)
+    y = np.array([0, 0, 1, 1])
+    assert class_separation(x, y) == pytest.approx(0.5, abs=1e-12)
+    assert class_separation(x * np.array([[2.0], [0.3], [7.0], [1.5]]), y) == pytest.approx(0.5,
+                                                                                        abs=1e-12)
+    x2 = np.array([[1, 1], [2, 2], [-1, 1], [-3, 3]], dtype=float)
+    assert class_separation(x2, y) == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.RandomState(1)
+    z, lz = rng.rand(200, 16), rng.randint(0, 4, 200)
+    scale = rng.uniform(0.01, 100, size=(200, 1))
+    assert class_separation(z * scale, lz) == pytest.approx(class_separation(z, lz), abs=1e-12)
+
+
+def test_shared_distribution_gives_zero_and_collapsed_classes_give_one():
+    rng = np.random.RandomState(2)
+    n = 6000
+    labels = rng.randint(0, 3, n)
+    x = rng.randn(n, 20) + 0.5  # one distribution for every class
+    assert abs(class_separation(x, labels)) < 0.005
+    directions = rng.randn(3, 20)
+    collapsed = directions[labels] * rng.uniform(0.1, 10, size=(n, 1))
+    assert class_separation(collapsed, labels) == pytest.approx(1.0, abs=1e-12)
+    separated = directions[labels] + 0.3 * rng.randn(n, 20)
+    assert 0.5 < class_separation(separated, labels) < 1
+
+
+def test_bad_input_one_line_errors():
+    x = np.random.RandomState(3).rand(10, 4)
+    y = np.arange(10) % 2
+    for features, labels, message in [
+            (x, np.zeros(10), "at least 2 classes"),
+            (np.vstack([x[:9], np.zeros((1, 4))]), y, "are zero"),
+            (np.where(np.arange(40).reshape(10, 4) == 5, np.nan, x), y, "NaN"),
+            (x, y[:9], "labels must be"),
+            (np.ones((10, 4)), y, "one direction")]:
+        with pytest.raises(common.UserError, match=message) as e:
+            class_separation(features, labels)
+        assert "\n" not in str(e.value)
+
+
+def test_sparsity_and_participation_ratio():
+    rng = np.random.RandomState(4)
+    x = np.maximum(rng.randn(300, 12) @ np.diag(np.linspace(0.1, 3, 12)), 0)
+    assert sparsity(x) == pytest.approx((x == 0).mean())
+    eig = np.linalg.eigvalsh(np.cov(x.T))
+    assert participation_ratio(x) == pytest.approx(eig.sum() ** 2 / (eig ** 2).sum(), rel=1e-10)
+    wide = rng.randn(8, 50)  # fewer examples than dims: the N x N path
+    eig = np.linalg.eigvalsh(np.cov(wide.T))
+    assert participation_ratio(wide) == pytest.approx(eig.sum() ** 2 / (eig ** 2).sum(), rel=1e-9)
+    assert participation_ratio(rng.randn(5000, 10)) == pytest.approx(10, rel=0.02)
+    with pytest.raises(common.UserError, match="constant"):
+        participation_ratio(np.ones((5, 3)))
+
+
+def test_script_writes_records_per_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = common.build_model("label_smoothing", 10, arch="resnet18", small_input=True)
+    ck = common.make_checkpoint(model, "label_smoothing", common.objective_hparams("label_smoothing"),
+                                "resnet18", 10, True, args={"resolution": 8, "seed": 4})
+    path = tmp_path / "ls_s4.pt"
+    common.save_checkpoint(str(path), ck)
+    out = tmp_path / "sep"
+    main(["--checkpoint", str(path), "--data", "digits", "--out", str(out), "--max-per-class", "15",
+          "--layers", "block8,pool,logits", "--device", "cpu"])
+    records = json.loads((out / "class_separation.json").read_text())
+    assert len(records) == 1
+    r = records[0]
+    assert (r["label"], r["objective"], r["seed"], r["arch"]) == ("ls_s4", "label_smoothing", 4,
+                                                                  "resnet18")
+    assert (r["dataset"], r["split"], r["n_images"], r["num_classes"]) == ("digits", "train", 150, 10)
+    assert list(r["layers"]) == ["block8", "pool", "logits"]
+    # recompute from the same features
+    data = common.load_dataset("digits")
+    from class_separation import per_class_subset
+    loader = common.eval_loader(per_class_subset(data["train"], 15), 8, 64)
+    feats, labels = common.collect_features(model, loader, ["pool"])
+    assert r["layers"]["pool"]["r2"] == pytest.approx(class_separation(feats["pool"], labels),
+                                                      abs=1e-9)
+    assert r["layers"]["pool"]["dim"] == pytest.approx(participation_ratio(feats["pool"]), rel=1e-6)
+    assert 0 <= r["layers"]["pool"]["sparsity"] <= 1
+    with np.load(out / "class_separation.npz") as z:
+        assert z["r2"].shape == (1, 3) and list(z["seeds"]) == [4]
+        assert list(z["objectives"]) == ["label_smoothing"]
+    with pytest.raises(common.UserError, match="records no training resolution"):
+        ck["args"] = {}
+        common.save_checkpoint(str(tmp_path / "nores.pt"), ck)
+        main(["--checkpoint", str(tmp_path / "nores.pt"), "--data", "digits", "--out", str(out)])
