@@ -1,0 +1,1154 @@
+"""Figures and report.md from whatever the study's scripts wrote.
+
+Reads, recursively under --runs and recognised by content (not by folder names):
+  training results.json      (objective, hparams, top1, ...; one per trained network)
+  linear-probe results.json  (best_lambda, test_accuracy, metric, checkpoint, objective, seed, dataset)
+  fine-tune results.json     (best_lr, best_wd, grid, test_accuracy, metric, checkpoint, ...)
+  cka.npz                    (cka (M, M, L, L), layers, labels, objectives, seeds, n_images)
+  class_separation.json      (per checkpoint: objective, seed, per-layer r2, sparsity, dim)
+and writes to --out, as PNG and PDF:
+  fig1_top1_vs_transfer     source top-1 against mean transfer accuracy, one point per objective
+  fig2_table                per objective: mean +- standard error over seeds, Welch p vs softmax
+  fig3_cka_by_layer         CKA between objectives per layer against the different-seed baseline
+  fig3_cka_matrices         objective x objective CKA at a few depths
+  fig4_class_separation     penultimate-layer (pool) R^2 against source top-1 and transfer
+  fig5_sweep_<obj>_<hp>     R^2, top-1 and transfer against a swept hyperparameter value
+  report.md                 the table, rank correlations, CKA and sweep summaries, and a note for
+                            every piece that was missing or skipped (never a crash).
+
+Examples:
+  python make_figures.py --runs results/demo --out results/demo
+  python make_figures.py --runs runs/ --out figures/ --formats png
+"""
+import argparse
+import json
+import math
+import os
+import re
+import textwrap
+import warnings
+
+import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import common  # noqa: E402
+
+try:
+    from scipy import stats
+except ImportError:  # scipy comes with scikit-learn, but the figures do not need it
+    stats = None
+
+ALPHA = 0.05
+NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
+         "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
+         "logit_penalty": "Logit penalty", "logit_normalization": "Logit normalization",
+         "cosine_softmax": "Cosine softmax", "squared_error": "Squared error"}
+TAB10 = plt.get_cmap("tab10").colors
+FIXED_COLOURS = {"softmax": "black", "label_smoothing": TAB10[0], "sigmoid": TAB10[1],
+                 "extra_final_layer_l2": TAB10[2], "dropout": TAB10[3],
+                 "logit_penalty": TAB10[4], "logit_normalization": TAB10[5],
+                 "cosine_softmax": TAB10[6], "squared_error": TAB10[9]}
+MARKERS = "osD^v<>pPX*h"
+# SPEC.md's claims, as the direction of each non-softmax objective against softmax.
+CLAIMS = {"top1": "higher", "r2": "higher", "linear": "lower", "finetune": "no difference"}
+KIND_NAMES = {"linear": "Linear probe", "finetune": "Fine-tune"}
+
+
+def claim_text(claim):
+    return "no difference from softmax" if claim == "no difference" else f"{claim} than softmax"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", required=True, help="folder searched recursively for results")
+    p.add_argument("--out", default=None, help="output folder (default: --runs)")
+    p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
+    p.add_argument("--dpi", type=int, default=150)
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: find every result file under --runs and classify it by content.
+
+def finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def display(obj):
+    return NAMES.get(obj, str(obj).replace("_", " ").capitalize())
+
+
+def fmt_value(v):
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def variant_of(hparams):
+    return tuple(sorted((k, fmt_value(v)) for k, v in (hparams or {}).items()))
+
+
+def parse_seed(v):
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return int(f) if f.is_integer() and f >= 0 else None
+
+
+def seed_from_text(text):
+    """'softmax_s3', 'softmax-seed3', 'seed_3' -> 3 (the last such number); None if absent."""
+    found = re.findall(r"(?:^|[^A-Za-z])(?:seed|s)[_-]?(\d+)(?![A-Za-z0-9])", str(text))
+    return int(found[-1]) if found else None
+
+
+def objective_from_text(text):
+    names = [o for o in common.OBJECTIVES if o in str(text)]
+    return max(names, key=len) if names else None
+
+
+def classify(obj):
+    """'linear', 'finetune', 'train' or None for the content of one results.json."""
+    if not isinstance(obj, dict):
+        return None
+    if "best_lambda" in obj:
+        return "linear"
+    if "best_lr" in obj or "best_wd" in obj or ("grid" in obj and "test_accuracy" in obj):
+        return "finetune"
+    if "top1" in obj and "objective" in obj:
+        return "train"
+    return None
+
+
+def discover(runs, notes):
+    """Walk `runs` and return {'train', 'linear', 'finetune', 'cka', 'cs'}: lists of (path, data)."""
+    found = {"train": [], "linear": [], "finetune": [], "cka": [], "cs": []}
+    for root, dirs, files in os.walk(runs):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, runs)
+            if name == "results.json" or name == "class_separation.json":
+                try:
+                    with open(path) as f:
+                        data = json.load(f)
+                except (OSError, ValueError) as e:
+                    notes.append(f"`{rel}`: cannot be read as JSON ({type(e).__name__}: "
+                                 f"{str(e)[:80]}); skipped.")
+                    continue
+                if name == "class_separation.json":
+                    found["cs"].append((path, data))
+                    continue
+                kind = classify(data)
+                if kind is None:
+                    notes.append(f"`{rel}`: a results.json of no known kind (keys: "
+                                 f"{', '.join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__}); skipped.")
+                else:
+                    found[kind].append((path, data))
+            elif name == "cka.npz":
+                found["cka"].append((path, None))
+    # A fine-tune or probe folder may hold training-like results of its own grid points.
+    owners = [os.path.dirname(p) for p, _ in found["finetune"] + found["linear"]]
+    kept = []
+    for path, data in found["train"]:
+        d = os.path.dirname(path)
+        if any(d == o or d.startswith(o + os.sep) for o in owners):
+            notes.append(f"`{os.path.relpath(path, runs)}`: training-like results inside a "
+                         f"fine-tune/probe folder; not counted as a trained network.")
+        else:
+            kept.append((path, data))
+    found["train"] = kept
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks: one per trained run, with its transfer and class-separation results attached.
+
+def checkpoint_label(path):
+    """The label linear_probe.py & co. give a checkpoint (common.load_pretrained's rule)."""
+    norm = os.path.normpath(path)
+    label = os.path.splitext(os.path.basename(norm))[0]
+    parent = os.path.basename(os.path.dirname(norm))
+    return parent if label in ("final", "last", "best") and parent else label
+
+
+def make_network(objective, seed, label, hparams=None, run_dir=None):
+    return {"objective": objective, "seed": seed, "label": label, "dir": run_dir,
+            "hparams": dict(hparams or {}), "top1": None, "linear": {}, "finetune": {},
+            "r2": None, "sparsity": None, "dim": None, "info": {}, "sources": {}}
+
+
+def training_networks(found, runs, notes):
+    nets = []
+    for path, r in found["train"]:
+        rel = os.path.relpath(path, runs)
+        d = os.path.dirname(path)
+        seed = parse_seed(r.get("seed"))
+        if seed is None:
+            args_path = os.path.join(d, "args.json")
+            try:
+                with open(args_path) as f:
+                    seed = parse_seed(json.load(f).get("seed"))
+            except (OSError, ValueError, AttributeError):
+                seed = None
+            seed = seed if seed is not None else seed_from_text(os.path.basename(d))
+            if seed is None:
+                notes.append(f"`{rel}`: no seed (not in results.json, args.json or the folder "
+                             f"name); counted as its own network.")
+        hp = r.get("hparams") if isinstance(r.get("hparams"), dict) else {}
+        if "hparams" not in r:
+            notes.append(f"`{rel}`: no hparams; taken as the objective's paper values.")
+            hp = dict(common.OBJECTIVES.get(r["objective"], {}))
+        net = make_network(str(r["objective"]), seed, os.path.basename(d), hp, d)
+        top1 = r.get("top1")
+        if finite(top1):
+            net["top1"] = float(top1)
+        else:
+            notes.append(f"`{rel}`: top1 is missing or not a finite number ({top1!r}).")
+        net["info"] = {k: r.get(k) for k in ("arch", "dataset", "epochs") if k in r}
+        nets.append(net)
+    return nets
+
+
+class Matcher:
+    """Links a probe / fine-tune / class-separation / CKA record to its trained network: by the
+    checkpoint's folder, then by its label, then by (objective, seed); unmatched records become
+    networks of their own, keyed by objective and seed."""
+
+    def __init__(self, nets, runs):
+        self.nets, self.runs = nets, runs
+        self.by_dir = {os.path.realpath(n["dir"]): n for n in nets if n["dir"]}
+        self.orphans = {}
+
+    def find(self, objective, seed, label=None, checkpoint=None, near=None):
+        if isinstance(checkpoint, str) and checkpoint:
+            d = os.path.dirname(os.path.normpath(checkpoint))
+            for base in (os.getcwd(), self.runs, near or self.runs):
+                n = self.by_dir.get(os.path.realpath(os.path.join(base, d)))
+                if n is not None:
+                    return n
+            label = label or checkpoint_label(checkpoint)
+        cands = [n for n in self.nets if label and n["label"] == label]
+        if objective is not None:
+            cands = [n for n in cands if n["objective"] == objective]
+        if len(cands) > 1 and seed is not None:
+            cands = [n for n in cands if n["seed"] == seed]
+        if len(cands) == 1:
+            return cands[0]
+        if objective is not None and seed is not None:
+            cands = [n for n in self.nets if n["objective"] == objective and n["seed"] == seed]
+            if len(cands) == 1:
+                return cands[0]
+        return None
+
+    def get(self, objective, seed, label=None, checkpoint=None, near=None, hparams=None):
+        n = self.find(objective, seed, label, checkpoint, near)
+        if n is not None or objective is None:
+            return n
+        key = (objective, seed if seed is not None else label)
+        if key not in self.orphans:
+            hp = hparams if isinstance(hparams, dict) else dict(common.OBJECTIVES.get(objective, {}))
+            self.orphans[key] = make_network(objective, seed, label, hp)
+        return self.orphans[key]
+
+
+def attach_transfer(found, matcher, runs, notes, scratch):
+    for kind in ("linear", "finetune"):
+        seen = {}
+        for path, r in found[kind]:
+            rel = os.path.relpath(path, runs)
+            ck = r.get("checkpoint")
+            acc = r.get("test_accuracy")
+            dataset = r.get("dataset")
+            if not isinstance(dataset, str) or not dataset:
+                dataset = os.path.basename(os.path.dirname(path))
+                notes.append(f"`{rel}`: no dataset name; using its folder name {dataset!r}.")
+            if not finite(acc):
+                notes.append(f"`{rel}`: test_accuracy missing or not finite ({acc!r}); skipped.")
+                continue
+            if r.get("from_scratch") or ck == "scratch":
+                scratch.setdefault((kind, dataset), []).append(float(acc))
+                continue
+            if isinstance(ck, str) and ck.startswith("torchvision:"):
+                notes.append(f"`{rel}`: published weights {ck} are not part of the objective "
+                             f"comparison; skipped.")
+                continue
+            if r.get("layer") not in (None, "pool"):
+                notes.append(f"`{rel}`: probe of layer {r['layer']!r}; the figures use pool only.")
+                continue
+            objective = r.get("objective")
+            seed = parse_seed(r.get("seed"))
+            label = checkpoint_label(ck) if isinstance(ck, str) and ck else None
+            if objective is None and label:
+                objective = objective_from_text(label)
+            net = matcher.get(objective, seed, label, ck, os.path.dirname(path), r.get("hparams"))
+            if net is None:
+                notes.append(f"`{rel}`: no objective and no matching training run; skipped.")
+                continue
+            key = (id(net), dataset)
+            if key in seen:
+                older, newer = sorted([seen[key], path], key=os.path.getmtime)
+                notes.append(f"`{os.path.relpath(older, runs)}` and `{os.path.relpath(newer, runs)}`"
+                             f": two {KIND_NAMES[kind].lower()} results for one network and "
+                             f"dataset; the newer is used.")
+                if newer != path:
+                    continue
+            seen[key] = path
+            net[kind][dataset] = float(acc)
+            net["sources"].setdefault("metric_" + kind, {})[dataset] = r.get("metric", "top1")
+
+
+def cs_entries(data):
+    """The per-checkpoint entries of a class_separation.json, whatever its top-level layout."""
+    if isinstance(data, list):
+        items = data
+    elif isinstance(data, dict):
+        items = None
+        for key in ("checkpoints", "results", "entries", "networks", "models"):
+            v = data.get(key)
+            if isinstance(v, list):
+                items = v
+            elif isinstance(v, dict):
+                items = [dict(e, label=e.get("label", k)) for k, e in v.items()
+                         if isinstance(e, dict)]
+            if items is not None:
+                break
+        if items is None:
+            items = [data] if "objective" in data else [
+                dict(e, label=e.get("label", k)) for k, e in data.items() if isinstance(e, dict)]
+    else:
+        items = []
+    return [e for e in items if isinstance(e, dict)]
+
+
+def layer_value(entry, keys, layer="pool"):
+    """A per-layer metric (any of `keys`) of `layer` from one class-separation entry."""
+    for key in keys:
+        layers = entry.get("layers")
+        if isinstance(layers, dict) and isinstance(layers.get(layer), dict) and \
+                key in layers[layer]:
+            return layers[layer][key]
+        if isinstance(layers, list):
+            for item in layers:
+                if isinstance(item, dict) and item.get("layer", item.get("name")) == layer \
+                        and key in item:
+                    return item[key]
+        if isinstance(entry.get(layer), dict) and key in entry[layer]:
+            return entry[layer][key]
+        v = entry.get(key)
+        if isinstance(v, dict) and layer in v:
+            return v[layer]
+        if finite(v) and entry.get("layer", layer) == layer:
+            return v
+    return None
+
+
+def attach_class_separation(found, matcher, runs, notes):
+    datasets = {}
+    for path, data in found["cs"]:
+        for e in cs_entries(data):
+            datasets.setdefault(str(e.get("dataset")), []).append((path, e))
+    if not datasets:
+        for path, _ in found["cs"]:
+            notes.append(f"`{os.path.relpath(path, runs)}`: no per-checkpoint entries found.")
+        return
+    chosen = max(datasets, key=lambda k: len(datasets[k]))
+    if len(datasets) > 1:
+        notes.append(f"Class separation was measured on several datasets "
+                     f"({', '.join(sorted(datasets))}); the figures use {chosen!r}.")
+    missing_pool = 0
+    for path, e in datasets[chosen]:
+        r2 = layer_value(e, ("r2", "R2", "r_squared"))
+        if not finite(r2):
+            missing_pool += 1
+            continue
+        ck, label = e.get("checkpoint") or e.get("path"), e.get("label")
+        label = label or (checkpoint_label(ck) if isinstance(ck, str) and ck else None)
+        objective = e.get("objective") or objective_from_text(label or "")
+        seed = parse_seed(e.get("seed"))
+        net = matcher.get(objective, seed, label, ck, os.path.dirname(path), e.get("hparams"))
+        if net is None:
+            notes.append(f"`{os.path.relpath(path, runs)}`: class-separation entry {label!r} has "
+                         f"no objective; skipped.")
+            continue
+        net["r2"] = float(r2)
+        for name, keys in (("sparsity", ("sparsity",)),
+                           ("dim", ("dim", "dimensionality", "participation_ratio"))):
+            v = layer_value(e, keys)
+            net[name] = float(v) if finite(v) else None
+    if missing_pool:
+        notes.append(f"Class separation: {missing_pool} entr{'y' if missing_pool == 1 else 'ies'} "
+                     f"without a finite R^2 for the pool layer; skipped.")
+
+
+def to_percent(nets, notes):
+    """Accuracies are fractions in [0, 1] across the project; values above 1 mean percent."""
+    for kind in ("top1", "linear", "finetune"):
+        values = [v for n in nets for v in
+                  ([n[kind]] if kind == "top1" else list(n[kind].values())) if v is not None]
+        if not values or max(values) > 1.0:
+            if values:
+                notes.append(f"{kind} values above 1 were read as percent already.")
+            continue
+        for n in nets:
+            if kind == "top1":
+                n["top1"] = None if n["top1"] is None else 100 * n["top1"]
+            else:
+                n[kind] = {d: 100 * v for d, v in n[kind].items()}
+
+
+def choose_variants(nets, notes):
+    """Per objective, the networks of the main hyperparameter variant (the paper's values when
+    present, else the most common), and every variant for the sweeps."""
+    by_obj = {}
+    for n in nets:
+        by_obj.setdefault(n["objective"], []).append(n)
+    order = [o for o in common.OBJECTIVES if o in by_obj] + sorted(
+        o for o in by_obj if o not in common.OBJECTIVES)
+    groups = {}
+    for obj in order:
+        variants = {}
+        for n in by_obj[obj]:
+            variants.setdefault(variant_of(n["hparams"]), []).append(n)
+        paper = common.OBJECTIVES.get(obj, {})
+
+        def is_paper(v):
+            d = dict(v)
+            return all(d.get(k, fmt_value(x)) == fmt_value(x) for k, x in paper.items())
+        main = sorted(variants, key=lambda v: (not is_paper(v), -len(variants[v]), v))[0]
+        if len(variants) > 1 or not is_paper(main):
+            hp = ", ".join(f"{k}={v}" for k, v in main) or "none"
+            notes.append(f"{display(obj)}: {len(variants)} hyperparameter setting(s); the table, "
+                         f"CKA and class-separation comparison use {hp}"
+                         f"{'' if is_paper(main) else ' (not the paper values)'}.")
+        groups[obj] = variants[main]
+    return groups, by_obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+def values(nets, quantity):
+    out = []
+    for n in nets:
+        v = quantity(n)
+        if v is not None and finite(v):
+            out.append(float(v))
+    return out
+
+
+def mean_se(vals):
+    v = np.asarray(vals, dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return float(v.mean()), se, len(v)
+
+
+def welch_p(a, b):
+    if stats is None or len(a) < 2 or len(b) < 2:
+        return math.nan
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def spearman(x, y):
+    if stats is None or len(x) < 3:
+        return math.nan, math.nan
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        r = stats.spearmanr(x, y)
+    return float(r.statistic if hasattr(r, "statistic") else r[0]), float(r.pvalue)
+
+
+def mean_of(d):
+    return float(np.mean(list(d.values()))) if d else None
+
+
+def verdict(claim, diff, p):
+    """The observed direction against softmax and whether it agrees with the paper's claim."""
+    if not finite(diff):
+        return ""
+    if not finite(p):
+        return "untested"
+    if p >= ALPHA:
+        return "agrees" if claim == "no difference" else "n.s."
+    observed = "higher" if diff > 0 else "lower"
+    return "agrees" if observed == claim else "opposite"
+
+
+def columns(groups):
+    """The table's columns: (key, header, claim, quantity, digits, unit)."""
+    nets = [n for g in groups.values() for n in g]
+    cols = [("top1", "Source top-1", CLAIMS["top1"], lambda n: n["top1"], 2, "%"),
+            ("r2", "Class separation R^2 (pool)", CLAIMS["r2"], lambda n: n["r2"], 3, "")]
+    for kind in ("linear", "finetune"):
+        datasets = sorted({d for n in nets for d in n[kind]})
+        metrics = {}
+        for n in nets:
+            metrics.update(n["sources"].get("metric_" + kind, {}))
+        for d in datasets:
+            per_class = " mean per-class" if metrics.get(d) == "mean_per_class" else ""
+            cols.append((f"{kind}:{d}", f"{KIND_NAMES[kind]} {d}{per_class}", CLAIMS[kind],
+                         lambda n, k=kind, d=d: n[k].get(d), 2, "%"))
+        if len(datasets) > 1:
+            cols.append((f"{kind}:mean", f"{KIND_NAMES[kind]} mean over datasets", CLAIMS[kind],
+                         lambda n, k=kind: mean_of(n[k]), 2, "%"))
+    return [c for c in cols if values(nets, c[3])]
+
+
+def table_cells(groups, cols):
+    """{objective: {column key: dict(mean, se, n, p, diff, verdict, vals)}}."""
+    ref = groups.get("softmax", [])
+    out = {}
+    for obj, nets in groups.items():
+        out[obj] = {}
+        for key, _, claim, q, _, _ in cols:
+            vals, base = values(nets, q), values(ref, q)
+            m, se, n = mean_se(vals)
+            bm = mean_se(base)[0]
+            diff = m - bm if obj != "softmax" and base and vals else math.nan
+            p = welch_p(vals, base) if obj != "softmax" else math.nan
+            out[obj][key] = {"mean": m, "se": se, "n": n, "p": p, "diff": diff,
+                             "verdict": verdict(claim, diff, p) if obj != "softmax" else ""}
+    return out
+
+
+def cell_text(c, digits, with_verdict=True, sep=", "):
+    if c["n"] == 0:
+        return "-"
+    s = f"{c['mean']:.{digits}f}"
+    s += f" ± {c['se']:.{digits}f}" if finite(c["se"]) else f" (n={c['n']})"
+    if finite(c["p"]):
+        s += f"{sep}p={c['p']:.2g}"
+    if with_verdict and c["verdict"] and c["verdict"] != "untested":
+        s += f" ({c['verdict']})"
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+def save(fig, out, name, formats, dpi, written):
+    for ext in formats:
+        path = os.path.join(out, f"{name}.{ext}")
+        try:
+            fig.savefig(path, dpi=dpi)
+        except OSError as e:
+            plt.close(fig)
+            raise common.UserError(f"cannot write {path}: {e.strerror or e}; check --out")
+        written.append(path)
+    plt.close(fig)
+
+
+def legend_right(fig, objectives, colours):
+    handles = [plt.Line2D([], [], color=colours[o], marker=MARKERS[i % len(MARKERS)],
+                          linestyle="", markersize=8, label=display(o))
+               for i, o in enumerate(objectives)]
+    fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
+
+
+def marker_of(obj, order):
+    return MARKERS[order.index(obj) % len(MARKERS)]
+
+
+def scatter_means(ax, groups, xq, yq, colours, order):
+    """Per objective: translucent points per network, the mean with standard-error bars."""
+    drawn = 0
+    for obj, nets in groups.items():
+        pairs = [(xq(n), yq(n)) for n in nets]
+        pairs = [(x, y) for x, y in pairs if finite(x) and finite(y)]
+        if not pairs:
+            continue
+        xs, ys = np.array(pairs, dtype=float).T
+        mx, sx, _ = mean_se(xs)
+        my, sy, _ = mean_se(ys)
+        ax.scatter(xs, ys, color=colours[obj], alpha=0.25, s=18, marker=marker_of(obj, order),
+                   linewidths=0)
+        ax.errorbar(mx, my, xerr=sx if finite(sx) else None, yerr=sy if finite(sy) else None,
+                    color=colours[obj], marker=marker_of(obj, order), markersize=8, capsize=3,
+                    linestyle="")
+        drawn += 1
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def fig_transfer(groups, colours, order, save_fig, notes):
+    kinds = [k for k in ("linear", "finetune")
+             if any(n[k] and n["top1"] is not None for g in groups.values() for n in g)]
+    if not kinds:
+        notes.append("Figure 1 skipped: it needs source top-1 and transfer results of the same "
+                     "networks.")
+        return
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.5, 4.8),
+                             layout="constrained", squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        scatter_means(ax, groups, lambda n: n["top1"], lambda n, k=kind: mean_of(n[k]),
+                      colours, order)
+        ax.set_xlabel("source-task top-1 accuracy (%)")
+        ax.set_ylabel(f"{KIND_NAMES[kind].lower()} accuracy, mean over datasets (%)")
+        ax.set_title(f"{KIND_NAMES[kind]} transfer (paper: {claim_text(CLAIMS[kind])})")
+    legend_right(fig, list(groups), colours)
+    fig.suptitle("Source accuracy against transfer accuracy (mean ± standard error over seeds)")
+    save_fig(fig, "fig1_top1_vs_transfer")
+
+
+def fig_table(groups, cols, cells, save_fig):
+    """The per-objective table as a figure: blue cells above softmax, red below, pale where the
+    difference is not significant; the paper's claim under each column header."""
+    objs = list(groups)
+    fig, ax = plt.subplots(figsize=(1.45 * len(cols) + 2.8, 0.75 * len(objs) + 2.4),
+                           layout="constrained")
+    colour = np.full((len(objs), len(cols)), np.nan)
+    for j, (key, *_rest) in enumerate(cols):
+        diffs = np.array([cells[o][key]["diff"] for o in objs], dtype=float)
+        scale = np.nanmax(np.abs(diffs)) if np.isfinite(diffs).any() else 0
+        if scale > 0:
+            significant = np.array([cells[o][key]["p"] < ALPHA for o in objs])
+            colour[:, j] = diffs / scale * np.where(significant, 1.0, 0.3)
+    ax.imshow(np.ma.masked_invalid(colour), cmap="RdBu", vmin=-1.5, vmax=1.5, aspect="auto")
+    for i, o in enumerate(objs):
+        for j, (key, _, _, _, digits, _) in enumerate(cols):
+            c = cells[o][key]
+            text = cell_text(c, digits, with_verdict=False, sep="\n")
+            if c["verdict"] and c["verdict"] != "untested":
+                text += f"\n{c['verdict']}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([textwrap.fill(f"{h}{' (%)' if unit else ''}", 17) + f"\npaper: {claim}"
+                        for _, h, claim, _, _, unit in cols], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(objs)))
+    ax.set_yticklabels([f"{display(o)} (n={len(groups[o])}" +
+                        (", reference)" if o == "softmax" else ")") for o in objs], fontsize=9)
+    ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(objs) + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="both", length=0)
+    ax.set_xlabel(textwrap.fill(
+        "Mean ± standard error over seeds (n networks); p: Welch t-test against softmax; "
+        f"agrees / opposite / n.s.: the paper's claim checked at p < {ALPHA}. Blue: above "
+        "softmax, red: below, shade scaled per column; pale: not significant.",
+        int(14 * len(cols) + 30)), fontsize=8)
+    save_fig(fig, "fig2_table")
+
+
+def load_cka(found, runs, notes):
+    """The largest readable cka.npz as dict(cka, layers, objectives, seeds, labels, path)."""
+    best = None
+    for path, _ in found["cka"]:
+        rel = os.path.relpath(path, runs)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as e:
+            notes.append(f"`{rel}`: cannot be read ({type(e).__name__}: {str(e)[:80]}); skipped.")
+            continue
+        cka = data.get("cka")
+        if cka is None or cka.ndim != 4 or cka.shape[0] != cka.shape[1] or \
+                cka.shape[2] != cka.shape[3]:
+            notes.append(f"`{rel}`: no array 'cka' of shape (M, M, L, L); skipped.")
+            continue
+        M, L = cka.shape[0], cka.shape[2]
+        labels = [str(x) for x in data.get("labels", [f"network {i}" for i in range(M)])]
+        layers = [str(x) for x in data.get("layers", [f"layer {i + 1}" for i in range(L)])]
+        if len(labels) != M or len(layers) != L:
+            notes.append(f"`{rel}`: labels/layers do not match the cka shape {cka.shape}; skipped.")
+            continue
+        if "objectives" in data and len(data["objectives"]) == M:
+            objs = [str(x) for x in data["objectives"]]
+        else:
+            objs = [objective_from_text(s) for s in labels]
+            notes.append(f"`{rel}`: no 'objectives' array; objectives parsed from the labels.")
+        if "seeds" in data and len(data["seeds"]) == M:
+            seeds = [parse_seed(x) for x in data["seeds"]]
+        else:
+            seeds = [seed_from_text(s) for s in labels]
+            notes.append(f"`{rel}`: no 'seeds' array; seeds parsed from the labels.")
+        paths = [str(x) for x in data["paths"]] if "paths" in data and \
+            len(data["paths"]) == M else [None] * M
+        n_img = data.get("n_images")
+        entry = {"cka": cka.astype(float), "layers": layers, "labels": labels, "objectives": objs,
+                 "seeds": seeds, "paths": paths, "path": rel, "n_images": int(n_img) if n_img is not None and
+                 np.ndim(n_img) == 0 else None}
+        if best is not None:
+            notes.append(f"Several cka.npz files; using the one with the most networks.")
+        if best is None or M > best["cka"].shape[0]:
+            best = entry
+    return best
+
+
+def cka_groups(c, matcher, groups):
+    """Indices of the CKA networks per objective, leaving out networks of other sweep values."""
+    main = {id(n) for g in groups.values() for n in g}
+    idx = {}
+    for i, (obj, seed, label, ck) in enumerate(zip(c["objectives"], c["seeds"], c["labels"],
+                                                   c["paths"])):
+        if obj is None:
+            continue
+        net = matcher.find(obj, seed, label, ck)
+        if net is not None and id(net) not in main:
+            continue
+        idx.setdefault(obj, []).append(i)
+    order = [o for o in groups if o in idx] + sorted(o for o in idx if o not in groups)
+    return {o: idx[o] for o in order}
+
+
+def cka_summary(c, idx):
+    """Per layer: same-objective different-seed baseline and between-objective values."""
+    diag = np.einsum("ijll->ijl", c["cka"])
+    M = diag.shape[0]
+    obj_of = {i: o for o, ii in idx.items() for i in ii}
+    same, between = [], []
+    for i in range(M):
+        for j in range(i + 1, M):
+            if i not in obj_of or j not in obj_of:
+                continue
+            (same if obj_of[i] == obj_of[j] else between).append(diag[i, j])
+    ref = "softmax" if "softmax" in idx else next(iter(idx), None)
+    vs_ref = {}
+    for o, ii in idx.items():
+        if o == ref:
+            continue
+        vals = [diag[i, j] for i in idx[ref] for j in ii]
+        vs_ref[o] = np.nanmean(vals, axis=0)
+    return {"diag": diag, "same": np.array(same), "between": np.array(between), "ref": ref,
+            "vs_ref": vs_ref}
+
+
+def objective_matrix(diag, idx, layer):
+    objs = list(idx)
+    mat = np.full((len(objs), len(objs)), np.nan)
+    for a, oa in enumerate(objs):
+        for b, ob in enumerate(objs):
+            vals = [diag[i, j, layer] for i in idx[oa] for j in idx[ob] if i != j]
+            if vals:
+                mat[a, b] = np.nanmean(vals)
+    return mat
+
+
+def fig_cka(c, idx, s, colours, order, save_fig, notes):
+    layers = c["layers"]
+    x = np.arange(len(layers))
+    if not len(s["same"]) and not s["vs_ref"]:
+        notes.append("Figure 3 skipped: CKA needs at least two networks of known objectives.")
+        return
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.45 * len(layers) + 4.5), 4.8),
+                           layout="constrained")
+    if len(s["same"]):
+        ax.fill_between(x, np.nanmin(s["same"], 0), np.nanmax(s["same"], 0), color="0.75",
+                        alpha=0.6, label="same objective, different seed (range)")
+        ax.plot(x, np.nanmean(s["same"], 0), color="0.35", linestyle="--", linewidth=2,
+                label="same objective, different seed (mean)")
+    else:
+        notes.append("CKA: no two networks of one objective, so no different-seed baseline.")
+    for o, curve in s["vs_ref"].items():
+        ax.plot(x, curve, color=colours[o], marker=marker_of(o, order), markersize=4,
+                label=f"{display(s['ref'])} vs {display(o)}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layer (block outputs, pooled features, logits)")
+    ax.set_ylabel("linear CKA (0 to 1, unitless)")
+    ax.set_title(f"CKA between networks at the same layer ({c['n_images'] or '?'} images)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=8, frameon=False)
+    save_fig(fig, "fig3_cka_by_layer")
+
+    L = len(layers)
+    picks = sorted({max(0, (L - 2) // 2 - 1), max(0, L - 3), max(0, L - 2), L - 1}) \
+        if L >= 4 else list(range(L))
+    objs = list(idx)
+    mats = [objective_matrix(s["diag"], idx, l) for l in picks]
+    vmin = min(float(np.nanmin(m)) for m in mats if np.isfinite(m).any()) \
+        if any(np.isfinite(m).any() for m in mats) else 0.0
+    ncol = 2 if len(picks) > 1 else 1
+    nrow = math.ceil(len(picks) / ncol)
+    side = 0.5 * len(objs) + 2.8
+    fig, axes = plt.subplots(nrow, ncol, figsize=(side * ncol + 1.2, side * nrow),
+                             layout="constrained", squeeze=False)
+    im = None
+    for ax, l, mat in zip(axes.flat, picks, mats):
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=min(vmin, 0.999), vmax=1)
+        ax.set_title(f"layer {layers[l]}")
+        ax.set_xticks(range(len(objs)))
+        ax.set_xticklabels([display(o) for o in objs], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(objs)))
+        ax.set_yticklabels([display(o) for o in objs], fontsize=8)
+        if len(objs) <= 10:
+            for a in range(len(objs)):
+                for b in range(len(objs)):
+                    if np.isfinite(mat[a, b]):
+                        ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
+    for ax in list(axes.flat)[len(picks):]:
+        ax.set_visible(False)
+    fig.colorbar(im, ax=axes, label="linear CKA (mean over seed pairs; diagonal: different seeds)",
+                 shrink=0.8)
+    fig.suptitle("CKA between objectives at a few depths")
+    save_fig(fig, "fig3_cka_matrices")
+
+
+def fig_class_separation(groups, colours, order, save_fig, notes):
+    nets = [n for g in groups.values() for n in g]
+    if not any(n["r2"] is not None for n in nets):
+        notes.append("Figure 4 skipped: no class-separation R^2 (pool layer) found.")
+        return
+    panels = [(q, label) for q, label in (
+        (lambda n: n["top1"], "source-task top-1 accuracy (%)"),
+        (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)"),
+        (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)"))
+        if any(n["r2"] is not None and finite(q(n)) for n in nets)]
+    if not panels:
+        notes.append("Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of the same "
+                     "networks.")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.5, 4.6),
+                             layout="constrained", squeeze=False)
+    for ax, (q, label) in zip(axes[0], panels):
+        scatter_means(ax, groups, lambda n: n["r2"], q, colours, order)
+        pairs = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
+                 for g in groups.values()]
+        pairs = [(a, b) for a, b in pairs if finite(a) and finite(b)]
+        rho = spearman(*zip(*pairs))[0] if len(pairs) >= 3 else math.nan
+        ax.set_xlabel("class separation R^2 of the pooled features (unitless)")
+        ax.set_ylabel(label)
+        ax.set_title(f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
+                     "Spearman ρ: n/a (fewer than 3 objectives)", fontsize=10)
+    legend_right(fig, list(groups), colours)
+    fig.suptitle("Class separation of the penultimate layer (mean ± standard error over seeds)")
+    save_fig(fig, "fig4_class_separation")
+
+
+def find_sweeps(by_obj, groups):
+    """[(objective, hyperparameter, {value: [networks]})] for every hyperparameter that takes
+    several values while the objective's other hyperparameters keep their main values."""
+    sweeps = []
+    for obj, nets in by_obj.items():
+        main = dict(variant_of(groups[obj][0]["hparams"]))
+        keys = sorted({k for n in nets for k in n["hparams"]})
+        for key in keys:
+            points = {}
+            for n in nets:
+                v = dict(variant_of(n["hparams"]))
+                if all(v.get(k) == main.get(k) for k in set(v) | set(main) if k != key) \
+                        and finite(n["hparams"].get(key)):
+                    points.setdefault(n["hparams"][key], []).append(n)
+            if len(points) >= 2:
+                sweeps.append((obj, key, dict(sorted(points.items(), key=lambda kv: kv[0]))))
+    return sweeps
+
+
+SWEEP_QUANTITIES = (("Class separation R^2 (pool)", "R^2 (unitless)", lambda n: n["r2"], 3),
+                    ("Source top-1", "top-1 accuracy (%)", lambda n: n["top1"], 2),
+                    ("Linear probe mean", "accuracy, mean over datasets (%)",
+                     lambda n: mean_of(n["linear"]), 2),
+                    ("Fine-tune mean", "accuracy, mean over datasets (%)",
+                     lambda n: mean_of(n["finetune"]), 2))
+
+
+def fig_sweep(obj, key, points, colours, save_fig):
+    quantities = [q for q in SWEEP_QUANTITIES
+                  if any(values(ns, q[2]) for ns in points.values())]
+    if not quantities:
+        return None
+    xs = [float(v) for v in points]
+    log = all(x > 0 for x in xs) and max(xs) / min(xs) >= 3
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 4.0),
+                             layout="constrained", squeeze=False)
+    paper = common.OBJECTIVES.get(obj, {}).get(key)
+    for ax, (title, ylabel, q, _) in zip(axes[0], quantities):
+        stat = [(x, *mean_se(values(ns, q))[:2]) for x, ns in zip(xs, points.values())]
+        stat = [(x, m, se) for x, m, se in stat if finite(m)]
+        sx, sm, sse = map(np.array, zip(*stat))
+        ax.errorbar(sx, sm, yerr=np.where(np.isfinite(sse), sse, 0), color=colours[obj],
+                    marker="o", capsize=3)
+        if paper is not None and finite(paper):
+            ax.axvline(float(paper), color="0.5", linestyle=":", label="paper value")
+            if ax is axes[0, 0]:
+                ax.legend(fontsize=8, frameon=False)
+        if log:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels([fmt_value(v) for v in points], rotation=45 if len(xs) > 5 else 0)
+        ax.set_xlabel(f"{key} (hyperparameter value)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{display(obj)}: sweep of {key} (mean ± standard error over seeds)")
+    name = f"fig5_sweep_{obj}_{re.sub(r'[^A-Za-z0-9]+', '_', key)}"
+    save_fig(fig, name)
+    return name, quantities
+
+
+# ----------------------------------------------------------------------------------------------
+# report.md
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def report_table(groups, cols, cells):
+    header = ["Objective", "Seeds"] + [f"{h}{' (%)' if unit else ''} [paper: {claim}]"
+                                       for _, h, claim, _, _, unit in cols]
+    rows = []
+    for obj, nets in groups.items():
+        seeds = sorted({str(n["seed"]) for n in nets})
+        rows.append([display(obj), f"{len(nets)} ({', '.join(seeds)})"] +
+                    [cell_text(cells[obj][key], digits) for key, _, _, _, digits, _ in cols])
+    return md_table(header, rows)
+
+
+def report_correlations(groups):
+    nets = [n for g in groups.values() for n in g]
+    lines = []
+    rows = []
+    for label, q, claim in (("source top-1", lambda n: n["top1"], "positive"),
+                            ("linear probe mean", lambda n: mean_of(n["linear"]), "negative"),
+                            ("fine-tune mean", lambda n: mean_of(n["finetune"]), "none")):
+        per_obj = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
+                   for g in groups.values()]
+        per_obj = [(a, b) for a, b in per_obj if finite(a) and finite(b)]
+        per_net = [(n["r2"], q(n)) for n in nets if finite(n["r2"]) and finite(q(n))]
+        if not per_obj:
+            continue
+        ro, po = spearman(*zip(*per_obj))
+        rn, pn = spearman(*zip(*per_net)) if per_net else (math.nan, math.nan)
+        f = lambda r, p: f"{r:.2f} (p={p:.2g})" if finite(r) else "n/a"
+        rows.append([f"R^2 vs {label}", f"{f(ro, po)}, n={len(per_obj)}",
+                     f"{f(rn, pn)}, n={len(per_net)}", claim])
+    if rows:
+        lines += md_table(["Pair", "Spearman ρ over objective means", "Spearman ρ over networks",
+                           "paper's direction"], rows)
+        if stats is None:
+            lines.append("\nscipy is not installed: rank correlations are not computed.")
+        lines.append("\nρ needs at least 3 points; n/a otherwise.")
+    else:
+        lines.append("Not computed: no network has both R^2 and an accuracy.")
+    return lines
+
+
+def report_cka(c, idx, s):
+    layers = c["layers"]
+    between = s["between"]
+    same = s["same"]
+    lines = [f"From `{c['path']}`: {c['cka'].shape[0]} networks, {len(layers)} layers, "
+             f"{c['n_images'] or 'unknown number of'} images. The paper's claim: CKA between "
+             f"objectives matches the different-seed baseline except in the last few layers.", ""]
+    rows = []
+    for l, name in enumerate(layers):
+        b = f"{np.nanmean(between[:, l]):.3f} [{np.nanmin(between[:, l]):.3f}, " \
+            f"{np.nanmax(between[:, l]):.3f}]" if len(between) else "-"
+        w = f"{np.nanmean(same[:, l]):.3f} [{np.nanmin(same[:, l]):.3f}, " \
+            f"{np.nanmax(same[:, l]):.3f}]" if len(same) else "-"
+        below = "-"
+        if len(between) and len(same):   # below by more than the 3 decimals shown
+            below = "yes" if np.nanmean(between[:, l]) < np.nanmin(same[:, l]) - 1e-3 else "no"
+        rows.append([name, b, w, below])
+    lines += md_table(["Layer", "between objectives: mean [min, max]",
+                       "same objective, other seed: mean [min, max]",
+                       "between-objective mean below the baseline's range"], rows)
+    return lines
+
+
+def report_class_separation(groups):
+    rows = []
+    for obj, nets in groups.items():
+        if not any(n["r2"] is not None for n in nets):
+            continue
+        cells = []
+        for key, digits in (("r2", 3), ("sparsity", 3), ("dim", 1)):
+            m, se, n = mean_se(values(nets, lambda x, k=key: x[k]))
+            cells.append("-" if n == 0 else f"{m:.{digits}f}" +
+                         (f" ± {se:.{digits}f}" if finite(se) else ""))
+        rows.append([display(obj)] + cells)
+    return md_table(["Objective", "R^2 (pool)", "sparsity (fraction of zeros)",
+                     "participation-ratio dimensionality"], rows) if rows else []
+
+
+def report_sweep(obj, key, points, quantities):
+    header = [key, "networks"] + [t for t, *_ in quantities]
+    rows = []
+    for v, ns in points.items():
+        row = [fmt_value(v), str(len(ns))]
+        for _, _, q, digits in quantities:
+            m, se, n = mean_se(values(ns, q))
+            row.append("-" if n == 0 else f"{m:.{digits}f}" + (f" ± {se:.{digits}f}"
+                                                                if finite(se) else ""))
+        rows.append(row)
+    return [f"### {display(obj)}: {key}", ""] + md_table(header, rows) + [""]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def load_networks(runs, notes):
+    """Every result under `runs`, gathered per network: (found, networks, matcher, scratch)."""
+    found = discover(runs, notes)
+    if not any(found.values()):
+        raise common.UserError(f"no results under {runs}: expected results.json (training, linear "
+                               f"probe, fine-tune), cka.npz or class_separation.json")
+    nets = training_networks(found, runs, notes)
+    matcher, scratch = Matcher(nets, runs), {}
+    attach_transfer(found, matcher, runs, notes, scratch)
+    attach_class_separation(found, matcher, runs, notes)
+    nets += list(matcher.orphans.values())
+    if matcher.orphans:
+        labels = sorted(str(n["label"] or n["objective"]) for n in matcher.orphans.values())
+        notes.append(f"{len(labels)} network(s) known only from transfer or class-separation "
+                     f"results (no matching training results.json): {', '.join(labels)}.")
+    to_percent(nets, notes)
+    for field in ("arch", "dataset", "epochs"):
+        seen = {str(n["info"][field]) for n in nets if field in n["info"]}
+        if len(seen) > 1:
+            notes.append(f"Training runs differ in {field} ({', '.join(sorted(seen))}); they are "
+                         f"grouped by objective only.")
+    return found, nets, matcher, scratch
+
+
+def assign_colours(nets):
+    """One colour per objective, the same in every figure: fixed for the nine, then spares."""
+    order = list(common.OBJECTIVES) + sorted({n["objective"] for n in nets} - set(common.OBJECTIVES))
+    spare = list(TAB10[7:9]) + list(plt.get_cmap("tab20").colors)
+    colours = {}
+    for o in order:
+        colours[o] = FIXED_COLOURS.get(o) or (spare.pop(0) if spare else "grey")
+    return colours, order
+
+
+def embed(written, name, alt):
+    return [f"![{alt}]({name}.png)", ""] if any(
+        os.path.basename(p) == f"{name}.png" for p in written) else []
+
+
+def section_results(groups, scratch, colours, order, save_fig, written, notes):
+    cols = columns(groups) if groups else []
+    if not cols:
+        notes.append("Figures 1 and 2 skipped: no accuracy of any network was found.")
+        return []
+    cells = table_cells(groups, cols)
+    fig_transfer(groups, colours, order, save_fig, notes)
+    fig_table(groups, cols, cells, save_fig)
+    lines = ["## Per-objective results (figures 1 and 2)", "",
+             "Mean ± standard error over seeds; accuracies in %. p: Welch t-test against softmax "
+             f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, opposite, "
+             "or n.s. (not significant). Each column header gives the paper's claim for every "
+             "non-softmax objective against softmax (SPEC.md).", ""]
+    lines += report_table(groups, cols, cells) + [""]
+    lines += embed(written, "fig1_top1_vs_transfer", "source top-1 against transfer")
+    lines += embed(written, "fig2_table", "table")
+    if scratch:
+        lines += ["Trained from scratch (no pretraining), as written by the script:", ""]
+        for (kind, d), v in sorted(scratch.items()):
+            m, se, n = mean_se(v)
+            lines.append(f"- {KIND_NAMES[kind]} {d}: {m:.4g}" +
+                         (f" ± {se:.2g}" if finite(se) else "") + f" (n={n})")
+        lines.append("")
+    return lines
+
+
+def section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes):
+    c = load_cka(found, runs, notes)
+    if c is None:
+        notes.append("CKA (figure 3) skipped: no readable cka.npz.")
+        return []
+    idx = cka_groups(c, matcher, groups)
+    s = cka_summary(c, idx)
+    fig_cka(c, idx, s, colours, order, save_fig, notes)
+    return (["## CKA (figure 3)", ""] + report_cka(c, idx, s) + [""] +
+            embed(written, "fig3_cka_by_layer", "CKA by layer") +
+            embed(written, "fig3_cka_matrices", "CKA matrices"))
+
+
+def section_class_separation(groups, colours, order, save_fig, written, notes):
+    table = report_class_separation(groups)
+    if not table:
+        notes.append("Class separation (figure 4) skipped: no class_separation.json with a pool "
+                     "layer R^2.")
+        return []
+    fig_class_separation(groups, colours, order, save_fig, notes)
+    return (["## Class separation of the penultimate layer (figure 4)", ""] + table +
+            ["", "Rank correlations:", ""] + report_correlations(groups) + [""] +
+            embed(written, "fig4_class_separation", "class separation"))
+
+
+def section_sweeps(by_obj, groups, colours, save_fig, notes):
+    sweeps = find_sweeps(by_obj, groups) if groups else []
+    if not sweeps:
+        notes.append("Hyperparameter sweeps (figure 5) skipped: no objective was trained with "
+                     "several values of one hyperparameter.")
+        return []
+    lines = ["## Hyperparameter sweeps (figure 5)", ""]
+    for obj, key, points in sweeps:
+        made = fig_sweep(obj, key, points, colours, save_fig)
+        if made:
+            name, quantities = made
+            lines += report_sweep(obj, key, points, quantities)
+            lines += [f"![{display(obj)} {key} sweep]({name}.png)", ""]
+    return lines
+
+
+def main():
+    args = parse_args()
+    runs = args.runs
+    if not os.path.isdir(runs):
+        raise common.UserError(f"--runs folder not found: {runs}")
+    out = args.out or runs
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
+        raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "
+                               f"comma-separated")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"cannot create --out folder {out}: {e.strerror or e}")
+
+    notes, written = [], []
+    found, nets, matcher, scratch = load_networks(runs, notes)
+    groups, by_obj = choose_variants(nets, notes) if nets else ({}, {})
+    if groups and "softmax" not in groups:
+        notes.append("No softmax networks: no p-values or comparison against softmax.")
+    if stats is None:
+        notes.append("scipy is not installed: no p-values and no rank correlations.")
+    colours, order = assign_colours(nets)
+
+    def save_fig(fig, name):
+        save(fig, out, name, formats, args.dpi, written)
+
+    sections = section_results(groups, scratch, colours, order, save_fig, written, notes)
+    sections += section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes)
+    sections += section_class_separation(groups, colours, order, save_fig, written, notes)
+    sections += section_sweeps(by_obj, groups, colours, save_fig, notes)
+
+    counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
+        ("train", "training results.json"), ("linear", "linear-probe results.json"),
+        ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
+        ("cs", "class_separation.json")))
+    figures = sorted({os.path.basename(p) for p in written if p.endswith(".png")})
+    lines = ["# Report: why do better loss functions lead to less transferable features?", "",
+             f"Read from `{runs}`: {counts}; {len(nets)} network(s) of {len(groups)} "
+             f"objective(s).", "",
+             "The paper's claims (Kornblith et al. 2021, SPEC.md): non-softmax objectives have "
+             "higher source top-1 and higher class separation R^2 than softmax; higher R^2 goes "
+             "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
+             "objectives matches the different-seed baseline except in the last few layers.", "",
+             "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
+    lines += sections + ["## Notes: what was missing or skipped", ""]
+    lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
+    text = "\n".join(lines) + "\n"
+    report = os.path.join(out, "report.md")
+    try:
+        common.atomic_write(report, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise common.UserError(f"cannot write {report}: {e.strerror or e}")
+    print(f"wrote {report} and {len(figures)} figure(s) ({', '.join(formats)}) to {out}; "
+          f"{len(notes)} note(s) in the report")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,264 @@
+"""make_figures.py on synthetic runs folders written in the formats of the other scripts' issues."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import common
+import make_figures
+
+OBJECTIVES = list(common.OBJECTIVES)
+PROBE_SETS = ["digits@5-9", "flowers102"]       # the second one scored by mean per-class accuracy
+FT_SETS = ["digits@5-9"]
+LAYERS = [f"block{i}" for i in range(1, 9)] + ["pool", "logits"]
+
+
+def fake_numbers(objective, seed, tau=None):
+    """Values with the paper's trends: other objectives beat softmax on top-1 and R^2 and lose on
+    linear transfer; fine-tuning equal. Seed noise is small but non-zero."""
+    better = 0.0 if objective == "softmax" else 1.0 + 0.1 * OBJECTIVES.index(objective)
+    if tau is not None:
+        better += 5 * (0.04 - tau)
+    noise = 0.002 * ((seed * 7 + OBJECTIVES.index(objective)) % 5 - 2)
+    return {"top1": 0.90 + 0.02 * better + noise, "r2": 0.30 + 0.10 * better + noise,
+            "linear": 0.85 - 0.03 * better + noise, "finetune": 0.95 + noise}
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=True,
+              probe=True, finetune=True):
+    """A runs folder like the demo writes: train/<label>/, probe/<label>/<dataset>/,
+    finetune/<label>/<dataset>/, cka/cka.npz, separation/class_separation.json.
+    `sweep`: extra logit_normalization tau values. Returns the list of networks written."""
+    nets = [(o, s, None) for o in objectives for s in seeds]
+    nets += [("logit_normalization", s, tau) for tau in sweep for s in seeds]
+    written = []
+    for obj, seed, tau in nets:
+        hp = dict(common.OBJECTIVES[obj])
+        label = f"{obj}_s{seed}"
+        if tau is not None:
+            hp["tau"] = tau
+            label = f"{obj}_tau{tau}_s{seed}"
+        num = fake_numbers(obj, seed, tau)
+        run = os.path.join(root, "train", label)
+        write_json(os.path.join(run, "results.json"), {
+            "objective": obj, "hparams": hp, "epochs": 3, "top1": num["top1"],
+            "top5": 0.99, "top1_raw": num["top1"] - 0.01, "top5_raw": 0.99,
+            "train_seconds": 12.0, "images_per_second": 500.0, "seed": seed,
+            "arch": "resnet18", "dataset": "digits@0-4", "val_top1": num["top1"]})
+        ckpt = os.path.join(run, "final.pt")
+        for ds in PROBE_SETS if probe else []:
+            metric = "mean_per_class" if ds == "flowers102" else "top1"
+            write_json(os.path.join(root, "probe", label, ds, "results.json"), {
+                "metric": metric, "test_accuracy": num["linear"] - (0.1 if metric != "top1" else 0),
+                "best_lambda": 1e-3, "val_curve": {"0.001": 0.8}, "n_train": 800, "n_val": 90,
+                "n_test": 300, "dim": 512, "num_classes": 5, "seconds": 1.0,
+                "checkpoint": ckpt, "objective": obj, "seed": seed, "dataset": ds})
+        for ds in FT_SETS if finetune else []:
+            write_json(os.path.join(root, "finetune", label, ds, "results.json"), {
+                "metric": "top1", "test_accuracy": num["finetune"], "best_lr": 0.01,
+                "best_wd": 1e-4, "grid": {"lr=0.01,wd=0.0001": 0.94}, "seconds": 3.0,
+                "checkpoint": ckpt, "objective": obj, "seed": seed, "dataset": ds})
+        written.append({"objective": obj, "seed": seed, "tau": tau, "label": label, **num})
+    main = [n for n in written if n["tau"] is None]
+    if cs:   # class_separation.py: a list of records, per-layer values under "layers"
+        records = [{"label": n["label"], "objective": n["objective"], "seed": n["seed"],
+                    "arch": "resnet18", "path": os.path.join(root, "train", n["label"], "final.pt"),
+                    "dataset": "digits@0-4", "split": "train", "n_images": 900,
+                    "layers": {"block8": {"r2": 0.1, "sparsity": 0.5, "dim": 30.0},
+                               "pool": {"r2": n["r2"], "sparsity": 0.4, "dim": 12.0}}}
+                   for n in written]
+        write_json(os.path.join(root, "separation", "class_separation.json"), records)
+    if cka:  # cka_analysis.py: lower CKA between objectives in the last layers
+        M, L = len(main), len(LAYERS)
+        depth = np.linspace(0, 1, L)
+        cka_arr = np.ones((M, M, L, L))
+        for i, a in enumerate(main):
+            for j, b in enumerate(main):
+                if i != j:
+                    k = OBJECTIVES.index(a["objective"]) + OBJECTIVES.index(b["objective"])
+                    drop = 0.05 + (0.3 + 0.02 * k if a["objective"] != b["objective"] else 0.0) \
+                        * depth ** 4
+                    cka_arr[i, j, range(L), range(L)] = 1 - drop
+        np.savez(_mk(root, "cka", "cka.npz"), cka=cka_arr, layers=np.array(LAYERS),
+                 labels=np.array([n["label"] for n in main]),
+                 objectives=np.array([n["objective"] for n in main]),
+                 seeds=np.array([n["seed"] for n in main]), n_images=np.int64(300),
+                 paths=np.array([os.path.join(root, "train", n["label"], "final.pt")
+                                 for n in main]))
+    return written
+
+
+def _mk(root, folder, name):
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    return os.path.join(root, folder, name)
+
+
+def run_figures(monkeypatch, runs, out, *extra):
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", "--runs", str(runs), "--out", str(out),
+                                      *extra])
+    make_figures.main()
+    with open(os.path.join(out, "report.md")) as f:
+        return f.read()
+
+
+def table_rows(report):
+    """{objective display name: row cells} of the per-objective table."""
+    section = report.split("## Per-objective results")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("Objective",):
+            rows[cells[0]] = cells
+    header = next(l for l in section.splitlines() if l.startswith("| Objective"))
+    return [c.strip() for c in header.strip().strip("|").split("|")], rows
+
+
+def test_full_study(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    nets = make_runs(str(runs), sweep=(0.02, 0.08))
+    report = run_figures(monkeypatch, runs, out)
+
+    expected = ["fig1_top1_vs_transfer", "fig2_table", "fig3_cka_by_layer", "fig3_cka_matrices",
+                "fig4_class_separation", "fig5_sweep_logit_normalization_tau"]
+    for name in expected:
+        for ext in ("png", "pdf"):
+            path = out / f"{name}.{ext}"
+            assert path.exists() and path.stat().st_size > 1000, path
+    assert len(list(out.glob("fig5_*.png"))) == 1   # only tau of logit_normalization is swept
+
+    header, rows = table_rows(report)
+    assert set(rows) == {make_figures.display(o) for o in OBJECTIVES}
+    assert "Linear probe flowers102 mean per-class (%) [paper: lower]" in header
+    assert "Source top-1 (%) [paper: higher]" in header
+    assert "Fine-tune digits@5-9 (%) [paper: no difference]" in header
+    assert "Linear probe mean over datasets (%) [paper: lower]" in header
+
+    # the main table holds the paper's tau only: two seeds per objective, not six
+    for cells in rows.values():
+        assert cells[1].startswith("2 (0, 1)")
+
+    # numbers: mean +- standard error over seeds and Welch's p against softmax
+    from scipy import stats
+    col = header.index("Source top-1 (%) [paper: higher]")
+    top1 = {o: [100 * n["top1"] for n in nets if n["objective"] == o and n["tau"] is None]
+            for o in OBJECTIVES}
+    soft = rows["Softmax"][col]
+    assert soft.startswith(f"{np.mean(top1['softmax']):.2f} ± "
+                           f"{np.std(top1['softmax'], ddof=1) / np.sqrt(2):.2f}")
+    p = stats.ttest_ind(top1["sigmoid"], top1["softmax"], equal_var=False).pvalue
+    assert f"p={p:.2g}" in rows["Sigmoid"][col]
+    assert "(agrees)" in rows["Sigmoid"][col]
+    lin = rows["Sigmoid"][header.index("Linear probe mean over datasets (%) [paper: lower]")]
+    assert "(agrees)" in lin
+
+    assert "Spearman" in report and "R^2 vs source top-1" in report
+    corr = next(l for l in report.splitlines() if l.startswith("| R^2 vs source top-1"))
+    means = [(np.mean([n["r2"] for n in nets if n["objective"] == o and n["tau"] is None]),
+              np.mean(top1[o])) for o in OBJECTIVES]
+    rho = stats.spearmanr(*zip(*means)).statistic
+    assert rho > 0.5 and f"| {rho:.2f} (p=" in corr
+    assert "## CKA (figure 3)" in report
+    pool = next(l for l in report.splitlines() if l.startswith("| pool |"))
+    logits = next(l for l in report.splitlines() if l.startswith("| logits |"))
+    assert pool.endswith("| yes |") and logits.endswith("| yes |")
+    assert next(l for l in report.splitlines() if l.startswith("| block1 |")).endswith("| no |")
+    sweep = report.split("### Logit normalization: tau")[1]
+    for tau in ("0.02", "0.04", "0.08"):
+        assert f"\n| {tau} | 2 |" in sweep
+    notes = [l for l in report.split("## Notes")[1].splitlines() if l.startswith("- ")]
+    assert len(notes) == 1 and "3 hyperparameter setting(s)" in notes[0] and "tau=0.04" in notes[0]
+
+
+def test_one_objective_one_seed_no_cka(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    make_runs(str(runs), objectives=["softmax"], seeds=(0,), cka=False, cs=False, finetune=False)
+    report = run_figures(monkeypatch, runs, out)
+    assert (out / "fig1_top1_vs_transfer.png").exists() and (out / "fig2_table.png").exists()
+    assert (out / "fig2_table.pdf").exists()
+    assert not list(out.glob("fig3_*")) and not list(out.glob("fig4_*"))
+    assert not list(out.glob("fig5_*"))
+    _, rows = table_rows(report)
+    assert list(rows) == ["Softmax"]
+    assert "(n=1)" in rows["Softmax"][2]
+    notes = report.split("## Notes")[1]
+    assert "CKA (figure 3) skipped" in notes
+    assert "Class separation (figure 4) skipped" in notes
+    assert "sweeps (figure 5) skipped" in notes
+
+
+def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0, 1), cka=False,
+              finetune=False)
+    (runs / "train" / "broken").mkdir()
+    (runs / "train" / "broken" / "results.json").write_text("{not json")
+    (runs / "cka").mkdir()
+    (runs / "cka" / "cka.npz").write_bytes(b"truncated")
+    # a probe result without objective/seed: found through its checkpoint path
+    res = runs / "probe" / "sigmoid_s1" / "digits@5-9" / "results.json"
+    data = json.loads(res.read_text())
+    del data["objective"], data["seed"]
+    res.write_text(json.dumps(data))
+    # a training result without top1 value and without seed (seed comes from the folder name)
+    tr = runs / "train" / "softmax_s1" / "results.json"
+    data = json.loads(tr.read_text())
+    data["top1"] = float("nan")
+    del data["seed"]
+    tr.write_text(json.dumps(data))
+    report = run_figures(monkeypatch, runs, out)
+    notes = report.split("## Notes")[1]
+    assert "`train/broken/results.json`: cannot be read as JSON" in notes
+    assert "`cka/cka.npz`: cannot be read" in notes
+    assert "top1 is missing or not a finite number" in notes
+    header, rows = table_rows(report)
+    assert rows["Softmax"][1].startswith("2 (0, 1)")      # seed 1 parsed from softmax_s1
+    top1 = rows["Softmax"][header.index("Source top-1 (%) [paper: higher]")]
+    assert "(n=1)" in top1
+    probe = rows["Sigmoid"][header.index("Linear probe digits@5-9 (%) [paper: lower]")]
+    assert "±" in probe                                   # both seeds, one matched by path
+    assert (out / "fig4_class_separation.png").exists()
+
+
+@pytest.mark.parametrize("layout", ["list", "by_label", "flat_rows"])
+def test_class_separation_layouts(layout):
+    e = {"label": "softmax_s0", "objective": "softmax", "seed": 0, "dataset": "digits"}
+    if layout == "list":
+        data = [dict(e, r2={"block8": 0.1, "pool": 0.4}, sparsity={"pool": 0.5},
+                     dim={"pool": 9.0})]
+    elif layout == "by_label":
+        data = {"softmax_s0": dict(e, layers=[{"layer": "pool", "r2": 0.4, "sparsity": 0.5,
+                                               "dim": 9.0}])}
+    else:
+        data = {"results": [dict(e, layer="block8", r2=0.1, sparsity=0.2, dim=3.0),
+                            dict(e, layer="pool", r2=0.4, sparsity=0.5, dim=9.0)]}
+    entries = make_figures.cs_entries(data)
+    pool = [x for x in entries if make_figures.layer_value(x, ("r2",)) is not None]
+    assert len(pool) == 1
+    assert make_figures.layer_value(pool[0], ("r2",)) == 0.4
+    assert make_figures.layer_value(pool[0], ("dim",)) == 9.0
+
+
+def test_seed_and_label_parsing():
+    assert make_figures.seed_from_text("softmax_s3") == 3
+    assert make_figures.seed_from_text("cosine_softmax-seed12") == 12
+    assert make_figures.seed_from_text("sigmoid") is None
+    assert make_figures.objective_from_text("cosine_softmax_s0") == "cosine_softmax"
+    assert make_figures.checkpoint_label("/a/runs/dropout_s2/final.pt") == "dropout_s2"
+
+
+def test_bad_input_is_one_line_error(tmp_path, monkeypatch, capsys):
+    for runs in (tmp_path / "absent", tmp_path):
+        monkeypatch.setattr(sys, "argv", ["make_figures.py", "--runs", str(runs)])
+        with pytest.raises(SystemExit) as e:
+            common.run_main(make_figures.main)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
