@@ -215,8 +215,9 @@ def training_networks(found, runs, notes):
 
 class Matcher:
     """Links a probe / fine-tune / class-separation / CKA record to its trained network: by the
-    checkpoint's folder, then by its label, then by (objective, seed); unmatched records become
-    networks of their own, keyed by objective and seed."""
+    checkpoint's folder (as written, or the longest unique match of its trailing folders, for
+    runs that were moved), then by its label, then by (objective, seed); unmatched records
+    become networks of their own, keyed by objective and seed."""
 
     def __init__(self, nets, runs):
         self.nets, self.runs = nets, runs
@@ -230,6 +231,14 @@ class Matcher:
                 n = self.by_dir.get(os.path.realpath(os.path.join(base, d)))
                 if n is not None:
                     return n
+            parts = [x for x in d.replace("\\", "/").split("/") if x not in ("", ".")]
+            for k in range(len(parts), 1, -1):
+                tail = os.sep + os.path.join(*parts[-k:])
+                cands = [n for path, n in self.by_dir.items() if path.endswith(tail)]
+                if len(cands) == 1:
+                    return cands[0]
+                if cands:
+                    break
             label = label or checkpoint_label(checkpoint)
         cands = [n for n in self.nets if label and n["label"] == label]
         if objective is not None:
@@ -899,7 +908,9 @@ def report_table(groups, cols, cells):
                                        for _, h, claim, _, _, unit in cols]
     rows = []
     for obj, nets in groups.items():
-        seeds = sorted({str(n["seed"]) for n in nets})
+        seeds = sorted({n["seed"] for n in nets}, key=lambda v: (not isinstance(v, int),
+                                                                  str(v).zfill(12)))
+        seeds = [str(v) for v in seeds]
         rows.append([display(obj), f"{len(nets)} ({', '.join(seeds)})"] +
                     [cell_text(cells[obj][key], digits) for key, _, _, _, digits, _ in cols])
     return md_table(header, rows)
@@ -928,7 +939,7 @@ def report_correlations(groups):
                            "paper's direction"], rows)
         if stats is None:
             lines.append("\nscipy is not installed: rank correlations are not computed.")
-        lines.append("\nρ needs at least 3 points; n/a otherwise.")
+        lines.append("\nn/a: fewer than 3 points, or one side constant.")
     else:
         lines.append("Not computed: no network has both R^2 and an accuracy.")
     return lines
@@ -1058,9 +1069,12 @@ def section_cka(found, runs, matcher, groups, colours, order, save_fig, written,
         notes.append("CKA (figure 3) skipped: no readable cka.npz.")
         return []
     idx = cka_groups(c, matcher, groups)
-    s = cka_summary(c, idx)
-    fig_cka(c, idx, s, colours, order, save_fig, notes)
-    return (["## CKA (figure 3)", ""] + report_cka(c, idx, s) + [""] +
+    with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s = cka_summary(c, idx)
+        fig_cka(c, idx, s, colours, order, save_fig, notes)
+        table = report_cka(c, idx, s)
+    return (["## CKA (figure 3)", ""] + table + [""] +
             embed(written, "fig3_cka_by_layer", "CKA by layer") +
             embed(written, "fig3_cka_matrices", "CKA matrices"))
 
@@ -1099,6 +1113,8 @@ def main():
     if not os.path.isdir(runs):
         raise common.UserError(f"--runs folder not found: {runs}")
     out = args.out or runs
+    if not 20 <= args.dpi <= 1200:
+        raise common.UserError(f"--dpi {args.dpi} is out of range; use 20-1200 (default 150)")
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
         raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "

@@ -262,3 +262,25 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
+
+
+def test_sweep_runs_in_nested_folders_matched_by_trailing_path(tmp_path, monkeypatch):
+    """Two sweep values whose run folders share a name; the probe ran elsewhere (relative
+    checkpoint paths that no longer resolve) and its results still land on the right run."""
+    runs = tmp_path / "runs"
+    for tau, acc in ((0.02, 0.70), (0.04, 0.80)):
+        for seed in (0, 1):
+            run = runs / f"tau{tau}" / f"logit_normalization_s{seed}"
+            write_json(str(run / "results.json"), {
+                "objective": "logit_normalization", "hparams": {"tau": tau}, "epochs": 1,
+                "top1": 0.9, "top5": 1.0, "seed": seed})
+            write_json(str(runs / "probe" / f"{tau}_{seed}" / "results.json"), {
+                "metric": "top1", "test_accuracy": acc + 0.01 * seed, "best_lambda": 0.1,
+                "dataset": "digits@5-9", "objective": "logit_normalization", "seed": seed,
+                "checkpoint": f"old/place/tau{tau}/logit_normalization_s{seed}/final.pt"})
+    report = run_figures(monkeypatch, runs, tmp_path / "out")
+    sweep = report.split("### Logit normalization: tau")[1]
+    assert "| 0.02 | 2 | 90.00 ± 0.00 | 70.50 ± 0.50 |" in sweep
+    assert "| 0.04 | 2 | 90.00 ± 0.00 | 80.50 ± 0.50 |" in sweep
+    assert "known only from transfer" not in report
+    assert (tmp_path / "out" / "fig5_sweep_logit_normalization_tau.png").exists()
