@@ -2,7 +2,8 @@
 
 Reads, recursively under --runs and recognised by content (not by folder names):
   training results.json      (objective, hparams, top1, ...; one per trained network)
-  linear-probe results.json  (best_lambda, test_accuracy, metric, checkpoint, objective, seed, dataset)
+  linear-probe results.json  (best_lambda, test_accuracy, metric, checkpoint, objective, seed,
+                              dataset)
   fine-tune results.json     (best_lr, best_wd, grid, test_accuracy, metric, checkpoint, ...)
   cka.npz                    (cka (M, M, L, L), layers, labels, objectives, seeds, n_images)
   class_separation.json      (per checkpoint: objective, seed, per-layer r2, sparsity, dim)
@@ -55,6 +56,13 @@ MARKERS = "osD^v<>pPX*h"
 # SPEC.md's claims, as the direction of each non-softmax objective against softmax.
 CLAIMS = {"top1": "higher", "r2": "higher", "linear": "lower", "finetune": "no difference"}
 KIND_NAMES = {"linear": "Linear probe", "finetune": "Fine-tune"}
+
+
+def claim_words(claim, unit):
+    """The paper's claim as the issue words it: better / worse / no difference (vs softmax)."""
+    if unit == "%" and claim in ("higher", "lower"):
+        return {"higher": "better (higher)", "lower": "worse (lower)"}[claim]
+    return claim
 
 
 def claim_text(claim):
@@ -124,7 +132,7 @@ def classify(obj):
 
 
 def discover(runs, notes):
-    """Walk `runs` and return {'train', 'linear', 'finetune', 'cka', 'cs'}: lists of (path, data)."""
+    """Walk `runs`; return {'train', 'linear', 'finetune', 'cka', 'cs'}: lists of (path, data)."""
     found = {"train": [], "linear": [], "finetune": [], "cka": [], "cs": []}
     for root, dirs, files in os.walk(runs):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -144,8 +152,10 @@ def discover(runs, notes):
                     continue
                 kind = classify(data)
                 if kind is None:
-                    notes.append(f"`{rel}`: a results.json of no known kind (keys: "
-                                 f"{', '.join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__}); skipped.")
+                    keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else \
+                        type(data).__name__
+                    notes.append(f"`{rel}`: a results.json of no known kind (keys: {keys}); "
+                                 f"skipped.")
                 else:
                     found[kind].append((path, data))
             elif name == "cka.npz":
@@ -257,9 +267,16 @@ class Matcher:
         n = self.find(objective, seed, label, checkpoint, near)
         if n is not None or objective is None:
             return n
-        key = (objective, seed if seed is not None else label)
+        # Checkpoint labels are the same in every script's output, so they key the orphans;
+        # records without one join an orphan of the same objective and seed when it is unique.
+        key = label or (objective, seed)
+        if key not in self.orphans and not label:
+            same = [k for k, n in self.orphans.items()
+                    if n["objective"] == objective and n["seed"] == seed and seed is not None]
+            key = same[0] if len(same) == 1 else key
         if key not in self.orphans:
-            hp = hparams if isinstance(hparams, dict) else dict(common.OBJECTIVES.get(objective, {}))
+            hp = hparams if isinstance(hparams, dict) else \
+                dict(common.OBJECTIVES.get(objective, {}))
             self.orphans[key] = make_network(objective, seed, label, hp)
         return self.orphans[key]
 
@@ -300,9 +317,10 @@ def attach_transfer(found, matcher, runs, notes, scratch):
             key = (id(net), dataset)
             if key in seen:
                 older, newer = sorted([seen[key], path], key=os.path.getmtime)
-                notes.append(f"`{os.path.relpath(older, runs)}` and `{os.path.relpath(newer, runs)}`"
-                             f": two {KIND_NAMES[kind].lower()} results for one network and "
-                             f"dataset; the newer is used.")
+                notes.append(f"`{os.path.relpath(older, runs)}` and "
+                             f"`{os.path.relpath(newer, runs)}`: two "
+                             f"{KIND_NAMES[kind].lower()} results for one network and dataset; "
+                             f"the newer is used.")
                 if newer != path:
                     continue
             seen[key] = path
@@ -486,8 +504,9 @@ def verdict(claim, diff, p):
         return "untested"
     if p >= ALPHA:
         return "agrees" if claim == "no difference" else "n.s."
-    observed = "higher" if diff > 0 else "lower"
-    return "agrees" if observed == claim else "opposite"
+    if claim == "no difference":
+        return "differs"
+    return "agrees" if claim == ("higher" if diff > 0 else "lower") else "opposite"
 
 
 def columns(groups):
@@ -628,7 +647,8 @@ def fig_table(groups, cols, cells, save_fig):
                 text += f"\n{c['verdict']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([textwrap.fill(f"{h}{' (%)' if unit else ''}", 17) + f"\npaper: {claim}"
+    ax.set_xticklabels([textwrap.fill(f"{h}{' (%)' if unit else ''}", 17) +
+                        f"\npaper: {claim_words(claim, unit)}"
                         for _, h, claim, _, _, unit in cols], fontsize=8)
     ax.xaxis.tick_top()
     ax.set_yticks(range(len(objs)))
@@ -640,8 +660,8 @@ def fig_table(groups, cols, cells, save_fig):
     ax.tick_params(which="both", length=0)
     ax.set_xlabel(textwrap.fill(
         "Mean ± standard error over seeds (n networks); p: Welch t-test against softmax; "
-        f"agrees / opposite / n.s.: the paper's claim checked at p < {ALPHA}. Blue: above "
-        "softmax, red: below, shade scaled per column; pale: not significant.",
+        f"agrees / opposite / differs / n.s.: the paper's claim checked at p < {ALPHA}. "
+        "Blue: above softmax, red: below, shade scaled per column; pale: not significant.",
         int(14 * len(cols) + 30)), fontsize=8)
     save_fig(fig, "fig2_table")
 
@@ -681,9 +701,9 @@ def load_cka(found, runs, notes):
         paths = [str(x) for x in data["paths"]] if "paths" in data and \
             len(data["paths"]) == M else [None] * M
         n_img = data.get("n_images")
+        n_img = int(n_img) if n_img is not None and np.ndim(n_img) == 0 else None
         entry = {"cka": cka.astype(float), "layers": layers, "labels": labels, "objectives": objs,
-                 "seeds": seeds, "paths": paths, "path": rel, "n_images": int(n_img) if n_img is not None and
-                 np.ndim(n_img) == 0 else None}
+                 "seeds": seeds, "paths": paths, "path": rel, "n_images": n_img}
         if best is not None:
             notes.append(f"Several cka.npz files; using the one with the most networks.")
         if best is None or M > best["cka"].shape[0]:
@@ -904,8 +924,9 @@ def md_table(header, rows):
 
 
 def report_table(groups, cols, cells):
-    header = ["Objective", "Seeds"] + [f"{h}{' (%)' if unit else ''} [paper: {claim}]"
-                                       for _, h, claim, _, _, unit in cols]
+    header = ["Objective", "Seeds"] + [
+        f"{h}{' (%)' if unit else ''} [paper: {claim_words(claim, unit)}]"
+        for _, h, claim, _, _, unit in cols]
     rows = []
     for obj, nets in groups.items():
         seeds = sorted({n["seed"] for n in nets}, key=lambda v: (not isinstance(v, int),
@@ -1024,7 +1045,8 @@ def load_networks(runs, notes):
 
 def assign_colours(nets):
     """One colour per objective, the same in every figure: fixed for the nine, then spares."""
-    order = list(common.OBJECTIVES) + sorted({n["objective"] for n in nets} - set(common.OBJECTIVES))
+    known = list(common.OBJECTIVES)
+    order = known + sorted({n["objective"] for n in nets} - set(known))
     spare = list(TAB10[7:9]) + list(plt.get_cmap("tab20").colors)
     colours = {}
     for o in order:
@@ -1047,9 +1069,10 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes):
     fig_table(groups, cols, cells, save_fig)
     lines = ["## Per-objective results (figures 1 and 2)", "",
              "Mean ± standard error over seeds; accuracies in %. p: Welch t-test against softmax "
-             f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, opposite, "
-             "or n.s. (not significant). Each column header gives the paper's claim for every "
-             "non-softmax objective against softmax (SPEC.md).", ""]
+             f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, "
+             "opposite, differs (where the paper finds no difference) or n.s. (not "
+             "significant). Each column header gives the paper's claim for every non-softmax "
+             "objective against softmax (SPEC.md).", ""]
     lines += report_table(groups, cols, cells) + [""]
     lines += embed(written, "fig1_top1_vs_transfer", "source top-1 against transfer")
     lines += embed(written, "fig2_table", "table")

@@ -22,8 +22,11 @@ def fake_numbers(objective, seed, tau=None):
     if tau is not None:
         better += 5 * (0.04 - tau)
     noise = 0.002 * ((seed * 7 + OBJECTIVES.index(objective)) % 5 - 2)
+    linear = 0.85 - 0.03 * better + noise
+    if objective == "squared_error":   # one objective against the paper, to see "opposite"
+        linear = 0.90 + noise
     return {"top1": 0.90 + 0.02 * better + noise, "r2": 0.30 + 0.10 * better + noise,
-            "linear": 0.85 - 0.03 * better + noise, "finetune": 0.95 + noise}
+            "linear": linear, "finetune": 0.95 + noise}
 
 
 def write_json(path, obj):
@@ -136,10 +139,10 @@ def test_full_study(tmp_path, monkeypatch):
 
     header, rows = table_rows(report)
     assert set(rows) == {make_figures.display(o) for o in OBJECTIVES}
-    assert "Linear probe flowers102 mean per-class (%) [paper: lower]" in header
-    assert "Source top-1 (%) [paper: higher]" in header
+    assert "Linear probe flowers102 mean per-class (%) [paper: worse (lower)]" in header
+    assert "Source top-1 (%) [paper: better (higher)]" in header
     assert "Fine-tune digits@5-9 (%) [paper: no difference]" in header
-    assert "Linear probe mean over datasets (%) [paper: lower]" in header
+    assert "Linear probe mean over datasets (%) [paper: worse (lower)]" in header
 
     # the main table holds the paper's tau only: two seeds per objective, not six
     for cells in rows.values():
@@ -147,7 +150,7 @@ def test_full_study(tmp_path, monkeypatch):
 
     # numbers: mean +- standard error over seeds and Welch's p against softmax
     from scipy import stats
-    col = header.index("Source top-1 (%) [paper: higher]")
+    col = header.index("Source top-1 (%) [paper: better (higher)]")
     top1 = {o: [100 * n["top1"] for n in nets if n["objective"] == o and n["tau"] is None]
             for o in OBJECTIVES}
     soft = rows["Softmax"][col]
@@ -156,8 +159,10 @@ def test_full_study(tmp_path, monkeypatch):
     p = stats.ttest_ind(top1["sigmoid"], top1["softmax"], equal_var=False).pvalue
     assert f"p={p:.2g}" in rows["Sigmoid"][col]
     assert "(agrees)" in rows["Sigmoid"][col]
-    lin = rows["Sigmoid"][header.index("Linear probe mean over datasets (%) [paper: lower]")]
-    assert "(agrees)" in lin
+    lin = header.index("Linear probe mean over datasets (%) [paper: worse (lower)]")
+    assert "(agrees)" in rows["Sigmoid"][lin]
+    assert "(opposite)" in rows["Squared error"][lin]
+    assert "Class separation R^2 (pool) [paper: higher]" in header
 
     assert "Spearman" in report and "R^2 vs source top-1" in report
     corr = next(l for l in report.splitlines() if l.startswith("| R^2 vs source top-1"))
@@ -213,17 +218,27 @@ def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
     data["top1"] = float("nan")
     del data["seed"]
     tr.write_text(json.dumps(data))
+    # a rerun of one probe written elsewhere, later: the newer result wins, with a note
+    src = runs / "probe" / "softmax_s0" / "digits@5-9" / "results.json"
+    rerun = json.loads(src.read_text())
+    rerun["test_accuracy"] = 0.5
+    write_json(str(runs / "probe_rerun" / "results.json"), rerun)
+    os.utime(src, (1e9, 1e9))
     report = run_figures(monkeypatch, runs, out)
     notes = report.split("## Notes")[1]
+    assert "`probe/softmax_s0/digits@5-9/results.json` and `probe_rerun/results.json`" in notes
     assert "`train/broken/results.json`: cannot be read as JSON" in notes
     assert "`cka/cka.npz`: cannot be read" in notes
     assert "top1 is missing or not a finite number" in notes
     header, rows = table_rows(report)
     assert rows["Softmax"][1].startswith("2 (0, 1)")      # seed 1 parsed from softmax_s1
-    top1 = rows["Softmax"][header.index("Source top-1 (%) [paper: higher]")]
+    top1 = rows["Softmax"][header.index("Source top-1 (%) [paper: better (higher)]")]
     assert "(n=1)" in top1
-    probe = rows["Sigmoid"][header.index("Linear probe digits@5-9 (%) [paper: lower]")]
+    probe = rows["Sigmoid"][header.index("Linear probe digits@5-9 (%) [paper: worse (lower)]")]
     assert "±" in probe                                   # both seeds, one matched by path
+    soft = rows["Softmax"][header.index("Linear probe digits@5-9 (%) [paper: worse (lower)]")]
+    s1 = 100 * fake_numbers("softmax", 1)["linear"]
+    assert soft.startswith(f"{(50 + s1) / 2:.2f} ± {abs(s1 - 50) / 2:.2f}")
     assert (out / "fig4_class_separation.png").exists()
 
 
