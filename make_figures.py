@@ -573,10 +573,9 @@ def save(fig, out, name, formats, dpi, written):
     plt.close(fig)
 
 
-def legend_right(fig, objectives, colours):
-    handles = [plt.Line2D([], [], color=colours[o], marker=MARKERS[i % len(MARKERS)],
-                          linestyle="", markersize=8, label=display(o))
-               for i, o in enumerate(objectives)]
+def legend_right(fig, objectives, colours, order):
+    handles = [plt.Line2D([], [], color=colours[o], marker=marker_of(o, order), linestyle="",
+                          markersize=8, label=display(o)) for o in objectives]
     fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
 
 
@@ -586,7 +585,7 @@ def marker_of(obj, order):
 
 def scatter_means(ax, groups, xq, yq, colours, order):
     """Per objective: translucent points per network, the mean with standard-error bars."""
-    drawn = 0
+    drawn = []
     for obj, nets in groups.items():
         pairs = [(xq(n), yq(n)) for n in nets]
         pairs = [(x, y) for x, y in pairs if finite(x) and finite(y)]
@@ -600,7 +599,7 @@ def scatter_means(ax, groups, xq, yq, colours, order):
         ax.errorbar(mx, my, xerr=sx if finite(sx) else None, yerr=sy if finite(sy) else None,
                     color=colours[obj], marker=marker_of(obj, order), markersize=8, capsize=3,
                     linestyle="")
-        drawn += 1
+        drawn.append(obj)
     ax.grid(alpha=0.3)
     return drawn
 
@@ -614,13 +613,14 @@ def fig_transfer(groups, colours, order, save_fig, notes):
         return
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.5, 4.8),
                              layout="constrained", squeeze=False)
+    drawn = set()
     for ax, kind in zip(axes[0], kinds):
-        scatter_means(ax, groups, lambda n: n["top1"], lambda n, k=kind: mean_of(n[k]),
-                      colours, order)
+        drawn.update(scatter_means(ax, groups, lambda n: n["top1"],
+                                   lambda n, k=kind: mean_of(n[k]), colours, order))
         ax.set_xlabel("source-task top-1 accuracy (%)")
         ax.set_ylabel(f"{KIND_NAMES[kind].lower()} accuracy, mean over datasets (%)")
         ax.set_title(f"{KIND_NAMES[kind]} transfer (paper: {claim_text(CLAIMS[kind])})")
-    legend_right(fig, list(groups), colours)
+    legend_right(fig, [o for o in groups if o in drawn], colours, order)
     fig.suptitle("Source accuracy against transfer accuracy (mean ± standard error over seeds)")
     save_fig(fig, "fig1_top1_vs_transfer")
 
@@ -837,8 +837,9 @@ def fig_class_separation(groups, colours, order, save_fig, notes):
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.5, 4.6),
                              layout="constrained", squeeze=False)
+    drawn = set()
     for ax, (q, label) in zip(axes[0], panels):
-        scatter_means(ax, groups, lambda n: n["r2"], q, colours, order)
+        drawn.update(scatter_means(ax, groups, lambda n: n["r2"], q, colours, order))
         pairs = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
                  for g in groups.values()]
         pairs = [(a, b) for a, b in pairs if finite(a) and finite(b)]
@@ -847,7 +848,7 @@ def fig_class_separation(groups, colours, order, save_fig, notes):
         ax.set_ylabel(label)
         ax.set_title(f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
                      "Spearman ρ: n/a (fewer than 3 objectives)", fontsize=10)
-    legend_right(fig, list(groups), colours)
+    legend_right(fig, [o for o in groups if o in drawn], colours, order)
     fig.suptitle("Class separation of the penultimate layer (mean ± standard error over seeds)")
     save_fig(fig, "fig4_class_separation")
 
