@@ -124,6 +124,16 @@ def check_memory(model, layers, resolution, n_images, label):
                                f" use --max-per-class or fewer --layers")
 
 
+def make_out_dir(path):
+    """Create the output folder before the computation, so a bad --out fails early."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"cannot create output folder {path}: {e.strerror}")
+    if not os.access(path, os.W_OK):
+        raise common.UserError(f"output folder {path} is not writable")
+
+
 def analyse(name, data, args, device):
     model, info = common.load_pretrained(name)
     model.to(device)
@@ -183,8 +193,13 @@ def main(argv=None):
     if args.resolution is not None and args.resolution < 1:
         raise common.UserError("--resolution must be positive")
 
+    missing = [c for c in args.checkpoint if not c.startswith("torchvision:")
+               and not os.path.exists(c)]
+    if missing:
+        raise common.UserError(f"checkpoint not found: {missing[0]}")
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
+    make_out_dir(args.out)
     records, start = [], time.time()
     for name in args.checkpoint:
         rec = analyse(name, data, args, device)
@@ -197,7 +212,6 @@ def main(argv=None):
     nan = {"r2": np.nan, "sparsity": np.nan, "dim": np.nan}
     table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in records],
                          dtype=np.float64) for k in ("r2", "sparsity", "dim")}
-    os.makedirs(args.out, exist_ok=True)
     common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
                     labels=np.array([r["label"] for r in records]),
                     objectives=np.array([r["objective"] for r in records]),

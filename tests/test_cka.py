@@ -125,6 +125,11 @@ def test_minibatch_weights_batches_skips_tiny_ones_and_checks_input():
         h += (e - s) * np.array([hsic_unbiased_3term(k, l), hsic_unbiased_3term(k, k),
                                  hsic_unbiased_3term(l, l)])
     assert acc.cka()[0, 1] == pytest.approx(h[0] / np.sqrt(h[1] * h[2]), abs=1e-10)
+    # overwrite=True centres the given float tensors in place: same values
+    xt, yt = torch.from_numpy(x[:80]).float(), torch.from_numpy(y[:80]).float()
+    acc = MinibatchCKA()
+    acc.update([xt.clone(), yt.clone()], overwrite=True)
+    assert acc.cka()[0, 1] == pytest.approx(linear_cka(xt, yt, debiased=True), abs=1e-7)
     with pytest.raises(common.UserError, match="differ in size"):
         acc.update([x[:50], y[:40]])
     with pytest.raises(common.UserError, match="NaN"):
@@ -198,6 +203,10 @@ def test_script_errors(ckpts, tmp_path):
         main(["--checkpoint", a, "--data", "digits", "--out", out, "--layers", "block9"])
     with pytest.raises(common.UserError, match="at least 4"):
         main(["--checkpoint", a, "--data", "digits", "--out", out, "--batch-size", "2"])
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(common.UserError, match="cannot create output folder"):
+        main(["--checkpoint", a, "--data", "digits", "--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "keep me"
     deep = make_checkpoint(tmp_path / "r34.pt", 3, arch="resnet34")
     with pytest.raises(common.UserError, match="different layer lists"):
         main(["--checkpoint", a, deep, "--data", "digits", "--out", out])
