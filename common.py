@@ -863,3 +863,737 @@ def resolve_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training machinery: train_imagenet.py and finetune.py both train through fit().
+#
+#   parser = argparse.ArgumentParser(); common.add_training_args(parser); args = parser.parse_args()
+#   dist = common.setup_distributed(args.device)     # torchrun's env: NCCL on GPUs, gloo on the CPU
+#   results = common.fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist)
+#   common.teardown_distributed()
+#
+# fit() is resumable: rerunning it on the same out_dir continues from out_dir/last.pt, mid-epoch,
+# with the model, optimizer, EMA, scaler, schedule position, sampler position and every RNG, so
+# an interrupted run ends with the same weights as an uninterrupted one (bitwise on the CPU with
+# --deterministic). Augmentation randomness is a function of (seed, epoch, image index), not of
+# the worker that happens to load the image.
+
+import argparse
+import contextlib
+import copy
+import random
+import signal
+import time
+
+RESUME_KEYS = ("data", "arch", "epochs", "batch_size", "lr", "warmup_epochs", "seed",
+               "resolution", "momentum", "nesterov", "weight_decay", "ema_epochs")
+NO_BAD_STEP = 2 ** 62
+
+
+def add_training_args(parser, **defaults):
+    """Add the flags fit() reads. A default of None means: chosen by the script's data preset or
+    by the device (see the script's help). `defaults` override these defaults."""
+    g = parser.add_argument_group("training (shared with finetune.py)")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--batch-size", type=int,
+                   help="GLOBAL batch size (all processes together); must divide by the world size")
+    g.add_argument("--micro-batch", type=int, help="per-device images per forward/backward; "
+                   "gradients accumulate to the per-device batch (default: no accumulation)")
+    g.add_argument("--lr", type=float, help="learning rate per 256 images, scaled linearly to the "
+                   "global batch")
+    g.add_argument("--warmup-epochs", type=float, help="linear warmup, then cosine decay per step")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--weight-decay", type=float, default=8e-5,
+                   help="on conv and linear weights only (common.param_groups)")
+    g.add_argument("--ema-epochs", type=float, help="time constant of the exponential moving "
+                   "average of the weights, in epochs (0: no EMA)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast precision; auto: bf16 on GPU, fp32 on CPU; fp16 uses GradScaler")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for GPU, off for CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for GPU, off for CPU)")
+    g.add_argument("--workers", type=int, help="data loading processes per device")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="per device")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
+    g.add_argument("--ckpt-minutes", type=float, default=10.0,
+                   help="also write last.pt this often (checked at log steps; 0: at every log step)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
+    g.add_argument("--force-resume", action="store_true",
+                   help="resume from last.pt even if schedule-defining arguments changed")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: the local GPU)")
+    g.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    g.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.set_defaults(**defaults)
+    return g
+
+
+def setup_distributed(device="auto"):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group when
+    there is more than one process: NCCL on GPUs (one GPU per local rank), gloo on the CPU.
+    Returns {rank, world, local_rank, device}; a plain `python script.py` is rank 0 of 1."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    elif world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.distributed.init_process_group("nccl", device_id=dev)
+        else:
+            torch.distributed.init_process_group("gloo")
+    return {"rank": rank, "world": world, "local_rank": local_rank, "device": dev}
+
+
+def teardown_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup over warmup_steps
+    ((step+1)/warmup), then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_new(model):
+    """A frozen copy of `model` that ema_update() moves towards the trained weights."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+def ema_update(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model for the parameters and the floating-point buffers (BN
+    running mean and variance); integer buffers (BN's batch counter) are copied.
+    d = min(decay, (1 + step) / (10 + step)), as TensorFlow's ExponentialMovingAverage with
+    num_updates, so that early averages are not dominated by the initialization."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        dst, src = [], []
+        for e, m in zip([*ema.parameters(), *ema.buffers()],
+                        [*model.parameters(), *model.buffers()]):
+            if e.is_floating_point():
+                dst.append(e)
+                src.append(m.detach())
+            else:
+                e.copy_(m)
+        torch._foreach_lerp_(dst, src, 1.0 - d)
+
+
+class SeededAugment(torch.utils.data.Dataset):
+    """A Split with a random transform whose randomness depends only on (seed, epoch, index).
+
+    Items are fetched with keys (epoch, index) (see EpochSampler), so an epoch's augmentations
+    are the same whatever the number of workers, and after a mid-epoch resume. The process's
+    own torch RNG state is restored after each item (it drives dropout when workers=0)."""
+
+    def __init__(self, split, transform, seed):
+        self.split, self.transform, self.seed = split, transform, int(seed)
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img, label = self.split[i]
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2 ** 63)
+        try:
+            img = self.transform(img)
+        finally:
+            gen.set_state(state)
+        return img, label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation of the training set that depends on (seed, epoch) only
+    (torch's DistributedSampler, drop_last), cut to `per_epoch` images and started at `start`
+    (a mid-epoch resume). Yields (epoch, index) keys for SeededAugment."""
+
+    def __init__(self, n, per_epoch, rank, world, seed):
+        self.inner = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank,
+                                                         shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch, self.epoch, self.start = per_epoch, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(self.inner)[self.start:self.per_epoch]])
+
+    def __len__(self):
+        return max(0, self.per_epoch - self.start)
+
+
+def _worker_init(_worker_id):
+    # SLURM and friends signal the whole process group: loader workers must survive until the
+    # main process has saved its checkpoint.
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def train_loader(split, transform, micro_batch, per_epoch, rank, world, seed, workers,
+                 pin_memory=False):
+    """(DataLoader, EpochSampler) over a Split: uint8 batches of `micro_batch` images,
+    augmentation seeded per image, call sampler.set_epoch(epoch, start) before iter(loader)."""
+    sampler = EpochSampler(len(split), per_epoch, rank, world, seed)
+    loader = torch.utils.data.DataLoader(
+        SeededAugment(split, transform, seed), batch_size=micro_batch, sampler=sampler,
+        num_workers=workers, pin_memory=pin_memory, drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def to_device(images, labels, device, channels_last=True, dtype=torch.float32):
+    """A uint8 batch from a loader -> (normalized float images, labels) on the device; the copy
+    is asynchronous from pinned memory and the normalization runs on the device."""
+    x = normalize(images.to(device, non_blocking=True), dtype)
+    if not channels_last:
+        x = x.contiguous()
+    return x, labels.to(device, non_blocking=True)
+
+
+def train_step(model, criterion, opt, scaler, batches, amp_dtype=None, poison=False):
+    """One optimizer step on a list of device micro-batches [(x, y), ...] whose gradients
+    accumulate (DDP syncs only on the last one). Returns device tensors (loss summed over the
+    images, correct top-1 count): nothing here waits for the device."""
+    n = len(batches)
+    loss_sum = correct = 0
+    for j, (x, y) in enumerate(batches):
+        no_sync = j < n - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = criterion(logits.float(), y)  # every objective in float32
+            if poison:
+                loss = loss * float("nan")
+            scaled = loss / n
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum = loss_sum + loss.detach() * y.shape[0]
+        correct = correct + (logits.detach().argmax(1) == y).sum()
+    if scaler is not None:
+        scaler.step(opt)  # fused SGD: the inf check stays on the device
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
+def _all_reduce(t, op="sum"):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+               "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(t, op=ops[op])
+    return t
+
+
+def _broadcast_buffers(module):
+    """Rank 0's BN statistics to every rank (each rank updates its own from its own batch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for b in module.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+def evaluate(models, split, resolution, device, num_classes, rank=0, world=1, amp_dtype=None,
+             batch_size=256, workers=0, criterion=None, channels_last=True):
+    """Evaluate every model of {name: model} on `split` (eval transform), each image exactly once
+    across ranks (rank r takes images r, r+world, ...; no padding), counts summed over ranks.
+    Returns {name: {top1, top5, mean_per_class, loss, count}}; loss is criterion's (or None)."""
+    part = Split(split.source, split.indices[rank::world], split.label_map)
+    loader = eval_loader(part, resolution, batch_size=batch_size, workers=workers)
+    K = int(num_classes)
+    sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
+    per_class = {n: torch.zeros(2, K, dtype=torch.float64, device=device) for n in models}
+    was_training = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        for images, labels in loader:
+            x, y = to_device(images, labels, device, channels_last)
+            onehot = F.one_hot(y, K).double()
+            for name, m in models.items():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    z = m(x)
+                z = z.float()
+                hit1 = z.argmax(1) == y
+                hit5 = (z.topk(min(5, z.shape[1]), 1).indices == y[:, None]).any(1)
+                s = sums[name]
+                s[0] += hit1.sum()
+                s[1] += hit5.sum()
+                if criterion is not None:
+                    s[2] += criterion(z, y).double() * y.shape[0]
+                s[3] += y.shape[0]
+                per_class[name][0] += onehot.sum(0)
+                per_class[name][1] += (onehot * hit1[:, None]).sum(0)
+    out = {}
+    for name, m in models.items():
+        m.train(was_training[name])
+        s = _all_reduce(sums[name]).tolist()
+        pc = _all_reduce(per_class[name])
+        count = int(round(s[3]))
+        if count != len(split):
+            raise AssertionError(f"evaluated {count} images of {len(split)}")
+        present = pc[0] > 0
+        out[name] = {"top1": s[0] / count, "top5": s[1] / count,
+                     "mean_per_class": (pc[1][present] / pc[0][present]).mean().item(),
+                     "loss": s[2] / count if criterion is not None else None, "count": count}
+    return out
+
+
+def rng_states(device):
+    """Every RNG this process uses, as tensors and Python numbers (torch.load weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
+          "python": [version, list(state), gauss_next]}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_states(st, device):
+    torch.set_rng_state(st["torch"])
+    k = st["numpy"]
+    np.random.set_state(("MT19937", k["keys"].numpy().astype(np.uint32), k["pos"],
+                         k["has_gauss"], k["gauss"]))
+    version, state, gauss_next = st["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _gather_rng(device, world):
+    states = [rng_states(device)]
+    if world > 1:
+        states = [None] * world
+        torch.distributed.all_gather_object(states, rng_states(device))
+    return states
+
+
+def _amp_dtype(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a GPU (GradScaler); use bf16 or fp32 on the CPU")
+    return precision, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _write_csv(path, rows):
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = [",".join(cols)] + [",".join("" if r.get(c) is None else
+                                          (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
+                                          for c in cols) for r in rows]
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def _truncate_log(path, step):
+    """Keep the log lines up to `step` (a resumed run redoes the steps after it)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                pass  # a line torn by a kill
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def _append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
+        results_extra=None, resume_keys=RESUME_KEYS, bench_steps=None):
+    """Train `model` with SGD on data['train'], evaluate on data['val'] every epoch (raw and EMA
+    weights) and on data['test'] at the end; resume from out_dir/last.pt when it exists.
+
+    model: built on the CPU, unwrapped; fit moves it, compiles it (args.compile) and wraps it in
+        DDP (world > 1). criterion(logits, targets) -> mean loss. groups: param groups (each may
+        carry 'lr_scale', a multiplier of the scheduled lr). data: load_dataset()'s dict (test
+        may be None). train_tf: the uint8 augmentation. meta: make_checkpoint's objective,
+        hparams, arch, num_classes, small_input. args: add_training_args() flags with presets
+        filled in, plus `resolution` and `workers`. dist: setup_distributed()'s dict.
+    Writes out_dir/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
+    and returns the results dict. SIGTERM / SIGUSR1 save last.pt and exit with 128 + signal;
+    a non-finite loss raises UserError naming the step (last.pt stays the last good state).
+    bench_steps: time that many steps after 5 warmup steps, return images/s, write nothing."""
+    rank, world, device = dist["rank"], dist["world"], dist["device"]
+    is_main, cuda = rank == 0, device.type == "cuda"
+    out_dir = out_dir or ""  # bench_steps: nothing is written
+    precision, amp_dtype = _amp_dtype(args.precision, device)
+    use_compile = cuda if args.compile is None else args.compile
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # bitwise on the CPU; on GPUs some kernels (adaptive average pooling's backward) have no
+        # deterministic version, so there it is best effort with a warning
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+        torch.backends.cudnn.benchmark = False
+    elif cuda:
+        torch.backends.cudnn.benchmark = True
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Batch arithmetic and the schedule (a pure function of the global step).
+    B = args.batch_size
+    if B % world:
+        raise UserError(f"--batch-size {B} (global) does not divide by the world size {world}")
+    per_device = B // world
+    micro = args.micro_batch or per_device
+    if per_device % micro:
+        raise UserError(f"--micro-batch {micro} does not divide the per-device batch {per_device}")
+    accum = per_device // micro
+    train, val, test = data["train"], data["val"], data.get("test")
+    steps_per_epoch = (len(train) // world) // per_device
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {B} is larger than the training set ({len(train)} images); "
+                        f"use a smaller --batch-size")
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    base_lr = args.lr * B / 256
+    K = data["num_classes"]
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    opt = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, nesterov=args.nesterov,
+                          fused=True)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    ema = ema_new(model) if args.ema_epochs and args.ema_epochs > 0 else None
+    ema_decay = None if ema is None else 1.0 - 1.0 / max(1.0, args.ema_epochs * steps_per_epoch)
+    state = {"epoch": 0, "images_in_epoch": 0, "step": 0, "images": 0, "train_seconds": 0.0,
+             "step_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0.0], "history": [],
+             "ckpt_step": None}
+    last_path, final_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "final.pt")
+    log_path, results_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "results.json")
+    run_args = {k: v for k, v in vars(args).items()}
+
+    def checkpoint(**extra):
+        return make_checkpoint(model, meta["objective"], meta["hparams"], meta["arch"],
+                               meta["num_classes"], meta["small_input"],
+                               ema=ema.state_dict() if ema is not None else None, args=run_args,
+                               dataset=data["spec"], classes=list(data["classes"]), **extra)
+
+    if bench_steps is None:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UserError(f"--out {out_dir} exists and is not a folder")
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(last_path):
+            _resume(last_path, args, meta, resume_keys, model, ema, opt, scaler, state, dist,
+                    steps_per_epoch, B)
+            if is_main:
+                _truncate_log(log_path, state["step"])
+                _append_log(log_path, {"event": "resume", "step": state["step"],
+                                       "time": time.time()})
+        elif os.path.exists(results_path) and is_main:
+            print(f"note: {out_dir} has results.json but no last.pt; training again from scratch")
+    state["step"] = state["epoch"] * steps_per_epoch + state["images_in_epoch"] // B
+
+    # Models as trained: compile first, then DDP (the raw `model` is what checkpoints hold).
+    net = torch.compile(model) if use_compile else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+    workers = args.workers if args.workers is not None else 0
+    loader, sampler = train_loader(train, train_tf, micro, steps_per_epoch * per_device, rank,
+                                   world, args.seed, workers, pin_memory=cuda)
+
+    if is_main and bench_steps is None:
+        save_json(os.path.join(out_dir, "args.json"), {
+            **run_args, "world_size": world, "per_device_batch": per_device, "micro_batch": micro,
+            "accumulation": accum, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "scaled_lr": base_lr, "precision": precision, "compile": use_compile,
+            "channels_last": channels_last, "train_images": len(train), "val_images": len(val),
+            "test_images": len(test) if test is not None else None})
+    if is_main:
+        print(f"train: {meta['objective']} {meta['arch']} on {data['spec']} | world {world}, batch "
+              f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
+              f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
+              f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
+              f"{use_compile}, channels_last {channels_last}, workers {workers} | train "
+              f"{len(train)} / val {len(val)} / test {len(test) if test is not None else '-'} "
+              f"images, {K} classes, {args.resolution}px | device {device}"
+              + (f" | resumed at step {state['step']}" if state["step"] else ""), flush=True)
+
+    flags = {"signal": 0}
+
+    def on_signal(signum, _frame):
+        flags["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rate = _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, sampler,
+                           state, flags, args, dist, amp_dtype, channels_last, base_lr,
+                           steps_per_epoch, total_steps, warmup_steps, accum, B, data, checkpoint,
+                           out_dir, bench_steps)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if bench_steps is not None:
+        return rate
+    return _finish(model, ema, criterion, state, args, dist, data, amp_dtype, channels_last,
+                   checkpoint, out_dir, results_extra, meta, precision, use_compile)
+
+
+def _resume(path, args, meta, keys, model, ema, opt, scaler, state, dist, steps_per_epoch, B):
+    ck = load_checkpoint(path, arch=meta["arch"], num_classes=meta["num_classes"])
+    if "train_state" not in ck:
+        raise UserError(f"{path} holds no training state (not written by fit); move it away or "
+                        f"use another --out")
+    saved = ck.get("args") or {}
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in keys
+               if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if ck["objective"] != meta["objective"] or ck["hparams"] != dict(meta["hparams"]):
+        changed.insert(0, f"objective: {ck['objective']} {ck['hparams']} -> {meta['objective']} "
+                          f"{dict(meta['hparams'])}")
+    if changed and not args.force_resume:
+        raise UserError(f"{path} was trained with other arguments ({'; '.join(changed)}): rerun "
+                        f"with the original ones, add --force-resume, or use another --out")
+    model.load_state_dict(ck["model"])
+    if ema is not None:
+        if ck.get("ema") is None:
+            raise UserError(f"{path} has no EMA weights but --ema-epochs > 0; use --ema-epochs 0 "
+                            f"or another --out")
+        ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["optimizer"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    ts = ck["train_state"]
+    state.update({k: ts[k] for k in state if k in ts})
+    state["ckpt_step"] = ts["step"]
+    if saved.get("batch_size") != B:  # only with --force-resume: restart within the epoch
+        state["images_in_epoch"] -= state["images_in_epoch"] % B
+    if state["images_in_epoch"] >= steps_per_epoch * B:
+        state["epoch"], state["images_in_epoch"] = state["epoch"] + 1, 0
+    rngs = ck.get("rng") or []
+    if len(rngs) == dist["world"]:
+        set_rng_states(rngs[dist["rank"]], dist["device"])
+    elif dist["rank"] == 0:
+        print(f"note: {path} was written by {len(rngs)} processes, now {dist['world']}: RNG "
+              f"streams restart from the seed")
+
+
+def _save_last(out_dir, checkpoint, state, opt, scaler, dist, ema, model):
+    """Write last.pt (rank 0) with everything a bitwise resume needs."""
+    _broadcast_buffers(model)
+    if ema is not None:
+        _broadcast_buffers(ema)
+    rngs = _gather_rng(dist["device"], dist["world"])
+    if dist["rank"] == 0:
+        ts = {k: v for k, v in state.items() if k != "ckpt_step"}
+        save_checkpoint(os.path.join(out_dir, "last.pt"), checkpoint(
+            optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
+            train_state=ts, rng=rngs, world_size=dist["world"]))
+    state["ckpt_step"] = state["step"]
+    if dist["world"] > 1:
+        torch.distributed.barrier()
+
+
+def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, sampler, state, flags,
+                args, dist, amp_dtype, channels_last, base_lr, steps_per_epoch, total_steps,
+                warmup_steps, accum, B, data, checkpoint, out_dir, bench_steps):
+    rank, world, device = dist["rank"], dist["world"], dist["device"]
+    is_main = rank == 0
+    log_path = os.path.join(out_dir, "log.jsonl")
+    bench_warmup = 5
+    if bench_steps is not None:
+        total_steps = state["step"] + bench_warmup + bench_steps
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
+    bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
+    t_interval, wait = time.perf_counter(), 0.0
+    t_run, last_ckpt = time.perf_counter(), time.perf_counter()
+    bench_start = None
+    net.train()
+    while state["step"] < total_steps:
+        epoch = state["epoch"]
+        first = state["images_in_epoch"] // B
+        sampler.set_epoch(epoch, first * (B // world))
+        it = iter(loader)
+        for b in range(first, steps_per_epoch):
+            step = state["step"]
+            if step == args.debug_kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if bench_steps is not None and step == bench_warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                bench_start = time.perf_counter()
+            t0 = time.perf_counter()
+            batches = [to_device(*next(it), device, channels_last) for _ in range(accum)]
+            wait += time.perf_counter() - t0
+            lr = base_lr * lr_factor(step, total_steps if bench_steps is None else 10 ** 9,
+                                     warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss_sum, correct = train_step(net, criterion, opt, scaler, batches, amp_dtype,
+                                           poison=step == args.debug_nan_at_step)
+            bad = torch.where(torch.isfinite(loss_sum) | (bad < NO_BAD_STEP), bad, step)
+            sums[0] += loss_sum
+            sums[1] += correct
+            sums[2] += B // world  # a Python number: no host-to-device copy
+            if ema is not None:
+                ema_update(ema, model, ema_decay, step)
+            state["step"], state["images"] = step + 1, state["images"] + B
+            state["images_in_epoch"] += B
+            if bench_steps is not None:
+                if b == steps_per_epoch - 1:
+                    state["epoch"], state["images_in_epoch"] = state["epoch"] + 1, 0
+                if state["step"] == total_steps:
+                    break
+                continue
+            epoch_end = b == steps_per_epoch - 1
+            if not (state["step"] % args.log_every == 0 or epoch_end):
+                continue
+            # --- sync point: the only place the host reads device values ---
+            g_sums = _all_reduce(sums.clone()).tolist()
+            first_bad = int(_all_reduce(bad.clone(), "min"))
+            due = args.ckpt_minutes <= 0 or time.perf_counter() - last_ckpt >= args.ckpt_minutes * 60
+            ctl = _all_reduce(torch.tensor([flags["signal"], int(due)], device=device), "max")
+            signum, due = (int(v) for v in ctl.tolist())
+            dt = time.perf_counter() - t_interval
+            if first_bad < NO_BAD_STEP:
+                _stop_on_nan(first_bad, steps_per_epoch, out_dir, state)
+            state["step_seconds"] += dt
+            state["train_seconds"] += time.perf_counter() - t_run
+            t_run = time.perf_counter()
+            state["epoch_sums"] = [a + b for a, b in zip(state["epoch_sums"], g_sums)]
+            record = {"step": state["step"], "epoch": epoch + state["images_in_epoch"] /
+                      (steps_per_epoch * B), "loss": g_sums[0] / g_sums[2],
+                      "train_top1": g_sums[1] / g_sums[2], "lr": lr,
+                      "images_per_second": g_sums[2] / dt, "data_wait": wait / dt,
+                      "time": time.time()}
+            if is_main:
+                _append_log(log_path, record)
+            sums.zero_()
+            if epoch_end:
+                _end_epoch(net, model, ema, criterion, state, args, dist, amp_dtype,
+                           channels_last, data, lr, out_dir)
+            if epoch_end or due or signum:
+                _save_last(out_dir, checkpoint, state, opt, scaler, dist, ema, model)
+                last_ckpt = time.perf_counter()
+            if signum:
+                if is_main:
+                    print(f"signal {signum}: saved {out_dir}/last.pt at step {state['step']}; "
+                          f"rerun the same command to resume", flush=True)
+                raise SystemExit(128 + signum)
+            state["train_seconds"] += time.perf_counter() - t_run  # eval and checkpoint time
+            t_run = t_interval = time.perf_counter()
+            wait = 0.0
+    if bench_steps is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return bench_steps * B / (time.perf_counter() - bench_start)
+    return None
+
+
+def _stop_on_nan(step, steps_per_epoch, out_dir, state):
+    last = os.path.join(out_dir, "last.pt")
+    kept = (f"{last} (step {state['ckpt_step']}) is intact: rerun with a lower --lr (or "
+            f"--precision fp32) and --force-resume to continue from it, or use a new --out"
+            if state["ckpt_step"] is not None else
+            "no checkpoint had been written yet: rerun with a lower --lr (or --precision fp32)")
+    raise UserError(f"the loss became nan/inf at step {step + 1} (epoch "
+                    f"{step // steps_per_epoch + 1}); training stopped. {kept}")
+
+
+def _end_epoch(net, model, ema, criterion, state, args, dist, amp_dtype, channels_last, data, lr,
+               out_dir):
+    """Evaluate raw and EMA weights on val, add a row to summary.csv, print it."""
+    models = _eval_models(model, ema)
+    m = evaluate(models, data["val"], args.resolution, dist["device"], data["num_classes"],
+                 dist["rank"], dist["world"], amp_dtype, args.eval_batch_size,
+                 args.workers or 0, criterion, channels_last)
+    net.train()
+    loss_sum, correct, n = state["epoch_sums"]
+    state["epoch"] += 1
+    state["images_in_epoch"] = 0
+    state["epoch_sums"] = [0.0, 0.0, 0.0]
+    shown = m["ema"] if "ema" in m else m["raw"]
+    row = {"epoch": state["epoch"], "step": state["step"], "lr": lr, "train_loss": loss_sum / n,
+           "train_top1": correct / n, "val_top1": shown["top1"], "val_top5": shown["top5"],
+           "val_mean_per_class": shown["mean_per_class"], "val_loss": shown["loss"],
+           "val_top1_raw": m["raw"]["top1"], "val_top5_raw": m["raw"]["top5"],
+           "val_mean_per_class_raw": m["raw"]["mean_per_class"], "val_loss_raw": m["raw"]["loss"],
+           "val_count": shown["count"], "train_seconds": state["train_seconds"],
+           "images_per_second": state["images"] / max(state["step_seconds"], 1e-9)}
+    state["history"].append(row)
+    if dist["rank"] == 0:
+        _write_csv(os.path.join(out_dir, "summary.csv"), state["history"])
+        print(f"epoch {row['epoch']}/{args.epochs}: train loss {row['train_loss']:.4f} top1 "
+              f"{row['train_top1']:.4f} | val top1 {row['val_top1']:.4f} (raw "
+              f"{row['val_top1_raw']:.4f}) top5 {row['val_top5']:.4f} | "
+              f"{row['images_per_second']:.0f} img/s", flush=True)
+
+
+def _eval_models(model, ema):
+    _broadcast_buffers(model)
+    if ema is None:
+        return {"raw": model}
+    _broadcast_buffers(ema)
+    return {"ema": ema, "raw": model}
+
+
+def _finish(model, ema, criterion, state, args, dist, data, amp_dtype, channels_last, checkpoint,
+            out_dir, results_extra, meta, precision, use_compile):
+    """Test-set evaluation of the final raw and EMA weights; final.pt and results.json."""
+    models = _eval_models(model, ema)
+    test = data.get("test")
+    t = evaluate(models, test, args.resolution, dist["device"], data["num_classes"],
+                 dist["rank"], dist["world"], amp_dtype, args.eval_batch_size, args.workers or 0,
+                 criterion, channels_last) if test is not None else None
+    last = state["history"][-1] if state["history"] else {}
+    shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
+    raw = t["raw"] if t else {}
+    results = {**(results_extra or {}),
+               "top1": shown.get("top1"), "top5": shown.get("top5"),
+               "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
+               "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
+               "mean_per_class_raw": raw.get("mean_per_class"), "test_count": shown.get("count"),
+               "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+               "val_mean_per_class": last.get("val_mean_per_class"),
+               "val_top1_raw": last.get("val_top1_raw"), "val_top5_raw": last.get("val_top5_raw"),
+               "val_count": last.get("val_count"),
+               "metric": data["metric"], "weights": "ema" if ema is not None else "raw",
+               "splits": "top1/top5/mean_per_class[_raw]: test split; val_*: val split, last epoch",
+               "epochs": args.epochs, "steps": state["step"], "batch_size": args.batch_size,
+               "lr": args.lr, "world_size": dist["world"], "precision": precision,
+               "compile": use_compile, "train_seconds": state["train_seconds"],
+               "images_per_second": state["images"] / max(state["step_seconds"], 1e-9),
+               "num_classes": data["num_classes"], "train_images": len(data["train"]),
+               "versions": versions()}
+    if dist["rank"] == 0:
+        save_checkpoint(os.path.join(out_dir, "final.pt"), checkpoint(results=results))
+        save_json(os.path.join(out_dir, "results.json"), results)
+        print(f"done: test top1 {results['top1']} (raw {results['top1_raw']}), top5 "
+              f"{results['top5']} | {results['train_seconds']:.1f} s, "
+              f"{results['images_per_second']:.0f} img/s -> {out_dir}", flush=True)
+    return results

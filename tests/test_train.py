@@ -1,0 +1,260 @@
+"""Tests of train_imagenet.py and common.py's training machinery (CPU, digits, tiny runs)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import train_imagenet
+from conftest import ROOT
+
+# A tiny configuration: ResNet-18 with the small-input stem on 8 px digits, batch 32.
+TINY = ["--data", "digits@0-4", "--arch", "resnet18", "--resolution", "8", "--batch-size", "32",
+        "--epochs", "1", "--workers", "0", "--log-every", "1", "--eval-batch-size", "128"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny 8 px convolutions run fastest on one thread (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return out, train_imagenet.main([*TINY, "--out", out, *extra])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_script(args, env=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the machinery
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    f = [common.lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[99] < 1e-3
+    assert common.lr_factor(100, 100, 10) == 0.0
+
+
+def test_ema_averages_parameters_and_bn_buffers_and_copies_counters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = common.ema_new(model)
+    assert all(not p.requires_grad for p in ema.parameters())
+    old_w, old_rm = ema[0].weight.clone(), ema[1].running_mean.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(2.0)
+        model[1].num_batches_tracked.fill_(7)
+    common.ema_update(ema, model, decay=0.99, step=0)  # d = min(0.99, 1/10) = 0.1
+    assert torch.allclose(ema[0].weight, 0.1 * old_w + 0.9 * model[0].weight)
+    assert torch.allclose(ema[1].running_mean, 0.1 * old_rm + 0.9 * model[1].running_mean)
+    assert int(ema[1].num_batches_tracked) == 7
+    before = ema[0].weight.clone()
+    common.ema_update(ema, model, decay=0.5, step=1000)  # d = 0.5
+    assert torch.allclose(ema[0].weight, 0.5 * before + 0.5 * model[0].weight)
+
+
+def test_sampler_splits_each_epoch_across_ranks_and_resumes_mid_epoch():
+    n, world, per_epoch = 23, 2, 10
+    samplers = [common.EpochSampler(n, per_epoch, r, world, seed=3) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(4)
+    keys = [list(s) for s in samplers]
+    assert all(len(k) == per_epoch and all(e == 4 for e, _ in k) for k in keys)
+    idx = [i for k in keys for _, i in k]
+    assert len(set(idx)) == len(idx)  # ranks never share an image within an epoch
+    again = common.EpochSampler(n, per_epoch, 0, world, seed=3)
+    again.set_epoch(4, start=6)
+    assert list(again) == keys[0][6:] and len(again) == 4
+    again.set_epoch(5)
+    assert [i for _, i in again] != [i for _, i in keys[0]]
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    data = common.load_dataset("digits@0-4")
+    tf = common.train_transform(8, "paper")  # random crops and flips: plenty of randomness
+    ds = common.SeededAugment(data["train"], tf, seed=0)
+    torch.manual_seed(123)
+    a = ds[(2, 5)][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(999)
+    b = ds[(2, 5)][0]
+    assert torch.equal(a, b)
+    torch.set_rng_state(state)
+    ds[(2, 5)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    others = [ds[(e, 5)][0] for e in range(3, 9)]
+    assert any(not torch.equal(a, o) for o in others)
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    import random
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    st = common.rng_states(torch.device("cpu"))
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    path = str(tmp_path / "rng.pt")
+    torch.save({"rng": [st]}, path)
+    loaded = torch.load(path, weights_only=True)["rng"][0]
+    common.set_rng_states(loaded, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), want[0])
+    assert np.array_equal(np.random.rand(3), want[1]) and random.random() == want[2]
+
+
+def test_evaluation_shards_count_every_image_once():
+    data = common.load_dataset("digits")  # val: 135 images, not divisible by 2 or 4
+    torch.manual_seed(0)
+    model = common.build_model("softmax", 10, "resnet18", small_input=True)
+    whole = common.evaluate({"m": model}, data["val"], 8, torch.device("cpu"), 10)["m"]
+    assert whole["count"] == len(data["val"]) == 135
+    for world in (2, 4):
+        parts = [data["val"].indices[r::world] for r in range(world)]
+        assert sorted(np.concatenate(parts).tolist()) == sorted(data["val"].indices.tolist())
+    # top1 agrees with common.accuracy_metrics on the same logits
+    feats, labels = common.collect_features(model, common.eval_loader(data["val"], 8), ["logits"])
+    ref = common.accuracy_metrics(torch.from_numpy(feats["logits"]), labels, 10)
+    assert whole["top1"] == pytest.approx(ref["top1"]) and whole["top5"] == pytest.approx(ref["top5"])
+    assert whole["mean_per_class"] == pytest.approx(ref["mean_per_class"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+
+@pytest.mark.parametrize("objective", list(common.OBJECTIVES))
+def test_every_objective_trains_and_writes_loadable_outputs(tmp_path, objective):
+    out, results = train(tmp_path, objective, "--objective", objective)
+    losses = [r["loss"] for r in read_log(out)]
+    assert len(losses) == 18 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < np.mean(losses[:3]), losses
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    for key in ("objective", "hparams", "epochs", "top1", "top5", "top1_raw", "top5_raw",
+                "train_seconds", "images_per_second", "seed", "arch", "dataset", "resolution",
+                "val_top1", "mean_per_class"):
+        assert saved[key] is not None, key
+    assert saved["objective"] == objective and saved["dataset"] == "digits@0-4"
+    assert saved["hparams"] == common.objective_hparams(objective)
+    assert saved["test_count"] == len(common.load_dataset("digits@0-4")["test"])
+    ck = common.load_checkpoint(os.path.join(out, "final.pt"))
+    model = common.model_from_checkpoint(ck)
+    assert ck["args"]["resolution"] == 8 and ck["args"]["seed"] == 0
+    model2, info = common.load_pretrained(os.path.join(out, "final.pt"))
+    assert info["resolution"] == 8 and info["seed"] == 0 and info["objective"] == objective
+    # final.pt holds the EMA weights that gave results.json's top1 on the test split
+    data = common.load_dataset("digits@0-4")
+    m = common.evaluate({"ema": model}, data["test"], 8, torch.device("cpu"), 5)["ema"]
+    assert m["top1"] == pytest.approx(saved["top1"])
+    with open(os.path.join(out, "summary.csv")) as f:
+        assert f.readline().startswith("epoch,step,lr,train_loss")
+
+
+def test_changed_arguments_are_refused_on_resume_unless_forced(tmp_path):
+    out, _ = train(tmp_path, "run")
+    with pytest.raises(common.UserError, match="epochs: 1 -> 2.*--force-resume"):
+        train(tmp_path, "run", "--epochs", "2")
+    with pytest.raises(common.UserError, match="objective"):
+        train(tmp_path, "run", "--objective", "sigmoid")
+    with pytest.raises(common.UserError, match="lr"):
+        train(tmp_path, "run", "--lr", "0.5")
+    _, results = train(tmp_path, "run", "--epochs", "2", "--force-resume")
+    assert results["steps"] == 36 and results["epochs"] == 2
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
+    out = str(tmp_path / "nan")
+    # step indices count from 0, log.jsonl's steps from 1: index 7 is step 8
+    with pytest.raises(common.UserError, match=r"nan/inf at step 8 .*last\.pt \(step 6\)"):
+        train_imagenet.main([*TINY, "--out", out, "--log-every", "2", "--ckpt-minutes", "0",
+                             "--debug-nan-at-step", "7"])
+    ck = common.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["train_state"]["step"] == 6
+    assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
+    assert not os.path.exists(os.path.join(out, "final.pt"))
+
+
+def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    # dropout exercises the RNG restore; one loader worker exercises per-image seeding
+    base = ["--data", "digits@0-4", "--objective", "dropout", "--batch-size", "64",
+            "--epochs", "2", "--workers", "1", "--log-every", "2", "--ckpt-minutes", "0",
+            "--deterministic"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    r = run_script([*base, "--out", ref])
+    assert r.returncode == 0, r.stderr
+    r = run_script([*base, "--out", cut, "--debug-kill-at-step", "5"])  # mid-epoch 1
+    assert r.returncode == -9, r.stderr
+    assert common.load_checkpoint(os.path.join(cut, "last.pt"))["train_state"]["step"] == 4
+    r = run_script([*base, "--out", cut, "--debug-kill-at-step", "13"])  # mid-epoch 2
+    assert r.returncode == -9 and "resumed at step 4" in r.stdout, r.stdout + r.stderr
+    r = run_script([*base, "--out", cut])
+    assert r.returncode == 0 and "resumed at step 12" in r.stdout, r.stdout + r.stderr
+    a = torch.load(os.path.join(ref, "final.pt"), weights_only=True)
+    b = torch.load(os.path.join(cut, "final.pt"), weights_only=True)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["results"]["top1"] == b["results"]["top1"]
+    steps = [r["step"] for r in read_log(cut) if "loss" in r]
+    assert steps == [r["step"] for r in read_log(ref)]  # no step logged twice or lost
+    assert steps == [2, 4, 6, 8, 9, 10, 12, 14, 16, 18]  # every 2 steps and at epoch ends
+
+
+def test_torchrun_two_processes_count_every_val_image_once(tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_imagenet.py"), "--data", "digits", "--epochs", "1",
+           "--batch-size", "64", "--workers", "0", "--log-every", "4", "--out", out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    data = common.load_dataset("digits")
+    assert len(data["val"]) % 2 == 1
+    assert res["world_size"] == 2 and res["val_count"] == len(data["val"])
+    assert res["test_count"] == len(data["test"])
+    assert res["steps"] == (len(data["train"]) // 2) // 32
+    assert "world 2, batch 32/device x 2 = 64 global" in r.stdout
+    common.model_from_checkpoint(common.load_checkpoint(os.path.join(out, "final.pt")))
+
+
+def test_bench_modes_report_images_per_second(capsys):
+    small = ["--arch", "resnet18", "--resolution", "8", "--small-input", "--batch-size", "16",
+             "--bench-steps", "2"]
+    assert train_imagenet.main(["--bench", "synthetic", *small]) > 0
+    assert train_imagenet.main(["--bench", "loader", "--data", "digits", *small,
+                                "--workers", "0"]) > 0
+    assert train_imagenet.main(["--bench", "train", "--data", "digits", *small,
+                                "--workers", "0"]) > 0
+    assert capsys.readouterr().out.count("images_per_second=") == 3
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    r = run_script(["--data", "digits@0-4", "--out", str(tmp_path / "x"), "--batch-size", "4096"])
+    assert r.returncode == 2 and "larger than the training set" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    with pytest.raises(common.UserError, match="has no hyperparameter 'tau'"):
+        train(tmp_path, "y", "--objective", "softmax", "--tau", "0.1")
+    with pytest.raises(common.UserError, match="does not divide"):
+        train(tmp_path, "z", "--micro-batch", "5")
