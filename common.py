@@ -255,10 +255,21 @@ def eval_transform(resolution, crop_fraction=0.875):
                                        antialias=True)])
 
 
+_NORMALIZE_CONSTANTS = {}  # (device, dtype) -> (mean, std)
+
+
 def normalize(images, dtype=torch.float32):
-    """uint8 NCHW batch (on any device) -> normalized float in channels_last."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    """uint8 NCHW batch (on any device) -> normalized float in channels_last.
+
+    The constants are made once per device and dtype: a host-to-device copy per batch would
+    make the host wait for the GPU at every training step."""
+    key = (images.device, dtype)
+    if key not in _NORMALIZE_CONSTANTS:
+        with torch.inference_mode(False):
+            _NORMALIZE_CONSTANTS[key] = tuple(
+                torch.tensor(v, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+                for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALIZE_CONSTANTS[key]
     x = (images.to(dtype) - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
 
