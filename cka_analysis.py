@@ -6,7 +6,7 @@ matrix per (checkpoint, layer), U-centred in float64; one stacked product then g
 HSIC (Song et al. 2012) of every pair of (checkpoint, layer) x (checkpoint, layer) at once. The
 HSICs are averaged over batches (weighted by batch size, so equal batches weigh equally) and
 normalized at the end: minibatch CKA (Nguyen, Raghu, Kornblith 2021). Memory depends on the batch
-size and the number of (checkpoint, layer) pairs, never on the number of images.
+size and the number of (checkpoint, layer) combinations, never on the number of images.
 
     python cka_analysis.py --checkpoint runs/softmax_s0/final.pt runs/softmax_s1/final.pt \\
         runs/sigmoid_s0/final.pt --data imagenet:/data/imagenet --split test --out results/cka
@@ -95,7 +95,8 @@ def linear_cka(x, y, debiased=False):
     x, y = _matrix(x, "x"), _matrix(y, "y")
     n = x.shape[0]
     if y.shape[0] != n:
-        raise common.UserError(f"x and y must have the same number of rows, got {n} and {y.shape[0]}")
+        raise common.UserError(f"x and y must have the same number of rows, got {n} and "
+                               f"{y.shape[0]}")
     if n < (4 if debiased else 2):
         raise common.UserError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
     if debiased:
@@ -117,10 +118,11 @@ class MinibatchCKA:
     """Accumulates minibatch CKA between G feature sets (Nguyen, Raghu, Kornblith 2021).
 
     update(features) takes G (n, p_g) tensors or arrays (same n, any p_g, any device; may be a
-    generator, so only one set needs to be alive at a time); update(..., overwrite=True) may
-    centre the given tensors in place (for throwaway activations: saves a copy of each). Per batch: one Gram matrix per set,
-    U-centred in float64, then all G x G unbiased HSICs from one stacked product. The HSICs are
-    summed weighted by n; cka() normalizes them: CKA = HSIC(a, b) / sqrt(HSIC(a, a) HSIC(b, b)).
+    generator, so only one set needs to be alive at a time); with overwrite=True it may centre
+    the given tensors in place (for throwaway activations: saves a copy of each). Per batch: one
+    Gram matrix per set, U-centred in float64, then all G x G unbiased HSICs from one stacked
+    product. The HSICs are summed weighted by n; cka() normalizes them:
+    CKA = HSIC(a, b) / sqrt(HSIC(a, a) HSIC(b, b)).
     Memory: G Gram matrices of n x n float64 for one batch, plus the G x G sums."""
 
     def __init__(self):
@@ -260,10 +262,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths or torchvision:ARCH:WEIGHTS (one or more)")
-    p.add_argument("--data", required=True, help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
+    p.add_argument("--data", required=True,
+                   help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder for cka.npz and cka.json")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--layers", default="all", help="all, or a comma list such as block16,pool,logits")
+    p.add_argument("--layers", default="all",
+                   help="all, or a comma list such as block16,pool,logits")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--passes", type=int, default=1, help="passes over the images (see above)")
     p.add_argument("--max-images", type=int, default=None, help="seeded random subset of the split")

@@ -1,22 +1,24 @@
 """Class separation of a network's features (SPEC.md, "Representation analyses").
 
 For each checkpoint and layer (default: the penultimate `pool` features):
-  r2        1 - d_within / d_total with the cosine distance d = 1 - cos(a, b), every class weighted
-            equally (self-pairs included), computed as (mean_k ||mu_k||^2 - ||mu||^2) / (1 - ||mu||^2)
-            from the class means mu_k of the unit-normalized features: O(N D), no pairwise matrix
+  r2        1 - d_within / d_total with the cosine distance d = 1 - cos(a, b), every class
+            weighted equally (self-pairs included), computed as
+            (mean_k ||mu_k||^2 - ||mu||^2) / (1 - ||mu||^2) from the class means mu_k of the
+            unit-normalized features: O(N D), no pairwise matrix
   sparsity  the fraction of activations that are exactly zero
   dim       participation ratio of the feature covariance, (sum of eigenvalues)^2 / sum of
             eigenvalues^2 = tr(C)^2 / ||C||_F^2
 
     python class_separation.py --checkpoint runs/*/final.pt --data imagenet:/data/imagenet \\
         --split train --max-per-class 50 --out results/separation
-    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep --layers block8,pool
+    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \
+        --layers block8,pool
 
-Output DIR/class_separation.json: a list with one record per checkpoint {label, objective, seed, arch,
-hash, path, dataset, data, split, resolution, n_images, num_classes, layers: {layer: {r2, sparsity,
-dim}}}; DIR/class_separation.npz: labels, objectives, seeds (-1 where unknown), archs, layers (the union
-over checkpoints) and r2, sparsity, dim of shape (checkpoints, layers), NaN where a checkpoint has
-no such layer.
+Output DIR/class_separation.json: a list with one record per checkpoint {label, objective, seed,
+arch, hash, path, dataset, data, split, resolution, n_images, num_classes,
+layers: {layer: {r2, sparsity, dim}}}. DIR/class_separation.npz: labels, objectives, seeds (-1
+where unknown), archs, layers (the union over checkpoints), n_images, and r2, sparsity, dim of
+shape (checkpoints, layers), NaN where a checkpoint has no such layer.
 
 Importable:
     from class_separation import class_separation, sparsity, participation_ratio
@@ -52,7 +54,8 @@ def class_separation(features, labels):
     x = _features(features).astype(np.float64)
     y = np.asarray(labels)
     if y.ndim != 1 or len(y) != len(x):
-        raise common.UserError(f"labels must be a 1-d array of {len(x)} entries, got shape {y.shape}")
+        raise common.UserError(f"labels must be a 1-d array of {len(x)} entries, got shape "
+                               f"{y.shape}")
     classes, inverse = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise common.UserError(f"class separation needs at least 2 classes, got {len(classes)}")
@@ -120,8 +123,8 @@ def check_memory(model, layers, resolution, n_images, label):
         return
     if need > have / 2:
         raise common.UserError(f"{label}: {n_images} images x layers {','.join(layers)} need "
-                               f"{need / 2**30:.1f} GiB of features (machine: {have / 2**30:.0f} GiB);"
-                               f" use --max-per-class or fewer --layers")
+                               f"{need / 2**30:.1f} GiB of features (machine: "
+                               f"{have / 2**30:.0f} GiB); use --max-per-class or fewer --layers")
 
 
 def make_out_dir(path):
@@ -139,13 +142,15 @@ def analyse(name, data, args, device):
     model.to(device)
     resolution = args.resolution or info["resolution"]
     if resolution is None:
-        raise common.UserError(f"checkpoint {name} records no training resolution; pass --resolution")
+        raise common.UserError(f"checkpoint {name} records no training resolution; "
+                               f"pass --resolution")
     valid = common.layer_names(model)
-    layers = valid if args.layers == "all" else [s.strip() for s in args.layers.split(",") if s.strip()]
+    layers = valid if args.layers == "all" else \
+        [s.strip() for s in args.layers.split(",") if s.strip()]
     bad = [l for l in layers if l not in valid]
     if bad or not layers:
-        raise common.UserError(f"{info['label']} ({info['arch']}) has no layer {', '.join(bad) or '(empty)'};"
-                               f" valid: {', '.join(valid)}")
+        raise common.UserError(f"{info['label']} ({info['arch']}) has no layer "
+                               f"{', '.join(bad) or '(empty --layers)'}; valid: {', '.join(valid)}")
     view = per_class_subset(data[args.split], args.max_per_class)
     check_memory(model, layers, int(resolution), len(view), info["label"])
     loader = common.eval_loader(view, int(resolution), args.batch_size, args.workers,
@@ -171,7 +176,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths or torchvision:ARCH:WEIGHTS")
-    p.add_argument("--data", required=True, help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
+    p.add_argument("--data", required=True,
+                   help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--layers", default="pool", help="pool (default), all, or a comma list")

@@ -177,7 +177,8 @@ def import_torch_cka(path):
         return torch_cka
     except ImportError as e:
         print(f"torch-cka not importable ({e}); the reference is the re-implementation "
-              f"pair_at_a_time (install: pip install --no-deps --target /tmp/torchcka torch-cka tqdm)")
+              f"pair_at_a_time (install: pip install --no-deps --target /tmp/torchcka "
+              f"torch-cka tqdm)")
         return None
 
 
@@ -219,7 +220,8 @@ def bench(arch, args, torch_cka):
     d_ours = np.abs(ours_cka - exact_cka).max()
     d_ref = np.abs(ref_cka - exact_cka).max()
     d_both = np.abs(ours_cka - ref_cka).max()
-    print(f"  speed-up on the CKA computation (fastest runs): {t_ref / t_ours:.1f}x (target >= 5x); "
+    print(f"  speed-up on the CKA computation (fastest runs): {t_ref / t_ours:.1f}x "
+          f"(target >= 5x); "
           f"end to end with the forward passes: {(t_fwd + t_ref) / (t_fwd + t_ours):.1f}x")
     print(f"  max |ours - exact float64| = {d_ours:.1e} (target <= 1e-5); "
           f"max |reference - exact| = {d_ref:.1e}; max |ours - reference| = {d_both:.1e}")

@@ -214,7 +214,8 @@ def test_script_errors(ckpts, tmp_path):
     main(["--checkpoint", a, other_res, deep, "--data", "digits", "--out", out, "--resolution", "8",
           "--layers", "pool,logits", "--max-images", "40", "--batch-size", "40"])
     with np.load(os.path.join(out, "cka.npz")) as z:
-        assert z["cka"].shape == (3, 3, 2, 2) and list(z["archs"]) == ["resnet18"] * 2 + ["resnet34"]
+        assert z["cka"].shape == (3, 3, 2, 2)
+        assert list(z["archs"]) == ["resnet18"] * 2 + ["resnet34"]
     # a bad path: one line on stderr, exit status 2, nothing written
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cka_analysis.py"), "--checkpoint",
                         a, str(tmp_path / "missing.pt"), "--data", "digits", "--out",
