@@ -142,6 +142,10 @@ class MinibatchCKA:
                 self.skipped += f.shape[0]
                 return
             grams.append(gram(f, overwrite))
+            if not torch.isfinite(grams[-1]).all():
+                err = common.UserError(f"feature set {len(grams) - 1} has NaN or infinite values")
+                err.index = len(grams) - 1
+                raise err
         if not grams:
             raise common.UserError("MinibatchCKA.update got no feature sets")
         n = grams[0].shape[0]
@@ -149,7 +153,7 @@ class MinibatchCKA:
         del grams
         hsic = flat @ flat.T / (n * (n - 3))
         if not torch.isfinite(hsic).all():
-            raise common.UserError("activations have NaN or infinite values (a diverged model?)")
+            raise common.UserError("HSIC overflowed: activations too large for float64")
         if self.hsic is None:
             self.hsic = torch.zeros_like(hsic)
         elif self.hsic.shape != hsic.shape:
@@ -309,7 +313,15 @@ def main(argv=None):
         loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                     args.crop_fraction)
         for b, (images, _) in enumerate(loader):
-            acc.update(batch_features(models, images, layers, device), overwrite=True)
+            try:
+                acc.update(batch_features(models, images, layers, device), overwrite=True)
+            except common.UserError as e:
+                g = getattr(e, "index", None)
+                if g is None:
+                    raise
+                raise common.UserError(f"{args.checkpoint[g // len(layers)]}: layer "
+                                       f"{layers[g % len(layers)]} has NaN or infinite "
+                                       f"activations (a diverged or corrupt model?)")
             if (b + 1) % 20 == 0:
                 print(f"  pass {p_i + 1} batch {b + 1}/{len(loader)} ({time.time() - start:.0f} s)",
                       flush=True)

@@ -163,7 +163,7 @@ def analyse(name, data, args, device):
                               "sparsity": sparsity(feats[layer]),
                               "dim": participation_ratio(feats[layer])}
         except common.UserError as e:
-            raise common.UserError(f"{info['label']} layer {layer}: {e}")
+            raise common.UserError(f"{name}: layer {layer}: {e}")
     seed = info["seed"]
     return {"label": info["label"], "objective": info["objective"],
             "seed": None if seed is None else int(seed), "arch": info["arch"], "hash": info["hash"],

@@ -216,6 +216,13 @@ def test_script_errors(ckpts, tmp_path):
     with np.load(os.path.join(out, "cka.npz")) as z:
         assert z["cka"].shape == (3, 3, 2, 2)
         assert list(z["archs"]) == ["resnet18"] * 2 + ["resnet34"]
+    # NaN weights: the error names the checkpoint and the first layer that goes bad
+    bad = torch.load(a, weights_only=True)
+    bad["model"]["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    common.save_checkpoint(str(tmp_path / "nan.pt"), bad)
+    with pytest.raises(common.UserError, match=r"nan\.pt: layer block5 has NaN"):
+        main(["--checkpoint", a, str(tmp_path / "nan.pt"), "--data", "digits", "--out", out,
+              "--max-images", "8", "--batch-size", "8"])
     # a bad path: one line on stderr, exit status 2, nothing written
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cka_analysis.py"), "--checkpoint",
                         a, str(tmp_path / "missing.pt"), "--data", "digits", "--out",
