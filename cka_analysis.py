@@ -65,6 +65,8 @@ def gram(x, overwrite=False):
     x = x.flatten(1)
     if not x.is_floating_point():
         x, overwrite = x.float(), True
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        overwrite = False  # inference tensors can only be changed in place in inference mode
     mean = torch.full((1, x.shape[0]), 1 / x.shape[0], dtype=x.dtype, device=x.device) @ x
     x = x.sub_(mean) if overwrite else x - mean
     return x @ x.T
@@ -224,9 +226,13 @@ def batch_features(models, images, layers, device):
     """The activations of every (model, layer) for one batch, model by model (a generator, so
     only one model's activations are alive at a time). common.extract_features copies them."""
     for model in models:
-        for feats, _ in common.extract_features(model, [(images, None)], layers, device):
-            for layer in layers:
-                yield feats.pop(layer)
+        gen = common.extract_features(model, [(images, None)], layers, device)
+        try:  # closed even when the consumer stops early: its hooks and inference mode end
+            for feats, _ in gen:
+                for layer in layers:
+                    yield feats.pop(layer)
+        finally:
+            gen.close()
 
 
 def pass_views(split, max_images, passes, seed=0):
@@ -313,8 +319,9 @@ def main(argv=None):
         loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                     args.crop_fraction)
         for b, (images, _) in enumerate(loader):
+            feats = batch_features(models, images, layers, device)
             try:
-                acc.update(batch_features(models, images, layers, device), overwrite=True)
+                acc.update(feats, overwrite=True)
             except common.UserError as e:
                 g = getattr(e, "index", None)
                 if g is None:
@@ -322,6 +329,9 @@ def main(argv=None):
                 raise common.UserError(f"{args.checkpoint[g // len(layers)]}: layer "
                                        f"{layers[g % len(layers)]} has NaN or infinite "
                                        f"activations (a diverged or corrupt model?)")
+            finally:
+                feats.close()  # a generator left open inside extract_features would keep
+                # torch's inference mode switched on for the rest of the thread
             if (b + 1) % 20 == 0:
                 print(f"  pass {p_i + 1} batch {b + 1}/{len(loader)} ({time.time() - start:.0f} s)",
                       flush=True)

@@ -223,6 +223,7 @@ def test_script_errors(ckpts, tmp_path):
     with pytest.raises(common.UserError, match=r"nan\.pt: layer block5 has NaN"):
         main(["--checkpoint", a, str(tmp_path / "nan.pt"), "--data", "digits", "--out", out,
               "--max-images", "8", "--batch-size", "8"])
+    assert not torch.is_inference_mode_enabled()  # the feature generators were closed
     # a bad path: one line on stderr, exit status 2, nothing written
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cka_analysis.py"), "--checkpoint",
                         a, str(tmp_path / "missing.pt"), "--data", "digits", "--out",
