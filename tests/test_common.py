@@ -468,3 +468,13 @@ def test_run_main_prints_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: class subset")
+
+
+def test_open_feature_generator_leaves_autograd_on():
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    loader = common.eval_loader(common.load_dataset("digits@0-4")["val"], 8, batch_size=16)
+    gen = common.extract_features(model, loader, ["pool"])
+    feats, _ = next(gen)  # left open on purpose
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    feats["pool"] += 1  # ordinary tensors: in-place use downstream is fine
+    gen.close()
