@@ -675,14 +675,16 @@ def extract_features(model, loader, layers, device="cpu", dtype=None):
     model.eval()
     device = torch.device(device)
     try:
-        with torch.inference_mode():
-            for images, labels in loader:
+        for images, labels in loader:
+            # no_grad only around the forward pass: a generator left open must not leave
+            # the whole process without autograd
+            with torch.no_grad():
                 x = normalize(images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = model(x)
                 if "logits" in layers:
                     store["logits"] = logits.detach().float().clone()
-                yield {name: store.pop(name) for name in layers}, labels
+            yield {name: store.pop(name) for name in layers}, labels
     finally:
         for h in handles:
             h.remove()
