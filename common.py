@@ -929,6 +929,8 @@ def add_training_args(parser, **defaults):
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for GPU, off for CPU)")
     g.add_argument("--workers", type=int, help="data loading processes per device")
+    g.add_argument("--threads", type=int, help="CPU threads of the training step (default: "
+                   "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="per device")
     g.add_argument("--log-every", type=int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
@@ -967,6 +969,13 @@ def setup_distributed(device="auto"):
         else:
             torch.distributed.init_process_group("gloo")
     return {"rank": rank, "world": world, "local_rank": local_rank, "device": dev}
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def teardown_distributed():
@@ -1339,6 +1348,12 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
     workers = args.workers if args.workers is not None else 0
+    if not cuda:  # oversubscribed cores make every small CPU kernel wait on the slowest thread
+        threads = getattr(args, "threads", None) or (
+            None if "OMP_NUM_THREADS" in os.environ else max(1, _cpu_count() // int(
+                os.environ.get("LOCAL_WORLD_SIZE", world)) - workers))
+        if threads:
+            torch.set_num_threads(threads)
     loader, sampler = train_loader(train, train_tf, micro, steps_per_epoch * per_device, rank,
                                    world, args.seed, workers, pin_memory=cuda)
 
@@ -1354,7 +1369,8 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
               f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
               f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
               f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
-              f"{use_compile}, channels_last {channels_last}, workers {workers} | train "
+              f"{use_compile}, channels_last {channels_last}, workers {workers}"
+              f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
               f"{len(train)} / val {len(val)} / test {len(test) if test is not None else '-'} "
               f"images, {K} classes, {args.resolution}px | device {device}"
               + (f" | resumed at step {state['step']}" if state["step"] else ""), flush=True)
@@ -1494,7 +1510,7 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
             signum, due = (int(v) for v in ctl.tolist())
             dt = time.perf_counter() - t_interval
             if first_bad < NO_BAD_STEP:
-                _stop_on_nan(first_bad, steps_per_epoch, out_dir, state)
+                _stop_on_nan(first_bad, steps_per_epoch, out_dir, state, amp_dtype)
             state["step_seconds"] += dt
             state["train_seconds"] += time.perf_counter() - t_run
             t_run = time.perf_counter()
@@ -1528,12 +1544,13 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
     return None
 
 
-def _stop_on_nan(step, steps_per_epoch, out_dir, state):
+def _stop_on_nan(step, steps_per_epoch, out_dir, state, amp_dtype):
     last = os.path.join(out_dir, "last.pt")
-    kept = (f"{last} (step {state['ckpt_step']}) is intact: rerun with a lower --lr (or "
-            f"--precision fp32) and --force-resume to continue from it, or use a new --out"
+    lower = "a lower --lr" + (" (or --precision fp32)" if amp_dtype is not None else "")
+    kept = (f"{last} (step {state['ckpt_step']}) is intact: rerun with {lower} and "
+            f"--force-resume to continue from it, or use a new --out"
             if state["ckpt_step"] is not None else
-            "no checkpoint had been written yet: rerun with a lower --lr (or --precision fp32)")
+            f"no checkpoint had been written yet: rerun with {lower}")
     raise UserError(f"the loss became nan/inf at step {step + 1} (epoch "
                     f"{step // steps_per_epoch + 1}); training stopped. {kept}")
 
@@ -1586,7 +1603,7 @@ def _finish(model, ema, criterion, state, args, dist, data, amp_dtype, channels_
     last = state["history"][-1] if state["history"] else {}
     shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
     raw = t["raw"] if t else {}
-    results = {**(results_extra or {}),
+    results = {**(results_extra or {}),  # first in the file; their values win below
                "top1": shown.get("top1"), "top5": shown.get("top5"),
                "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
                "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
@@ -1603,6 +1620,7 @@ def _finish(model, ema, criterion, state, args, dist, data, amp_dtype, channels_
                "images_per_second": state["images"] / max(state["step_seconds"], 1e-9),
                "num_classes": data["num_classes"], "train_images": len(data["train"]),
                "versions": versions()}
+    results.update(results_extra or {})
     if dist["rank"] == 0:
         save_checkpoint(os.path.join(out_dir, "final.pt"), checkpoint(results=results))
         save_json(os.path.join(out_dir, "results.json"), results)

@@ -28,9 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 
 
-def images_per_second(cmd):
+def images_per_second(cmd, threads=None):
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     m = re.search(r"images_per_second=([0-9.]+)", r.stdout)
     if r.returncode or not m:
         sys.exit(f"error: {' '.join(cmd)} failed (status {r.returncode}):\n{r.stderr[-2000:]}")
@@ -45,12 +46,13 @@ def cpu(a):
     ours = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--bench", "train", *common,
             "--data", data, "--no-small-input", "--augment", "paper", "--flip",
             "--precision", "fp32", "--bench-steps", str(a.steps), "--device", "cpu"]
-    print(f"reference: {' '.join(ref)}\nours:      {' '.join(ours)}", flush=True)
+    print(f"reference: {' '.join(ref)}\nours:      {' '.join(ours)}\nthreads: "
+          f"{a.threads or 'torch default'}", flush=True)
     rates = {"reference": [], "ours": []}
     for r in range(a.rounds):
         for name, cmd in (("reference", ref), ("ours", ours)) if r % 2 == 0 else \
                          (("ours", ours), ("reference", ref)):
-            ips, wall = images_per_second(cmd)
+            ips, wall = images_per_second(cmd, a.threads)
             rates[name].append(ips)
             print(f"round {r + 1}: {name:9s} {ips:8.1f} images/s ({wall:.0f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -91,6 +93,7 @@ def main():
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, help="timed steps per run (after 5 warmup steps)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (default: torch's)")
     a = p.parse_args()
     if not os.path.exists(a.reference):
         sys.exit(f"error: reference loop not found: {a.reference}; pass --reference PATH")

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from conftest import ROOT
 
 # A tiny configuration: ResNet-18 with the small-input stem on 8 px digits, batch 32.
 TINY = ["--data", "digits@0-4", "--arch", "resnet18", "--resolution", "8", "--batch-size", "32",
-        "--epochs", "1", "--workers", "0", "--log-every", "1", "--eval-batch-size", "128"]
+        "--epochs", "1", "--workers", "0", "--threads", "1", "--log-every", "1",
+        "--eval-batch-size", "128"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -196,11 +199,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
 def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # dropout exercises the RNG restore; one loader worker exercises per-image seeding
     base = ["--data", "digits@0-4", "--objective", "dropout", "--batch-size", "64",
-            "--epochs", "2", "--workers", "1", "--log-every", "2", "--ckpt-minutes", "0",
-            "--deterministic"]
+            "--resolution", "8", "--epochs", "2", "--workers", "1", "--log-every", "2",
+            "--ckpt-minutes", "0", "--deterministic", "--threads", "1"]
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    r = run_script([*base, "--out", ref])
-    assert r.returncode == 0, r.stderr
+    try:  # the uninterrupted run in this process (one thread, as the scripts below)
+        train_imagenet.main([*base, "--out", ref])
+    finally:
+        torch.use_deterministic_algorithms(False)
     r = run_script([*base, "--out", cut, "--debug-kill-at-step", "5"])  # mid-epoch 1
     assert r.returncode == -9, r.stderr
     assert common.load_checkpoint(os.path.join(cut, "last.pt"))["train_state"]["step"] == 4
@@ -220,11 +225,31 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert steps == [2, 4, 6, 8, 9, 10, 12, 14, 16, 18]  # every 2 steps and at epoch ends
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_last_checkpoint_and_exits(tmp_path, signum):
+    out = str(tmp_path / "sig")
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "20",
+           "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and os.path.getsize(log) > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stdout + stderr
+    step = common.load_checkpoint(os.path.join(out, "last.pt"))["train_state"]["step"]
+    assert 1 <= step < 20 * 18 and f"saved {out}/last.pt at step {step}" in stdout
+    assert not os.path.exists(os.path.join(out, "final.pt"))
+
+
 def test_torchrun_two_processes_count_every_val_image_once(tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_imagenet.py"), "--data", "digits", "--epochs", "1",
-           "--batch-size", "64", "--workers", "0", "--log-every", "4", "--out", out]
+           "--resolution", "8", "--batch-size", "64", "--workers", "0", "--log-every", "4",
+           "--out", out]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -241,7 +266,7 @@ def test_torchrun_two_processes_count_every_val_image_once(tmp_path):
 
 def test_bench_modes_report_images_per_second(capsys):
     small = ["--arch", "resnet18", "--resolution", "8", "--small-input", "--batch-size", "16",
-             "--bench-steps", "2"]
+             "--bench-steps", "2", "--threads", "1"]
     assert train_imagenet.main(["--bench", "synthetic", *small]) > 0
     assert train_imagenet.main(["--bench", "loader", "--data", "digits", *small,
                                 "--workers", "0"]) > 0
