@@ -935,7 +935,7 @@ def add_training_args(parser, **defaults):
     g.add_argument("--log-every", type=int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
     g.add_argument("--ckpt-minutes", type=float, default=10.0,
-                   help="also write last.pt this often (checked at log steps; 0: at every log step)")
+                   help="also write last.pt this often (checked at log steps; 0: every log step)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
@@ -1142,6 +1142,8 @@ def evaluate(models, split, resolution, device, num_classes, rank=0, world=1, am
     across ranks (rank r takes images r, r+world, ...; no padding), counts summed over ranks.
     Returns {name: {top1, top5, mean_per_class, loss, count}}; loss is criterion's (or None)."""
     part = Split(split.source, split.indices[rank::world], split.label_map)
+    if split.source.images is not None:
+        workers = 0  # in-memory arrays: a worker process would cost more than it saves
     loader = eval_loader(part, resolution, batch_size=batch_size, workers=workers)
     K = int(num_classes)
     sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
@@ -1317,8 +1319,8 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
     state = {"epoch": 0, "images_in_epoch": 0, "step": 0, "images": 0, "train_seconds": 0.0,
              "step_seconds": 0.0, "epoch_sums": [0.0, 0.0, 0.0], "history": [],
              "ckpt_step": None}
-    last_path, final_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "final.pt")
-    log_path, results_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "results.json")
+    last_path, log_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "log.jsonl")
+    results_path = os.path.join(out_dir, "results.json")
     run_args = {k: v for k, v in vars(args).items()}
 
     def checkpoint(**extra):
@@ -1505,7 +1507,8 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
             # --- sync point: the only place the host reads device values ---
             g_sums = _all_reduce(sums.clone()).tolist()
             first_bad = int(_all_reduce(bad.clone(), "min"))
-            due = args.ckpt_minutes <= 0 or time.perf_counter() - last_ckpt >= args.ckpt_minutes * 60
+            due = (args.ckpt_minutes <= 0
+                   or time.perf_counter() - last_ckpt >= args.ckpt_minutes * 60)
             ctl = _all_reduce(torch.tensor([flags["signal"], int(due)], device=device), "max")
             signum, due = (int(v) for v in ctl.tolist())
             dt = time.perf_counter() - t_interval

@@ -40,7 +40,8 @@ def images_per_second(cmd, threads=None):
 
 def cpu(a):
     data = f"npz:{a.data}"
-    common = ["--arch", a.arch, "--resolution", str(a.resolution), "--batch-size", str(a.batch_size)]
+    common = ["--arch", a.arch, "--resolution", str(a.resolution),
+              "--batch-size", str(a.batch_size)]
     ref = [sys.executable, a.reference, *common, "--data", data, "--steps", str(a.steps),
            "--warmup", "5", "--device", "cpu", "--amp", "off"]
     ours = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--bench", "train", *common,
