@@ -129,9 +129,13 @@ def apply_preset(args, image_size=None, device=None):
         # On the CPU one worker: it runs single-threaded, which keeps tiny augmentations cheap,
         # and shares the cores with the training step. On a GPU the loaders are the CPU's job.
         args.workers = min(8, cpus if cuda else max(1, cpus // 2))
-    for key in ("epochs", "batch_size", "resolution", "workers"):
-        if getattr(args, key) < (0 if key == "workers" else 1):
-            raise common.UserError(f"--{key.replace('_', '-')} must be positive")
+    for key in ("epochs", "batch_size", "resolution", "log_every", "lr", "workers",
+                "warmup_epochs", "ema_epochs", "micro_batch", "threads"):
+        value, minimum = getattr(args, key), 0 if key in ("workers", "warmup_epochs",
+                                                           "ema_epochs") else 1e-300
+        if value is not None and not value >= minimum:
+            raise common.UserError(f"--{key.replace('_', '-')} must be "
+                                   f"{'>= 0' if minimum == 0 else 'positive'} (got {value})")
     return args
 
 

@@ -174,7 +174,10 @@ def test_every_objective_trains_and_writes_loadable_outputs(tmp_path, objective)
 
 
 def test_changed_arguments_are_refused_on_resume_unless_forced(tmp_path):
-    out, _ = train(tmp_path, "run")
+    out, first = train(tmp_path, "run")
+    _, again = train(tmp_path, "run")  # a finished run: evaluated again, not trained again
+    assert again["steps"] == 18 and again["top1"] == first["top1"]
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 19))
     with pytest.raises(common.UserError, match="epochs: 1 -> 2.*--force-resume"):
         train(tmp_path, "run", "--epochs", "2")
     with pytest.raises(common.UserError, match="objective"):
