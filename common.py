@@ -756,6 +756,18 @@ def save_json(path, obj):
                                          .encode()))
 
 
+def read_json(path):
+    """A JSON file, or a one-line UserError saying it is missing or corrupt."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and rerun the step that "
+                        f"writes it")
+
+
 def save_npz(path, **arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -899,7 +911,7 @@ import random
 import signal
 import time
 
-RESUME_KEYS = ("data", "arch", "epochs", "batch_size", "lr", "warmup_epochs", "seed",
+RESUME_KEYS = ("data", "arch", "epochs", "steps", "batch_size", "lr", "warmup_epochs", "seed",
                "resolution", "momentum", "nesterov", "weight_decay", "ema_epochs")
 NO_BAD_STEP = 2 ** 62
 
@@ -1296,12 +1308,14 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
     if per_device % micro:
         raise UserError(f"--micro-batch {micro} does not divide the per-device batch {per_device}")
     accum = per_device // micro
-    train, val, test = data["train"], data["val"], data.get("test")
+    train, val, test = data["train"], data.get("val"), data.get("test")
     steps_per_epoch = (len(train) // world) // per_device
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {B} is larger than the training set ({len(train)} images); "
                         f"use a smaller --batch-size")
     total_steps = steps_per_epoch * args.epochs
+    if getattr(args, "steps", None):  # a step budget (finetune.py --steps): the last epoch is cut
+        total_steps = min(total_steps, args.steps)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     base_lr = args.lr * B / 256
     K = data["num_classes"]
@@ -1364,7 +1378,8 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
             **run_args, "world_size": world, "per_device_batch": per_device, "micro_batch": micro,
             "accumulation": accum, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "scaled_lr": base_lr, "precision": precision, "compile": use_compile,
-            "channels_last": channels_last, "train_images": len(train), "val_images": len(val),
+            "channels_last": channels_last, "train_images": len(train),
+            "val_images": len(val) if val is not None else None,
             "test_images": len(test) if test is not None else None})
     if is_main:
         print(f"train: {meta['objective']} {meta['arch']} on {data['spec']} | world {world}, batch "
@@ -1373,7 +1388,7 @@ def fit(model, criterion, groups, data, train_tf, out_dir, args, meta, dist,
               f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
               f"{use_compile}, channels_last {channels_last}, workers {workers}"
               f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
-              f"{len(train)} / val {len(val)} / test {len(test) if test is not None else '-'} "
+              f"{len(train)} / val {len(val) if val is not None else '-'} / test {len(test) if test is not None else '-'} "
               f"images, {K} classes, {args.resolution}px | device {device}"
               + (f" | resumed at step {state['step']}" if state["step"] else ""), flush=True)
 
@@ -1501,7 +1516,7 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
                 if state["step"] == total_steps:
                     break
                 continue
-            epoch_end = b == steps_per_epoch - 1
+            epoch_end = b == steps_per_epoch - 1 or state["step"] == total_steps
             if not (state["step"] % args.log_every == 0 or epoch_end):
                 continue
             # --- sync point: the only place the host reads device values ---
@@ -1540,6 +1555,8 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
             state["train_seconds"] += time.perf_counter() - t_run  # eval and checkpoint time
             t_run = t_interval = time.perf_counter()
             wait = 0.0
+            if state["step"] >= total_steps:
+                break
     if bench_steps is not None:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -1560,11 +1577,13 @@ def _stop_on_nan(step, steps_per_epoch, out_dir, state, amp_dtype):
 
 def _end_epoch(net, model, ema, criterion, state, args, dist, amp_dtype, channels_last, data, lr,
                out_dir):
-    """Evaluate raw and EMA weights on val, add a row to summary.csv, print it."""
+    """Evaluate raw and EMA weights on val (when there is one), add a row to summary.csv."""
     models = _eval_models(model, ema)
     m = evaluate(models, data["val"], args.resolution, dist["device"], data["num_classes"],
                  dist["rank"], dist["world"], amp_dtype, args.eval_batch_size,
-                 args.workers or 0, criterion, channels_last)
+                 args.workers or 0, criterion, channels_last) if data.get("val") else None
+    if m is None:  # training on train+val (finetune.py's final run): nothing to score per epoch
+        m = {"raw": dict.fromkeys(("top1", "top5", "mean_per_class", "loss", "count"))}
     net.train()
     loss_sum, correct, n = state["epoch_sums"]
     state["epoch"] += 1
@@ -1581,10 +1600,11 @@ def _end_epoch(net, model, ema, criterion, state, args, dist, amp_dtype, channel
     state["history"].append(row)
     if dist["rank"] == 0:
         _write_csv(os.path.join(out_dir, "summary.csv"), state["history"])
+        val = (f"val top1 {row['val_top1']:.4f} (raw {row['val_top1_raw']:.4f}) top5 "
+               f"{row['val_top5']:.4f}" if row["val_top1"] is not None else "no val split")
         print(f"epoch {row['epoch']}/{args.epochs}: train loss {row['train_loss']:.4f} top1 "
-              f"{row['train_top1']:.4f} | val top1 {row['val_top1']:.4f} (raw "
-              f"{row['val_top1_raw']:.4f}) top5 {row['val_top5']:.4f} | "
-              f"{row['images_per_second']:.0f} img/s", flush=True)
+              f"{row['train_top1']:.4f} | {val} | {row['images_per_second']:.0f} img/s",
+              flush=True)
 
 
 def _eval_models(model, ema):

@@ -1,0 +1,220 @@
+"""Fine-tune a pretrained network on a transfer dataset, choosing lr x weight decay on val only.
+
+  python finetune.py --checkpoint runs/digits_softmax_s0/final.pt --data digits@5-9 --out ft/sm
+  python finetune.py --checkpoint torchvision:resnet50:IMAGENET1K_V1 --data flowers102:/data \\
+      --out ft/flowers --steps 20000 --batch-size 256 --resolution 224
+  python finetune.py --checkpoint runs/c5/final.pt --data npz:../shared/data/clothing_small \\
+      --out ft/clothing --lrs 0.01 0.1 --wds 1e-5 1e-4 --epochs 10
+  python finetune.py --from-scratch --arch resnet18 --small-input --resolution 8 \\
+      --data digits@5-9 --out ft/scratch                   # the random-init baseline
+  torchrun --nproc_per_node=8 finetune.py --checkpoint CKPT --data food101:/data --out ft/food
+
+What it does (SPEC.md, "Transfer evaluation"):
+  1. Every layer but the head starts from the checkpoint (its EMA weights when it has them), the
+     head is a fresh linear layer (N(0, 0.01^2), bias 0) whatever the source objective was; the
+     whole network trains with softmax cross-entropy, SGD Nesterov 0.9, linear warmup then
+     cosine decay, the training augmentation, AMP and channels_last on GPU (common.fit, the
+     machinery of train_imagenet.py).
+  2. Each (lr, weight decay) of the grid trains on train and is scored on val
+     (OUT/grid/lr<LR>_wd<WD>/); the test split is not even loaded into these runs.
+  3. The best pair on val (the dataset's metric: top-1, or mean per-class accuracy) is retrained
+     on train+val (OUT/final/, with final.pt) and evaluated once on test.
+Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1e-5, 1e-4}
+(log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
+grid point is read back, not recomputed. Writes OUT/results.json: metric, test_accuracy,
+best_lr, best_wd, grid (each pair -> val metric), seconds and the source's identity.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+import common
+
+DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1)
+DEFAULT_WDS = (1e-5, 1e-4)
+GRID_KEYS = ("checkpoint_hash", "data", "epochs", "steps", "batch_size", "resolution", "seed",
+             "augment", "flip", "ema_epochs", "from_scratch")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint of train_imagenet.py, or "
+                   "torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:IMAGENET1K_V2)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random initialization instead of a checkpoint (the baseline)")
+    p.add_argument("--data", required=True, help="dataset spec (see README), e.g. digits@5-9")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--lrs", type=float, nargs="*", default=list(DEFAULT_LRS),
+                   help="learning rates per 256 images (scaled to the batch)")
+    p.add_argument("--wds", type=float, nargs="*", default=list(DEFAULT_WDS),
+                   help="weight decays (conv and linear weights)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (instead of --epochs)")
+    p.add_argument("--arch", choices=common.ARCHS,
+                   help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
+    p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --from-scratch: the 3x3 stride-1 stem for tiny images")
+    p.add_argument("--resolution", type=int,
+                   help="default: the checkpoint's training resolution, else 224")
+    p.add_argument("--augment", choices=("paper", "small"),
+                   help="default: paper, or small for in-memory images of 64 px or less")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on, off for digits)")
+    p.add_argument("--download", action="store_true", help="let torchvision download datasets")
+    common.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0, ema_epochs=0.0,
+                             log_every=100)
+    args = p.parse_args(argv)
+    if bool(args.checkpoint) == args.from_scratch:
+        p.error("give exactly one of --checkpoint or --from-scratch")
+    return args
+
+
+def check_grid(args):
+    if not args.lrs or not args.wds:
+        raise common.UserError("empty grid: give at least one value to --lrs and to --wds")
+    bad = [v for v in args.lrs if not v > 0] + [v for v in args.wds if not v >= 0]
+    if bad or any(math.isnan(v) for v in args.lrs + args.wds):
+        raise common.UserError(f"bad grid values {bad}: learning rates must be > 0, weight "
+                               f"decays >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise common.UserError("--steps must be positive")
+
+
+def source_model(args):
+    """(model without a trained head, info) from --checkpoint or --from-scratch."""
+    if args.from_scratch:
+        arch = args.arch or "resnet50"
+        small = bool(args.small_input)
+        model = common.build_model("softmax", 1, arch=arch, small_input=small)
+        info = {"label": f"scratch_{arch}", "objective": "scratch", "arch": arch,
+                "small_input": small, "resolution": None, "hash": "scratch", "seed": None}
+        return model, info
+    model, info = common.load_pretrained(args.checkpoint)
+    if args.arch and args.arch != info["arch"]:
+        raise common.UserError(f"--arch {args.arch} but {args.checkpoint} is a {info['arch']}: "
+                               f"drop --arch or pass a {args.arch} checkpoint")
+    if args.small_input is not None and args.small_input != info["small_input"]:
+        raise common.UserError(f"--small-input does not match {args.checkpoint} (small_input="
+                               f"{info['small_input']}); drop the flag")
+    return model, info
+
+
+def with_fresh_head(source, info, num_classes, seed):
+    """A softmax ResNet of the source's arch with every weight but the head copied over."""
+    torch.manual_seed(seed)
+    model = common.build_model("softmax", num_classes, arch=info["arch"],
+                               small_input=info["small_input"])
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise common.UserError(f"the checkpoint's weights do not fit a {info['arch']} "
+                               f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+    return model
+
+
+def run_dir(out, lr, wd):
+    return os.path.join(out, "grid", f"lr{lr:g}_wd{wd:g}")
+
+
+def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key):
+    """One fine-tuning run through common.fit (resumable); a finished run is read back."""
+    results_path = os.path.join(out_dir, "results.json")
+    if os.path.exists(results_path) and os.path.exists(os.path.join(out_dir, "final.pt")):
+        done = common.read_json(results_path)
+        if done.get("grid_key") == grid_key:
+            if dist["rank"] == 0:
+                print(f"finetune: {out_dir} already finished, read back")
+            return done
+        raise common.UserError(f"{out_dir} holds a run with other arguments ({done.get('grid_key')}"
+                               f" vs {grid_key}); use another --out")
+    run = argparse.Namespace(**vars(args))
+    run.lr, run.weight_decay = lr, wd
+    model = with_fresh_head(source, info, data["num_classes"], args.seed)
+    groups = common.param_groups(model, "softmax", wd)
+    criterion = common.make_criterion("softmax", data["num_classes"])
+    transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
+    meta = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
+            "num_classes": data["num_classes"], "small_input": info["small_input"]}
+    extra = {"finetune_of": info["label"], "source_objective": info["objective"],
+             "grid_key": grid_key, "lr": lr, "weight_decay": wd}
+    return common.fit(model, criterion, groups, data, transform, out_dir, run, meta, dist,
+                      results_extra=extra)
+
+
+def val_score(results, metric):
+    key = "val_top1" if metric == "top1" else "val_mean_per_class"
+    value = results.get(key)
+    if value is None or not math.isfinite(value):
+        raise common.UserError(f"a grid run has no finite {key}; see its summary.csv")
+    return value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    check_grid(args)
+    dist = common.setup_distributed(args.device)
+    try:
+        source, info = source_model(args)
+        data = common.load_dataset(args.data, download=args.download)
+        if args.resolution is None:
+            args.resolution = info["resolution"] or 224
+        tiny = data["image_size"] is not None and data["image_size"] <= 64
+        args.augment = args.augment or ("small" if tiny else "paper")
+        if args.flip is None:
+            args.flip = common.parse_spec(args.data)[0] != "digits"
+        if args.workers is None:
+            args.workers = 1 if dist["device"].type == "cpu" else 8
+        if args.steps is not None:
+            per_epoch = len(data["train"]) // args.batch_size
+            args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
+        grid_key = {k: getattr(args, k, None) for k in GRID_KEYS if k != "checkpoint_hash"}
+        grid_key["checkpoint_hash"] = info["hash"]
+        selection = {"train": data["train"], "val": data["val"], "test": None,
+                     "num_classes": data["num_classes"], "classes": data["classes"],
+                     "metric": data["metric"], "spec": data["spec"], "name": data["name"]}
+        grid, scores = {}, {}
+        for lr in args.lrs:
+            for wd in args.wds:
+                r = train_one(source, info, selection, args, run_dir(args.out, lr, wd), lr, wd,
+                              dist, {**grid_key, "lr": lr, "wd": wd})
+                scores[(lr, wd)] = val_score(r, data["metric"])
+                grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
+        best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+        if dist["rank"] == 0:
+            print(f"finetune: best on val lr={best_lr:g} wd={best_wd:g} "
+                  f"({data['metric']} {scores[(best_lr, best_wd)]:.4f}); retraining on train+val")
+        final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
+                      "val": None, "test": data["test"]}
+        r = train_one(source, info, final_data, args, os.path.join(args.out, "final"),
+                      best_lr, best_wd, dist, {**grid_key, "lr": best_lr, "wd": best_wd,
+                                               "final": True})
+        test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
+        results = {"metric": data["metric"], "test_accuracy": test_acc,
+                   "test_top1": r["top1"], "test_mean_per_class": r["mean_per_class"],
+                   "best_lr": best_lr, "best_wd": best_wd, "grid": grid,
+                   "best_val": scores[(best_lr, best_wd)], "seconds": time.time() - start,
+                   "checkpoint": info["label"], "checkpoint_path": args.checkpoint,
+                   "checkpoint_hash": info["hash"], "objective": info["objective"],
+                   "seed": info["seed"], "arch": info["arch"], "dataset": args.data,
+                   "dataset_name": data["name"], "resolution": args.resolution,
+                   "epochs": args.epochs, "steps": r.get("steps"), "batch_size": args.batch_size,
+                   "from_scratch": args.from_scratch, "n_train": len(data["train"]),
+                   "n_val": len(data["val"]), "n_test": len(data["test"]),
+                   "num_classes": data["num_classes"],
+                   "final_checkpoint": os.path.join(args.out, "final", "final.pt")}
+        if dist["rank"] == 0:
+            common.save_json(os.path.join(args.out, "results.json"), results)
+            print(f"finetune: {info['label']} -> {data['name']}: test {data['metric']} "
+                  f"{test_acc:.4f} (lr {best_lr:g}, wd {best_wd:g}) in {results['seconds']:.0f} s")
+        return results
+    finally:
+        common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

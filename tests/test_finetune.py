@@ -1,0 +1,118 @@
+"""finetune.py: end to end from a digits@0-4 checkpoint to digits@5-9, selection on val only,
+resume after a kill, finished grid points read back, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import common
+import finetune
+import train_imagenet
+from conftest import ROOT
+
+FT = ["--epochs", "2", "--batch-size", "64", "--wds", "1e-4", "--log-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    out = tmp_path_factory.mktemp("src") / "softmax_s0"
+    train_imagenet.main(["--data", "digits@0-4", "--objective", "cosine_softmax", "--epochs", "3",
+                         "--out", str(out), "--log-every", "1000"])
+    return str(out / "final.pt")
+
+
+def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch):
+    fits, test_reads = [], []
+    real_fit, real_load = common.fit, common.load_dataset
+
+    def spy_fit(model, criterion, groups, data, *a, **k):
+        fits.append(data.get("test") is not None)
+        return real_fit(model, criterion, groups, data, *a, **k)
+
+    real_getitem = common.ImageSource.__getitem__
+
+    def spy_getitem(self, i):  # every image read, from any split (workers 0: in this process)
+        test_reads.append((int(i), len(fits)))
+        return real_getitem(self, i)
+    monkeypatch.setattr(common, "fit", spy_fit)
+    monkeypatch.setattr(common.ImageSource, "__getitem__", spy_getitem)
+    out = tmp_path / "ft"
+    r = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
+                       "--lrs", "0.1", "0.4", "--workers", "0", *FT])
+    # three runs: two grid points without the test split, then the final one with it
+    assert fits == [False, False, True]
+    test_idx = set(real_load("digits@5-9")["test"].indices.tolist())
+    phases = {phase for i, phase in test_reads if i in test_idx}
+    assert phases == {3}  # test images are read only during the final run
+    assert {phase for _, phase in test_reads} == {1, 2, 3}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metric"] == "top1" and saved["best_lr"] in (0.1, 0.4)
+    assert saved["best_wd"] == 1e-4 and set(saved["grid"]) == {"lr=0.1,wd=0.0001",
+                                                                "lr=0.4,wd=0.0001"}
+    assert saved["best_val"] == max(saved["grid"].values())
+    assert saved["test_accuracy"] > 0.5  # 5 classes: chance is 0.2
+    assert saved["objective"] == "cosine_softmax" and saved["seed"] == 0
+    assert saved["n_test"] == len(common.load_dataset("digits@5-9")["test"])
+    ck = common.load_checkpoint(str(out / "final" / "final.pt"), num_classes=5)
+    assert ck["objective"] == "softmax"  # a fresh linear head, trained with cross-entropy
+    assert r["test_accuracy"] == saved["test_accuracy"]
+
+
+def test_head_is_fresh_and_body_copied(source):
+    model, info = common.load_pretrained(source)
+    new = finetune.with_fresh_head(model, info, 7, seed=0)
+    assert new.fc.out_features == 7 and isinstance(new.fc, common.nn.Linear)
+    assert float(new.fc.bias.abs().sum()) == 0
+    for name, value in model.state_dict().items():
+        if not name.startswith("fc."):
+            assert np.array_equal(value.numpy(), new.state_dict()[name].numpy()), name
+
+
+def run(args):
+    return subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_kill_resume_and_no_recompute(source, tmp_path):
+    out = str(tmp_path / "ft")
+    args = ["--checkpoint", source, "--data", "digits@5-9", "--out", out, "--lrs", "0.2", *FT]
+    killed = run([*args, "--debug-kill-at-step", "12"])
+    assert killed.returncode == -9
+    point = os.path.join(out, "grid", "lr0.2_wd0.0001")
+    assert os.path.exists(os.path.join(point, "last.pt"))
+    assert not os.path.exists(os.path.join(point, "results.json"))
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    log = [json.loads(l) for l in open(os.path.join(point, "log.jsonl"))]
+    assert any(rec.get("event") == "resume" for rec in log)
+    stamps = {p: os.path.getmtime(os.path.join(p, "final.pt"))
+              for p in (point, os.path.join(out, "final"))}
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished") == 2
+    assert all(os.path.getmtime(os.path.join(p, "final.pt")) == t for p, t in stamps.items())
+
+
+def test_bad_inputs_one_line(source, tmp_path):
+    cases = [
+        (["--checkpoint", source, "--arch", "resnet50"], "is a resnet18"),
+        (["--checkpoint", source, "--lrs"], "empty grid"),
+        (["--checkpoint", source, "--wds"], "empty grid"),
+        (["--checkpoint", source, "--lrs", "-1"], "bad grid values"),
+        (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+    ]
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tiny / "t_train.npz", images=images, labels=np.arange(3))
+    np.savez(tiny / "t_test.npz", images=images, labels=np.arange(3))
+    cases.append((["--checkpoint", source, "--data", f"npz:{tiny}"], "too few images"))
+    for extra, message in cases:
+        argv = ["--data", "digits@5-9", "--out", str(tmp_path / "o"), *FT, *extra]
+        r = run(argv)
+        assert r.returncode == 2, (extra, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (extra, r.stderr)
