@@ -116,3 +116,12 @@ def test_bad_inputs_one_line(source, tmp_path):
         assert r.returncode == 2, (extra, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, r.stderr)
+
+
+def test_step_budget(source, tmp_path):
+    out = tmp_path / "steps"
+    r = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
+                       "--lrs", "0.1", "--steps", "13", *FT])
+    assert r["steps"] == 13  # 10 steps per epoch at batch 64: the second epoch is cut
+    grid = json.loads((out / "grid" / "lr0.1_wd0.0001" / "results.json").read_text())
+    assert grid["steps"] == 13 and grid["val_top1"] is not None
