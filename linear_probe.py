@@ -1,0 +1,668 @@
+"""Linear probe: L2-regularized multinomial logistic regression on frozen features (SPEC.md).
+
+For every checkpoint x dataset pair: extract features of one layer (EMA weights when the checkpoint
+has them, eval transform, no augmentation) for train / val / test, cache them, then
+  1. standardize the features with the training split's mean and standard deviation (the same
+     transform for val, test and the train+val refit; --no-standardize to skip),
+  2. for each lambda (default 45 log-spaced values in [1e-6, 1e5], strongest first, each solve
+     warm-started from the previous one) minimize
+         mean cross-entropy + lambda/2 * ||W||_F^2      (bias not penalized;
+     scikit-learn's LogisticRegression with C = 1 / (lambda * n_train)) and score val,
+  3. refit on train+val at the lambda with the best val metric (ties: the larger lambda),
+  4. score test once, with the dataset's metric (top1, or mean_per_class where the dataset says so).
+
+The solver is L-BFGS in torch (CPU or GPU), exact to a relative tolerance: features are centred and
+rotated onto the eigenvectors of their covariance (exact reparametrizations), parameters are scaled
+by the curvature each direction has (data variance x softmax curvature + lambda), the loss is
+computed from float32 matmuls with float64 log-sum-exp and accumulation, the L-BFGS memory follows
+the path from one lambda to the next, and a lambda is done when the L-BFGS estimate of the distance
+to the optimum, -g.d/2, is below --rtol times the objective. Memory is O(N D) for the features
+(float32, processed in row chunks) plus O(D^2 + D K) for the solver: no N x N matrix.
+
+Examples:
+  python linear_probe.py --checkpoint runs/softmax_s0/final.pt --data digits@5-9 --out runs/probe
+  python linear_probe.py --checkpoint runs/*/final.pt --data cifar10:/data/cifar cifar100:/data/cifar \\
+      --out runs/probe --layer pool --device cuda
+  python linear_probe.py --checkpoint torchvision:resnet50:IMAGENET1K_V2 --data dtd:/data/dtd --out probe
+  python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
+
+Outputs, per pair: OUT/<checkpoint-label>/<dataset>/results.json (for --layer other than pool:
+OUT/<checkpoint-label>/<dataset>+<layer>/) with metric, test_accuracy, best_lambda, val_curve
+(lambda -> val metric), the whole path, sizes and timings, and probe.npz (W, b on the raw
+features: logits = x @ W + b); OUT/summary.csv has one row per pair found under OUT.
+Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoint's content hash,
+dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
+--features FILE.npz probes features you already have: arrays train_x, train_y, test_x, test_y and
+optionally val_x, val_y (otherwise val is a seeded stratified 10% of train).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+DEFAULT_LAMBDAS = "1e-6:1e5:45"
+ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
+CACHE_VERSION = 1
+SUMMARY_COLUMNS = ["checkpoint", "checkpoint_label", "objective", "seed", "arch", "dataset",
+                   "dataset_spec", "layer", "resolution", "metric", "test_accuracy", "test_top1",
+                   "test_mean_per_class", "best_lambda", "best_C", "n_train", "n_val", "n_test",
+                   "dim", "num_classes", "seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver. Parameters u = [B (r x K) flattened, c (K)] live in the rotated, centred coordinates
+# z = (x - mean) @ V, so logits = z @ B + c; in input coordinates W = V @ B, b = c - mean @ W.
+# L-BFGS runs on theta = u / scale.
+
+def chunk_rows(num_classes):
+    return max(1024, (1 << 22) // max(1, num_classes))
+
+
+def column_stats(X, n):
+    """float64 mean and standard deviation of the columns of rows [0, n) of X, in row chunks."""
+    rows = chunk_rows(X.shape[1])
+    mean = sum(X[i:min(i + rows, n)].double().sum(0) for i in range(0, n, rows)) / n
+    var = sum((X[i:min(i + rows, n)].double() - mean).pow(2).sum(0) for i in range(0, n, rows))
+    return mean, (var / n).sqrt()
+
+
+def prepare(X, n_fit):
+    """Centre X (rows [0, n_fit) are fitted) and rotate it onto the eigenvectors of the fitted rows'
+    covariance, in place when no direction is dropped. Directions without variance (rank-deficient
+    features: dead units, fewer examples than dimensions) are dropped, which is exact since the
+    optimal W lies in the span of the centred training rows. Returns {Z, mean, V (or None), e}:
+    Z @ B gives the centred logits, e is the variance along each direction (the eigenvalues)."""
+    n, d = X.shape
+    rows = chunk_rows(d)
+    mean, std = column_stats(X, n_fit)
+    m32 = mean.float()
+    if d > ROTATE_MAX_DIM:   # too wide for a D x D eigendecomposition: centre and scale only
+        for i in range(0, n, rows):
+            X[i:i + rows] -= m32
+        return {"Z": X, "mean": mean, "V": None, "e": std ** 2}
+    cov = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    for i in range(0, n_fit, rows):      # float64, so directions of no variance show as ~0
+        xc = (X[i:min(i + rows, n_fit)] - m32).double()
+        cov += xc.T @ xc
+    e, V = torch.linalg.eigh(cov / n_fit)
+    keep = e > 1e-12 * e.max()           # drop the null space: W has no part in it at the optimum
+    e, V = e[keep], V[:, keep].contiguous()
+    V32 = V.float()
+    Z = X if keep.all() else torch.empty(n, V.shape[1], dtype=X.dtype, device=X.device)
+    for i in range(0, n, rows):
+        Z[i:i + rows] = (X[i:i + rows] - m32) @ V32
+    return {"Z": Z, "mean": mean, "V": V, "e": e}
+
+
+def loss_grad(Z, y, u, num_classes):
+    """Mean cross-entropy of logits Z @ B + c, its gradient with respect to u, and the mean softmax
+    curvature h = mean p(1 - p) (sets the preconditioner). The softmax is float32; each example's
+    loss log(1 + s') - (z_y - max) and its target-class gradient -(others)/(total) come from
+    s' = sum of exp(z_k - max) over all k but the max, in float64, so examples fit to 1e-12 are
+    not rounded to zero loss."""
+    n, r = Z.shape
+    K = num_classes
+    B, c = u[:r * K].view(r, K), u[r * K:]
+    B32, c32 = B.float(), c.float()
+    loss = torch.zeros((), dtype=torch.float64, device=Z.device)
+    gB = torch.zeros(r, K, dtype=torch.float64, device=Z.device)
+    gc = torch.zeros(K, dtype=torch.float64, device=Z.device)
+    sq = torch.zeros((), dtype=torch.float64, device=Z.device)
+    rows = chunk_rows(K)
+    for i in range(0, n, rows):
+        z, t = Z[i:i + rows], y[i:i + rows]
+        E = torch.addmm(c32, z, B32)                       # logits
+        m, top = E.max(1, keepdim=True)
+        zt = E.gather(1, t[:, None]).double() - m.double()  # z_y - max <= 0
+        E.sub_(m).exp_()
+        E.scatter_(1, top, 0.0)
+        rest = E.sum(1, keepdim=True).double()              # s'
+        E.scatter_(1, top, 1.0)
+        total = 1 + rest
+        loss += (torch.log1p(rest) - zt).sum()
+        others = torch.where(top == t[:, None], rest, total - torch.exp(zt))
+        E.mul_((1 / total).float())                         # softmax P
+        sq += torch.linalg.vector_norm(E).double() ** 2
+        E.scatter_(1, t[:, None], (-others / total).float())  # P - onehot, target column exact
+        gB += (z.T @ E).double()
+        gc += E.sum(0).double()
+    return float(loss) / n, torch.cat([gB.flatten(), gc]) / n, float(n - sq) / (n * K)
+
+
+def two_loop(g, S, Y):
+    """-H g with the L-BFGS inverse-Hessian approximation from the pairs (s, y)."""
+    q, alphas = g.clone(), []
+    for s, y in zip(reversed(S), reversed(Y)):
+        rho = 1 / y.dot(s)
+        a = rho * s.dot(q)
+        q -= a * y
+        alphas.append((rho, a))
+    if S:
+        q *= S[-1].dot(Y[-1]) / Y[-1].dot(Y[-1])
+    for (s, y), (rho, a) in zip(zip(S, Y), reversed(alphas)):
+        q += (a - rho * y.dot(q)) * s
+    return -q
+
+
+def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
+    """Minimize the objective at `lam` by L-BFGS from state['u'], in place. `state` carries the
+    loss and gradient at u (they do not depend on lambda), the curvature estimate and the L-BFGS
+    pairs from the previous lambda, which are moved to this lambda and preconditioner exactly for
+    the penalty term. Done when the L-BFGS estimates of what is left, the step d ~ u* - u and the
+    decrease -g.d/2 ~ f - f*, are both small: the step would change the logits by less than
+    sqrt(rtol) of their spread (squared sizes, as variances over the training examples, compare
+    as rtol) and the objective by less than rtol relative; or when -g.d/2 is below float32 noise.
+    Returns (objective, iterations, function evaluations, converged)."""
+    Z, y, K, e = prob["Z"], prob["y"], prob["num_classes"], prob["e"]
+    r = Z.shape[1]
+    n_w = r * K
+    if state.get("loss") is None:
+        state["loss"], state["grad"], state["h"] = loss_grad(Z, y, state["u"], K)
+    h = max(state["h"], 1e-12)
+    scale = torch.cat([(1 / torch.sqrt(e * h + lam))[:, None].expand(r, K).flatten(),
+                       torch.full((K,), 1 / math.sqrt(h), dtype=e.dtype, device=e.device)])
+    pen = torch.zeros_like(scale)
+    pen[:n_w] = lam
+    S, Y = state.setdefault("S", []), state.setdefault("Y", [])
+    if S:   # pairs of the previous lambda: back to u coordinates, shift the penalty, rescale
+        old_scale, old_pen = state["scale"], state["pen"]
+        for i in range(len(S)):
+            s_u = S[i] * old_scale
+            S[i] = s_u / scale
+            Y[i] = (Y[i] / old_scale + (pen - old_pen) * s_u) * scale
+    state["scale"], state["pen"] = scale, pen
+
+    def objective(u, loss, grad):
+        return loss + 0.5 * float((pen * u * u).sum()), (grad + pen * u) * scale
+
+    def logit_spread(v):      # sum over classes of the logits' variance over the examples
+        c = v[n_w:]
+        return float((e[:, None] * v[:n_w].view(r, K) ** 2).sum() + ((c - c.mean()) ** 2).sum())
+
+    u = state["u"]
+    f, g = objective(u, state["loss"], state["grad"])
+    converged, it, evals = False, 0, 0
+    while it < max_iter:
+        d = two_loop(g, S, Y)
+        gtd = float(g.dot(d))
+        if gtd >= 0:          # not a descent direction: stale pairs (restart) or a zero gradient
+            if not S:
+                converged = True
+                break
+            S.clear(), Y.clear()
+            continue
+        if (logit_spread(d * scale) <= rtol * logit_spread(u) and -gtd / 2 <= rtol * abs(f)) \
+                or -gtd / 2 <= 1e-9 * abs(f):
+            converged = True
+            break
+        it += 1
+        t = 1.0               # the preconditioned Hessian is about the identity
+        while t > 1e-10:      # backtracking with safeguarded quadratic interpolation (Armijo)
+            u_new = u + t * d * scale
+            loss, grad, curv = loss_grad(Z, y, u_new, K)
+            evals += 1
+            f_new, g_new = objective(u_new, loss, grad)
+            if f_new <= f + 1e-4 * t * gtd:
+                break
+            denom = f_new - f - gtd * t
+            t_q = -gtd * t * t / (2 * denom) if math.isfinite(f_new) and denom > 0 else 0.1 * t
+            t = min(0.5 * t, max(0.1 * t, t_q))
+        else:                 # no decrease at float precision: as converged as it gets
+            converged = logit_spread(d * scale) <= 1e3 * rtol * logit_spread(u)
+            break
+        s, yv = t * d, g_new - g
+        if float(s.dot(yv)) > 1e-12 * float(s.dot(s)):
+            S.append(s), Y.append(yv)
+            if len(S) > history:
+                S.pop(0), Y.pop(0)
+        u, f, g = u_new, f_new, g_new
+        state.update(u=u, loss=loss, grad=grad, h=curv)
+    return f, it, evals, converged
+
+
+def new_state(prob):
+    r, K = prob["Z"].shape[1], prob["num_classes"]
+    return {"u": torch.zeros(r * K + K, dtype=torch.float64, device=prob["Z"].device)}
+
+
+def to_input_coords(prob, u):
+    """(W (D x K), b (K)) float64 for the inputs the problem was prepared from."""
+    r, K = prob["Z"].shape[1], prob["num_classes"]
+    B, c = u[:r * K].view(r, K), u[r * K:]
+    W = B if prob["V"] is None else prob["V"] @ B
+    return W, c - prob["mean"] @ W
+
+
+def from_input_coords(prob, W, b):
+    B = W if prob["V"] is None else prob["V"].T @ W
+    return torch.cat([B.flatten(), b + prob["mean"] @ W])
+
+
+def predict(X, W, b, mean=None, std=None):
+    """argmax of ((X - mean) / std) @ W + b, in row chunks; X float32 (N, D) tensor or array."""
+    X = torch.as_tensor(X)
+    W32, b = W.float().to(X.device), b.to(X.device)
+    preds = []
+    for i in range(0, len(X), chunk_rows(W.shape[1])):
+        x = X[i:i + chunk_rows(W.shape[1])]
+        if mean is not None:
+            x = (x - mean.float()) / std.float()
+        preds.append(((x @ W32).double() + b).argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def score(pred, labels, metric, num_classes):
+    labels = torch.as_tensor(labels).to(pred.device)
+    if metric == "mean_per_class":
+        return common.mean_per_class_accuracy(pred.cpu(), labels.cpu(), num_classes)
+    return (pred == labels).double().mean().item()
+
+
+def fit(X, y, lam, num_classes=None, device="cpu", rtol=1e-6, max_iter=5000, history=20):
+    """One lambda, cold start, no standardization: (W, b, info) for logits = X @ W + b (float64).
+    The objective is mean cross-entropy + lam/2 ||W||^2, i.e. scikit-learn's C = 1/(lam n)."""
+    X = torch.as_tensor(np.asarray(X, dtype=np.float32)).to(device).clone()
+    y = torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device)
+    K = int(num_classes or int(y.max()) + 1)
+    prob = {**prepare(X, len(X)), "y": y, "num_classes": K}
+    state = new_state(prob)
+    torch.set_flush_denormal(True)
+    f, it, evals, ok = solve(prob, float(lam), state, rtol, max_iter, history)
+    W, b = to_input_coords(prob, state["u"])
+    return W, b, {"objective": f, "iterations": it, "evaluations": evals, "converged": ok}
+
+
+def run_probe(train, val, test, num_classes, metric, lambdas, standardize=True, device="cpu",
+              rtol=1e-6, max_iter=1000, history=20, log=print):
+    """The whole protocol on (x float32 (N, D), y int64 (N,)) pairs. Returns (results, W, b) with
+    W, b float64 for the raw features: logits = x @ W + b."""
+    torch.set_flush_denormal(True)
+    t0 = time.time()
+    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
+    n_tr, n_va, d = len(xtr), len(xva), xtr.shape[1]
+    K = int(num_classes)
+    dev = torch.device(device)
+    X = torch.empty(n_tr + n_va, d, dtype=torch.float32, device=dev)
+    X[:n_tr], X[n_tr:] = torch.as_tensor(xtr), torch.as_tensor(xva)
+    rows = chunk_rows(d)
+    mean = torch.zeros(d, dtype=torch.float64, device=dev)
+    std = torch.ones(d, dtype=torch.float64, device=dev)
+    if standardize:
+        mean, std = column_stats(X, n_tr)
+        std[std <= 1e-12 * max(1.0, float(std.max()))] = 1.0   # constant features stay as they are
+        for i in range(0, n_tr + n_va, rows):
+            X[i:i + rows] = (X[i:i + rows] - mean.float()) / std.float()
+    y_all = torch.as_tensor(np.concatenate([ytr, yva]).astype(np.int64)).to(dev)
+    prob = {**prepare(X, n_tr), "num_classes": K}
+    Z_all = prob["Z"]
+    full_rank = Z_all is X or prob["V"] is None
+    prob["Z"], prob["y"] = Z_all[:n_tr], y_all[:n_tr]
+    Zva = Z_all[n_tr:]
+    yva_t = y_all[n_tr:]
+    t_prep = time.time() - t0
+
+    state, path, best = new_state(prob), [], None
+    r = prob["Z"].shape[1]
+    for lam in sorted(lambdas, reverse=True):      # strongest first: each solve warm-starts the next
+        f, it, evals, ok = solve(prob, lam, state, rtol, max_iter, history)
+        B, c = state["u"][:r * K].view(r, K), state["u"][r * K:]
+        pred = torch.cat([((Zva[i:i + rows] @ B.float()).double() + c).argmax(1)
+                          for i in range(0, n_va, rows)])
+        val = score(pred, yva_t, metric, K)
+        path.append({"lambda": lam, "C": 1 / (lam * n_tr), "val": val, "objective": f,
+                     "iterations": it, "evaluations": evals, "converged": ok})
+        if best is None or val > best[1]:           # ties keep the larger lambda
+            best = (lam, val, state["u"].clone(), state["h"])
+        if log:
+            log(f"  lambda {lam:9.3g}  val {metric} {val:.4f}  objective {f:.6g}  "
+                f"iterations {it}{'' if ok else ' (not converged)'}")
+    t_sweep = time.time() - t0 - t_prep
+
+    lam, _, u_best, h_best = best
+    W, b = to_input_coords(prob, u_best)
+    if full_rank:      # the train basis spans train+val too: refit on the stacked rows
+        refit = {**prob, "Z": Z_all, "y": y_all}
+    else:              # rank-deficient train rows (X is intact): prepare train+val afresh
+        refit = {**prepare(X, n_tr + n_va), "y": y_all, "num_classes": K}
+    rstate = {"u": from_input_coords(refit, W, b), "h": h_best}
+    f, it, evals, ok = solve(refit, lam, rstate, rtol, max_iter, history)
+    W, b = to_input_coords(refit, rstate["u"])
+    t_refit = time.time() - t0 - t_prep - t_sweep
+    del X, Z_all, prob, refit, Zva
+
+    W_raw = W / std[:, None]               # the probe on raw (unstandardized) features
+    b_raw = b - (mean / std) @ W
+    xte_t = torch.as_tensor(xte).to(dev)
+    pred = predict(xte_t, W_raw, b_raw)
+    yte_t = torch.as_tensor(np.asarray(yte, dtype=np.int64)).to(dev)
+    top1 = score(pred, yte_t, "top1", K)
+    mpc = score(pred, yte_t, "mean_per_class", K)
+    results = {
+        "metric": metric, "test_accuracy": mpc if metric == "mean_per_class" else top1,
+        "test_top1": top1, "test_mean_per_class": mpc,
+        "best_lambda": lam, "best_C": 1 / (lam * (n_tr + n_va)), "best_val": best[1],
+        "val_curve": {f"{p['lambda']:.6g}": p["val"] for p in path},
+        "path": path, "refit": {"n": n_tr + n_va, "objective": f, "iterations": it,
+                                "evaluations": evals, "converged": ok},
+        "n_train": n_tr, "n_val": n_va, "n_test": len(xte), "dim": d, "num_classes": K,
+        "standardize": standardize, "rtol": rtol, "device": str(dev),
+        "solver_seconds": {"prepare": t_prep, "sweep": t_sweep, "refit": t_refit,
+                           "total": time.time() - t0},
+    }
+    return results, W_raw, b_raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: lambdas, user features, checkpoint features with a cache
+
+def parse_lambdas(text):
+    """'1e-6:1e5:45' (log-spaced, inclusive) or '0.1,1,10' -> sorted unique positive floats."""
+    try:
+        if ":" in text:
+            lo, hi, num = text.split(":")
+            lo, hi, num = float(lo), float(hi), int(num)
+            if num < 1 or lo <= 0 or hi < lo:
+                raise ValueError
+            values = np.logspace(math.log10(lo), math.log10(hi), num)
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise common.UserError(f"bad --lambdas {text!r}: write LOW:HIGH:COUNT (log-spaced, e.g. "
+                               f"{DEFAULT_LAMBDAS}) or a list like 0.01,0.1,1")
+    values = sorted({float(v) for v in values})
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise common.UserError(f"bad --lambdas {text!r}: values must be finite and > 0")
+    return values
+
+
+def check_arrays(x, y, what, dim=None):
+    """Validate one split's features and labels; return (float32 x, int64 y)."""
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise common.UserError(f"{what}: expected x of shape (N, D) and y of shape (N,), got "
+                               f"{x.shape} and {y.shape}")
+    if len(x) == 0:
+        raise common.UserError(f"{what}: no examples")
+    if dim is not None and x.shape[1] != dim:
+        raise common.UserError(f"{what}: {x.shape[1]} features, but train has {dim}")
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
+        raise common.UserError(f"{what}: features and labels must be numeric, got {x.dtype} "
+                               f"and {y.dtype}")
+    x = np.asarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(1))
+        raise common.UserError(f"{what}: {len(rows)} rows hold NaN or inf (first: row "
+                               f"{rows[0]}); fix or drop them")
+    if not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y)):
+        raise common.UserError(f"{what}: labels must be integers >= 0")
+    return x, y.astype(np.int64)
+
+
+def check_splits(train, val, test):
+    (xtr, ytr) = train = check_arrays(*train, "train")
+    val = check_arrays(*val, "val", xtr.shape[1])
+    test = check_arrays(*test, "test", xtr.shape[1])
+    classes = np.unique(ytr)
+    if len(classes) < 2:
+        raise common.UserError(f"train holds a single class ({classes[0]}); a probe needs at "
+                               f"least 2")
+    for what, (_, yy) in (("val", val), ("test", test)):
+        unseen = np.setdiff1d(np.unique(yy), classes)
+        if len(unseen):
+            raise common.UserError(f"{what} has classes absent from train ({unseen[:5].tolist()}"
+                                   f"); give every class training examples")
+    return train, val, test
+
+
+def load_feature_file(path, seed):
+    """--features FILE.npz -> (train, val, test) (x, y) pairs; val held out of train if absent."""
+    if not os.path.exists(path):
+        raise common.UserError(f"features file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except Exception as e:
+        raise common.UserError(f"cannot read {path} as .npz ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); expected arrays "
+                               f"train_x, train_y, test_x, test_y[, val_x, val_y]")
+    need = ["train_x", "train_y", "test_x", "test_y"]
+    missing = [k for k in need if k not in arrays]
+    if ("val_x" in arrays) != ("val_y" in arrays):
+        missing.append("val_y" if "val_x" in arrays else "val_x")
+    if missing:
+        raise common.UserError(f"{path} lacks array(s) {', '.join(missing)}; expected train_x, "
+                               f"train_y, test_x, test_y and optionally val_x, val_y")
+    train = check_arrays(arrays["train_x"], arrays["train_y"], f"{path} train")
+    if "val_x" in arrays:
+        val = (arrays["val_x"], arrays["val_y"])
+    else:
+        keep, held = common.stratified_holdout(train[1], common.VAL_FRACTION, common.VAL_MAX,
+                                               seed=seed)
+        train, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    return check_splits(train, val, (arrays["test_x"], arrays["test_y"]))
+
+
+def data_fingerprint(split):
+    """sha256 of a split's labels and its images (in-memory) or file names, sizes and times."""
+    h = hashlib.sha256(np.ascontiguousarray(split.labels).tobytes())
+    src = split.source
+    if src.images is not None:
+        for i in range(0, len(split.indices), 4096):
+            h.update(np.ascontiguousarray(src.images[split.indices[i:i + 4096]]).tobytes())
+    elif src.paths is not None:
+        for i in split.indices:
+            p = src.paths[i]
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def safe_name(text):
+    return "".join(c if c.isalnum() or c in "@,._-" else "_" for c in text)
+
+
+def cached_features(model, info, data, split, layer, resolution, cache_dir, device, batch_size,
+                    workers, log=print):
+    """Features of one split, from the cache when its key matches, else extracted and cached."""
+    view = data[split]
+    key = {"version": CACHE_VERSION, "checkpoint_hash": info["hash"], "dataset": data["spec"],
+           "split": split, "layer": layer, "resolution": int(resolution),
+           "data": data_fingerprint(view), "n": len(view)}
+    spec_hash = hashlib.sha256(data["spec"].encode()).hexdigest()[:8]
+    path = os.path.join(cache_dir, safe_name(info["hash"]), f"{data['name']}-{spec_hash}",
+                        f"{layer}_{int(resolution)}px_{split}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                stored, x, y = json.loads(str(f["key"])), f["x"], f["y"]
+            if stored != key:
+                why = "made for other data or settings"
+            elif x.ndim != 2 or len(x) != len(view) or not np.array_equal(y, view.labels):
+                why = "wrong shape or labels"
+            elif not np.isfinite(x).all():
+                why = "non-finite values"
+            else:
+                return x.astype(np.float32, copy=False), y.astype(np.int64)
+        except Exception as e:
+            why = f"unreadable: {type(e).__name__}"
+        log(f"  feature cache {path} is stale or corrupt ({why}); rebuilding it")
+    t = time.time()
+    loader = common.eval_loader(view, resolution, batch_size=batch_size, workers=workers)
+    feats, y = common.collect_features(model, loader, [layer], device)
+    x = feats[layer]
+    if not np.isfinite(x).all():
+        raise common.UserError(f"{info['label']}: the {layer} features of {data['spec']} "
+                               f"{split} hold NaN or inf; the checkpoint's weights are broken")
+    common.save_npz(path, x=x, y=y, key=np.array(json.dumps(key)))
+    log(f"  extracted {split} {layer} features {x.shape} in {time.time() - t:.1f}s -> {path}")
+    return x, y
+
+
+def checkpoint_label(name):
+    """The label common.load_pretrained gives a checkpoint, without loading it."""
+    if name.startswith("torchvision:"):
+        return None
+    label = os.path.splitext(os.path.basename(name))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
+    return parent if label in ("final", "last", "best") and parent else label
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+def pair_dir(out, label, dataset, layer):
+    return os.path.join(out, safe_name(label), dataset if layer == "pool" else f"{dataset}+{layer}")
+
+
+def write_summary(out):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "*", "*", "results.json"))):
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, dict) and "best_lambda" in r:
+            rows.append({c: r.get(c) for c in SUMMARY_COLUMNS})
+    if rows:
+        common._write_csv(os.path.join(out, "summary.csv"), rows)
+    return len(rows)
+
+
+def save_pair(out_dir, results, W, b):
+    common.save_npz(os.path.join(out_dir, "probe.npz"), W=W.cpu().numpy(), b=b.cpu().numpy(),
+                    best_lambda=np.float64(results["best_lambda"]))
+    common.save_json(os.path.join(out_dir, "results.json"), results)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
+                     help="checkpoint paths and/or torchvision:ARCH[:WEIGHTS] names")
+    src.add_argument("--features", nargs="+", metavar="FILE.npz",
+                     help="probe features you already have (arrays train_x, train_y, test_x, "
+                          "test_y[, val_x, val_y])")
+    p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side length (default: the checkpoint's training resolution, "
+                        "else 224)")
+    p.add_argument("--lambdas", default=DEFAULT_LAMBDAS,
+                   help=f"LOW:HIGH:COUNT log-spaced or a comma list (default {DEFAULT_LAMBDAS})")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="probe the raw features (default: standardize with train statistics)")
+    p.add_argument("--metric", choices=["top1", "mean_per_class"], default="top1",
+                   help="metric for --features (datasets say their own)")
+    p.add_argument("--rtol", type=float, default=1e-6,
+                   help="stop a lambda when the estimated relative distance to the optimum "
+                        "objective is below this (default 1e-6)")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per lambda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the val hold-out for --features files without val")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets")
+    args = p.parse_args(argv)
+
+    lambdas = parse_lambdas(args.lambdas)
+    if not (args.rtol > 0 and math.isfinite(args.rtol)) or args.max_iter < 1:
+        raise common.UserError("--rtol must be > 0 and --max-iter >= 1")
+    if args.batch_size < 1 or args.workers < 0:
+        raise common.UserError("--batch-size must be >= 1 and --workers >= 0")
+    if args.resolution is not None and args.resolution < 1:
+        raise common.UserError(f"--resolution must be >= 1, got {args.resolution}")
+    device = common.resolve_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise common.UserError(f"--out {args.out} exists and is not a folder")
+    os.makedirs(args.out, exist_ok=True)
+    opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
+                max_iter=args.max_iter)
+
+    if args.features:
+        if args.data:
+            raise common.UserError("--data goes with --checkpoint; --features files hold their "
+                                   "own splits")
+        stems = [os.path.splitext(os.path.basename(f))[0] for f in args.features]
+        if len(set(stems)) != len(stems):
+            raise common.UserError(f"two --features files share a name ({stems}); rename one")
+        for path, stem in zip(args.features, stems):
+            t0 = time.time()
+            train, val, test = load_feature_file(path, args.seed)
+            K = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
+            print(f"{stem}: {len(train[0])} train, {len(val[0])} val, {len(test[0])} test, "
+                  f"{train[0].shape[1]} dims, {K} classes")
+            results, W, b = run_probe(train, val, test, K, args.metric, lambdas, **opts)
+            results = {"checkpoint": path, "checkpoint_label": stem, "objective": None,
+                       "seed": None, "arch": None, "dataset": stem, "dataset_spec": None,
+                       "layer": None, "resolution": None, **results,
+                       "seconds": time.time() - t0}
+            out_dir = os.path.join(args.out, safe_name(stem), "features")
+            save_pair(out_dir, results, W, b)
+            print(f"{stem}: test {results['metric']} {results['test_accuracy']:.4f} at lambda "
+                  f"{results['best_lambda']:.3g} -> {out_dir}/results.json")
+        write_summary(args.out)
+        return
+
+    if not args.data:
+        raise common.UserError("--checkpoint needs --data SPEC [SPEC ...]")
+    labels = {}
+    for name in args.checkpoint:   # check cheap things before any long work
+        if not name.startswith("torchvision:") and not os.path.exists(name):
+            raise common.UserError(f"checkpoint not found: {name}")
+        label = checkpoint_label(name)
+        if label is not None and label in labels:
+            raise common.UserError(f"checkpoints {labels[label]} and {name} share the label "
+                                   f"{label!r} (their output folder); rename one")
+        labels[label] = name
+    datasets = [common.load_dataset(spec, download=args.download) for spec in args.data]
+    names = [d["name"] for d in datasets]
+    if len(set(names)) != len(names):
+        raise common.UserError(f"two --data specs share the short name ({names}); "
+                               f"give their folders different names")
+    cache = args.cache or os.path.join(args.out, "cache")
+    for name in args.checkpoint:
+        model, info = common.load_pretrained(name)
+        model.to(device)
+        valid = common.layer_names(model)
+        if args.layer not in valid:
+            raise common.UserError(f"unknown layer {args.layer!r} for {info['arch']}; valid: "
+                                   f"{', '.join(valid)}")
+        resolution = args.resolution or info.get("resolution") or 224
+        for data in datasets:
+            t0 = time.time()
+            print(f"{info['label']} on {data['spec']}: {args.layer} features at {resolution}px")
+            splits = [cached_features(model, info, data, s, args.layer, resolution, cache,
+                                      device, args.batch_size, args.workers)
+                      for s in ("train", "val", "test")]
+            train, val, test = check_splits(*splits)
+            results, W, b = run_probe(train, val, test, data["num_classes"], data["metric"],
+                                      lambdas, **opts)
+            results = {"checkpoint": name, "checkpoint_label": info["label"],
+                       "objective": info["objective"], "seed": info.get("seed"),
+                       "arch": info["arch"], "dataset": data["name"], "dataset_spec": data["spec"],
+                       "layer": args.layer, "resolution": int(resolution),
+                       "checkpoint_hash": info["hash"], **results, "seconds": time.time() - t0}
+            out_dir = pair_dir(args.out, info["label"], data["name"], args.layer)
+            save_pair(out_dir, results, W, b)
+            write_summary(args.out)
+            print(f"{info['label']} on {data['name']}: test {results['metric']} "
+                  f"{results['test_accuracy']:.4f} at lambda {results['best_lambda']:.3g} "
+                  f"({results['seconds']:.1f}s) -> {out_dir}/results.json")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
