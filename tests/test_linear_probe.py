@@ -1,0 +1,312 @@
+"""linear_probe.py: the solver against scikit-learn and SPEC.md's published vectors, the sweep, the
+end-to-end path from a checkpoint on digits@5-9, the feature cache, the metric, bad input."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import linear_probe as lp
+from conftest import ROOT
+
+
+def blobs(n, d, k, seed=0, sep=1.0, weights=None):
+    """Non-negative (post-ReLU-like) features with class structure."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(k, size=n, p=weights) if weights is not None else rng.permutation(np.arange(n) % k)
+    means = rng.normal(size=(k, d)) * sep
+    return np.maximum(means[y] + rng.normal(size=(n, d)), 0).astype(np.float32), y
+
+
+def objective(x, y, W, b, lam):
+    """mean cross-entropy + lam/2 ||W||^2, float64."""
+    z = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+    m = z.max(1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(1)) + m[:, 0]
+    return float((lse - z[np.arange(len(y)), y]).mean() + lam / 2 * (np.asarray(W) ** 2).sum())
+
+
+def standardized(x, ref):
+    mu, sd = ref.mean(0, dtype=np.float64), ref.std(0, dtype=np.float64)
+    return ((x - mu) / np.where(sd > 0, sd, 1)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver
+
+def test_objective_and_accuracy_match_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    x, y = blobs(1200, 40, 5, seed=1, sep=0.5)
+    xtr, ytr, xte, yte = standardized(x[:900], x[:900]), y[:900], standardized(x[900:], x[:900]), y[900:]
+    for lam in (1e-1, 1e-2, 1e-4):
+        W, b, info = lp.fit(xtr, ytr, lam, 5)
+        assert info["converged"]
+        sk = LogisticRegression(C=1 / (lam * len(xtr)), tol=1e-10, max_iter=20000)
+        sk.fit(xtr.astype(np.float64), ytr)
+        f_sk = objective(xtr, ytr, sk.coef_.T, sk.intercept_, lam)
+        f_ours = objective(xtr, ytr, W.numpy(), b.numpy(), lam)
+        assert abs(f_ours - f_sk) <= 1e-4 * f_sk, (lam, f_ours, f_sk)
+        assert abs(info["objective"] - f_ours) <= 1e-6 * f_ours   # its float32 value is right too
+        acc = (lp.predict(xte, W, b).numpy() == yte).mean()
+        assert abs(acc - sk.score(xte.astype(np.float64), yte)) <= 0.003, lam
+
+
+def test_published_digits_vectors():
+    """SPEC.md: sum CE + ||W||^2/(2C) on load_digits X/16, the stratified 25% test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(d.data / 16, d.target, test_size=0.25, random_state=0,
+                                          stratify=d.target)
+    for C, want in ((1e-4, 0.640000), (1e-2, 0.908889), (1, 0.968889), (100, 0.964444)):
+        W, b, _ = lp.fit(xtr, ytr, 1 / (C * len(xtr)), 10, rtol=1e-8)
+        acc = (lp.predict(xte.astype(np.float32), W, b).numpy() == yte).mean()
+        assert acc == pytest.approx(want, abs=1e-6), C
+
+
+def test_rank_deficient_features_are_solved_exactly():
+    """Fewer examples than dimensions, a constant and a duplicated column: the null space is
+    dropped (exact), and the objective matches scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    x, y = blobs(60, 150, 3, seed=2)
+    x[:, 5] = 0.7
+    x[:, 6] = x[:, 7]
+    lam = 1e-2
+    prob = lp.prepare(torch.from_numpy(x.copy()), len(x))
+    assert prob["Z"].shape[1] < 60          # rank <= n - 1 after centring
+    W, b, info = lp.fit(x, y, lam, 3)
+    sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
+    f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
+    assert abs(objective(x, y, W.numpy(), b.numpy(), lam) - f_sk) <= 1e-4 * f_sk
+
+
+def test_sweep_equals_cold_solves_and_selects_on_val():
+    x, y = blobs(1500, 30, 4, seed=3, sep=0.4)
+    train, val, test = (x[:900], y[:900]), (x[900:1200], y[900:1200]), (x[1200:], y[1200:])
+    lambdas = lp.parse_lambdas("1e-5:1e2:8")
+    res, W, b = lp.run_probe(train, val, test, 4, "top1", lambdas, log=None)
+    assert [p["lambda"] for p in res["path"]] == sorted(lambdas, reverse=True)
+    assert all(p["converged"] for p in res["path"]) and res["refit"]["converged"]
+    xs = standardized(train[0], train[0])
+    for p in res["path"][::3]:   # the warm-started path lands where a cold solve does
+        Wc, bc, _ = lp.fit(xs, train[1], p["lambda"], 4)
+        f_cold = objective(xs, train[1], Wc.numpy(), bc.numpy(), p["lambda"])
+        assert abs(p["objective"] - f_cold) <= 1e-4 * f_cold
+    best = max(res["path"], key=lambda p: (p["val"], p["lambda"]))
+    assert res["best_lambda"] == best["lambda"] and res["best_val"] == best["val"]
+    assert res["val_curve"] == {f"{p['lambda']:.6g}": p["val"] for p in res["path"]}
+    # the refit is on train+val at the chosen lambda, standardized with train statistics
+    xall = standardized(np.concatenate([train[0], val[0]]), train[0])
+    yall = np.concatenate([train[1], val[1]])
+    Wr, br, _ = lp.fit(xall, yall, res["best_lambda"], 4)
+    mu, sd = train[0].mean(0, dtype=np.float64), train[0].std(0, dtype=np.float64)
+    W_std = W.numpy() * sd[:, None]                 # probe.npz W on raw -> on standardized
+    f_ours = objective(xall, yall, W_std, b.numpy() + mu @ W.numpy(), res["best_lambda"])
+    f_cold = objective(xall, yall, Wr.numpy(), br.numpy(), res["best_lambda"])
+    assert abs(f_ours - f_cold) <= 1e-4 * f_cold
+    acc = (lp.predict(test[0], W, b).numpy() == test[1]).mean()
+    assert res["test_accuracy"] == pytest.approx(acc) and res["metric"] == "top1"
+
+
+def test_mean_per_class_metric_and_features_file(tmp_path):
+    """Imbalanced classes: with --metric mean_per_class the reported accuracy is the mean of the
+    per-class accuracies of the saved probe's predictions, not top-1. Without val arrays, val is a
+    seeded stratified 10% of train."""
+    x, y = blobs(1000, 20, 3, seed=4, sep=0.35, weights=[0.7, 0.2, 0.1])
+    path = tmp_path / "feats.npz"
+    np.savez(path, train_x=x[:700], train_y=y[:700], test_x=x[700:], test_y=y[700:])
+    out = tmp_path / "out"
+    lp.main(["--features", str(path), "--out", str(out), "--metric", "mean_per_class",
+             "--lambdas", "1e-4:1e2:7"])
+    r = json.loads((out / "feats" / "features" / "results.json").read_text())
+    keep, held = common.stratified_holdout(y[:700], common.VAL_FRACTION, common.VAL_MAX, seed=0)
+    assert (r["n_train"], r["n_val"], r["n_test"]) == (len(keep), len(held), 300)
+    probe = np.load(out / "feats" / "features" / "probe.npz")
+    pred = (x[700:].astype(np.float64) @ probe["W"] + probe["b"]).argmax(1)
+    per_class = [(pred[y[700:] == k] == k).mean() for k in range(3)]
+    assert r["metric"] == "mean_per_class"
+    assert r["test_accuracy"] == pytest.approx(np.mean(per_class))
+    assert r["test_top1"] == pytest.approx((pred == y[700:]).mean())
+    assert abs(r["test_accuracy"] - r["test_top1"]) > 0.01       # the two really differ here
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 1 and rows[0]["metric"] == "mean_per_class"
+
+
+# ----------------------------------------------------------------------------------------------
+# From a checkpoint, with the feature cache
+
+def save_small_checkpoint(path, seed=0, objective="softmax"):
+    torch.manual_seed(seed)
+    model = common.build_model(objective, 5, arch="resnet18", small_input=True)
+    ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), "resnet18",
+                                5, True, args={"resolution": 8, "seed": seed})
+    common.save_checkpoint(str(path), ck)
+
+
+class Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.fn(*a, **k)
+
+
+def probe_args(ckpt, out, *extra):
+    return ["--checkpoint", str(ckpt), "--data", "digits@5-9", "--out", str(out), "--workers", "0",
+            "--device", "cpu", *extra]
+
+
+def test_end_to_end_from_checkpoint_and_cache(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "runs" / "softmax_s3" / "final.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_small_checkpoint(ckpt, seed=3)
+    out = tmp_path / "probe"
+    count = Counter(common.collect_features)
+    monkeypatch.setattr(common, "collect_features", count)
+    lp.main(probe_args(ckpt, out))
+    assert count.calls == 3                              # train, val, test
+    pair = out / "softmax_s3" / "digits@5-9"
+    r = json.loads((pair / "results.json").read_text())
+    data = common.load_dataset("digits@5-9")
+    assert r["checkpoint"] == str(ckpt) and r["checkpoint_label"] == "softmax_s3"
+    assert (r["objective"], r["seed"], r["arch"]) == ("softmax", 3, "resnet18")
+    assert (r["dataset"], r["dataset_spec"], r["layer"]) == ("digits@5-9", "digits@5-9", "pool")
+    assert r["resolution"] == 8                          # the checkpoint's training resolution
+    assert (r["n_train"], r["n_val"], r["n_test"]) == tuple(len(data[s]) for s in
+                                                            ("train", "val", "test"))
+    assert (r["dim"], r["num_classes"], r["metric"]) == (512, 5, "top1")
+    assert len(r["val_curve"]) == 45 and r["best_lambda"] in [p["lambda"] for p in r["path"]]
+    assert 1e-6 * 0.999 <= min(p["lambda"] for p in r["path"]) <= 1e-6 * 1.001
+    assert r["test_accuracy"] > 0.25 and r["seconds"] > 0          # chance is 0.2
+    # the saved probe and the cached test features reproduce the reported accuracy
+    cached = sorted((out / "cache").rglob("*.npz"))
+    assert len(cached) == 3
+    test_cache = [c for c in cached if c.name.endswith("_test.npz")][0]
+    with np.load(test_cache) as f:
+        xte, yte = f["x"], f["y"]
+    probe = np.load(pair / "probe.npz")
+    pred = (xte.astype(np.float64) @ probe["W"] + probe["b"]).argmax(1)
+    assert (pred == yte).mean() == pytest.approx(r["test_accuracy"])
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 1
+    assert {k: rows[0][k] for k in ("checkpoint_label", "objective", "seed", "dataset", "layer")} \
+        == {"checkpoint_label": "softmax_s3", "objective": "softmax", "seed": "3",
+            "dataset": "digits@5-9", "layer": "pool"}
+
+    # a rerun reads the cache (a short lambda grid from here on, to save time)
+    short = ("--lambdas", "1e-3:1e1:5")
+    lp.main(probe_args(ckpt, out, *short))
+    assert count.calls == 3
+    first = json.loads((pair / "results.json").read_text())
+
+    # a corrupt cache file and a stale one (made for other data) are rebuilt, the rest reused
+    train_cache = [c for c in cached if c.name.endswith("_train.npz")][0]
+    train_cache.write_bytes(b"not an npz")
+    val_cache = [c for c in cached if c.name.endswith("_val.npz")][0]
+    with np.load(val_cache) as f:
+        arrays = dict(f)
+    key = json.loads(str(arrays["key"]))
+    key["data"] = "0" * 16
+    np.savez(val_cache, **{**arrays, "key": np.array(json.dumps(key))})
+    capsys.readouterr()
+    lp.main(probe_args(ckpt, out, *short))
+    assert count.calls == 5
+    log = capsys.readouterr().out
+    assert "stale or corrupt" in log and "unreadable" in log and "other data" in log
+    again = json.loads((pair / "results.json").read_text())
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert again["val_curve"] == first["val_curve"]
+
+    # new weights at the same path: a new content hash, so new features
+    save_small_checkpoint(ckpt, seed=4)
+    lp.main(probe_args(ckpt, out, *short))
+    assert count.calls == 8
+    assert len(list((out / "cache").iterdir())) == 2
+
+
+def test_dataset_metric_is_used(tmp_path, monkeypatch):
+    """A dataset whose spec says mean_per_class (e.g. oxford_pets) is scored that way."""
+    ckpt = tmp_path / "a.pt"
+    save_small_checkpoint(ckpt)
+    real = common.load_dataset
+    monkeypatch.setattr(common, "load_dataset",
+                        lambda spec, download=False: {**real(spec), "metric": "mean_per_class"})
+    out = tmp_path / "out"
+    lp.main(probe_args(ckpt, out, "--lambdas", "1e-3:1e1:5", "--resolution", "8"))
+    r = json.loads((out / "a" / "digits@5-9" / "results.json").read_text())
+    assert r["metric"] == "mean_per_class"
+    assert r["test_accuracy"] == r["test_mean_per_class"] != r["test_top1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line saying what is wrong
+
+def write_features(path, **override):
+    x, y = blobs(300, 8, 3, seed=5)
+    arrays = {"train_x": x[:200], "train_y": y[:200], "test_x": x[200:], "test_y": y[200:]}
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nan", "NaN"),
+    ("short_y", "shape"),
+    ("test_dim", "features, but train has"),
+    ("one_class", "single class"),
+    ("missing", "lacks array"),
+    ("unseen", "absent from train"),
+])
+def test_bad_features_one_line_error(tmp_path, override, message):
+    x, y = blobs(300, 8, 3, seed=5)
+    bad = {"nan": {"train_x": np.where(np.arange(8) == 2, np.nan, x[:200]).astype(np.float32)},
+           "short_y": {"train_y": y[:150]},
+           "test_dim": {"test_x": x[200:, :5]},
+           "one_class": {"train_y": np.zeros(200, dtype=np.int64)},
+           "missing": {},
+           "unseen": {"test_y": np.full(100, 7)}}[override]
+    path = write_features(tmp_path / "f.npz", **bad)
+    if override == "missing":
+        np.savez(path, train_x=x[:200], train_y=y[:200])
+    with pytest.raises(common.UserError, match=message) as e:
+        lp.main(["--features", path, "--out", str(tmp_path / "out")])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_arguments_one_line_error(tmp_path, monkeypatch):
+    ckpt = tmp_path / "a.pt"
+    save_small_checkpoint(ckpt)
+    cases = [
+        (probe_args(ckpt, tmp_path / "o", "--layer", "block99"), "unknown layer 'block99'.*block8"),
+        (probe_args(tmp_path / "missing.pt", tmp_path / "o"), "checkpoint not found"),
+        (probe_args(ckpt, tmp_path / "o", "--lambdas", "1:0.1:5"), "bad --lambdas"),
+        (["--features", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")], "not found"),
+        (probe_args(ckpt, tmp_path / "o")[:2] + ["--out", str(tmp_path / "o")], "needs --data"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(common.UserError, match=message) as e:
+            lp.main(argv)
+        assert "\n" not in str(e.value)
+    # torchvision weights that cannot be downloaded (no network, empty cache): one clear line
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    try:
+        lp.main(probe_args("torchvision:resnet18:IMAGENET1K_V1", tmp_path / "o"))
+    except common.UserError as e:
+        assert "cannot load torchvision weights" in str(e) and "\n" not in str(e)
+    else:
+        pytest.skip("torchvision weights were downloadable here")
+
+
+def test_command_line_error_exit_status(tmp_path):
+    x, _ = blobs(300, 8, 3, seed=5)
+    path = write_features(tmp_path / "f.npz", train_y=np.zeros(200, dtype=np.int64))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "linear_probe.py"), "--features", path,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
