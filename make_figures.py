@@ -119,9 +119,11 @@ def objective_from_text(text):
 
 
 def classify(obj):
-    """'linear', 'finetune', 'train' or None for the content of one results.json."""
+    """'linear', 'finetune', 'finetune_run', 'train' or None for one results.json's content."""
     if not isinstance(obj, dict):
         return None
+    if "finetune_of" in obj:
+        return "finetune_run"  # one grid point (or the final run) inside a fine-tune folder
     if "best_lambda" in obj:
         return "linear"
     if "best_lr" in obj or "best_wd" in obj or ("grid" in obj and "test_accuracy" in obj):
@@ -151,6 +153,8 @@ def discover(runs, notes):
                     found["cs"].append((path, data))
                     continue
                 kind = classify(data)
+                if kind == "finetune_run":
+                    continue
                 if kind is None:
                     keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else \
                         type(data).__name__
