@@ -85,6 +85,19 @@ def test_rank_deficient_features_are_solved_exactly():
     assert abs(objective(x, y, W.numpy(), b.numpy(), lam) - f_sk) <= 1e-4 * f_sk
 
 
+def test_wide_features_without_rotation(monkeypatch):
+    """Above ROTATE_MAX_DIM the features are centred and scaled, not rotated: same optimum."""
+    from sklearn.linear_model import LogisticRegression
+    monkeypatch.setattr(lp, "ROTATE_MAX_DIM", 10)
+    x, y = blobs(300, 25, 3, seed=6, sep=0.5)
+    lam = 1e-3
+    W, b, info = lp.fit(x, y, lam, 3)
+    assert info["converged"]
+    sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
+    f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
+    assert abs(objective(x, y, W.numpy(), b.numpy(), lam) - f_sk) <= 1e-4 * f_sk
+
+
 def test_sweep_equals_cold_solves_and_selects_on_val():
     x, y = blobs(1500, 30, 4, seed=3, sep=0.4)
     train, val, test = (x[:900], y[:900]), (x[900:1200], y[900:1200]), (x[1200:], y[1200:])
