@@ -21,9 +21,9 @@ the bias has converged, so its val accuracy there differs from the optimum's; th
 column shows which side is nearer the optimum.)
 
     .venv/bin/python benchmarks/bench_linear_probe.py                        # 10,000 x 2048, K=100
-    .venv/bin/python benchmarks/bench_linear_probe.py --n 50000 --sklearn-tols none
+    .venv/bin/python benchmarks/bench_linear_probe.py --n 50000 --sklearn none
     .venv/bin/python benchmarks/bench_linear_probe.py --device cuda --n 10000 50000 200000 \\
-        --sklearn-tols none
+        --sklearn none
 The machine is shared and noisy: ours runs before and after scikit-learn and the faster of its
 two runs is used (--repeats).
 """
@@ -67,49 +67,66 @@ def objective(x, y, W, b, lam):
     return total / len(x) + lam / 2 * float((W * W).sum())
 
 
-def run_ours(data, K, lambdas, device, repeats_log):
-    t = time.perf_counter()
-    res, W, b = linear_probe.run_probe(*data, K, "top1", lambdas, device=device, log=None)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t
-    repeats_log.append(seconds)
-    return res, seconds
+class Clock:
+    """Wall and CPU (this process, all threads) seconds of a block."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
-def run_sklearn(data, lambdas, measured, tol, best_lam):
+def run_ours(data, K, lambdas, device, runs):
+    with Clock() as clock:
+        res, W, b = linear_probe.run_probe(*data, K, "top1", lambdas, device=device, log=None)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    runs.append(clock)
+    return res
+
+
+def sklearn_fit(x, y, lam, tol, model=None):
+    from sklearn.linear_model import LogisticRegression
+    C = 1 / (lam * len(x))
+    model = model or LogisticRegression(C=C, tol=tol, max_iter=10000)
+    model.set_params(C=C)
+    with warnings.catch_warnings(), Clock() as clock:
+        warnings.simplefilter("ignore")
+        model.fit(x, y)
+    return model, clock
+
+
+def run_sklearn(data, lambdas, measured, tol, best_lam, warm):
+    """Cold fits of the `measured` lambdas (extrapolated to all), or the whole path warm-started
+    strongest first (warm=True, all measured); then the refit at our lambda on train+val."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     (xtr, ytr), (xva, yva), (xte, yte) = data
-    n = len(xtr)
-    t = time.perf_counter()
-    scaler = StandardScaler().fit(xtr)
-    xtr_s, xva_s, xte_s = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
-    t_scale = time.perf_counter() - t
+    with Clock() as scale:
+        scaler = StandardScaler().fit(xtr)
+        xtr_s, xva_s, xte_s = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
+    name = f"sklearn {'warm path' if warm else 'cold'} tol={tol:g}"
+    order = sorted(range(len(lambdas)), key=lambda i: -lambdas[i]) if warm else measured
+    model = LogisticRegression(tol=tol, max_iter=10000, warm_start=True) if warm else None
     rows = []
-    for i in measured:
+    for i in order:
         lam = lambdas[i]
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = LogisticRegression(C=1 / (lam * n), tol=tol, max_iter=10000).fit(xtr_s, ytr)
-        seconds = time.perf_counter() - t
-        rows.append({"lambda": lam, "seconds": seconds, "iterations": int(m.n_iter_[0]),
-                     "val": float((m.predict(xva_s) == yva).mean()),
+        m, clock = sklearn_fit(xtr_s, ytr, lam, tol, model)
+        rows.append({"lambda": lam, "wall": clock.wall, "cpu": clock.cpu,
+                     "iterations": int(m.n_iter_[0]), "val": float((m.predict(xva_s) == yva).mean()),
                      "objective": objective(xtr_s, ytr, m.coef_.T.astype(np.float64),
                                             m.intercept_.astype(np.float64), lam)})
-        print(f"    sklearn tol {tol:g}  lambda {lam:9.3g}  {seconds:7.1f}s  "
+        print(f"    {name}  lambda {lam:9.3g}  {clock.wall:7.1f}s  "
               f"{rows[-1]['iterations']:5d} iterations  val {rows[-1]['val']:.4f}", flush=True)
-    xall, yall = np.concatenate([xtr_s, xva_s]), np.concatenate([ytr, yva])
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = LogisticRegression(C=1 / (best_lam * len(xall)), tol=tol, max_iter=10000).fit(xall, yall)
-    t_refit = time.perf_counter() - t
-    test = float((m.predict(xte_s) == yte).mean())
-    sweep = sum(r["seconds"] for r in rows) * len(lambdas) / len(rows)
-    return {"rows": rows, "refit_seconds": t_refit, "test": test,
-            "total": t_scale + sweep + t_refit, "sweep": sweep}
+    m, refit = sklearn_fit(np.concatenate([xtr_s, xva_s]), np.concatenate([ytr, yva]), best_lam,
+                           tol)
+    factor = len(lambdas) / len(rows)
+    total = {k: getattr(scale, k) + sum(r[k] for r in rows) * factor + getattr(refit, k)
+             for k in ("wall", "cpu")}
+    return {"name": name, "rows": rows, "refit": refit, "test": float((m.predict(xte_s) == yte).mean()),
+            "total": total, "extrapolated": not warm}
 
 
 def main():
@@ -120,8 +137,9 @@ def main():
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--lambdas", default=linear_probe.DEFAULT_LAMBDAS)
     p.add_argument("--every", type=int, default=4, help="scikit-learn runs every k-th lambda")
-    p.add_argument("--sklearn-tols", default="1e-4,1e-6",
-                   help="comma list of scikit-learn tolerances, or 'none'")
+    p.add_argument("--sklearn", default="cold:1e-4,cold:1e-6,warm:1e-6",
+                   help="scikit-learn runs: comma list of cold:TOL (every --every-th lambda, "
+                        "extrapolated) and warm:TOL (the whole path warm-started), or 'none'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2, help="runs of ours (the fastest is used)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -129,7 +147,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     lambdas = linear_probe.parse_lambdas(args.lambdas)
-    tols = [] if args.sklearn_tols == "none" else [float(t) for t in args.sklearn_tols.split(",")]
+    configs = []
+    for item in ([] if args.sklearn == "none" else args.sklearn.split(",")):
+        mode, _, tol = item.partition(":")
+        if mode not in ("cold", "warm") or not tol:
+            p.error(f"bad --sklearn item {item!r}: write cold:TOL or warm:TOL")
+        configs.append((float(tol), mode == "warm"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for n in args.n:
         nv = n // 5
@@ -138,48 +161,54 @@ def main():
         data = ((x[:n], y[:n]), (x[n:n + nv], y[n:n + nv]), (x[n + nv:], y[n + nv:]))
         print(f"\n{n} train + {nv} val + {nv} test x {args.dim}, {args.classes} classes, "
               f"{(x == 0).mean():.0%} zeros (made in {time.perf_counter() - t:.1f}s)", flush=True)
-        times = []
-        res, _ = run_ours(data, args.classes, lambdas, args.device, times)
+        runs = []
+        res = run_ours(data, args.classes, lambdas, args.device, runs)
         s = res["solver_seconds"]
-        evals = sum(q["evaluations"] for q in res["path"])
-        print(f"  ours: {times[-1]:.1f}s (prepare {s['prepare']:.1f}s, sweep {s['sweep']:.1f}s, "
-              f"refit {s['refit']:.1f}s), {evals} loss+gradient passes for 45 lambdas, best "
-              f"lambda {res['best_lambda']:.3g}, val {res['best_val']:.4f}, "
-              f"test {res['test_accuracy']:.4f}", flush=True)
+        passes = sum(q["evaluations"] for q in res["path"])
+        print(f"  ours: {runs[-1].wall:.1f}s (prepare {s['prepare']:.1f}s, sweep {s['sweep']:.1f}s, "
+              f"refit {s['refit']:.1f}s), {passes} loss+gradient passes for {len(lambdas)} lambdas "
+              f"(+{res['refit']['evaluations']} for the refit), best lambda "
+              f"{res['best_lambda']:.3g}, val {res['best_val']:.4f}, test {res['test_accuracy']:.4f}",
+              flush=True)
         measured = list(range(0, len(lambdas), args.every))
-        sk = {}
-        for tol in tols:
-            sk[tol] = run_sklearn(data, lambdas, measured, tol, res["best_lambda"])
-            if len(times) < args.repeats:
-                run_ours(data, args.classes, lambdas, args.device, times)
-                print(f"  ours again: {times[-1]:.1f}s", flush=True)
-        while len(times) < args.repeats:
-            run_ours(data, args.classes, lambdas, args.device, times)
-            print(f"  ours again: {times[-1]:.1f}s", flush=True)
-        ours = min(times)
+        sk = []
+        for tol, warm in configs:
+            sk.append(run_sklearn(data, lambdas, measured, tol, res["best_lambda"], warm))
+            if len(runs) < args.repeats:
+                run_ours(data, args.classes, lambdas, args.device, runs)
+                print(f"  ours again: {runs[-1].wall:.1f}s", flush=True)
+        while len(runs) < args.repeats:
+            run_ours(data, args.classes, lambdas, args.device, runs)
+            print(f"  ours again: {runs[-1].wall:.1f}s", flush=True)
+        wall, cpu = min(r.wall for r in runs), min(r.cpu for r in runs)
         print(f"\n  RESULT n={n} dim={args.dim} K={args.classes} device={args.device}: ours "
-              f"{ours:.1f}s for the whole protocol (runs: "
-              f"{', '.join(f'{v:.1f}' for v in times)}s), test {res['test_accuracy']:.4f}")
+              f"{wall:.1f}s wall, {cpu:.1f}s CPU for the whole protocol (fastest of runs: "
+              f"{', '.join(f'{r.wall:.1f}' for r in runs)}s wall), test {res['test_accuracy']:.4f}")
         path = {q["lambda"]: q for q in res["path"]}
-        for tol, r in sk.items():
-            print(f"  sklearn tol={tol:g} against ours, per measured lambda:")
+        for r in sk:
+            rows = [q for q in r["rows"] if q["lambda"] in [lambdas[i] for i in measured]]
+            print(f"  {r['name']} against ours, per lambda:")
             print(f"    {'lambda':>9} {'seconds':>8} {'iters':>6} {'val':>7} {'ours':>7} "
                   f"{'objective - ours, relative':>27}")
-            for q in r["rows"]:
+            for q in rows:
                 o = path[q["lambda"]]
-                print(f"    {q['lambda']:9.3g} {q['seconds']:8.1f} {q['iterations']:6d} "
+                print(f"    {q['lambda']:9.3g} {q['wall']:8.1f} {q['iterations']:6d} "
                       f"{q['val']:7.4f} {o['val']:7.4f} "
                       f"{(q['objective'] - o['objective']) / o['objective']:27.1e}")
             near = [q for q in r["rows"] if 1 / 30 <= q["lambda"] / res["best_lambda"] <= 30]
             dval = max(abs(q["val"] - path[q["lambda"]]["val"]) for q in near) if near else 0.0
+            worst = max((q["objective"] - path[q["lambda"]]["objective"]) / path[q["lambda"]]["objective"]
+                        for q in r["rows"])
             best_sk = max(r["rows"], key=lambda q: (q["val"], q["lambda"]))
-            print(f"  RESULT sklearn tol={tol:g}: {r['total']:.1f}s extrapolated from "
-                  f"{len(r['rows'])}/{len(lambdas)} lambdas ({sum(q['seconds'] for q in r['rows']):.1f}s "
-                  f"measured, refit {r['refit_seconds']:.1f}s); ours is {r['total'] / ours:.1f}x "
-                  f"faster; val within {dval:.4f} of ours for lambda within 30x of our best; "
-                  f"test at our lambda {r['test']:.4f} vs ours {res['test_accuracy']:.4f}; "
-                  f"its best measured lambda {best_sk['lambda']:.3g} (val {best_sk['val']:.4f})",
-                  flush=True)
+            how = (f"extrapolated from {len(r['rows'])}/{len(lambdas)} lambdas"
+                   if r["extrapolated"] else f"all {len(lambdas)} lambdas")
+            print(f"  RESULT {r['name']}: {r['total']['wall']:.1f}s wall, {r['total']['cpu']:.1f}s "
+                  f"CPU, {how} (refit {r['refit'].wall:.1f}s); ours is "
+                  f"{r['total']['wall'] / wall:.1f}x faster (wall), {r['total']['cpu'] / cpu:.1f}x "
+                  f"(CPU); its objective is up to {worst:.1e} above ours (relative); val within "
+                  f"{dval:.4f} of ours for lambda within 30x of our best; test at our lambda "
+                  f"{r['test']:.4f} vs ours {res['test_accuracy']:.4f}; its own best lambda "
+                  f"{best_sk['lambda']:.3g} (val {best_sk['val']:.4f})", flush=True)
 
 if __name__ == "__main__":
     main()
