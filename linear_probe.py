@@ -278,17 +278,12 @@ def from_input_coords(prob, W, b):
     return torch.cat([B.flatten(), b + prob["mean"] @ W])
 
 
-def predict(X, W, b, mean=None, std=None):
-    """argmax of ((X - mean) / std) @ W + b, in row chunks; X float32 (N, D) tensor or array."""
+def predict(X, W, b):
+    """argmax of X @ W + b, in row chunks; X float32 (N, D) tensor or array."""
     X = torch.as_tensor(X)
-    W32, b = W.float().to(X.device), b.to(X.device)
-    preds = []
-    for i in range(0, len(X), chunk_rows(W.shape[1])):
-        x = X[i:i + chunk_rows(W.shape[1])]
-        if mean is not None:
-            x = (x - mean.float()) / std.float()
-        preds.append(((x @ W32).double() + b).argmax(1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    W32, b, rows = W.float().to(X.device), b.to(X.device), chunk_rows(W.shape[1])
+    return torch.cat([((X[i:i + rows] @ W32).double() + b).argmax(1)
+                      for i in range(0, len(X), rows)])
 
 
 def score(pred, labels, metric, num_classes):
@@ -361,10 +356,8 @@ def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, devi
             state["loss"] = None
         f, it, evals, ok = solve(prob, lam, state, rtol, max_iter, history)
         last = (last + [(lam, state["u"].clone())])[-2:]
-        B, c = state["u"][:r * K].view(r, K), state["u"][r * K:]
-        pred = torch.cat([((Zva[i:i + rows] @ B.float()).double() + c).argmax(1)
-                          for i in range(0, n_va, rows)])
-        val = score(pred, yva_t, metric, K)
+        val = score(predict(Zva, state["u"][:r * K].view(r, K), state["u"][r * K:]), yva_t,
+                    metric, K)
         path.append({"lambda": lam, "C": 1 / (lam * n_tr), "val": val, "objective": f,
                      "iterations": it, "evaluations": evals, "converged": ok})
         if best is None or val > best[1]:           # ties keep the larger lambda
