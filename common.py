@@ -859,14 +859,18 @@ def load_pretrained(name, map_location="cpu"):
     ck = load_checkpoint(name, map_location=map_location)
     model = model_from_checkpoint(ck, path=name)
     args = ck.get("args") or {}
-    label = os.path.splitext(os.path.basename(name))[0]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
-    if label in ("final", "last", "best") and parent:
-        label = parent
-    info = {"label": label, "objective": ck["objective"], "arch": ck["arch"],
+    info = {"label": checkpoint_label(name), "objective": ck["objective"], "arch": ck["arch"],
             "small_input": ck["small_input"], "resolution": args.get("resolution"),
             "hash": file_hash(name), "num_classes": ck["num_classes"], "seed": args.get("seed")}
     return model, info
+
+
+def checkpoint_label(path):
+    """A checkpoint's short name: the file name without extension, or its folder's name for
+    final/last/best.pt ('runs/softmax_s0/final.pt' -> 'softmax_s0')."""
+    label = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return parent if label in ("final", "last", "best") and parent else label
 
 
 def _weights_enum(arch):

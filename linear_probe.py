@@ -547,15 +547,6 @@ def cached_features(model, info, data, split, layer, resolution, cache_dir, devi
     return x, y
 
 
-def checkpoint_label(name):
-    """The label common.load_pretrained gives a checkpoint, without loading it."""
-    if name.startswith("torchvision:"):
-        return None
-    label = os.path.splitext(os.path.basename(name))[0]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
-    return parent if label in ("final", "last", "best") and parent else label
-
-
 # ----------------------------------------------------------------------------------------------
 # Outputs
 
@@ -663,7 +654,7 @@ def main(argv=None):
     for name in args.checkpoint:   # check cheap things before any long work
         if not name.startswith("torchvision:") and not os.path.exists(name):
             raise common.UserError(f"checkpoint not found: {name}")
-        label = checkpoint_label(name)
+        label = None if name.startswith("torchvision:") else common.checkpoint_label(name)
         if label is not None and label in labels:
             raise common.UserError(f"checkpoints {labels[label]} and {name} share the label "
                                    f"{label!r} (their output folder); rename one")
