@@ -381,6 +381,37 @@ def dataset_label(spec):
     return re.sub(r"[^A-Za-z0-9@,._-]", "_", label)
 
 
+def parse_subset(subset, num_classes, spec):
+    """The part after '@': '0-4', '0,3,7', 'per_class=500', '5-9,per_class=500' ->
+    (list of class indices in the order given, at most this many images per class or None)."""
+    parts = [p for p in (subset or "").split(",") if p.strip()]
+    caps = [p for p in parts if p.strip().startswith("per_class")]
+    per_class = None
+    if len(caps) > 1:
+        raise UserError(f"{spec!r} gives per_class twice; write e.g. @0-4,per_class=500")
+    if caps:
+        m = re.fullmatch(r"\s*per_class\s*=\s*(\d+)\s*", caps[0])
+        if not m or int(m.group(1)) < 1:
+            raise UserError(f"bad {caps[0].strip()!r} in {spec!r}; write per_class=N with N >= 1 "
+                            "(at most N images of each class in every split)")
+        per_class = int(m.group(1))
+    rest = ",".join(p for p in parts if p not in caps)
+    classes = parse_classes(rest, num_classes, spec) if rest else list(range(num_classes))
+    return classes, per_class
+
+
+def cap_per_class(idx, labels, per_class, seed=SPLIT_SEED):
+    """At most per_class of the indices idx of each label (seeded; data order kept)."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(idx), dtype=bool)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        if len(where) > per_class:
+            where = rng.choice(where, per_class, replace=False)
+        keep[where] = True
+    return idx[keep]
+
+
 def parse_classes(subset, num_classes, spec):
     """'0-4' or '0,3,7' or '0-2,5' -> list of class indices (order kept)."""
     classes = []
@@ -588,7 +619,9 @@ def load_dataset(spec, download=False):
         num_classes, classes, metric ('top1' or 'mean_per_class'), name, spec,
         image_size: native side length of in-memory images (None for image files).
     Specs: digits | npz:DIR | imagenet:DIR | folder:DIR | birdsnap:DIR | <torchvision name>:ROOT,
-    each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order).
+    each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order)
+    and/or a cap per_class=N (@per_class=500, @0-4,per_class=500: at most N images of each class
+    in every split, a seeded subset taken after the validation hold-out).
     Where a dataset has no validation split, val is a stratified, seeded hold-out of
     VAL_FRACTION of train (at most VAL_MAX images); test is never used to select anything."""
     name, path, subset = parse_spec(spec)
@@ -603,7 +636,7 @@ def load_dataset(spec, download=False):
     if len(src) == 0 or len(splits.get("train", [])) == 0:
         raise UserError(f"dataset {spec!r} has no training images")
     num_all = max(len(classes), int(src.labels.max()) + 1)
-    chosen = parse_classes(subset, num_all, spec) if subset else list(range(num_all))
+    chosen, per_class = parse_subset(subset, num_all, spec)
     label_map = np.full(num_all, -1, dtype=np.int64)
     label_map[chosen] = np.arange(len(chosen))
     if "val" not in splits:
@@ -617,6 +650,8 @@ def load_dataset(spec, download=False):
     for split in ("train", "val", "test"):
         idx = splits[split]
         idx = idx[label_map[src.labels[idx]] >= 0]
+        if per_class:
+            idx = cap_per_class(idx, src.labels[idx], per_class)
         if len(idx) == 0:
             raise UserError(f"the {split} split of {spec!r} has no images of the chosen classes")
         views[split] = Split(src, idx, label_map)

@@ -40,7 +40,7 @@ OUT=${OUT:-results/demo}
 RUNS=$OUT/runs
 if [ "$DATA" = "digits@0-4" ] && [ "$TARGETS" = "digits@5-9" ]; then
     # small defaults for the built-in demo: a short fine-tuning grid
-    FT_ARGS=${FT_ARGS:---lrs 0.03 0.1 --wds 1e-4 --epochs 6 --batch-size 64}
+    FT_ARGS=${FT_ARGS:---lrs 0.2 0.8 --wds 1e-4 --epochs 4 --batch-size 32}
     CKA_ARGS=${CKA_ARGS:---split test --batch-size 226}
 fi
 

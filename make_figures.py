@@ -14,8 +14,10 @@ and writes to --out, as PNG and PDF:
   fig3_cka_matrices         objective x objective CKA at a few depths
   fig4_class_separation     penultimate-layer (pool) R^2 against source top-1 and transfer
   fig5_sweep_<obj>_<hp>     R^2, top-1 and transfer against a swept hyperparameter value
-  report.md                 the table, rank correlations, CKA and sweep summaries, and a note for
-                            every piece that was missing or skipped (never a crash).
+  report.md                 a verdict per claim of SPEC.md (holds / does not hold / cannot tell,
+                            by fixed rules stated in the report), the table, rank correlations,
+                            CKA and sweep summaries, and a note for every piece that was missing
+                            or skipped (never a crash).
 
 Examples:
   python make_figures.py --runs results/demo --out results/demo
@@ -43,6 +45,7 @@ except ImportError:  # scipy comes with scikit-learn, but the figures do not nee
     stats = None
 
 ALPHA = 0.05
+CKA_MARGIN = 0.01   # a CKA difference smaller than this is no difference, however significant
 NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
          "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
          "logit_penalty": "Logit penalty", "logit_normalization": "Logit normalization",
@@ -1023,6 +1026,134 @@ def report_sweep(obj, key, points, quantities):
 
 
 # ----------------------------------------------------------------------------------------------
+# One verdict per claim of SPEC.md: holds, does not hold, or cannot tell at this sample size.
+# The rules are fixed here and printed in the report, so a verdict never depends on a reader.
+
+def direction_verdict(cells, key, claim):
+    """A directional claim (every non-softmax objective higher/lower than softmax) from the
+    per-objective Welch tests in `cells`: (verdict, evidence text) or None."""
+    tested = [c[key] for o, c in cells.items() if o != "softmax" and key in c and
+              finite(c[key]["diff"])]
+    if not tested or "softmax" not in cells:
+        return None
+    n = len(tested)
+    agree = sum(c["verdict"] == "agrees" for c in tested)
+    opposite = sum(c["verdict"] == "opposite" for c in tested)
+    sign = sum((c["diff"] > 0) == (claim == "higher") for c in tested)
+    half = math.ceil(n / 2)
+    if agree >= half and opposite == 0:
+        v = "holds"
+    elif opposite >= half and agree == 0:
+        v = "does not hold"
+    else:
+        v = "cannot tell"
+    diffs = [c["diff"] for c in tested]
+    text = (f"{claim} than softmax for {sign} of {n} objectives; significantly (p < {ALPHA}) "
+            f"{claim} for {agree}, significantly the other way for {opposite}; difference from "
+            f"softmax {min(diffs):+.3g} to {max(diffs):+.3g} (mean {np.mean(diffs):+.3g})")
+    return v, text
+
+
+def correlation_verdict(groups, quantity, sign):
+    """R^2 against a quantity over objective means: holds when Spearman's rho has the claimed
+    sign at p < ALPHA, does not hold when it has the other sign at p < ALPHA."""
+    pts = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, quantity))[0])
+           for g in groups.values()]
+    pts = [(a, b) for a, b in pts if finite(a) and finite(b)]
+    rho, p = spearman(*zip(*pts)) if len(pts) >= 3 else (math.nan, math.nan)
+    if not finite(rho):
+        return None
+    v = "cannot tell" if p >= ALPHA else ("holds" if (rho < 0) == (sign < 0) else "does not hold")
+    return v, f"Spearman ρ = {rho:.2f} (p = {p:.2g}) over {len(pts)} objective means"
+
+
+def finetune_verdict(groups, cells, cols):
+    """'Fine-tuning differences are small': holds when no objective's fine-tune accuracy differs
+    from softmax at p < ALPHA and the spread of objective means is smaller than the linear
+    probe's on the same datasets; does not hold when at least two objectives differ, or one
+    differs and the spread is not smaller; otherwise cannot tell."""
+    keys = [k for k, *_ in cols]
+    ft = "finetune:mean" if "finetune:mean" in keys else next(
+        (k for k in keys if k.startswith("finetune:")), None)
+    if ft is None or "softmax" not in cells:
+        return None
+    datasets = sorted({d for g in groups.values() for n in g for d in n["finetune"]})
+    lp = lambda n: mean_of({d: n["linear"][d] for d in datasets if d in n["linear"]}) \
+        if all(d in n["linear"] for d in datasets) else None
+    spread = lambda q: np.ptp([m for m in (mean_se(values(g, q))[0] for g in groups.values())
+                               if finite(m)]) if groups else math.nan
+    q_ft = next(c[3] for c in cols if c[0] == ft)
+    s_ft, s_lp = spread(q_ft), spread(lp) if any(values(g, lp) for g in groups.values()) \
+        else math.nan
+    differ = sum(c[ft]["verdict"] == "differs" for o, c in cells.items() if o != "softmax")
+    n = sum(finite(c[ft]["diff"]) for o, c in cells.items() if o != "softmax")
+    smaller = finite(s_lp) and s_ft < s_lp
+    if differ == 0 and smaller:
+        v = "holds"
+    elif differ >= 2 or (differ == 1 and finite(s_lp) and not smaller):
+        v = "does not hold"
+    else:
+        v = "cannot tell"
+    text = (f"{differ} of {n} objectives differ from softmax at p < {ALPHA}; objective means "
+            f"span {s_ft:.2f} points fine-tuned" +
+            (f" against {s_lp:.2f} points linear-probed on the same data" if finite(s_lp)
+             else " (no linear probe on the same data to compare)"))
+    return v, text
+
+
+def late_layers(layers):
+    """The 'last few layers': the last residual stage (2 blocks for ResNet-18 with 8 blocks,
+    else 3, as in torchvision's ResNets), pool and logits."""
+    blocks = [l for l in layers if re.fullmatch(r"block\d+", l)]
+    last = blocks[-(2 if len(blocks) == 8 else 3):] if blocks else []
+    return set(last) | ({"pool", "logits"} & set(layers))
+
+
+def cka_verdict(c, s):
+    """Per layer, Welch t-test of the between-objective pair values against the same-objective
+    different-seed pairs; 'below' = significantly lower and by more than CKA_MARGIN on average.
+    Holds when some late layer is below the baseline and no earlier layer is; does not hold when
+    an earlier layer is; otherwise cannot tell."""
+    if not len(s["same"]) or not len(s["between"]):
+        return None
+    late = late_layers(c["layers"])
+    below = []
+    for l, name in enumerate(c["layers"]):
+        b, w = s["between"][:, l], s["same"][:, l]
+        b, w = b[np.isfinite(b)], w[np.isfinite(w)]
+        if len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
+                welch_p(b, w) < ALPHA:
+            below.append(name)
+    early_below = [l for l in below if l not in late]
+    late_below = [l for l in below if l in late]
+    v = "does not hold" if early_below else ("holds" if late_below else "cannot tell")
+    text = (f"between-objective CKA below the same-objective baseline (Welch p < {ALPHA} and "
+            f"lower by more than {CKA_MARGIN} on average) at: {', '.join(below) or 'no layer'}; "
+            f"last few layers = "
+            f"{', '.join(l for l in c['layers'] if l in late)}")
+    return v, text
+
+
+def section_verdicts(verdicts):
+    if not verdicts:
+        return []
+    lines = ["## Verdicts on the paper's claims", "",
+             "Each claim of SPEC.md checked against the numbers below, by fixed rules: a "
+             "directional claim (every non-softmax objective against softmax, Welch t-test per "
+             f"objective at p < {ALPHA}) holds when at least half of the objectives agree "
+             "significantly and none goes significantly the other way, and does not hold when at "
+             "least half go significantly the other way and none agrees; a correlation holds or "
+             f"does not hold when Spearman's ρ over objective means is significant (p < {ALPHA}) "
+             "with or against the claimed sign; the fine-tuning and CKA rules are stated in their "
+             "rows. Everything else is *cannot tell at this sample size*: more seeds (a "
+             "smaller standard error) or longer training (larger differences) would be needed to "
+             "tell.", ""]
+    lines += md_table(["Claim (SPEC.md)", "Verdict", "Evidence"],
+                      [[claim, f"**{v}**", text] for claim, (v, text) in verdicts])
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------------------------
 
 def load_networks(runs, notes):
     """Every result under `runs`, gathered per network: (found, networks, matcher, scratch)."""
@@ -1064,12 +1195,30 @@ def embed(written, name, alt):
         os.path.basename(p) == f"{name}.png" for p in written) else []
 
 
-def section_results(groups, scratch, colours, order, save_fig, written, notes):
+def section_results(groups, scratch, colours, order, save_fig, written, notes, verdicts):
     cols = columns(groups) if groups else []
     if not cols:
         notes.append("Figures 1 and 2 skipped: no accuracy of any network was found.")
         return []
     cells = table_cells(groups, cols)
+    keys = [k for k, *_ in cols]
+    linear = "linear:mean" if "linear:mean" in keys else next(
+        (k for k in keys if k.startswith("linear:")), None)
+    for claim, key, direction in (
+            ("Non-softmax objectives have higher source top-1 than softmax", "top1", "higher"),
+            ("Non-softmax objectives have higher class separation R^2 than softmax", "r2",
+             "higher"),
+            ("Non-softmax objectives have lower linear-probe transfer than softmax (the "
+             "paper's title)", linear, "lower")):
+        v = direction_verdict(cells, key, direction) if key in keys else None
+        if v:
+            verdicts.append((claim, v))
+    corr = correlation_verdict(groups, lambda n: mean_of(n["linear"]), -1)
+    if corr:
+        verdicts.append(("Higher R^2 goes with lower linear-probe transfer", corr))
+    ft = finetune_verdict(groups, cells, cols)
+    if ft:
+        verdicts.append(("Fine-tuning differences are small", ft))
     fig_transfer(groups, colours, order, save_fig, notes)
     fig_table(groups, cols, cells, save_fig)
     lines = ["## Per-objective results (figures 1 and 2)", "",
@@ -1091,7 +1240,8 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes):
     return lines
 
 
-def section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes):
+def section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes,
+                verdicts):
     c = load_cka(found, runs, notes)
     if c is None:
         notes.append("CKA (figure 3) skipped: no readable cka.npz.")
@@ -1102,6 +1252,10 @@ def section_cka(found, runs, matcher, groups, colours, order, save_fig, written,
         s = cka_summary(c, idx)
         fig_cka(c, idx, s, colours, order, save_fig, notes)
         table = report_cka(c, idx, s)
+        v = cka_verdict(c, s)
+    if v:
+        verdicts.append(("CKA between objectives matches the different-seed baseline except in "
+                         "the last few layers", v))
     return (["## CKA (figure 3)", ""] + table + [""] +
             embed(written, "fig3_cka_by_layer", "CKA by layer") +
             embed(written, "fig3_cka_matrices", "CKA matrices"))
@@ -1164,8 +1318,11 @@ def main():
     def save_fig(fig, name):
         save(fig, out, name, formats, args.dpi, written)
 
-    sections = section_results(groups, scratch, colours, order, save_fig, written, notes)
-    sections += section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes)
+    verdicts = []
+    sections = section_results(groups, scratch, colours, order, save_fig, written, notes,
+                               verdicts)
+    sections += section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes,
+                            verdicts)
     sections += section_class_separation(groups, colours, order, save_fig, written, notes)
     sections += section_sweeps(by_obj, groups, colours, save_fig, notes)
 
@@ -1182,7 +1339,7 @@ def main():
              "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
              "objectives matches the different-seed baseline except in the last few layers.", "",
              "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
-    lines += sections + ["## Notes: what was missing or skipped", ""]
+    lines += section_verdicts(verdicts) + sections + ["## Notes: what was missing or skipped", ""]
     lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
     text = "\n".join(lines) + "\n"
     report = os.path.join(out, "report.md")

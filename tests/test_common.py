@@ -235,6 +235,19 @@ def test_digits_splits_disjoint_deterministic():
     assert np.array_equal(common.load_dataset("digits@0-4")["train"].indices, lo["train"].indices)
 
 
+def test_per_class_cap():
+    full, capped = common.load_dataset("digits@5-9"), common.load_dataset("digits@5-9,per_class=7")
+    assert capped["name"] == "digits@5-9,per_class_7" and capped["classes"] == full["classes"]
+    for split in ("train", "val", "test"):
+        counts = np.bincount(capped[split].labels, minlength=5)
+        assert counts.tolist() == [7] * 5  # every class of digits has more than 7 in each split
+        assert set(capped[split].indices) <= set(full[split].indices)  # a subset of the split
+    again = common.load_dataset("digits@5-9,per_class=7")
+    assert np.array_equal(again["train"].indices, capped["train"].indices)  # deterministic
+    whole = common.load_dataset("digits@per_class=1000")  # a cap above every class: no change
+    assert np.array_equal(whole["train"].indices, common.load_dataset("digits")["train"].indices)
+
+
 def test_digits_split_is_the_spec_split():
     # SPEC.md: sklearn LogisticRegression(C=1) on load_digits/16 with this split scores 0.968889.
     from sklearn.linear_model import LogisticRegression
@@ -441,6 +454,8 @@ def test_torchvision_weights_offline_error():
     ("digits@0-12", "out of range"),
     ("digits@3", "fewer than 2 classes"),
     ("digits@a-b", "bad class subset"),
+    ("digits@per_class=0", "write per_class=N"),
+    ("digits@0-4,per_class=2,per_class=3", "per_class twice"),
     ("cifar10", "needs a path"),
     ("", "empty dataset spec"),
 ])

@@ -1,5 +1,6 @@
 """make_figures.py on synthetic runs folders written in the formats of the other scripts' issues."""
 import json
+import math
 import os
 import sys
 
@@ -88,7 +89,7 @@ def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=
                 if i != j:
                     k = OBJECTIVES.index(a["objective"]) + OBJECTIVES.index(b["objective"])
                     drop = 0.05 + (0.3 + 0.02 * k if a["objective"] != b["objective"] else 0.0) \
-                        * depth ** 4
+                        * depth ** 12
                     cka_arr[i, j, range(L), range(L)] = 1 - drop
         np.savez(_mk(root, "cka", "cka.npz"), cka=cka_arr, layers=np.array(LAYERS),
                  labels=np.array([n["label"] for n in main]),
@@ -299,3 +300,44 @@ def test_sweep_runs_in_nested_folders_matched_by_trailing_path(tmp_path, monkeyp
     assert "| 0.04 | 2 | 90.00 ± 0.00 | 80.50 ± 0.50 |" in sweep
     assert "known only from transfer" not in report
     assert (tmp_path / "out" / "fig5_sweep_logit_normalization_tau.png").exists()
+
+
+def verdict_rows(report):
+    section = report.split("## Verdicts on the paper's claims")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in section.splitlines()
+            if l.startswith("| ") and not l.startswith("| Claim")]
+    return {r[0]: r[1].strip("*") for r in rows}
+
+
+def test_verdicts_follow_the_stated_rules(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs))
+    v = verdict_rows(run_figures(monkeypatch, runs, out, "--formats", "png"))
+    assert len(v) == 6
+    assert v["Non-softmax objectives have higher source top-1 than softmax"] == "holds"
+    assert v["Non-softmax objectives have higher class separation R^2 than softmax"] == "holds"
+    # squared_error goes significantly the other way in the fake data: no verdict either way
+    title = next(k for k in v if k.startswith("Non-softmax objectives have lower linear-probe"))
+    assert v[title] == "cannot tell"
+    assert v["Higher R^2 goes with lower linear-probe transfer"] == "cannot tell"  # rho = -0.4
+    assert v["Fine-tuning differences are small"] == "holds"
+    cka = next(k for k in v if k.startswith("CKA between objectives"))
+    assert v[cka] == "holds"
+
+
+def cell(diff, p, claim):
+    return {"diff": diff, "p": p, "verdict": make_figures.verdict(claim, diff, p)}
+
+
+def test_direction_verdict_rules():
+    f = make_figures.direction_verdict
+    base = {"softmax": {"top1": cell(math.nan, math.nan, "higher")}}
+    agree = {f"o{i}": {"top1": cell(1.0, 0.01, "higher")} for i in range(4)}
+    ns = {f"n{i}": {"top1": cell(-0.5, 0.5, "higher")} for i in range(4)}
+    against = {f"a{i}": {"top1": cell(-1.0, 0.01, "higher")} for i in range(4)}
+    assert f({**base, **agree, **ns}, "top1", "higher")[0] == "holds"        # 4 of 8 agree
+    assert f({**base, **against, **ns}, "top1", "higher")[0] == "does not hold"
+    assert f({**base, **agree, **against}, "top1", "higher")[0] == "cannot tell"
+    assert f({**base, **ns}, "top1", "higher")[0] == "cannot tell"
+    assert "for 0 of 4 objectives" in f({**base, **ns}, "top1", "higher")[1]
+    assert f({"o1": {"top1": cell(1.0, 0.01, "higher")}}, "top1", "higher") is None  # no softmax
