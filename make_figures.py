@@ -1051,7 +1051,35 @@ def direction_verdict(cells, key, claim):
     text = (f"{claim} than softmax for {sign} of {n} objectives; significantly (p < {ALPHA}) "
             f"{claim} for {agree}, significantly the other way for {opposite}; difference from "
             f"softmax {min(diffs):+.3g} to {max(diffs):+.3g} (mean {np.mean(diffs):+.3g})")
+    need = seeds_needed(cells, key, claim)
+    if v == "cannot tell" and need:
+        text += (f"; at the observed differences and seed-to-seed spread, about "
+                 f"{need if need < 1000 else 'over 1000'} seeds per objective would make the "
+                 f"median objective that points the claimed way significant")
     return v, text
+
+
+def seeds_needed(cells, key, claim):
+    """For the objectives whose difference from softmax points the claimed way but is not
+    significant: the seeds per objective at which that difference, with the observed standard
+    deviations, would reach p < ALPHA (two-sided t-test with 2n - 2 degrees of freedom, at
+    least one seed more than now); the median, or None."""
+    base = cells.get("softmax", {}).get(key)
+    if stats is None or not base or not finite(base.get("se")) or base["n"] < 2:
+        return None
+    need = []
+    for obj, c in cells.items():
+        c = c.get(key)
+        if obj == "softmax" or not c or c["verdict"] != "n.s." or not finite(c["se"]) or \
+                c["n"] < 2 or (c["diff"] > 0) != (claim == "higher") or c["diff"] == 0:
+            continue
+        var = c["se"] ** 2 * c["n"] + base["se"] ** 2 * base["n"]   # sum of the two variances
+        n = max(c["n"], base["n"]) + 1
+        while n < 1000 and abs(c["diff"]) / math.sqrt(var / n) < stats.t.ppf(1 - ALPHA / 2,
+                                                                            2 * n - 2):
+            n += 1
+        need.append(n)
+    return int(np.median(need)) if need else None
 
 
 def correlation_verdict(groups, quantity, sign):
@@ -1132,6 +1160,73 @@ def cka_verdict(c, s):
             f"last few layers = "
             f"{', '.join(l for l in c['layers'] if l in late)}")
     return v, text
+
+
+def distinct(records, key):
+    """The distinct values of `key` over records, as text: 'a' or 'a / b' (None if absent)."""
+    seen = []
+    for r in records:
+        v = r.get(key) if isinstance(r, dict) else None
+        if v is not None and v not in seen and not isinstance(v, (dict, list)):
+            seen.append(v)
+    return " / ".join(fmt_value(v) if isinstance(v, float) else str(v) for v in seen) or None
+
+
+def lr_text(train):
+    """'0.1' or '0.1 (squared_error: 5e-05)': the common lr and the objectives that differ."""
+    lrs = [r.get("lr") for r in train]
+    common_lr = max(set(lrs), key=lrs.count, default=None)
+    other = {}
+    for r in train:
+        if r.get("lr") != common_lr:
+            other.setdefault(fmt_value(r.get("lr")), set()).add(str(r.get("objective")))
+    return fmt_value(common_lr) + (" (" + "; ".join(f"{', '.join(sorted(o))}: {v}" for v, o in
+                                                    sorted(other.items())) + ")" if other else "")
+
+
+def section_setup(found):
+    """What was run, read back from the results themselves (so it cannot drift from them)."""
+    lines = []
+    train = [r for _, r in found["train"] if isinstance(r, dict)]
+    if train:
+        f = lambda k: distinct(train, k) or "?"
+        secs = [r["train_seconds"] for r in train if finite(r.get("train_seconds"))]
+        lines.append(f"- Training: {len(train)} networks on `{f('dataset')}` "
+                     f"({f('train_images')} training images, {f('num_classes')} classes), "
+                     f"{f('arch')}{' small-input stem' if f('small_input') == 'True' else ''} at "
+                     f"{f('resolution')} px, {f('epochs')} epochs ({f('steps')} steps) of batch "
+                     f"{f('batch_size')}, lr {lr_text(train)} per 256, {f('precision')}"
+                     + (f"; {np.mean(secs):.0f} s per network on average" if secs else "") + ".")
+    for kind, name in (("linear", "Linear probe"), ("finetune", "Fine-tuning")):
+        by_ds = {}
+        for _, r in found[kind]:
+            if isinstance(r, dict) and not r.get("from_scratch"):
+                by_ds.setdefault(str(r.get("dataset_name") or r.get("dataset")), []).append(r)
+        for ds, rs in sorted(by_ds.items()):
+            f = lambda k: distinct(rs, k) or "?"
+            text = (f"- {name} on `{ds}` ({len(rs)} networks): {f('n_train')} train / "
+                    f"{f('n_val')} val / {f('n_test')} test images, {f('num_classes')} classes, "
+                    f"metric {f('metric')}, {f('resolution')} px")
+            if kind == "linear":
+                lams = [r["best_lambda"] for r in rs if finite(r.get("best_lambda"))]
+                text += (f", layer {f('layer')}, features standardized: {f('standardize')}" +
+                         (f", chosen lambda {min(lams):.2g} to {max(lams):.2g}" if lams else ""))
+            else:
+                grid = sorted({k for r in rs if isinstance(r.get("grid"), dict)
+                               for k in r["grid"]})
+                picks = [f"lr={fmt_value(r['best_lr'])},wd={fmt_value(r['best_wd'])}"
+                         for r in rs if "best_lr" in r and "best_wd" in r]
+                counts = ", ".join(f"{k} x{picks.count(k)}" for k in sorted(set(picks)))
+                text += (f", {f('epochs')} epochs of batch {f('batch_size')}, grid "
+                         f"{'; '.join(grid) or '?'} (lr per 256) selected on val, then "
+                         f"retrained on train+val; chosen: {counts or '?'}")
+            lines.append(text + ".")
+    cs = [e for _, d in found["cs"] for e in cs_entries(d)]
+    if cs:
+        f = lambda k: distinct(cs, k) or "?"
+        lines.append(f"- Class separation: `{f('dataset')}`, {f('split')} split, {f('n_images')} "
+                     f"images per network.")
+    return (["## Setup (read from the results)", ""] + lines + [""]) if lines else []
 
 
 def section_verdicts(verdicts):
@@ -1339,7 +1434,8 @@ def main():
              "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
              "objectives matches the different-seed baseline except in the last few layers.", "",
              "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
-    lines += section_verdicts(verdicts) + sections + ["## Notes: what was missing or skipped", ""]
+    lines += (section_verdicts(verdicts) + section_setup(found) + sections +
+              ["## Notes: what was missing or skipped", ""])
     lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
     text = "\n".join(lines) + "\n"
     report = os.path.join(out, "report.md")

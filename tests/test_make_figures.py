@@ -341,3 +341,11 @@ def test_direction_verdict_rules():
     assert f({**base, **ns}, "top1", "higher")[0] == "cannot tell"
     assert "for 0 of 4 objectives" in f({**base, **ns}, "top1", "higher")[1]
     assert f({"o1": {"top1": cell(1.0, 0.01, "higher")}}, "top1", "higher") is None  # no softmax
+
+
+def test_seeds_needed():
+    c = {"softmax": {"top1": {"diff": math.nan, "se": 0.5, "n": 2, "p": math.nan, "verdict": ""}},
+         "sigmoid": {"top1": {"diff": 1.0, "se": 0.5, "n": 2, "p": 0.3, "verdict": "n.s."}}}
+    # variance 0.5 + 0.5 per seed: 1 / sqrt(1 / n) >= t(0.975, 2n - 2) first at n = 6
+    assert make_figures.seeds_needed(c, "top1", "higher") == 6
+    assert make_figures.seeds_needed(c, "top1", "lower") is None   # points the other way
