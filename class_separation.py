@@ -102,13 +102,8 @@ def per_class_subset(split, max_per_class, seed=0):
     """A Split view with at most max_per_class images of each class (seeded, in data order)."""
     if max_per_class is None:
         return split
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(split.labels):
-        idx = np.flatnonzero(split.labels == c)
-        keep.append(idx if len(idx) <= max_per_class else rng.choice(idx, max_per_class, False))
-    keep = np.sort(np.concatenate(keep))
-    return common.Split(split.source, split.indices[keep], split.label_map)
+    keep = common.cap_per_class(split.indices, split.labels, max_per_class, seed)
+    return common.Split(split.source, keep, split.label_map)
 
 
 def check_memory(model, layers, resolution, n_images, label):
