@@ -295,7 +295,9 @@ def attach_transfer(found, matcher, runs, notes, scratch):
             rel = os.path.relpath(path, runs)
             ck = r.get("checkpoint")
             acc = r.get("test_accuracy")
-            dataset = r.get("dataset")
+            # finetune.py writes the spec as `dataset` and its short label as `dataset_name`;
+            # linear_probe.py the label as `dataset`: the label matches the two
+            dataset = r.get("dataset_name") or r.get("dataset")
             if not isinstance(dataset, str) or not dataset:
                 dataset = os.path.basename(os.path.dirname(path))
                 notes.append(f"`{rel}`: no dataset name; using its folder name {dataset!r}.")
@@ -1115,6 +1117,8 @@ def finetune_verdict(groups, cells, cols):
         else math.nan
     differ = sum(c[ft]["verdict"] == "differs" for o, c in cells.items() if o != "softmax")
     n = sum(finite(c[ft]["diff"]) for o, c in cells.items() if o != "softmax")
+    if n == 0:
+        return None
     smaller = finite(s_lp) and s_ft < s_lp
     if differ == 0 and smaller:
         v = "holds"

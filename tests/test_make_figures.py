@@ -69,7 +69,8 @@ def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=
             write_json(os.path.join(root, "finetune", label, ds, "results.json"), {
                 "metric": "top1", "test_accuracy": num["finetune"], "best_lr": 0.01,
                 "best_wd": 1e-4, "grid": {"lr=0.01,wd=0.0001": 0.94}, "seconds": 3.0,
-                "checkpoint": ckpt, "objective": obj, "seed": seed, "dataset": ds})
+                "checkpoint": ckpt, "objective": obj, "seed": seed,
+                "dataset": f"npz:/data/{ds}", "dataset_name": ds})  # as finetune.py writes
         written.append({"objective": obj, "seed": seed, "tau": tau, "label": label, **num})
     main = [n for n in written if n["tau"] is None]
     if cs:   # class_separation.py: a list of records, per-layer values under "layers"
@@ -312,7 +313,8 @@ def verdict_rows(report):
 def test_verdicts_follow_the_stated_rules(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "out"
     make_runs(str(runs))
-    v = verdict_rows(run_figures(monkeypatch, runs, out, "--formats", "png"))
+    report = run_figures(monkeypatch, runs, out, "--formats", "png")
+    v = verdict_rows(report)
     assert len(v) == 6
     assert v["Non-softmax objectives have higher source top-1 than softmax"] == "holds"
     assert v["Non-softmax objectives have higher class separation R^2 than softmax"] == "holds"
@@ -321,6 +323,7 @@ def test_verdicts_follow_the_stated_rules(tmp_path, monkeypatch):
     assert v[title] == "cannot tell"
     assert v["Higher R^2 goes with lower linear-probe transfer"] == "cannot tell"  # rho = -0.4
     assert v["Fine-tuning differences are small"] == "holds"
+    assert "against 9.80 points linear-probed on the same data" in report  # digits@5-9 matched
     cka = next(k for k in v if k.startswith("CKA between objectives"))
     assert v[cka] == "holds"
 
