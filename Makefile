@@ -28,7 +28,7 @@ cifar10-small: $(VENV)/.installed
 	FT_TARGETS=npz:$(SHARED)/clothing_small \
 	ARCH=resnet18 EPOCHS=4 BATCH=128 \
 	TRAIN_ARGS="--no-small-input --warmup-epochs 0.5 --ema-epochs 0.5" \
-	FT_ARGS="--lrs 0.05 0.2 --wds 1e-4 --epochs 3 --batch-size 64" \
+	FT_ARGS="--lrs 0.05 0.2 0.8 --wds 1e-4 --epochs 3 --batch-size 64" \
 	CKA_ARGS="--split val --max-images 1000" SEP_ARGS="--max-per-class 500" \
 	OUT=results/cifar10_small PYTHON=$(abspath $(PY)) bash demo.sh
 

@@ -1141,28 +1141,50 @@ def late_layers(layers):
     return set(last) | ({"pool", "logits"} & set(layers))
 
 
-def cka_verdict(c, s):
-    """Per layer, Welch t-test of the between-objective pair values against the same-objective
-    different-seed pairs; 'below' = significantly lower and by more than CKA_MARGIN on average.
-    Holds when some late layer is below the baseline and no earlier layer is; does not hold when
-    an earlier layer is; otherwise cannot tell."""
-    if not len(s["same"]) or not len(s["between"]):
+def cka_verdict(c, s, idx):
+    """Per non-softmax objective and layer, a Welch t-test of its CKA with the softmax networks
+    against the same-objective different-seed pairs (all objectives); 'below' = significantly
+    lower and by more than CKA_MARGIN on average. Each objective then matches the baseline at
+    every layer, is below it only in the last few layers (the paper's pattern), or is below it
+    in an earlier layer too. Holds when at least half of the objectives show the paper's pattern
+    and none is below in an earlier layer; does not hold when at least half are below in an
+    earlier layer; otherwise cannot tell."""
+    ref, same = s["ref"], s["same"]
+    if ref != "softmax" or not len(same):
         return None
     late = late_layers(c["layers"])
-    below = []
-    for l, name in enumerate(c["layers"]):
-        b, w = s["between"][:, l], s["same"][:, l]
-        b, w = b[np.isfinite(b)], w[np.isfinite(w)]
-        if len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
-                welch_p(b, w) < ALPHA:
-            below.append(name)
-    early_below = [l for l in below if l not in late]
-    late_below = [l for l in below if l in late]
-    v = "does not hold" if early_below else ("holds" if late_below else "cannot tell")
-    text = (f"between-objective CKA below the same-objective baseline (Welch p < {ALPHA} and "
-            f"lower by more than {CKA_MARGIN} on average) at: {', '.join(below) or 'no layer'}; "
-            f"last few layers = "
-            f"{', '.join(l for l in c['layers'] if l in late)}")
+    kinds = {"match": [], "late": [], "early": []}
+    for obj, ii in idx.items():
+        if obj == ref:
+            continue
+        below = []
+        for l, name in enumerate(c["layers"]):
+            b = np.array([s["diag"][i, j, l] for i in idx[ref] for j in ii])
+            w = same[:, l]
+            b, w = b[np.isfinite(b)], w[np.isfinite(w)]
+            if len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
+                    welch_p(b, w) < ALPHA:
+                below.append(name)
+        early = [l for l in below if l not in late]
+        kind = "early" if early else ("late" if below else "match")
+        kinds[kind].append(f"{display(obj)} ({', '.join(early or below)})" if below
+                           else display(obj))
+    n = sum(map(len, kinds.values()))
+    if n == 0:
+        return None
+    half = math.ceil(n / 2)
+    if len(kinds["late"]) >= half and not kinds["early"]:
+        v = "holds"
+    elif len(kinds["early"]) >= half:
+        v = "does not hold"
+    else:
+        v = "cannot tell"
+    text = (f"CKA with softmax below the same-objective baseline (Welch p < {ALPHA} and lower by "
+            f"more than {CKA_MARGIN}) only in the last few layers "
+            f"({', '.join(l for l in c['layers'] if l in late)}): "
+            f"{'; '.join(kinds['late']) or 'none'}; in an earlier layer: "
+            f"{'; '.join(kinds['early']) or 'none'}; at no layer: "
+            f"{', '.join(kinds['match']) or 'none'}")
     return v, text
 
 
@@ -1351,7 +1373,7 @@ def section_cka(found, runs, matcher, groups, colours, order, save_fig, written,
         s = cka_summary(c, idx)
         fig_cka(c, idx, s, colours, order, save_fig, notes)
         table = report_cka(c, idx, s)
-        v = cka_verdict(c, s)
+        v = cka_verdict(c, s, idx)
     if v:
         verdicts.append(("CKA between objectives matches the different-seed baseline except in "
                          "the last few layers", v))

@@ -90,7 +90,7 @@ def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=
                 if i != j:
                     k = OBJECTIVES.index(a["objective"]) + OBJECTIVES.index(b["objective"])
                     drop = 0.05 + (0.3 + 0.02 * k if a["objective"] != b["objective"] else 0.0) \
-                        * depth ** 12
+                        * depth ** 12 + 0.002 * ((a["seed"] + b["seed"] + i + j) % 3)  # seed noise
                     cka_arr[i, j, range(L), range(L)] = 1 - drop
         np.savez(_mk(root, "cka", "cka.npz"), cka=cka_arr, layers=np.array(LAYERS),
                  labels=np.array([n["label"] for n in main]),
