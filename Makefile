@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (the whole study on the built-in digits data) and `make test`.
 # Both create .venv from requirements.txt the first time. `make cifar10-small` runs the small
-# real-data replication of results/cifar10_small/report.md (about 90 minutes on a 2-core CPU).
+# real-data replication of results/cifar10_small/report.md (78 minutes on a 2-core CPU).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

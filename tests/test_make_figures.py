@@ -352,3 +352,28 @@ def test_seeds_needed():
     # variance 0.5 + 0.5 per seed: 1 / sqrt(1 / n) >= t(0.975, 2n - 2) first at n = 6
     assert make_figures.seeds_needed(c, "top1", "higher") == 6
     assert make_figures.seeds_needed(c, "top1", "lower") is None   # points the other way
+
+
+def test_cka_verdict_per_objective():
+    L = len(LAYERS)
+    late = np.array([l in ("block7", "block8", "pool", "logits") for l in LAYERS])
+    idx = {"softmax": [0, 1], "sigmoid": [2, 3], "squared_error": [4, 5]}
+    diag = np.full((6, 6, L), np.nan)
+    for n, (i, j) in enumerate([(0, 1), (2, 3), (4, 5)]):   # different seeds: 0.94-0.96
+        diag[i, j] = diag[j, i] = 0.94 + 0.01 * n
+    for k, (i, j) in enumerate([(i, j) for i in (0, 1) for j in (2, 3)]):
+        diag[i, j] = diag[j, i] = np.where(late, 0.70, 0.95) + 0.002 * k  # below late only
+    for k, (i, j) in enumerate([(i, j) for i in (0, 1) for j in (4, 5)]):
+        diag[i, j] = diag[j, i] = 0.70 + 0.002 * k                        # below everywhere
+    same = np.array([diag[0, 1], diag[2, 3], diag[4, 5]])
+    s = {"diag": diag, "same": same, "ref": "softmax"}
+    c = {"layers": LAYERS}
+    v, text = make_figures.cka_verdict(c, s, idx)
+    assert v == "does not hold" and "in an earlier layer: Squared error (block1" in text
+    assert "only in the last few layers (block7, block8, pool, logits): Sigmoid (block7" in text
+    only = {"softmax": [0, 1], "sigmoid": [2, 3]}
+    assert make_figures.cka_verdict(c, s, only)[0] == "holds"
+    flat = diag.copy()
+    flat[:2, 2:4] = flat[2:4, :2] = 0.95   # sigmoid matches softmax at every layer
+    v, text = make_figures.cka_verdict(c, {**s, "diag": flat}, only)
+    assert v == "cannot tell" and text.endswith("at no layer: Sigmoid")
