@@ -656,7 +656,9 @@ def fig_table(groups, cols, cells, save_fig):
                 text += f"\n{c['verdict']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([textwrap.fill(f"{h}{' (%)' if unit else ''}", 17) +
+    # let dataset labels such as cifar10@5-9,per_class_2000 wrap at '@' and ',', not mid-word
+    ax.set_xticklabels([textwrap.fill(re.sub(r"([@,])", r"\1 ", h).replace("@ ", " @") +
+                                      (" (%)" if unit else ""), 17) +
                         f"\npaper: {claim_words(claim, unit)}"
                         for _, h, claim, _, _, unit in cols], fontsize=8)
     ax.xaxis.tick_top()
