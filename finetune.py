@@ -21,7 +21,9 @@ What it does (SPEC.md, "Transfer evaluation"):
      on train+val (OUT/final/, with final.pt) and evaluated once on test.
 Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1e-5, 1e-4}
 (log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
-grid point is read back, not recomputed. Writes OUT/results.json: metric, test_accuracy,
+grid point is read back, not recomputed. A finished run's resume state (last.pt) is deleted,
+and so are the grid points' models (only their val scores are used), so the disk holds one
+fine-tuned model per dataset: OUT/final/final.pt. Writes OUT/results.json: metric, test_accuracy,
 best_lr, best_wd, grid (each pair -> val metric), seconds and the source's identity.
 """
 import argparse
@@ -120,10 +122,13 @@ def run_dir(out, lr, wd):
     return os.path.join(out, "grid", f"lr{lr:g}_wd{wd:g}")
 
 
-def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key):
-    """One fine-tuning run through common.fit (resumable); a finished run is read back."""
+def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_model=True):
+    """One fine-tuning run through common.fit (resumable); a finished run is read back. Once it
+    has finished, its resume state (last.pt) is deleted, and with keep_model=False (grid points:
+    only their val score is used) its final.pt too: a ResNet-50's last.pt is about 300 MB."""
     results_path = os.path.join(out_dir, "results.json")
-    if os.path.exists(results_path) and os.path.exists(os.path.join(out_dir, "final.pt")):
+    if os.path.exists(results_path) and (not keep_model or
+                                         os.path.exists(os.path.join(out_dir, "final.pt"))):
         done = common.read_json(results_path)
         if done.get("grid_key") == grid_key:
             if dist["rank"] == 0:
@@ -141,8 +146,13 @@ def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key):
             "num_classes": data["num_classes"], "small_input": info["small_input"]}
     extra = {"finetune_of": info["label"], "source_objective": info["objective"],
              "grid_key": grid_key, "lr": lr, "weight_decay": wd}
-    return common.fit(model, criterion, groups, data, transform, out_dir, run, meta, dist,
-                      results_extra=extra)
+    results = common.fit(model, criterion, groups, data, transform, out_dir, run, meta, dist,
+                         results_extra=extra)
+    if dist["rank"] == 0:
+        for name in ("last.pt",) + (() if keep_model else ("final.pt",)):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    return results
 
 
 def val_score(results, metric):
@@ -181,7 +191,7 @@ def main(argv=None):
         for lr in args.lrs:
             for wd in args.wds:
                 r = train_one(source, info, selection, args, run_dir(args.out, lr, wd), lr, wd,
-                              dist, {**grid_key, "lr": lr, "wd": wd})
+                              dist, {**grid_key, "lr": lr, "wd": wd}, keep_model=False)
                 scores[(lr, wd)] = val_score(r, data["metric"])
                 grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))

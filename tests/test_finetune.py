@@ -88,12 +88,19 @@ def test_kill_resume_and_no_recompute(source, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     log = [json.loads(l) for l in open(os.path.join(point, "log.jsonl"))]
     assert any(rec.get("event") == "resume" for rec in log)
-    stamps = {p: os.path.getmtime(os.path.join(p, "final.pt"))
-              for p in (point, os.path.join(out, "final"))}
+    # finished runs keep no resume state; a grid point keeps only its results (val score)
+    final = os.path.join(out, "final")
+    assert not os.path.exists(os.path.join(point, "last.pt"))
+    assert not os.path.exists(os.path.join(point, "final.pt"))
+    assert not os.path.exists(os.path.join(final, "last.pt"))
+    assert os.path.exists(os.path.join(final, "final.pt"))
+    stamps = {p: os.path.getmtime(os.path.join(p, "results.json")) for p in (point, final)}
+    stamps[final + "/final.pt"] = os.path.getmtime(os.path.join(final, "final.pt"))
     again = run(args)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already finished") == 2
-    assert all(os.path.getmtime(os.path.join(p, "final.pt")) == t for p, t in stamps.items())
+    assert all(os.path.getmtime(p if p.endswith(".pt") else os.path.join(p, "results.json")) == t
+               for p, t in stamps.items())
 
 
 def test_bad_inputs_one_line(source, tmp_path):
