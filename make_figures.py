@@ -956,9 +956,7 @@ def report_correlations(groups):
     for label, q, claim in (("source top-1", lambda n: n["top1"], "positive"),
                             ("linear probe mean", lambda n: mean_of(n["linear"]), "negative"),
                             ("fine-tune mean", lambda n: mean_of(n["finetune"]), "none")):
-        per_obj = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
-                   for g in groups.values()]
-        per_obj = [(a, b) for a, b in per_obj if finite(a) and finite(b)]
+        per_obj = objective_means(groups, lambda n: n["r2"], q)
         per_net = [(n["r2"], q(n)) for n in nets if finite(n["r2"]) and finite(q(n))]
         if not per_obj:
             continue
@@ -1086,12 +1084,22 @@ def seeds_needed(cells, key, claim):
     return int(np.median(need)) if need else None
 
 
+def objective_means(groups, x, y):
+    """[(mean of x, mean of y)] over seeds, one pair per objective where both are finite."""
+    pts = [(mean_se(values(g, x))[0], mean_se(values(g, y))[0]) for g in groups.values()]
+    return [(a, b) for a, b in pts if finite(a) and finite(b)]
+
+
+def spread_of_means(groups, quantity):
+    """Largest minus smallest objective mean of a quantity (nan with no values)."""
+    means = [m for m in (mean_se(values(g, quantity))[0] for g in groups.values()) if finite(m)]
+    return float(np.ptp(means)) if means else math.nan
+
+
 def correlation_verdict(groups, quantity, sign):
     """R^2 against a quantity over objective means: holds when Spearman's rho has the claimed
     sign at p < ALPHA, does not hold when it has the other sign at p < ALPHA."""
-    pts = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, quantity))[0])
-           for g in groups.values()]
-    pts = [(a, b) for a, b in pts if finite(a) and finite(b)]
+    pts = objective_means(groups, lambda n: n["r2"], quantity)
     rho, p = spearman(*zip(*pts)) if len(pts) >= 3 else (math.nan, math.nan)
     if not finite(rho):
         return None
@@ -1110,13 +1118,13 @@ def finetune_verdict(groups, cells, cols):
     if ft is None or "softmax" not in cells:
         return None
     datasets = sorted({d for g in groups.values() for n in g for d in n["finetune"]})
-    lp = lambda n: mean_of({d: n["linear"][d] for d in datasets if d in n["linear"]}) \
-        if all(d in n["linear"] for d in datasets) else None
-    spread = lambda q: np.ptp([m for m in (mean_se(values(g, q))[0] for g in groups.values())
-                               if finite(m)]) if groups else math.nan
-    q_ft = next(c[3] for c in cols if c[0] == ft)
-    s_ft, s_lp = spread(q_ft), spread(lp) if any(values(g, lp) for g in groups.values()) \
-        else math.nan
+
+    def linear_same_data(n):   # the linear probe on the fine-tuning datasets, when all exist
+        return mean_of({d: n["linear"][d] for d in datasets}) \
+            if all(d in n["linear"] for d in datasets) else None
+
+    s_ft = spread_of_means(groups, next(c[3] for c in cols if c[0] == ft))
+    s_lp = spread_of_means(groups, linear_same_data)
     differ = sum(c[ft]["verdict"] == "differs" for o, c in cells.items() if o != "softmax")
     n = sum(finite(c[ft]["diff"]) for o, c in cells.items() if o != "softmax")
     if n == 0:
