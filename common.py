@@ -359,7 +359,10 @@ def parse_spec(spec):
     """'name[:path][@classes]' -> (name, path or None, class list string or None)."""
     if not isinstance(spec, str) or not spec:
         raise UserError("empty dataset spec; examples: digits, npz:DIR, cifar10:ROOT@0-4")
-    body, _, subset = spec.partition("@")
+    body, at, subset = spec.partition("@")
+    if at and not subset.strip():
+        raise UserError(f"empty class subset after '@' in {spec!r}; write e.g. @0-4, @0,3,7 or "
+                        f"@0+8,1+9, or drop the '@'")
     name, _, path = body.partition(":")
     valid = ("digits", "npz", *FOLDER_DATASETS, *TORCHVISION_DATASETS)
     if name not in valid:
@@ -378,12 +381,14 @@ def dataset_label(spec):
     if name not in ("npz", "folder") and path:
         base = name
     label = base + (f"@{subset}" if subset else "")
-    return re.sub(r"[^A-Za-z0-9@,._-]", "_", label)
+    return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", label)
 
 
 def parse_subset(subset, num_classes, spec):
-    """The part after '@': '0-4', '0,3,7', 'per_class=500', '5-9,per_class=500' ->
-    (list of class indices in the order given, at most this many images per class or None)."""
+    """The part after '@': '0-4', '0,3,7', '0+8,1+9', 'per_class=500', '5-9,per_class=500' ->
+    (list of class groups, one per new class in the order given, at most this many images per
+    original class or None). A group is one original class, or several joined by '+' that
+    become one new class ('0+8,1+9': airplane and ship are class 0, automobile and truck 1)."""
     parts = [p for p in (subset or "").split(",") if p.strip()]
     caps = [p for p in parts if p.strip().startswith("per_class")]
     per_class = None
@@ -396,8 +401,8 @@ def parse_subset(subset, num_classes, spec):
                             "(at most N images of each class in every split)")
         per_class = int(m.group(1))
     rest = ",".join(p for p in parts if p not in caps)
-    classes = parse_classes(rest, num_classes, spec) if rest else list(range(num_classes))
-    return classes, per_class
+    groups = parse_classes(rest, num_classes, spec) if rest else [[c] for c in range(num_classes)]
+    return groups, per_class
 
 
 def cap_per_class(idx, labels, per_class, seed=SPLIT_SEED):
@@ -413,25 +418,35 @@ def cap_per_class(idx, labels, per_class, seed=SPLIT_SEED):
 
 
 def parse_classes(subset, num_classes, spec):
-    """'0-4' or '0,3,7' or '0-2,5' -> list of class indices (order kept)."""
-    classes = []
+    """'0-4' or '0,3,7' or '0-2,5' -> [[0], [1], ...]; '0+8,1+9' -> [[0, 8], [1, 9]] (order kept:
+    group i becomes class i)."""
+    groups = []
     for part in subset.split(","):
+        if "+" in part:
+            items = part.split("+")
+            if not all(re.fullmatch(r"\s*\d+\s*", i) for i in items):
+                raise UserError(f"bad class group {part.strip()!r} in {spec!r}; join single class "
+                                f"indices with '+', e.g. @0+8,1+9")
+            groups.append([int(i) for i in items])
+            continue
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise UserError(f"bad class subset {subset!r} in {spec!r}; write e.g. @0-4 or @0,3,7")
+            raise UserError(f"bad class subset {subset!r} in {spec!r}; write e.g. @0-4, @0,3,7 "
+                            f"or @0+8,1+9")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UserError(f"bad class range {part!r} in {spec!r}: end before start")
-        classes.extend(range(lo, hi + 1))
+        groups.extend([c] for c in range(lo, hi + 1))
+    classes = [c for g in groups for c in g]
     bad = [c for c in classes if c >= num_classes]
     if bad:
         raise UserError(f"class subset {subset!r} of {spec!r} is out of range: the dataset has "
                         f"{num_classes} classes (0-{num_classes - 1})")
     if len(set(classes)) != len(classes):
         raise UserError(f"class subset {subset!r} of {spec!r} repeats a class")
-    if len(classes) < 2:
+    if len(groups) < 2:
         raise UserError(f"class subset {subset!r} of {spec!r} has fewer than 2 classes")
-    return classes
+    return groups
 
 
 def stratified_holdout(labels, fraction, cap=None, seed=SPLIT_SEED, what="validation"):
@@ -619,9 +634,10 @@ def load_dataset(spec, download=False):
         num_classes, classes, metric ('top1' or 'mean_per_class'), name, spec,
         image_size: native side length of in-memory images (None for image files).
     Specs: digits | npz:DIR | imagenet:DIR | folder:DIR | birdsnap:DIR | <torchvision name>:ROOT,
-    each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order)
-    and/or a cap per_class=N (@per_class=500, @0-4,per_class=500: at most N images of each class
-    in every split, a seeded subset taken after the validation hold-out).
+    each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order),
+    class groups merged many-to-one (@0+8,1+9: classes 0 and 8 become class 0, 1 and 9 class 1)
+    and/or a cap per_class=N (@per_class=500, @0-4,per_class=500: at most N images of each
+    original class in every split, a seeded subset taken after the validation hold-out).
     Where a dataset has no validation split, val is a stratified, seeded hold-out of
     VAL_FRACTION of train (at most VAL_MAX images); test is never used to select anything."""
     name, path, subset = parse_spec(spec)
@@ -636,9 +652,10 @@ def load_dataset(spec, download=False):
     if len(src) == 0 or len(splits.get("train", [])) == 0:
         raise UserError(f"dataset {spec!r} has no training images")
     num_all = max(len(classes), int(src.labels.max()) + 1)
-    chosen, per_class = parse_subset(subset, num_all, spec)
+    groups, per_class = parse_subset(subset, num_all, spec)
     label_map = np.full(num_all, -1, dtype=np.int64)
-    label_map[chosen] = np.arange(len(chosen))
+    for new_class, group in enumerate(groups):
+        label_map[group] = new_class
     if "val" not in splits:
         train_labels = src.labels[splits["train"]]
         # held out from the whole dataset, so a class subset's split is the whole's restricted
@@ -655,8 +672,8 @@ def load_dataset(spec, download=False):
         if len(idx) == 0:
             raise UserError(f"the {split} split of {spec!r} has no images of the chosen classes")
         views[split] = Split(src, idx, label_map)
-    return {**views, "num_classes": len(chosen), "classes": [classes[c] if c < len(classes)
-            else str(c) for c in chosen], "metric": "mean_per_class" if name in MEAN_PER_CLASS
+    names = ["+".join(classes[c] if c < len(classes) else str(c) for c in g) for g in groups]
+    return {**views, "num_classes": len(groups), "classes": names, "metric": "mean_per_class" if name in MEAN_PER_CLASS
             else "top1", "name": dataset_label(spec), "spec": spec, "image_size": size}
 
 
@@ -1583,6 +1600,11 @@ def _train_loop(net, model, ema, ema_decay, criterion, opt, scaler, loader, samp
             if epoch_end:
                 _end_epoch(net, model, ema, criterion, state, args, dist, amp_dtype,
                            channels_last, data, lr, out_dir)
+                every = getattr(args, "snapshot_every", None)
+                if every and state["epoch"] % every == 0 and is_main:
+                    save_checkpoint(os.path.join(out_dir, "snapshots",
+                                                 f"epoch{state['epoch']:03d}.pt"),
+                                    checkpoint(epoch=state["epoch"], step=state["step"]))
             if epoch_end or due or signum:
                 _save_last(out_dir, checkpoint, state, opt, scaler, dist, ema, model)
                 last_ckpt = time.perf_counter()

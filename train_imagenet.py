@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool, for images of 32 px or less")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="EPOCHS",
+                   help="also keep the weights every this many epochs as "
+                   "OUT/snapshots/epochNNN.pt (a normal checkpoint every script reads; 0: none)")
     p.add_argument("--bench", choices=("synthetic", "loader", "train"),
                    help="print images/s and exit: synthetic = training steps on random uint8 "
                    "images already on the device (no disk); loader = data loading alone; train = "

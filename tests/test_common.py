@@ -248,6 +248,26 @@ def test_per_class_cap():
     assert np.array_equal(whole["train"].indices, common.load_dataset("digits")["train"].indices)
 
 
+def test_merged_classes():
+    # '+' joins original classes into one new class, in the order given; per_class caps each
+    # original class, so merged classes stay balanced between their members
+    whole = common.load_dataset("digits")
+    merged = common.load_dataset("digits@0+8,1+9,3+5,per_class=10")
+    assert merged["num_classes"] == 3 and merged["classes"] == ["0+8", "1+9", "3+5"]
+    assert merged["name"] == "digits@0+8,1+9,3+5,per_class_10"
+    for split in ("train", "val", "test"):
+        v = merged[split]
+        original = v.source.labels[v.indices]
+        assert set(original.tolist()) == {0, 8, 1, 9, 3, 5}
+        new = {0: 0, 8: 0, 1: 1, 9: 1, 3: 2, 5: 2}
+        assert v.labels.tolist() == [new[c] for c in original.tolist()]
+        counts = np.bincount(original, minlength=10)[[0, 8, 1, 9, 3, 5]]
+        assert counts.max() == counts.min()  # the same cap on every original class
+        assert set(v.indices) <= set(whole[split].indices)
+    mixed = common.load_dataset("digits@2-3,0+1")  # ranges and groups mix: 2, 3, {0, 1}
+    assert mixed["num_classes"] == 3 and mixed["classes"] == ["2", "3", "0+1"]
+
+
 def test_digits_split_is_the_spec_split():
     # SPEC.md: sklearn LogisticRegression(C=1) on load_digits/16 with this split scores 0.968889.
     from sklearn.linear_model import LogisticRegression
@@ -456,6 +476,12 @@ def test_torchvision_weights_offline_error():
     ("digits@a-b", "bad class subset"),
     ("digits@per_class=0", "write per_class=N"),
     ("digits@0-4,per_class=2,per_class=3", "per_class twice"),
+    ("digits@0+8,8+1", "repeats a class"),
+    ("digits@0+8", "fewer than 2 classes"),
+    ("digits@0-2+8,4", "bad class group"),
+    ("digits@0++8,4", "bad class group"),
+    ("digits@0+10,4", "out of range"),
+    ("digits@", "empty class subset"),
     ("cifar10", "needs a path"),
     ("", "empty dataset spec"),
 ])
