@@ -13,8 +13,8 @@ What it does (SPEC.md, "Transfer evaluation"):
   1. Every layer but the head starts from the checkpoint (its EMA weights when it has them), the
      head is a fresh linear layer (N(0, 0.01^2), bias 0) whatever the source objective was; the
      whole network trains with softmax cross-entropy, SGD Nesterov 0.9, linear warmup then
-     cosine decay, the training augmentation, AMP and channels_last on GPU (common.fit, the
-     machinery of train_imagenet.py).
+     cosine decay, the training augmentation, AMP and channels_last on GPU (train_imagenet.py's
+     train(), imported).
   2. Each (lr, weight decay) of the grid trains on train and is scored on val
      (OUT/grid/lr<LR>_wd<WD>/); the test split is not even loaded into these runs.
   3. The best pair on val (the dataset's metric: top-1, or mean per-class accuracy) is retrained
@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 import common
+import train_imagenet
 
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1)
 DEFAULT_WDS = (1e-5, 1e-4)
@@ -55,7 +56,6 @@ def parse_args(argv=None):
                    help="learning rates per 256 images (scaled to the batch)")
     p.add_argument("--wds", type=float, nargs="*", default=list(DEFAULT_WDS),
                    help="weight decays (conv and linear weights)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (instead of --epochs)")
     p.add_argument("--arch", choices=common.ARCHS,
                    help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for digits)")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
-    common.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0, ema_epochs=0.0,
+    train_imagenet.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0, ema_epochs=0.0,
                              log_every=100)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.from_scratch:
@@ -123,7 +123,8 @@ def run_dir(out, lr, wd):
 
 
 def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_model=True):
-    """One fine-tuning run through common.fit (resumable); a finished run is read back. Once it
+    """One fine-tuning run through train_imagenet.train (resumable); a finished run is read
+    back. Once it
     has finished, its resume state (last.pt) is deleted, and with keep_model=False (grid points:
     only their val score is used) its final.pt too: a ResNet-50's last.pt is about 300 MB."""
     results_path = os.path.join(out_dir, "results.json")
@@ -131,7 +132,7 @@ def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_mo
                                          os.path.exists(os.path.join(out_dir, "final.pt"))):
         done = common.read_json(results_path)
         if done.get("grid_key") == grid_key:
-            if dist["rank"] == 0:
+            if dist.is_main:
                 print(f"finetune: {out_dir} already finished, read back")
             return done
         raise common.UserError(f"{out_dir} holds a run with other arguments ({done.get('grid_key')}"
@@ -139,16 +140,13 @@ def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_mo
     run = argparse.Namespace(**vars(args))
     run.lr, run.weight_decay = lr, wd
     model = with_fresh_head(source, info, data["num_classes"], args.seed)
-    groups = common.param_groups(model, "softmax", wd)
-    criterion = common.make_criterion("softmax", data["num_classes"])
-    transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-    meta = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
-            "num_classes": data["num_classes"], "small_input": info["small_input"]}
+    model_args = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
+                  "num_classes": data["num_classes"], "small_input": info["small_input"]}
     extra = {"finetune_of": info["label"], "source_objective": info["objective"],
              "grid_key": grid_key, "lr": lr, "weight_decay": wd}
-    results = common.fit(model, criterion, groups, data, transform, out_dir, run, meta, dist,
-                         results_extra=extra)
-    if dist["rank"] == 0:
+    results = train_imagenet.train(model, model_args, data, run, dist, out_dir,
+                                   results_extra=extra)
+    if dist.is_main:
         for name in ("last.pt",) + (() if keep_model else ("final.pt",)):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
@@ -167,7 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     check_grid(args)
-    dist = common.setup_distributed(args.device)
+    dist = train_imagenet.setup_distributed(args.device)
     try:
         source, info = source_model(args)
         data = common.load_dataset(args.data, download=args.download)
@@ -178,7 +176,7 @@ def main(argv=None):
         if args.flip is None:
             args.flip = common.parse_spec(args.data)[0] != "digits"
         if args.workers is None:
-            args.workers = 1 if dist["device"].type == "cpu" else 8
+            args.workers = 1 if dist.device.type == "cpu" else 8
         if args.steps is not None:
             per_epoch = len(data["train"]) // args.batch_size
             args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
@@ -195,7 +193,7 @@ def main(argv=None):
                 scores[(lr, wd)] = val_score(r, data["metric"])
                 grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
-        if dist["rank"] == 0:
+        if dist.is_main:
             print(f"finetune: best on val lr={best_lr:g} wd={best_wd:g} "
                   f"({data['metric']} {scores[(best_lr, best_wd)]:.4f}); retraining on train+val")
         final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
@@ -217,13 +215,13 @@ def main(argv=None):
                    "n_val": len(data["val"]), "n_test": len(data["test"]),
                    "num_classes": data["num_classes"],
                    "final_checkpoint": os.path.join(args.out, "final", "final.pt")}
-        if dist["rank"] == 0:
+        if dist.is_main:
             common.save_json(os.path.join(args.out, "results.json"), results)
             print(f"finetune: {info['label']} -> {data['name']}: test {data['metric']} "
                   f"{test_acc:.4f} (lr {best_lr:g}, wd {best_wd:g}) in {results['seconds']:.0f} s")
         return results
     finally:
-        common.teardown_distributed()
+        train_imagenet.teardown_distributed()
 
 
 if __name__ == "__main__":

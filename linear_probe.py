@@ -565,7 +565,7 @@ def write_summary(out):
         if isinstance(r, dict) and "best_lambda" in r:
             rows.append({c: r.get(c) for c in SUMMARY_COLUMNS})
     if rows:
-        common._write_csv(os.path.join(out, "summary.csv"), rows)
+        common.write_csv(os.path.join(out, "summary.csv"), rows)
     return len(rows)
 
 

@@ -8,8 +8,6 @@
       --objective logit_normalization --out runs/in_logitnorm_s0
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
       train_imagenet.py --data imagenet:/data/imagenet --objective sigmoid --out runs/in_sigmoid
-  python train_imagenet.py --bench synthetic --arch resnet50 --batch-size 256 --resolution 160
-  python train_imagenet.py --bench loader --data imagenet:/data/imagenet --batch-size 256
 
 Rerunning the same command resumes from OUT/last.pt (mid-epoch, bitwise on the CPU with
 --deterministic); SIGTERM or SIGUSR1 writes last.pt and exits (status 128 + signal). Changing
@@ -34,15 +32,31 @@ OUT/last.pt (every epoch and every --ckpt-minutes), and at the end OUT/final.pt 
 common.load_checkpoint + common.model_from_checkpoint) and OUT/results.json: top1/top5 and
 mean_per_class are the TEST split accuracies of the EMA weights (the raw weights' in *_raw),
 val_top1 etc. the val split's at the last epoch; the test split is never used for any choice.
+
+The file reads top to bottom: presets and flags, distributed setup, the data pipeline, one
+optimizer step, evaluation, the state a checkpoint carries, then train() (the loop) and main().
+finetune.py trains through the same train().
 """
 import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
 import os
+import random
+import signal
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
+
+# ==============================================================================================
+# Presets and flags
 
 PRESETS = {
     "imagenet": dict(arch="resnet50", resolution=224, augment="paper", flip=True,
@@ -65,15 +79,64 @@ OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in com
     "alpha": "alpha", "lambda_": "lambda_", "dropout": "dropout", "beta": "beta", "tau": "tau",
     "normalize_features": "normalize_features", "kappa": "kappa", "m": "m",
     "loss_scale": "loss_scale"}
+# Arguments whose change on resume is refused without --force-resume (they change the result).
+RESUME_KEYS = ("data", "arch", "epochs", "steps", "batch_size", "lr", "warmup_epochs", "seed",
+               "resolution", "momentum", "nesterov", "weight_decay", "ema_epochs")
+
+
+def add_training_args(parser, **defaults):
+    """Add the flags train() reads. A default of None means: chosen by the script's data preset
+    or by the device (see the script's help). `defaults` override these defaults."""
+    g = parser.add_argument_group("training (shared with finetune.py)")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--batch-size", type=int,
+                   help="GLOBAL batch size (all processes together); must divide by the world size")
+    g.add_argument("--micro-batch", type=int, help="per-device images per forward/backward; "
+                   "gradients accumulate to the per-device batch (default: no accumulation)")
+    g.add_argument("--lr", type=float, help="learning rate per 256 images, scaled linearly to the "
+                   "global batch")
+    g.add_argument("--warmup-epochs", type=float, help="linear warmup, then cosine decay per step")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--weight-decay", type=float, default=8e-5,
+                   help="on conv and linear weights only (common.param_groups)")
+    g.add_argument("--ema-epochs", type=float, help="time constant of the exponential moving "
+                   "average of the weights, in epochs (0: no EMA)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast precision; auto: bf16 on GPU, fp32 on CPU; fp16 uses GradScaler")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for GPU, off for CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for GPU, off for CPU)")
+    g.add_argument("--workers", type=int, help="data loading processes per device")
+    g.add_argument("--threads", type=int, help="CPU threads of the training step (default: "
+                   "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="per device")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
+    g.add_argument("--ckpt-minutes", type=float, default=10.0,
+                   help="also write last.pt this often (checked at log steps; 0: every log step)")
+    g.add_argument("--steps", type=int, help="a budget of optimizer steps: the cosine schedule "
+                   "ends there and the last epoch is cut (default: --epochs whole epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
+    g.add_argument("--force-resume", action="store_true",
+                   help="resume from last.pt even if schedule-defining arguments changed")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: the local GPU)")
+    g.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    g.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.set_defaults(**defaults)
+    return g
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="dataset spec: digits, digits@0-4, npz:DIR[@0-4], "
-                   "imagenet:DIR, folder:DIR, cifar10:ROOT, ... (see README)")
+    p.add_argument("--data", required=True, help="dataset spec: digits, digits@0-4, "
+                   "npz:DIR[@0-4], imagenet:DIR, folder:DIR, cifar10:ROOT, ... (see README)")
     p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES))
-    p.add_argument("--out", help="output folder (rerun the same command to resume)")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--arch", choices=common.ARCHS, help="default: from the data preset")
     p.add_argument("--resolution", type=int, help="training and evaluation side in pixels")
     p.add_argument("--augment", choices=("paper", "small"), help="train augmentation style")
@@ -85,11 +148,6 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, default=0, metavar="EPOCHS",
                    help="also keep the weights every this many epochs as "
                    "OUT/snapshots/epochNNN.pt (a normal checkpoint every script reads; 0: none)")
-    p.add_argument("--bench", choices=("synthetic", "loader", "train"),
-                   help="print images/s and exit: synthetic = training steps on random uint8 "
-                   "images already on the device (no disk); loader = data loading alone; train = "
-                   "the training loop on --data (loader + steps), no evaluation or checkpoint")
-    p.add_argument("--bench-steps", type=int, default=20, help="timed steps (after 5 warmup)")
     h = p.add_argument_group("objective hyperparameters (defaults: SPEC.md)")
     h.add_argument("--alpha", type=float, help="label_smoothing")
     h.add_argument("--lambda", dest="lambda_", type=float, help="extra_final_layer_l2")
@@ -102,13 +160,8 @@ def parse_args(argv=None):
     h.add_argument("--kappa", type=float, help="squared_error")
     h.add_argument("--m", type=float, help="squared_error: target M")
     h.add_argument("--loss-scale", type=float, help="squared_error: s")
-    common.add_training_args(p)
-    args = p.parse_args(argv)
-    if args.bench != "synthetic" and not args.data:
-        p.error("--data is required (except with --bench synthetic)")
-    if not args.bench and not args.out:
-        p.error("--out is required")
-    return args
+    add_training_args(p)
+    return p.parse_args(argv)
 
 
 def preset_name(spec, image_size=None):
@@ -135,14 +188,18 @@ def apply_preset(args, image_size=None, device=None):
         # On the CPU one worker: it runs single-threaded, which keeps tiny augmentations cheap,
         # and shares the cores with the training step. On a GPU the loaders are the CPU's job.
         args.workers = min(8, cpus if cuda else max(1, cpus // 2))
+    check_training_args(args)
+    return args
+
+
+def check_training_args(args):
     for key in ("epochs", "batch_size", "resolution", "log_every", "lr", "workers",
-                "warmup_epochs", "ema_epochs", "micro_batch", "threads"):
-        value, minimum = getattr(args, key), 0 if key in ("workers", "warmup_epochs",
-                                                           "ema_epochs") else 1e-300
+                "warmup_epochs", "ema_epochs", "micro_batch", "threads", "steps"):
+        value = getattr(args, key, None)
+        minimum = 0 if key in ("workers", "warmup_epochs", "ema_epochs") else 1e-300
         if value is not None and not value >= minimum:
             raise common.UserError(f"--{key.replace('_', '-')} must be "
                                    f"{'>= 0' if minimum == 0 else 'positive'} (got {value})")
-    return args
 
 
 def objective_overrides(args):
@@ -150,137 +207,771 @@ def objective_overrides(args):
             if getattr(args, flag) is not None}
 
 
-def bench_synthetic(args, dist):
-    """Training steps (forward, backward, SGD, EMA) on random uint8 images already on the
-    device, normalized there as real batches are: the model's throughput without any loader."""
-    device = dist["device"]
-    apply_preset(args, device=device)
-    precision, amp_dtype = common._amp_dtype(args.precision, device)
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+# ==============================================================================================
+# Distributed setup: torchrun's environment, NCCL on GPUs, gloo on the CPU
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group when
+    there is more than one process: NCCL on GPUs (one GPU per local rank), gloo on the CPU. A
+    plain `python script.py` is rank 0 of 1."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = common.resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    elif world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.distributed.init_process_group("nccl", device_id=dev)
+        else:
+            torch.distributed.init_process_group("gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def teardown_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce(t, op="sum"):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+               "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(t, op=ops[op])
+    return t
+
+
+def broadcast_buffers(*modules):
+    """Rank 0's BN statistics to every rank (each rank updates its own from its own batch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for module in modules:
+            for b in module.buffers():
+                torch.distributed.broadcast(b, 0)
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def amp_dtype(precision, device):
+    """('bf16' | 'fp16' | 'fp32', the autocast dtype or None) for --precision on this device."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise common.UserError("--precision fp16 needs a GPU (GradScaler); use bf16 or fp32 on "
+                               "the CPU")
+    return precision, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+# ==============================================================================================
+# The data pipeline: uint8 images, augmentation seeded per image, normalization on the device.
+# Augmentation randomness is a function of (seed, epoch, image index), not of the worker that
+# happens to load the image, so a resumed run sees the same images as an uninterrupted one.
+
+class SeededAugment(torch.utils.data.Dataset):
+    """A Split with a random transform whose randomness depends only on (seed, epoch, index).
+
+    Items are fetched with keys (epoch, index) (see EpochSampler), so an epoch's augmentations
+    are the same whatever the number of workers, and after a mid-epoch resume. The process's
+    own torch RNG state is restored after each item (it drives dropout when workers=0)."""
+
+    def __init__(self, split, transform, seed):
+        self.split, self.transform, self.seed = split, transform, int(seed)
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img, label = self.split[i]
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2 ** 63)
+        try:
+            img = self.transform(img)
+        finally:
+            gen.set_state(state)
+        return img, label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation of the training set that depends on (seed, epoch) only
+    (torch's DistributedSampler, drop_last), cut to `per_epoch` images and started at `start`
+    (a mid-epoch resume). Yields (epoch, index) keys for SeededAugment."""
+
+    def __init__(self, n, per_epoch, rank, world, seed):
+        self.inner = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank,
+                                                         shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch, self.epoch, self.start = per_epoch, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(self.inner)[self.start:self.per_epoch]])
+
+    def __len__(self):
+        return max(0, self.per_epoch - self.start)
+
+
+def worker_init(_worker_id):
+    # SLURM and friends signal the whole process group: loader workers must survive until the
+    # main process has saved its checkpoint.
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def train_loader(split, transform, micro_batch, per_epoch, dist, seed, workers):
+    """(DataLoader, EpochSampler) over a Split: uint8 batches of `micro_batch` images,
+    augmentation seeded per image; call sampler.set_epoch(epoch, start) before iter(loader)."""
+    sampler = EpochSampler(len(split), per_epoch, dist.rank, dist.world, seed)
+    loader = torch.utils.data.DataLoader(
+        SeededAugment(split, transform, seed), batch_size=micro_batch, sampler=sampler,
+        num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def to_device(images, labels, device, channels_last=True, dtype=torch.float32):
+    """A uint8 batch from a loader -> (normalized float images, labels) on the device; the copy
+    is asynchronous from pinned memory and the normalization runs on the device."""
+    x = common.normalize(images.to(device, non_blocking=True), dtype)
+    if not channels_last:
+        x = x.contiguous()
+    return x, labels.to(device, non_blocking=True)
+
+
+# ==============================================================================================
+# One optimizer step, the learning-rate schedule, the EMA of the weights
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup over warmup_steps
+    ((step+1)/warmup), then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(model, criterion, opt, scaler, batches, amp_dtype=None, poison=False):
+    """One optimizer step on a list of device micro-batches [(x, y), ...] whose gradients
+    accumulate (DDP syncs only on the last one). Returns device tensors (loss summed over the
+    images, correct top-1 count): nothing here waits for the device."""
+    n = len(batches)
+    loss_sum = correct = 0
+    for j, (x, y) in enumerate(batches):
+        no_sync = j < n - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = criterion(logits.float(), y)  # every objective in float32
+            if poison:
+                loss = loss * float("nan")
+            scaled = loss / n
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum = loss_sum + loss.detach() * y.shape[0]
+        correct = correct + (logits.detach().argmax(1) == y).sum()
+    if scaler is not None:
+        scaler.step(opt)  # fused SGD: the inf check stays on the device
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
+def ema_new(model):
+    """A frozen copy of `model` that ema_update() moves towards the trained weights."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+def ema_update(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model for the parameters and the floating-point buffers (BN
+    running mean and variance); integer buffers (BN's batch counter) are copied.
+    d = min(decay, (1 + step) / (10 + step)), as TensorFlow's ExponentialMovingAverage with
+    num_updates, so that early averages are not dominated by the initialization."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        dst, src = [], []
+        for e, m in zip([*ema.parameters(), *ema.buffers()],
+                        [*model.parameters(), *model.buffers()]):
+            if e.is_floating_point():
+                dst.append(e)
+                src.append(m.detach())
+            else:
+                e.copy_(m)
+        torch._foreach_lerp_(dst, src, 1.0 - d)
+
+
+# ==============================================================================================
+# Evaluation: every image exactly once across ranks
+
+def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_size=256,
+             workers=0, criterion=None, channels_last=False):
+    """Evaluate every model of {name: model} on `split` (eval transform), each image exactly once
+    across ranks (rank r takes images r, r+world, ...; no padding), counts summed over ranks.
+    Returns {name: {top1, top5, mean_per_class, loss, count}}; loss is criterion's (or None).
+
+    >>> data = common.load_dataset("digits")
+    >>> model = common.build_model("softmax", 10, "resnet18", small_input=True)
+    >>> evaluate({"m": model}, data["val"], 8)["m"]["count"]
+    135
+    """
+    part = common.Split(split.source, split.indices[dist.rank::dist.world], split.label_map)
+    if split.source.images is not None:
+        workers = 0  # in-memory arrays: a worker process would cost more than it saves
+    loader = common.eval_loader(part, resolution, batch_size=batch_size, workers=workers)
+    K = int(split.label_map.max()) + 1
+    device = dist.device
+    sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
+    per_class = {n: torch.zeros(2, K, dtype=torch.float64, device=device) for n in models}
+    was_training = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        for images, labels in loader:
+            x, y = to_device(images, labels, device, channels_last)
+            onehot = F.one_hot(y, K).double()
+            for name, m in models.items():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    z = m(x)
+                z = z.float()
+                hit1 = z.argmax(1) == y
+                hit5 = (z.topk(min(5, z.shape[1]), 1).indices == y[:, None]).any(1)
+                s = sums[name]
+                s[0] += hit1.sum()
+                s[1] += hit5.sum()
+                if criterion is not None:
+                    s[2] += criterion(z, y).double() * y.shape[0]
+                s[3] += y.shape[0]
+                per_class[name][0] += onehot.sum(0)
+                per_class[name][1] += (onehot * hit1[:, None]).sum(0)
+    out = {}
+    for name, m in models.items():
+        m.train(was_training[name])
+        s = all_reduce(sums[name]).tolist()
+        pc = all_reduce(per_class[name])
+        count = int(round(s[3]))
+        if count != len(split):
+            raise AssertionError(f"evaluated {count} images of {len(split)}")
+        present = pc[0] > 0
+        out[name] = {"top1": s[0] / count, "top5": s[1] / count,
+                     "mean_per_class": (pc[1][present] / pc[0][present]).mean().item(),
+                     "loss": s[2] / count if criterion is not None else None, "count": count}
+    return out
+
+
+# ==============================================================================================
+# What a checkpoint carries besides weights and optimizer: the RNGs and the training position
+
+def rng_states(device):
+    """Every RNG this process uses, as tensors and Python numbers (torch.load weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
+          "python": [version, list(state), gauss_next]}
     if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_states(st, device):
+    torch.set_rng_state(st["torch"])
+    k = st["numpy"]
+    np.random.set_state(("MT19937", k["keys"].numpy().astype(np.uint32), k["pos"],
+                         k["has_gauss"], k["gauss"]))
+    version, state, gauss_next = st["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def gather_rng_states(dist):
+    """Every rank's RNG states, in rank order (all ranks call this)."""
+    if dist.world == 1:
+        return [rng_states(dist.device)]
+    states = [None] * dist.world
+    torch.distributed.all_gather_object(states, rng_states(dist.device))
+    return states
+
+
+@dataclasses.dataclass
+class Progress:
+    """The training loop's mutable state: where training is and what it has measured so far.
+    last.pt stores it as `train_state`; a resumed run continues from it."""
+    run_id: str                    # unique per run, kept across resumes, written into final.pt
+    step: int = 0                  # optimizer steps done (global)
+    epoch: int = 0                 # epochs finished
+    images_in_epoch: int = 0       # images of the current epoch done (global)
+    images: int = 0                # images trained on (global)
+    train_seconds: float = 0.0     # wall time of training, evaluation and checkpoints
+    step_seconds: float = 0.0      # wall time of the log intervals (for images/s)
+    epoch_sums: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])
+    history: list = dataclasses.field(default_factory=list)  # one summary.csv row per epoch
+    saved_step: int = None         # step of the last last.pt written (None: none yet)
+
+    def end_epoch(self):
+        self.epoch, self.images_in_epoch, self.epoch_sums = self.epoch + 1, 0, [0.0, 0.0, 0.0]
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to `step` (a resumed run redoes the steps after it)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                pass  # a line torn by a kill
+    common.atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ==============================================================================================
+# The training loop
+
+@dataclasses.dataclass
+class Run:
+    """Everything train() builds once and its helpers below share; `progress` is what changes."""
+    model: torch.nn.Module         # the raw model, unwrapped: what checkpoints hold
+    ema: torch.nn.Module           # the EMA copy, or None
+    opt: torch.optim.Optimizer
+    scaler: object                 # GradScaler for fp16, else None
+    criterion: object
+    model_args: dict               # objective, hparams, arch, num_classes, small_input
+    data: dict                     # common.load_dataset()'s dict (val and test may be None)
+    args: argparse.Namespace
+    dist: Dist
+    out_dir: str
+    amp_dtype: torch.dtype
+    channels_last: bool
+    progress: Progress
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def checkpoint(self, **extra):
+        """The checkpoint dict of the current weights (common.make_checkpoint's format)."""
+        m = self.model_args
+        return common.make_checkpoint(
+            self.model, m["objective"], m["hparams"], m["arch"], m["num_classes"],
+            m["small_input"], ema=self.ema.state_dict() if self.ema is not None else None,
+            args=vars(self.args), dataset=self.data["spec"], classes=list(self.data["classes"]),
+            run_id=self.progress.run_id, **extra)
+
+    def evaluate(self, split):
+        """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
+        models = {"raw": self.model} if self.ema is None else {"ema": self.ema, "raw": self.model}
+        broadcast_buffers(*models.values())
+        return evaluate(models, split, self.args.resolution, self.dist, amp_dtype=self.amp_dtype,
+                        batch_size=self.args.eval_batch_size, workers=self.args.workers or 0,
+                        criterion=self.criterion, channels_last=self.channels_last)
+
+
+def resume(run, path, steps_per_epoch):
+    """Load last.pt into the run (weights, EMA, optimizer, scaler, progress, RNGs); refuse
+    arguments that changed what the run computes unless --force-resume."""
+    args, m, p = run.args, run.model_args, run.progress
+    ck = common.load_checkpoint(path, arch=m["arch"], num_classes=m["num_classes"])
+    if "train_state" not in ck:
+        raise common.UserError(f"{path} holds no training state (not written by train()); move "
+                               f"it away or use another --out")
+    saved = ck.get("args") or {}
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
+               if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if ck["objective"] != m["objective"] or ck["hparams"] != dict(m["hparams"]):
+        changed.insert(0, f"objective: {ck['objective']} {ck['hparams']} -> {m['objective']} "
+                          f"{dict(m['hparams'])}")
+    if changed and not args.force_resume:
+        raise common.UserError(f"{path} was trained with other arguments ({'; '.join(changed)}): "
+                               f"rerun with the original ones, add --force-resume, or use "
+                               f"another --out")
+    run.model.load_state_dict(ck["model"])
+    if run.ema is not None:
+        if ck.get("ema") is None:
+            raise common.UserError(f"{path} has no EMA weights but --ema-epochs > 0; use "
+                                   f"--ema-epochs 0 or another --out")
+        run.ema.load_state_dict(ck["ema"])
+    run.opt.load_state_dict(ck["optimizer"])
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    ts = ck["train_state"]
+    names = {f.name for f in dataclasses.fields(Progress)}
+    p = run.progress = Progress(**{**dataclasses.asdict(p),
+                                   **{k: v for k, v in ts.items() if k in names}})
+    p.run_id = ck.get("run_id") or ts.get("run_id") or p.run_id  # older last.pt: a new id
+    p.saved_step = ts["step"]
+    B = args.batch_size
+    if saved.get("batch_size") != B:  # only with --force-resume: restart within the epoch
+        p.images_in_epoch -= p.images_in_epoch % B
+    if p.images_in_epoch >= steps_per_epoch * B:
+        p.epoch, p.images_in_epoch = p.epoch + 1, 0
+    p.step = p.epoch * steps_per_epoch + p.images_in_epoch // B
+    rngs = ck.get("rng") or []
+    if len(rngs) == run.dist.world:
+        set_rng_states(rngs[run.dist.rank], run.dist.device)
+    elif run.dist.is_main:
+        print(f"note: {path} was written by {len(rngs)} processes, now {run.dist.world}: RNG "
+              f"streams restart from the seed")
+
+
+def save_last(run):
+    """Write last.pt (rank 0) with everything a bitwise resume needs."""
+    broadcast_buffers(run.model, *([run.ema] if run.ema is not None else []))
+    rngs = gather_rng_states(run.dist)
+    p = run.progress
+    if run.dist.is_main:
+        state = {k: v for k, v in dataclasses.asdict(p).items() if k != "saved_step"}
+        common.save_checkpoint(run.path("last.pt"), run.checkpoint(
+            optimizer=run.opt.state_dict(),
+            scaler=run.scaler.state_dict() if run.scaler else None,
+            train_state=state, rng=rngs, world_size=run.dist.world))
+    p.saved_step = p.step
+    if run.dist.world > 1:
+        torch.distributed.barrier()
+
+
+def end_epoch(run, lr):
+    """Evaluate raw and EMA weights on val (when there is one), add a row to summary.csv."""
+    p, val = run.progress, run.data.get("val")
+    m = run.evaluate(val) if val else None
+    if m is None:  # training on train+val (finetune.py's final run): nothing to score per epoch
+        m = {"raw": dict.fromkeys(("top1", "top5", "mean_per_class", "loss", "count"))}
+    loss_sum, correct, n = p.epoch_sums
+    p.end_epoch()
+    shown = m["ema"] if "ema" in m else m["raw"]
+    row = {"epoch": p.epoch, "step": p.step, "lr": lr, "train_loss": loss_sum / n,
+           "train_top1": correct / n, "val_top1": shown["top1"], "val_top5": shown["top5"],
+           "val_mean_per_class": shown["mean_per_class"], "val_loss": shown["loss"],
+           "val_top1_raw": m["raw"]["top1"], "val_top5_raw": m["raw"]["top5"],
+           "val_mean_per_class_raw": m["raw"]["mean_per_class"], "val_loss_raw": m["raw"]["loss"],
+           "val_count": shown["count"], "train_seconds": p.train_seconds,
+           "images_per_second": p.images / max(p.step_seconds, 1e-9)}
+    p.history.append(row)
+    if run.dist.is_main:
+        common.write_csv(run.path("summary.csv"), p.history)
+        val = (f"val top1 {row['val_top1']:.4f} (raw {row['val_top1_raw']:.4f}) top5 "
+               f"{row['val_top5']:.4f}" if row["val_top1"] is not None else "no val split")
+        print(f"epoch {row['epoch']}/{run.args.epochs}: train loss {row['train_loss']:.4f} top1 "
+              f"{row['train_top1']:.4f} | {val} | {row['images_per_second']:.0f} img/s",
+              flush=True)
+        every = getattr(run.args, "snapshot_every", 0)
+        if every and p.epoch % every == 0:
+            common.save_checkpoint(run.path(os.path.join("snapshots", f"epoch{p.epoch:03d}.pt")),
+                                   run.checkpoint(epoch=p.epoch, step=p.step))
+
+
+def nan_error(run, step, steps_per_epoch):
+    """The UserError for a non-finite loss at `step`, saying what last.pt still holds."""
+    last, p = run.path("last.pt"), run.progress
+    lower = "a lower --lr" + (" (or --precision fp32)" if run.amp_dtype is not None else "")
+    kept = (f"{last} (step {p.saved_step}) is intact: rerun with {lower} and --force-resume to "
+            f"continue from it, or use a new --out" if p.saved_step is not None else
+            f"no checkpoint had been written yet: rerun with {lower}")
+    return common.UserError(f"the loss became nan/inf at step {step + 1} (epoch "
+                            f"{step // steps_per_epoch + 1}); training stopped. {kept}")
+
+
+def finish(run, results_extra):
+    """Test-set evaluation of the final raw and EMA weights; final.pt and results.json."""
+    p, test = run.progress, run.data.get("test")
+    t = run.evaluate(test) if test is not None else None
+    last = p.history[-1] if p.history else {}
+    shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
+    raw = t["raw"] if t else {}
+    args = run.args
+    precision, _ = amp_dtype(args.precision, run.dist.device)
+    results = {**(results_extra or {}),  # first in the file; their values win below
+               "run_id": p.run_id,
+               "top1": shown.get("top1"), "top5": shown.get("top5"),
+               "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
+               "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
+               "mean_per_class_raw": raw.get("mean_per_class"), "test_count": shown.get("count"),
+               "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+               "val_mean_per_class": last.get("val_mean_per_class"),
+               "val_top1_raw": last.get("val_top1_raw"), "val_top5_raw": last.get("val_top5_raw"),
+               "val_count": last.get("val_count"),
+               "metric": run.data["metric"], "weights": "ema" if run.ema is not None else "raw",
+               "splits": "top1/top5/mean_per_class[_raw]: test split; val_*: val split, last epoch",
+               "epochs": args.epochs, "steps": p.step, "batch_size": args.batch_size,
+               "lr": args.lr, "world_size": run.dist.world, "precision": precision,
+               "compile": args.compile, "train_seconds": p.train_seconds,
+               "images_per_second": p.images / max(p.step_seconds, 1e-9),
+               "num_classes": run.data["num_classes"], "train_images": len(run.data["train"]),
+               "versions": common.versions()}
+    results.update(results_extra or {})
+    if run.dist.is_main:
+        common.save_checkpoint(run.path("final.pt"), run.checkpoint(results=results))
+        common.save_json(run.path("results.json"), results)
+        print(f"done: test top1 {results['top1']} (raw {results['top1_raw']}), top5 "
+              f"{results['top5']} | {results['train_seconds']:.1f} s, "
+              f"{results['images_per_second']:.0f} img/s -> {run.out_dir}", flush=True)
+    return results
+
+
+def train(model, model_args, data, args, dist, out_dir, results_extra=None):
+    """Train `model` with SGD on data['train'], evaluate on data['val'] every epoch (raw and EMA
+    weights) and on data['test'] at the end; resume from out_dir/last.pt when it exists.
+
+    model: built on the CPU, unwrapped; train() moves it, compiles it (args.compile) and wraps it
+        in DDP (world > 1). model_args: {objective, hparams, arch, num_classes, small_input}, the
+        arguments that rebuild it (common.build_model), which also give the loss and the
+        weight-decay groups. data: load_dataset()'s dict (val or test may be None). args:
+        add_training_args() flags with presets filled in, plus resolution, augment, flip.
+    Writes out_dir/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
+    and returns the results dict. SIGTERM / SIGUSR1 save last.pt and exit with 128 + signal;
+    a non-finite loss raises UserError naming the step (last.pt stays the last good state)."""
+    # --- setup: precision, determinism, threads
+    device, cuda = dist.device, dist.device.type == "cuda"
+    precision, autocast = amp_dtype(args.precision, device)
+    args.compile = cuda if args.compile is None else args.compile
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # bitwise on the CPU; on GPUs some kernels (adaptive average pooling's backward) have no
+        # deterministic version, so there it is best effort with a warning
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+        torch.backends.cudnn.benchmark = False
+    elif cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    hp = common.objective_hparams(args.objective, **objective_overrides(args))
-    torch.manual_seed(args.seed)
-    num_classes = 1000
-    model = common.build_model(args.objective, num_classes, args.arch, args.small_input, **hp)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = args.workers if args.workers is not None else 0
+    if not cuda:  # oversubscribed cores make every small CPU kernel wait on the slowest thread
+        threads = getattr(args, "threads", None) or (
+            None if "OMP_NUM_THREADS" in os.environ else
+            max(1, cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)) - workers))
+        if threads:
+            torch.set_num_threads(threads)
+
+    # --- batch arithmetic and the schedule (a pure function of the global step)
+    B, world = args.batch_size, dist.world
+    if B % world:
+        raise common.UserError(f"--batch-size {B} (global) does not divide by the world size "
+                               f"{world}")
+    per_device = B // world
+    micro = args.micro_batch or per_device
+    if per_device % micro:
+        raise common.UserError(f"--micro-batch {micro} does not divide the per-device batch "
+                               f"{per_device}")
+    accum = per_device // micro
+    train_split, val, test = data["train"], data.get("val"), data.get("test")
+    steps_per_epoch = (len(train_split) // world) // per_device
+    if steps_per_epoch == 0:
+        raise common.UserError(f"--batch-size {B} is larger than the training set "
+                               f"({len(train_split)} images); use a smaller --batch-size")
+    total_steps = steps_per_epoch * args.epochs
+    if args.steps:  # a step budget: the schedule ends there, the last epoch is cut
+        total_steps = min(total_steps, args.steps)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    base_lr = args.lr * B / 256
+
+    # --- model, loss, optimizer, EMA
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(common.param_groups(model, args.objective, args.weight_decay, **hp),
-                          lr=0.01, momentum=args.momentum, nesterov=args.nesterov, fused=True)
+    objective, hparams = model_args["objective"], model_args["hparams"]
+    groups = common.param_groups(model, objective, args.weight_decay, **hparams)
+    opt = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, nesterov=args.nesterov,
+                          fused=True)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    ema = common.ema_new(model) if args.ema_epochs > 0 else None
-    criterion = common.make_criterion(args.objective, num_classes, **hp)
-    net = torch.compile(model) if use_compile else model
-    if dist["world"] > 1:
+    ema = ema_new(model) if args.ema_epochs and args.ema_epochs > 0 else None
+    ema_decay = None if ema is None else 1.0 - 1.0 / max(1.0, args.ema_epochs * steps_per_epoch)
+    criterion = common.make_criterion(objective, model_args["num_classes"], **hparams)
+    run = Run(model, ema, opt, scaler, criterion, model_args, data, args, dist, out_dir,
+              autocast, channels_last, Progress(run_id=common.new_run_id()))
+
+    # --- resume
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise common.UserError(f"--out {out_dir} exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = run.path("log.jsonl")
+    if os.path.exists(run.path("last.pt")):
+        resume(run, run.path("last.pt"), steps_per_epoch)
+        if dist.is_main:
+            truncate_log(log_path, run.progress.step)
+            append_log(log_path, {"event": "resume", "step": run.progress.step,
+                                  "time": time.time()})
+    elif os.path.exists(run.path("results.json")) and dist.is_main:
+        print(f"note: {out_dir} has results.json but no last.pt; training again from scratch")
+    p = run.progress
+
+    # --- the model as trained (compile first, then DDP), the loader
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    per_device = args.batch_size // dist["world"]
-    micro = args.micro_batch or per_device
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = torch.randint(0, 256, (micro, 3, args.resolution, args.resolution),
-                           dtype=torch.uint8, generator=gen).to(device)
-    labels = torch.randint(0, num_classes, (micro,), generator=gen).to(device)
-
-    def step(i):
-        batches = [common.to_device(images, labels, device, channels_last)
-                   for _ in range(per_device // micro)]
-        common.train_step(net, criterion, opt, scaler, batches, amp_dtype)
-        if ema is not None:
-            common.ema_update(ema, model, 0.999, i)
-
-    for i in range(5):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(args.bench_steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = args.bench_steps * per_device * dist["world"] / (time.perf_counter() - start)
-    if dist["rank"] == 0:
-        print(f"bench synthetic: {args.arch} {args.resolution}px, batch {per_device}/device x "
-              f"{dist['world']}, {precision}, compile {use_compile}, channels_last "
-              f"{channels_last}, device {device}")
-        print(f"images_per_second={rate:.2f}")
-    return rate
-
-
-def bench_loader(args, data, dist):
-    """The training loader alone (decode, augment, collate, copy to the device)."""
-    device = dist["device"]
+            net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
     transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-    per_device = args.batch_size // dist["world"]
-    n = len(data["train"]) // dist["world"] // per_device * per_device
-    if n == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set")
-    loader, sampler = common.train_loader(data["train"], transform, per_device, n, dist["rank"],
-                                          dist["world"], args.seed, args.workers,
-                                          pin_memory=device.type == "cuda")
-    seen, epoch, start = 0, 0, None
-    while True:
-        sampler.set_epoch(epoch)
-        for i, (images, labels) in enumerate(loader):
-            common.to_device(images, labels, device)
-            if epoch == 0 and i == 4:
-                start, seen = time.perf_counter(), 0
-            elif start is not None:
-                seen += images.shape[0]
-            if start is not None and seen >= args.bench_steps * per_device:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                rate = seen * dist["world"] / (time.perf_counter() - start)
-                if dist["rank"] == 0:
-                    print(f"bench loader: {data['spec']} {args.resolution}px {args.augment}, "
-                          f"batch {per_device}/device, {args.workers} workers")
-                    print(f"images_per_second={rate:.2f}")
-                return rate
-        epoch += 1
+    loader, sampler = train_loader(train_split, transform, micro, steps_per_epoch * per_device,
+                                   dist, args.seed, workers)
+    if dist.is_main:
+        common.save_json(run.path("args.json"), {
+            **vars(args), "world_size": world, "per_device_batch": per_device,
+            "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
+            "channels_last": channels_last, "train_images": len(train_split),
+            "val_images": len(val) if val is not None else None,
+            "test_images": len(test) if test is not None else None})
+        print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, batch "
+              f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
+              f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
+              f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
+              f"{args.compile}, channels_last {channels_last}, workers {workers}"
+              f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
+              f"{len(train_split)} / val {len(val) if val is not None else '-'} / test "
+              f"{len(test) if test is not None else '-'} images, {model_args['num_classes']} "
+              f"classes, {args.resolution}px | device {device}"
+              + (f" | resumed at step {p.step}" if p.step else ""), flush=True)
 
+    # --- the step loop. The host reads device values only at log steps (every --log-every
+    # steps and at epoch ends): loss sums and the first non-finite step stay on the device.
+    caught = {"signal": 0}
+
+    def on_signal(signum, _frame):
+        caught["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
+    no_bad_step = 2 ** 62
+    bad = torch.full((), no_bad_step, dtype=torch.int64, device=device)
+    t_interval = t_run = last_ckpt = time.perf_counter()
+    wait = 0.0
+    net.train()
+    try:
+        while p.step < total_steps:
+            epoch, first = p.epoch, p.images_in_epoch // B
+            sampler.set_epoch(epoch, first * per_device)
+            batches_of_epoch = iter(loader)
+            for b in range(first, steps_per_epoch):
+                step = p.step
+                if step == args.debug_kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                t0 = time.perf_counter()
+                batches = [to_device(*next(batches_of_epoch), device, channels_last)
+                           for _ in range(accum)]
+                wait += time.perf_counter() - t0
+                lr = base_lr * lr_factor(step, total_steps, warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss_sum, correct = train_step(net, criterion, opt, scaler, batches, autocast,
+                                               poison=step == args.debug_nan_at_step)
+                bad = torch.where(torch.isfinite(loss_sum) | (bad < no_bad_step), bad, step)
+                sums[0] += loss_sum
+                sums[1] += correct
+                sums[2] += per_device  # a Python number: no host-to-device copy
+                if ema is not None:
+                    ema_update(ema, model, ema_decay, step)
+                p.step, p.images, p.images_in_epoch = step + 1, p.images + B, p.images_in_epoch + B
+                epoch_end = b == steps_per_epoch - 1 or p.step == total_steps
+                if not (p.step % args.log_every == 0 or epoch_end):
+                    continue
+
+                # --- log step: the only place the host waits for the device
+                g_sums = all_reduce(sums.clone()).tolist()
+                first_bad = int(all_reduce(bad.clone(), "min"))
+                due = (args.ckpt_minutes <= 0
+                       or time.perf_counter() - last_ckpt >= args.ckpt_minutes * 60)
+                ctl = all_reduce(torch.tensor([caught["signal"], int(due)], device=device), "max")
+                signum, due = (int(v) for v in ctl.tolist())
+                dt = time.perf_counter() - t_interval
+                if first_bad < no_bad_step:
+                    raise nan_error(run, first_bad, steps_per_epoch)
+                p.step_seconds += dt
+                p.train_seconds += time.perf_counter() - t_run
+                t_run = time.perf_counter()
+                p.epoch_sums = [a + b for a, b in zip(p.epoch_sums, g_sums)]
+                if dist.is_main:
+                    append_log(log_path, {
+                        "step": p.step, "epoch": epoch + p.images_in_epoch / (steps_per_epoch * B),
+                        "loss": g_sums[0] / g_sums[2], "train_top1": g_sums[1] / g_sums[2],
+                        "lr": lr, "images_per_second": g_sums[2] / dt, "data_wait": wait / dt,
+                        "time": time.time()})
+                sums.zero_()
+                if epoch_end:
+                    end_epoch(run, lr)
+                    net.train()
+                if epoch_end or due or signum:
+                    save_last(run)
+                    last_ckpt = time.perf_counter()
+                if signum:
+                    if dist.is_main:
+                        print(f"signal {signum}: saved {out_dir}/last.pt at step {p.step}; "
+                              f"rerun the same command to resume", flush=True)
+                    raise SystemExit(128 + signum)
+                p.train_seconds += time.perf_counter() - t_run  # evaluation and checkpoints
+                t_run = t_interval = time.perf_counter()
+                wait = 0.0
+                if p.step >= total_steps:
+                    break
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    # --- final evaluation on test, final.pt and results.json
+    return finish(run, results_extra)
+
+
+# ==============================================================================================
+# main
 
 def main(argv=None):
-    """Parse argv (default: sys.argv), train or benchmark; returns the results (or images/s)."""
+    """Parse argv (default: sys.argv) and train; returns the results dict."""
     args = parse_args(argv)
-    dist = common.setup_distributed(args.device)
+    dist = setup_distributed(args.device)
     try:
-        if args.bench == "synthetic":
-            return bench_synthetic(args, dist)
         data = common.load_dataset(args.data, download=args.download)
-        apply_preset(args, data["image_size"], dist["device"])
-        if args.bench == "loader":
-            return bench_loader(args, data, dist)
+        apply_preset(args, data["image_size"], dist.device)
         hp = common.objective_hparams(args.objective, **objective_overrides(args))
         torch.manual_seed(args.seed)
         model = common.build_model(args.objective, data["num_classes"], args.arch,
                                    args.small_input, **hp)
-        groups = common.param_groups(model, args.objective, args.weight_decay, **hp)
-        criterion = common.make_criterion(args.objective, data["num_classes"], **hp)
-        transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-        meta = {"objective": args.objective, "hparams": hp, "arch": args.arch,
-                "num_classes": data["num_classes"], "small_input": args.small_input}
-        if args.bench == "train":
-            rate = common.fit(model, criterion, groups, data, transform, None, args, meta, dist,
-                              bench_steps=args.bench_steps)
-            if dist["rank"] == 0:
-                print(f"bench train: {args.arch} {args.resolution}px on {data['spec']}, batch "
-                      f"{args.batch_size}, {args.workers} workers")
-                print(f"images_per_second={rate:.2f}")
-            return rate
+        model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
+                      "num_classes": data["num_classes"], "small_input": args.small_input}
         extra = {"objective": args.objective, "hparams": hp, "arch": args.arch,
                  "dataset": args.data, "dataset_name": data["name"],
                  "resolution": args.resolution, "seed": args.seed,
                  "small_input": args.small_input}
-        return common.fit(model, criterion, groups, data, transform, args.out, args, meta, dist,
-                          results_extra=extra)
+        return train(model, model_args, data, args, dist, args.out, results_extra=extra)
     except common.UserError:
-        if dist["rank"] != 0:
+        if not dist.is_main:
             sys.exit(2)  # rank 0 prints the message
         raise
     finally:
-        common.teardown_distributed()
+        teardown_distributed()
 
 
 if __name__ == "__main__":

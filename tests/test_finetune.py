@@ -26,18 +26,18 @@ def source(tmp_path_factory):
 
 def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch):
     fits, test_reads = [], []
-    real_fit, real_load = common.fit, common.load_dataset
+    real_train, real_load = train_imagenet.train, common.load_dataset
 
-    def spy_fit(model, criterion, groups, data, *a, **k):
+    def spy_train(model, model_args, data, *a, **k):
         fits.append(data.get("test") is not None)
-        return real_fit(model, criterion, groups, data, *a, **k)
+        return real_train(model, model_args, data, *a, **k)
 
     real_getitem = common.ImageSource.__getitem__
 
     def spy_getitem(self, i):  # every image read, from any split (workers 0: in this process)
         test_reads.append((int(i), len(fits)))
         return real_getitem(self, i)
-    monkeypatch.setattr(common, "fit", spy_fit)
+    monkeypatch.setattr(train_imagenet, "train", spy_train)
     monkeypatch.setattr(common.ImageSource, "__getitem__", spy_getitem)
     out = tmp_path / "ft"
     r = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),

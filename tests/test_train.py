@@ -1,4 +1,4 @@
-"""Tests of train_imagenet.py and common.py's training machinery (CPU, digits, tiny runs)."""
+"""Tests of train_imagenet.py: the training machinery and the script (CPU, digits, tiny runs)."""
 import json
 import math
 import os
@@ -50,43 +50,43 @@ def run_script(args, env=None, timeout=300):
 # Pieces of the machinery
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    f = [common.lr_factor(s, 100, 10) for s in range(100)]
+    f = [train_imagenet.lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:10], f[1:10]))
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[99] < 1e-3
-    assert common.lr_factor(100, 100, 10) == 0.0
+    assert train_imagenet.lr_factor(100, 100, 10) == 0.0
 
 
 def test_ema_averages_parameters_and_bn_buffers_and_copies_counters():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema = common.ema_new(model)
+    ema = train_imagenet.ema_new(model)
     assert all(not p.requires_grad for p in ema.parameters())
     old_w, old_rm = ema[0].weight.clone(), ema[1].running_mean.clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
         model[1].running_mean.add_(2.0)
         model[1].num_batches_tracked.fill_(7)
-    common.ema_update(ema, model, decay=0.99, step=0)  # d = min(0.99, 1/10) = 0.1
+    train_imagenet.ema_update(ema, model, decay=0.99, step=0)  # d = min(0.99, 1/10) = 0.1
     assert torch.allclose(ema[0].weight, 0.1 * old_w + 0.9 * model[0].weight)
     assert torch.allclose(ema[1].running_mean, 0.1 * old_rm + 0.9 * model[1].running_mean)
     assert int(ema[1].num_batches_tracked) == 7
     before = ema[0].weight.clone()
-    common.ema_update(ema, model, decay=0.5, step=1000)  # d = 0.5
+    train_imagenet.ema_update(ema, model, decay=0.5, step=1000)  # d = 0.5
     assert torch.allclose(ema[0].weight, 0.5 * before + 0.5 * model[0].weight)
 
 
 def test_sampler_splits_each_epoch_across_ranks_and_resumes_mid_epoch():
     n, world, per_epoch = 23, 2, 10
-    samplers = [common.EpochSampler(n, per_epoch, r, world, seed=3) for r in range(world)]
+    samplers = [train_imagenet.EpochSampler(n, per_epoch, r, world, seed=3) for r in range(world)]
     for s in samplers:
         s.set_epoch(4)
     keys = [list(s) for s in samplers]
     assert all(len(k) == per_epoch and all(e == 4 for e, _ in k) for k in keys)
     idx = [i for k in keys for _, i in k]
     assert len(set(idx)) == len(idx)  # ranks never share an image within an epoch
-    again = common.EpochSampler(n, per_epoch, 0, world, seed=3)
+    again = train_imagenet.EpochSampler(n, per_epoch, 0, world, seed=3)
     again.set_epoch(4, start=6)
     assert list(again) == keys[0][6:] and len(again) == 4
     again.set_epoch(5)
@@ -96,7 +96,7 @@ def test_sampler_splits_each_epoch_across_ranks_and_resumes_mid_epoch():
 def test_augmentation_depends_only_on_seed_epoch_and_index():
     data = common.load_dataset("digits@0-4")
     tf = common.train_transform(8, "paper")  # random crops and flips: plenty of randomness
-    ds = common.SeededAugment(data["train"], tf, seed=0)
+    ds = train_imagenet.SeededAugment(data["train"], tf, seed=0)
     torch.manual_seed(123)
     a = ds[(2, 5)][0]
     state = torch.get_rng_state()
@@ -115,12 +115,12 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    st = common.rng_states(torch.device("cpu"))
+    st = train_imagenet.rng_states(torch.device("cpu"))
     want = (torch.rand(3), np.random.rand(3), random.random())
     path = str(tmp_path / "rng.pt")
     torch.save({"rng": [st]}, path)
     loaded = torch.load(path, weights_only=True)["rng"][0]
-    common.set_rng_states(loaded, torch.device("cpu"))
+    train_imagenet.set_rng_states(loaded, torch.device("cpu"))
     assert torch.equal(torch.rand(3), want[0])
     assert np.array_equal(np.random.rand(3), want[1]) and random.random() == want[2]
 
@@ -129,7 +129,7 @@ def test_evaluation_shards_count_every_image_once():
     data = common.load_dataset("digits")  # val: 135 images, not divisible by 2 or 4
     torch.manual_seed(0)
     model = common.build_model("softmax", 10, "resnet18", small_input=True)
-    whole = common.evaluate({"m": model}, data["val"], 8, torch.device("cpu"), 10)["m"]
+    whole = train_imagenet.evaluate({"m": model}, data["val"], 8)["m"]
     assert whole["count"] == len(data["val"]) == 135
     for world in (2, 4):
         parts = [data["val"].indices[r::world] for r in range(world)]
@@ -167,7 +167,7 @@ def test_every_objective_trains_and_writes_loadable_outputs(tmp_path, objective)
     assert info["resolution"] == 8 and info["seed"] == 0 and info["objective"] == objective
     # final.pt holds the EMA weights that gave results.json's top1 on the test split
     data = common.load_dataset("digits@0-4")
-    m = common.evaluate({"ema": model}, data["test"], 8, torch.device("cpu"), 5)["ema"]
+    m = train_imagenet.evaluate({"ema": model}, data["test"], 8)["ema"]
     assert m["top1"] == pytest.approx(saved["top1"])
     with open(os.path.join(out, "summary.csv")) as f:
         assert f.readline().startswith("epoch,step,lr,train_loss")
@@ -268,15 +268,20 @@ def test_torchrun_two_processes_count_every_val_image_once(tmp_path):
     common.model_from_checkpoint(common.load_checkpoint(os.path.join(out, "final.pt")))
 
 
-def test_bench_modes_report_images_per_second(capsys):
-    small = ["--arch", "resnet18", "--resolution", "8", "--small-input", "--batch-size", "16",
-             "--bench-steps", "2", "--threads", "1"]
-    assert train_imagenet.main(["--bench", "synthetic", *small]) > 0
-    assert train_imagenet.main(["--bench", "loader", "--data", "digits", *small,
-                                "--workers", "0"]) > 0
-    assert train_imagenet.main(["--bench", "train", "--data", "digits", *small,
-                                "--workers", "0"]) > 0
-    assert capsys.readouterr().out.count("images_per_second=") == 3
+def test_benchmarks_run_through_the_public_training_api(tmp_path, monkeypatch):
+    # benchmarks/bench_train.py times the real loop from the outside: no benchmark code in it
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_train
+    a = bench_train.main(["--loader", "--data-spec", "digits", "--batch-size", "16",
+                          "--steps", "2", "--workers", "0", "--resolution", "8"])
+    assert a > 0
+    args = type("A", (), dict(arch="resnet18", small_input=True, batch_size=8, steps=2))
+    assert bench_train.synthetic(args, "cpu", compile_model=False, resolution=8) > 0
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--steps", "6",
+           "--log-every", "2"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rate, wall = bench_train.training_rate(cmd, 2, 32)
+    assert rate > 0 and wall > 0
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
