@@ -386,24 +386,34 @@ def dataset_label(spec):
 
 
 def parse_subset(subset, num_classes, spec):
-    """The part after '@': '0-4', '0,3,7', '0+8,1+9', 'per_class=500', '5-9,per_class=500' ->
-    (list of class groups, one per new class in the order given, at most this many images per
-    original class or None). A group is one original class, or several joined by '+' that
-    become one new class ('0+8,1+9': airplane and ship are class 0, automobile and truck 1)."""
-    parts = [p for p in (subset or "").split(",") if p.strip()]
-    caps = [p for p in parts if p.strip().startswith("per_class")]
-    per_class = None
-    if len(caps) > 1:
-        raise UserError(f"{spec!r} gives per_class twice; write e.g. @0-4,per_class=500")
-    if caps:
-        m = re.fullmatch(r"\s*per_class\s*=\s*(\d+)\s*", caps[0])
-        if not m or int(m.group(1)) < 1:
-            raise UserError(f"bad {caps[0].strip()!r} in {spec!r}; write per_class=N with N >= 1 "
+    """The part after '@': classes and options, comma-separated ->
+    (list of class groups, one per new class in the order given; at most this many images per
+    original class or None; the split to draw every split from, or None).
+
+    Classes: '0-4', '0,3,7', or groups '0+8,1+9' whose original classes merge into one new class
+    ('0+8,1+9': airplane and ship are class 0, automobile and truck 1). Options: per_class=N (at
+    most N images of each original class in every split), from=SPLIT (only the images of that
+    split, re-split into train/val/test: 'from=test' probes on images no network trained on)."""
+    parts = [p.strip() for p in (subset or "").split(",") if p.strip()]
+    options = {}
+    for part in [p for p in parts if "=" in p]:
+        key, _, value = (x.strip() for x in part.partition("="))
+        if key in options:
+            raise UserError(f"{spec!r} gives {key} twice; write e.g. @0-4,per_class=500")
+        if key == "per_class" and re.fullmatch(r"\d+", value) and int(value) >= 1:
+            options[key] = int(value)
+        elif key == "from" and value in ("train", "val", "test"):
+            options[key] = value
+        elif key == "per_class":
+            raise UserError(f"bad {part!r} in {spec!r}; write per_class=N with N >= 1 "
                             "(at most N images of each class in every split)")
-        per_class = int(m.group(1))
-    rest = ",".join(p for p in parts if p not in caps)
+        elif key == "from":
+            raise UserError(f"bad {part!r} in {spec!r}; write from=train, from=val or from=test")
+        else:
+            raise UserError(f"unknown option {key!r} in {spec!r}; valid: per_class=N, from=SPLIT")
+    rest = ",".join(p for p in parts if "=" not in p)
     groups = parse_classes(rest, num_classes, spec) if rest else [[c] for c in range(num_classes)]
-    return groups, per_class
+    return groups, options.get("per_class"), options.get("from")
 
 
 def cap_per_class(idx, labels, per_class, seed=SPLIT_SEED):
@@ -638,7 +648,9 @@ def load_dataset(spec, download=False):
     each with an optional class subset suffix @0-4 or @0,3,7 (relabelled 0..k-1 in that order),
     class groups merged many-to-one (@0+8,1+9: classes 0 and 8 become class 0, 1 and 9 class 1)
     and/or a cap per_class=N (@per_class=500, @0-4,per_class=500: at most N images of each
-    original class in every split, a seeded subset taken after the validation hold-out).
+    original class in every split, a seeded subset taken after the validation hold-out), and/or
+    from=SPLIT (@from=test: only that split's images, re-split as a dataset without val or test:
+    a stratified, seeded TEST_FRACTION test split, then the val hold-out).
     Where a dataset has no validation split, val is a stratified, seeded hold-out of
     VAL_FRACTION of train (at most VAL_MAX images); test is never used to select anything."""
     name, path, subset = parse_spec(spec)
@@ -653,10 +665,17 @@ def load_dataset(spec, download=False):
     if len(src) == 0 or len(splits.get("train", [])) == 0:
         raise UserError(f"dataset {spec!r} has no training images")
     num_all = max(len(classes), int(src.labels.max()) + 1)
-    groups, per_class = parse_subset(subset, num_all, spec)
+    groups, per_class, from_split = parse_subset(subset, num_all, spec)
     label_map = np.full(num_all, -1, dtype=np.int64)
     for new_class, group in enumerate(groups):
         label_map[group] = new_class
+    if from_split:
+        if from_split not in splits:
+            raise UserError(f"{spec!r}: the dataset has no {from_split} split of its own; "
+                            f"use from=train or from=test")
+        only = splits[from_split]
+        keep, held = stratified_holdout(src.labels[only], TEST_FRACTION, what="test")
+        splits = {"train": only[keep], "test": only[held]}
     if "val" not in splits:
         train_labels = src.labels[splits["train"]]
         # held out from the whole dataset, so a class subset's split is the whole's restricted

@@ -268,6 +268,21 @@ def test_merged_classes():
     assert mixed["num_classes"] == 3 and mixed["classes"] == ["2", "3", "0+1"]
 
 
+def test_from_split_resplits_one_split():
+    whole = common.load_dataset("digits")
+    only = common.load_dataset("digits@5-9,from=test")
+    assert only["name"] == "digits@5-9,from_test"
+    idx = [set(only[s].indices.tolist()) for s in ("train", "val", "test")]
+    assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
+    assert set().union(*idx) <= set(whole["test"].indices.tolist())  # test images only
+    n = len(set().union(*idx))
+    assert n == int((whole["test"].source.labels[whole["test"].indices] >= 5).sum())
+    assert abs(len(idx[2]) - 0.2 * n) <= 5 and len(idx[1]) >= 5
+    assert np.bincount(only["test"].labels).min() >= 8  # stratified
+    again = common.load_dataset("digits@5-9,from=test")
+    assert np.array_equal(again["val"].indices, only["val"].indices)
+
+
 def test_digits_split_is_the_spec_split():
     # SPEC.md: sklearn LogisticRegression(C=1) on load_digits/16 with this split scores 0.968889.
     from sklearn.linear_model import LogisticRegression
@@ -476,6 +491,9 @@ def test_torchvision_weights_offline_error():
     ("digits@a-b", "bad class subset"),
     ("digits@per_class=0", "write per_class=N"),
     ("digits@0-4,per_class=2,per_class=3", "per_class twice"),
+    ("digits@from=val", "no val split of its own"),
+    ("digits@from=x", "write from=train"),
+    ("digits@colour=red", "unknown option 'colour'"),
     ("digits@0+8,8+1", "repeats a class"),
     ("digits@0+8", "fewer than 2 classes"),
     ("digits@0-2+8,4", "bad class group"),
