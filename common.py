@@ -9,6 +9,7 @@ Every script imports this file; scripts talk to each other only through checkpoi
     data = common.load_dataset("digits@0-4")        # {'train','val','test', 'num_classes', ...}
     feats = common.extract_features(model, loader, ["block16", "pool"])
 """
+import errno
 import glob
 import hashlib
 import io
@@ -20,6 +21,7 @@ import platform
 import re
 import sys
 import tempfile
+import traceback
 import uuid
 
 import numpy as np
@@ -35,12 +37,29 @@ class UserError(ValueError):
 
 
 def run_main(main):
-    """Run a script's main(), turning UserError into a one-line message and exit status 2."""
+    """Run a script's main(): a UserError becomes one line `error: ...` and exit status 2, Ctrl-C
+    exit status 130, any other exception its traceback and status 1. After a failure the process
+    ends at once (os._exit): nothing left behind (a loader worker that ignores SIGTERM, a
+    thread) can keep it alive, and every file this project writes is complete or untouched."""
     try:
         main()
+    except SystemExit:
+        raise
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_now(2)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
+        _exit_now(130)
+    except BaseException:
+        traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(status):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -801,19 +820,32 @@ def versions():
 
 def atomic_write(path, write):
     """Call write(fileobj) on a temporary file beside `path`, fsync it, then os.replace it onto
-    `path`: a reader sees either the old file or the complete new one, never a torn write."""
+    `path`: a reader sees either the old file or the complete new one, never a torn write. A full
+    disk or an unwritable folder is a one-line UserError, with the old file left as it was."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e} ({d}); choose another output "
+                        f"folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _disk_full(e):
+            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
+            raise UserError(f"cannot write {path}: no space left on the device ({kept}); free "
+                            f"some space or choose another output folder") from None
         raise
     try:
         dfd = os.open(d, os.O_RDONLY)
@@ -821,6 +853,15 @@ def atomic_write(path, write):
         os.close(dfd)
     except OSError:
         pass
+
+
+def _disk_full(e):
+    """Whether an exception from writing a file means the disk (or the quota) is full. torch.save
+    reports it as a RuntimeError of its zip writer ('file write failed', 'unexpected pos')."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("file write failed",
+                                                                      "unexpected pos"))
 
 
 def save_json(path, obj):

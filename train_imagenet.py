@@ -342,6 +342,20 @@ def worker_init(_worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
+def stop_workers(loader):
+    """End the loader's worker processes now, on every way out of the training loop. They ignore
+    SIGTERM (worker_init), and the interpreter's exit terminates and then joins them: left to
+    it, any exception in the loop hung the process forever (issue 13, 13 reproduced cases)."""
+    it = getattr(loader, "_iterator", None)  # the persistent workers' iterator (torch 2.x)
+    if it is None:
+        return
+    it._shutdown_workers()  # asks them to stop and joins them (5 s each at most)
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()  # SIGKILL is never ignored
+            w.join()
+
+
 def train_loader(split, transform, micro_batch, per_epoch, dist, seed, workers):
     """(DataLoader, EpochSampler) over a Split: uint8 batches of `micro_batch` images,
     augmentation seeded per image; call sampler.set_epoch(epoch, start) before iter(loader)."""
@@ -937,12 +951,12 @@ def train(model, model_args, data, args, dist, out_dir, results_extra=None):
                 wait = 0.0
                 if p.step >= total_steps:
                     break
+        # --- final evaluation on test, final.pt and results.json
+        return finish(run, results_extra)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-    # --- final evaluation on test, final.pt and results.json
-    return finish(run, results_extra)
+        stop_workers(loader)
 
 
 # ==============================================================================================

@@ -292,3 +292,77 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         train(tmp_path, "y", "--objective", "softmax", "--tau", "0.1")
     with pytest.raises(common.UserError, match="does not divide"):
         train(tmp_path, "z", "--micro-batch", "5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures end the process (issue 13): loader workers ignore SIGTERM and SIGINT, so any way out
+# of the loop must stop them, or the interpreter's exit waits for them forever.
+
+def write_folder_with_a_corrupt_image(root):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(40):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
+    (root / "train" / "a" / "7.png").write_bytes(b"not a png")
+
+
+def test_a_failure_in_a_loader_worker_ends_the_process(tmp_path):
+    write_folder_with_a_corrupt_image(tmp_path / "f")
+    # fails by timeout if the process does not exit (it hung forever before the fix)
+    r = run_script(["--data", f"folder:{tmp_path / 'f'}", "--arch", "resnet18", "--resolution",
+                    "8", "--batch-size", "8", "--epochs", "2", "--workers", "1", "--out",
+                    str(tmp_path / "run")], timeout=120)
+    assert r.returncode == 1 and "cannot decode image" in r.stderr, r.stderr[-2000:]
+
+
+def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
+    out = str(tmp_path / "int")
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "50",
+           "--workers", "1", "--ckpt-minutes", "0", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stderr, stderr[-2000:]
+    time.sleep(6)  # a worker notices a dead parent within 5 s; none may be left
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "processes left in the group"
+    common.load_checkpoint(os.path.join(out, "last.pt"))  # intact
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    out, _ = train(tmp_path, "full", "--epochs", "1")
+    os.remove(os.path.join(out, "final.pt"))
+    before = common.load_checkpoint(os.path.join(out, "last.pt"))["train_state"]["step"]
+    real_fsync = os.fsync
+
+    def full(fd):  # the disk fills up while the next last.pt is written
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(common.UserError, match=r"last\.pt: no space left on the device \(the "
+                                               r"previous file is unchanged\)"):
+        train_imagenet.main([*TINY, "--out", out, "--epochs", "2", "--force-resume"])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert common.load_checkpoint(os.path.join(out, "last.pt"))["train_state"]["step"] == before
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # no leftovers
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out, _ = train(tmp_path, "modes")
+    finally:
+        os.umask(old)
+    for name in ("final.pt", "results.json", "args.json", "summary.csv"):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o640, name
