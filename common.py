@@ -9,7 +9,9 @@ Every script imports this file; scripts talk to each other only through checkpoi
     data = common.load_dataset("digits@0-4")        # {'train','val','test', 'num_classes', ...}
     feats = common.extract_features(model, loader, ["block16", "pool"])
 """
+import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import io
@@ -862,6 +864,35 @@ def _disk_full(e):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(e, RuntimeError) and any(s in str(e) for s in ("file write failed",
                                                                       "unexpected pos"))
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """Hold OUT/.lock while a script writes into `folder`: a second process on the same folder
+    gets a one-line UserError instead of silently mixing its files with the first one's. The lock
+    is the kernel's (flock), so a killed process never leaves it stuck. On entry, temporary files
+    of atomic_write that a killed writer left behind are removed (nobody else writes here)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
+                        f"folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
+                            f"another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+        for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+            os.remove(stale)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_json(path, obj):

@@ -39,8 +39,9 @@ import train_imagenet
 
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1)
 DEFAULT_WDS = (1e-5, 1e-4)
-GRID_KEYS = ("checkpoint_hash", "data", "epochs", "steps", "batch_size", "resolution", "seed",
-             "augment", "flip", "ema_epochs", "from_scratch")
+# A finished run is read back only if every argument that can change its result is the same:
+# all of them but these (derived, not listed by hand, so a new flag counts by default).
+NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkpoint"}
 
 
 def parse_args(argv=None):
@@ -123,10 +124,10 @@ def run_dir(out, lr, wd):
 
 
 def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_model=True):
-    """One fine-tuning run through train_imagenet.train (resumable); a finished run is read
-    back. Once it
-    has finished, its resume state (last.pt) is deleted, and with keep_model=False (grid points:
-    only their val score is used) its final.pt too: a ResNet-50's last.pt is about 300 MB."""
+    """One fine-tuning run through train_imagenet.train (resumable); a finished run with the same
+    grid_key is read back. Once it has finished, its resume state (last.pt) is deleted, and with
+    keep_model=False (grid points: only their val score is used) its final.pt too: a ResNet-50's
+    last.pt is about 300 MB."""
     results_path = os.path.join(out_dir, "results.json")
     if os.path.exists(results_path) and (not keep_model or
                                          os.path.exists(os.path.join(out_dir, "final.pt"))):
@@ -135,9 +136,13 @@ def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_mo
             if dist.is_main:
                 print(f"finetune: {out_dir} already finished, read back")
             return done
-        raise common.UserError(f"{out_dir} holds a run with other arguments ({done.get('grid_key')}"
-                               f" vs {grid_key}); use another --out")
-    run = argparse.Namespace(**vars(args))
+        before = done.get("grid_key") or {}
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {grid_key.get(k)!r}"
+                         for k in sorted(set(before) | set(grid_key))
+                         if before.get(k) != grid_key.get(k))
+        raise common.UserError(f"{out_dir} holds a finished run with other arguments ({diff}); "
+                               f"rerun with the original ones or use another --out")
+    run = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("lrs", "wds")})
     run.lr, run.weight_decay = lr, wd
     model = with_fresh_head(source, info, data["num_classes"], args.seed)
     model_args = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
@@ -180,7 +185,7 @@ def main(argv=None):
         if args.steps is not None:
             per_epoch = len(data["train"]) // args.batch_size
             args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
-        grid_key = {k: getattr(args, k, None) for k in GRID_KEYS if k != "checkpoint_hash"}
+        grid_key = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_GRID_KEY}
         grid_key["checkpoint_hash"] = info["hash"]
         selection = {"train": data["train"], "val": data["val"], "test": None,
                      "num_classes": data["num_classes"], "classes": data["classes"],

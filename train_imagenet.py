@@ -79,9 +79,14 @@ OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in com
     "alpha": "alpha", "lambda_": "lambda_", "dropout": "dropout", "beta": "beta", "tau": "tau",
     "normalize_features": "normalize_features", "kappa": "kappa", "m": "m",
     "loss_scale": "loss_scale"}
-# Arguments whose change on resume is refused without --force-resume (they change the result).
-RESUME_KEYS = ("data", "arch", "epochs", "steps", "batch_size", "lr", "warmup_epochs", "seed",
-               "resolution", "momentum", "nesterov", "weight_decay", "ema_epochs")
+# Arguments that cannot change what a run computes. Every other argument is compared on resume
+# and a changed one is refused unless --force-resume (so a new flag is compared by default); the
+# architecture, input stem and objective are refused even then (the weights would not fit).
+NOT_COMPARED_ON_RESUME = {"out", "workers", "threads", "device", "log_every", "ckpt_minutes",
+                          "eval_batch_size", "force_resume", "download", "snapshot_every",
+                          "compile", "channels_last", "deterministic", "debug_nan_at_step",
+                          "debug_kill_at_step"}
+NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 
 
 def add_training_args(parser, **defaults):
@@ -594,6 +599,7 @@ class Run:
     amp_dtype: torch.dtype
     channels_last: bool
     progress: Progress
+    resumed_with: dict = None      # arguments changed by --force-resume at this start
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
@@ -625,15 +631,20 @@ def resume(run, path, steps_per_epoch):
         raise common.UserError(f"{path} holds no training state (not written by train()); move "
                                f"it away or use another --out")
     saved = ck.get("args") or {}
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-               if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    changed = {k: (saved[k], getattr(args, k)) for k in sorted(saved)
+               if k not in NOT_COMPARED_ON_RESUME and hasattr(args, k)
+               and saved[k] != getattr(args, k)}
     if ck["objective"] != m["objective"] or ck["hparams"] != dict(m["hparams"]):
-        changed.insert(0, f"objective: {ck['objective']} {ck['hparams']} -> {m['objective']} "
-                          f"{dict(m['hparams'])}")
+        changed["objective"] = (f"{ck['objective']} {ck['hparams']}",
+                                f"{m['objective']} {dict(m['hparams'])}")
+    text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if set(changed) & NEVER_CHANGED_ON_RESUME:
+        raise common.UserError(f"{path} was trained with other arguments ({text}): the weights "
+                               f"do not fit; rerun with the original ones or use another --out")
     if changed and not args.force_resume:
-        raise common.UserError(f"{path} was trained with other arguments ({'; '.join(changed)}): "
-                               f"rerun with the original ones, add --force-resume, or use "
-                               f"another --out")
+        raise common.UserError(f"{path} was trained with other arguments ({text}): rerun with "
+                               f"the original ones, add --force-resume, or use another --out")
+    run.resumed_with = {k: b for k, (a, b) in changed.items()}
     run.model.load_state_dict(ck["model"])
     if run.ema is not None:
         if ck.get("ema") is None:
@@ -772,8 +783,9 @@ def train(model, model_args, data, args, dist, out_dir, results_extra=None):
     # --- setup: precision, determinism, threads
     device, cuda = dist.device, dist.device.type == "cuda"
     precision, autocast = amp_dtype(args.precision, device)
+    args.precision = precision  # what the run used, resolved: 'auto' is no record
     args.compile = cuda if args.compile is None else args.compile
-    channels_last = cuda if args.channels_last is None else args.channels_last
+    args.channels_last = channels_last = cuda if args.channels_last is None else args.channels_last
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # bitwise on the CPU; on GPUs some kernels (adaptive average pooling's backward) have no
@@ -830,62 +842,71 @@ def train(model, model_args, data, args, dist, out_dir, results_extra=None):
     run = Run(model, ema, opt, scaler, criterion, model_args, data, args, dist, out_dir,
               autocast, channels_last, Progress(run_id=common.new_run_id()))
 
-    # --- resume
+    # --- resume, holding the output folder (one writer at a time; rank 0 writes every file)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise common.UserError(f"--out {out_dir} exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = run.path("log.jsonl")
-    if os.path.exists(run.path("last.pt")):
-        resume(run, run.path("last.pt"), steps_per_epoch)
+    undo = contextlib.ExitStack()  # closed on every way out: signal handlers, workers, the lock
+    with undo:
         if dist.is_main:
-            truncate_log(log_path, run.progress.step)
-            append_log(log_path, {"event": "resume", "step": run.progress.step,
-                                  "time": time.time()})
-    elif os.path.exists(run.path("results.json")) and dist.is_main:
-        print(f"note: {out_dir} has results.json but no last.pt; training again from scratch")
-    p = run.progress
+            undo.enter_context(common.locked(out_dir))
+        log_path = run.path("log.jsonl")
+        if os.path.exists(run.path("last.pt")):
+            resume(run, run.path("last.pt"), steps_per_epoch)
+            if dist.is_main:
+                truncate_log(log_path, run.progress.step)
+                append_log(log_path, {"event": "resume", "step": run.progress.step,
+                                      "time": time.time()})
+        elif os.path.exists(run.path("results.json")) and dist.is_main:
+            print(f"note: {out_dir} has results.json but no last.pt; training again from scratch")
+        p = run.progress
 
-    # --- the model as trained (compile first, then DDP), the loader
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
-    transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-    loader, sampler = train_loader(train_split, transform, micro, steps_per_epoch * per_device,
-                                   dist, args.seed, workers)
-    if dist.is_main:
-        common.save_json(run.path("args.json"), {
-            **vars(args), "world_size": world, "per_device_batch": per_device,
-            "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
-            "channels_last": channels_last, "train_images": len(train_split),
-            "val_images": len(val) if val is not None else None,
-            "test_images": len(test) if test is not None else None})
-        print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, batch "
-              f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
-              f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
-              f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
-              f"{args.compile}, channels_last {channels_last}, workers {workers}"
-              f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
-              f"{len(train_split)} / val {len(val) if val is not None else '-'} / test "
-              f"{len(test) if test is not None else '-'} images, {model_args['num_classes']} "
-              f"classes, {args.resolution}px | device {device}"
-              + (f" | resumed at step {p.step}" if p.step else ""), flush=True)
+        # --- the model as trained (compile first, then DDP), the loader
+        net = torch.compile(model) if args.compile else model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+        transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
+        loader, sampler = train_loader(train_split, transform, micro,
+                                       steps_per_epoch * per_device, dist, args.seed, workers)
+        undo.callback(stop_workers, loader)
+        if dist.is_main:
+            history = []  # what each --force-resume changed, so the file never misstates a run
+            if os.path.exists(run.path("args.json")) and p.step:
+                history = common.read_json(run.path("args.json")).get("forced_changes", [])
+            if run.resumed_with:
+                history.append({"step": p.step, "changed": run.resumed_with})
+            common.save_json(run.path("args.json"), {
+                **vars(args), "forced_changes": history, "world_size": world, "per_device_batch": per_device,
+                "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
+                "channels_last": channels_last, "train_images": len(train_split),
+                "val_images": len(val) if val is not None else None,
+                "test_images": len(test) if test is not None else None})
+            print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, batch "
+                  f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
+                  f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
+                  f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
+                  f"{args.compile}, channels_last {channels_last}, workers {workers}"
+                  f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
+                  f"{len(train_split)} / val {len(val) if val is not None else '-'} / test "
+                  f"{len(test) if test is not None else '-'} images, {model_args['num_classes']} "
+                  f"classes, {args.resolution}px | device {device}"
+                  + (f" | resumed at step {p.step}" if p.step else ""), flush=True)
 
-    # --- the step loop. The host reads device values only at log steps (every --log-every
-    # steps and at epoch ends): loss sums and the first non-finite step stay on the device.
-    caught = {"signal": 0}
+        # --- the step loop. The host reads device values only at log steps (every --log-every
+        # steps and at epoch ends): loss sums and the first non-finite step stay on the device.
+        caught = {"signal": 0}
 
-    def on_signal(signum, _frame):
-        caught["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
-    no_bad_step = 2 ** 62
-    bad = torch.full((), no_bad_step, dtype=torch.int64, device=device)
-    t_interval = t_run = last_ckpt = time.perf_counter()
-    wait = 0.0
-    net.train()
-    try:
+        def on_signal(signum, _frame):
+            caught["signal"] = signum
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            undo.callback(signal.signal, s, signal.signal(s, on_signal))
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
+        no_bad_step = 2 ** 62
+        bad = torch.full((), no_bad_step, dtype=torch.int64, device=device)
+        t_interval = t_run = last_ckpt = time.perf_counter()
+        wait = 0.0
+        net.train()
         while p.step < total_steps:
             epoch, first = p.epoch, p.images_in_epoch // B
             sampler.set_epoch(epoch, first * per_device)
@@ -953,10 +974,6 @@ def train(model, model_args, data, args, dist, out_dir, results_extra=None):
                     break
         # --- final evaluation on test, final.pt and results.json
         return finish(run, results_extra)
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        stop_workers(loader)
 
 
 # ==============================================================================================
