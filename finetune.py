@@ -23,8 +23,10 @@ Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1
 (log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
 grid point is read back, not recomputed. A finished run's resume state (last.pt) is deleted,
 and so are the grid points' models (only their val scores are used), so the disk holds one
-fine-tuned model per dataset: OUT/final/final.pt. Writes OUT/results.json: metric, test_accuracy,
-best_lr, best_wd, grid (each pair -> val metric), seconds and the source's identity.
+fine-tuned model per dataset: OUT/final/final.pt. Writes OUT/results.json: common.result_header
+first (kind "finetune", network: the source's identity, dataset: the target spec,
+dataset_name), then metric, test_accuracy, best_lr, best_wd, grid (each pair -> val metric),
+seconds, sizes.
 """
 import argparse
 import math
@@ -87,22 +89,21 @@ def check_grid(args):
 
 
 def source_model(args):
-    """(model without a trained head, info) from --checkpoint or --from-scratch."""
+    """(model without a trained head, network: the source's identity) from --checkpoint or
+    --from-scratch."""
     if args.from_scratch:
         arch = args.arch or "resnet50"
         small = bool(args.small_input)
         model = common.build_model("softmax", 1, arch=arch, small_input=small)
-        info = {"label": f"scratch_{arch}", "objective": "scratch", "arch": arch,
-                "small_input": small, "resolution": None, "hash": "scratch", "seed": None}
-        return model, info
-    model, info = common.load_pretrained(args.checkpoint)
-    if args.arch and args.arch != info["arch"]:
-        raise common.UserError(f"--arch {args.arch} but {args.checkpoint} is a {info['arch']}: "
-                               f"drop --arch or pass a {args.arch} checkpoint")
-    if args.small_input is not None and args.small_input != info["small_input"]:
+        return model, common.scratch_identity(arch, small)
+    model, network = common.load_pretrained(args.checkpoint)
+    if args.arch and args.arch != network["arch"]:
+        raise common.UserError(f"--arch {args.arch} but {args.checkpoint} is a "
+                               f"{network['arch']}: drop --arch or pass a {args.arch} checkpoint")
+    if args.small_input is not None and args.small_input != network["small_input"]:
         raise common.UserError(f"--small-input does not match {args.checkpoint} (small_input="
-                               f"{info['small_input']}); drop the flag")
-    return model, info
+                               f"{network['small_input']}); drop the flag")
+    return model, network
 
 
 def with_fresh_head(source, info, num_classes, seed):
@@ -144,8 +145,9 @@ def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_mo
     transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
     meta = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
             "num_classes": data["num_classes"], "small_input": info["small_input"]}
-    extra = {"finetune_of": info["label"], "source_objective": info["objective"],
-             "grid_key": grid_key, "lr": lr, "weight_decay": wd}
+    extra = {"kind": "finetune_run", "finetune_of": info["checkpoint"],
+             "source_objective": info["objective"], "grid_key": grid_key, "lr": lr,
+             "weight_decay": wd}
     results = common.fit(model, criterion, groups, data, transform, out_dir, run, meta, dist,
                          results_extra=extra)
     if dist["rank"] == 0:
@@ -171,8 +173,7 @@ def main(argv=None):
     try:
         source, info = source_model(args)
         data = common.load_dataset(args.data, download=args.download)
-        if args.resolution is None:
-            args.resolution = info["resolution"] or 224
+        args.resolution = common.input_resolution(args.resolution, info)
         tiny = data["image_size"] is not None and data["image_size"] <= 64
         args.augment = args.augment or ("small" if tiny else "paper")
         if args.flip is None:
@@ -183,7 +184,7 @@ def main(argv=None):
             per_epoch = len(data["train"]) // args.batch_size
             args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
         grid_key = {k: getattr(args, k, None) for k in GRID_KEYS if k != "checkpoint_hash"}
-        grid_key["checkpoint_hash"] = info["hash"]
+        grid_key["checkpoint_hash"] = info["checkpoint_hash"] or "scratch"
         selection = {"train": data["train"], "val": data["val"], "test": None,
                      "num_classes": data["num_classes"], "classes": data["classes"],
                      "metric": data["metric"], "spec": data["spec"], "name": data["name"]}
@@ -204,22 +205,19 @@ def main(argv=None):
                       best_lr, best_wd, dist, {**grid_key, "lr": best_lr, "wd": best_wd,
                                                "final": True})
         test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
-        results = {"metric": data["metric"], "test_accuracy": test_acc,
+        results = {**common.result_header(info, data, "finetune"),   # the source network
+                   "metric": data["metric"], "test_accuracy": test_acc,
                    "test_top1": r["top1"], "test_mean_per_class": r["mean_per_class"],
                    "best_lr": best_lr, "best_wd": best_wd, "grid": grid,
                    "best_val": scores[(best_lr, best_wd)], "seconds": time.time() - start,
-                   "checkpoint": info["label"], "checkpoint_path": args.checkpoint,
-                   "checkpoint_hash": info["hash"], "objective": info["objective"],
-                   "seed": info["seed"], "arch": info["arch"], "dataset": args.data,
-                   "dataset_name": data["name"], "resolution": args.resolution,
-                   "epochs": args.epochs, "steps": r.get("steps"), "batch_size": args.batch_size,
-                   "from_scratch": args.from_scratch, "n_train": len(data["train"]),
+                   "resolution": args.resolution, "epochs": args.epochs, "steps": r.get("steps"),
+                   "batch_size": args.batch_size, "n_train": len(data["train"]),
                    "n_val": len(data["val"]), "n_test": len(data["test"]),
                    "num_classes": data["num_classes"],
                    "final_checkpoint": os.path.join(args.out, "final", "final.pt")}
         if dist["rank"] == 0:
             common.save_json(os.path.join(args.out, "results.json"), results)
-            print(f"finetune: {info['label']} -> {data['name']}: test {data['metric']} "
+            print(f"finetune: {info['checkpoint']} -> {data['name']}: test {data['metric']} "
                   f"{test_acc:.4f} (lr {best_lr:g}, wd {best_wd:g}) in {results['seconds']:.0f} s")
         return results
     finally:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import common
 import finetune
@@ -54,7 +55,11 @@ def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch)
                                                                 "lr=0.4,wd=0.0001"}
     assert saved["best_val"] == max(saved["grid"].values())
     assert saved["test_accuracy"] > 0.5  # 5 classes: chance is 0.2
-    assert saved["objective"] == "cosine_softmax" and saved["seed"] == 0
+    source_net = saved["network"]                      # the identity of the source network
+    assert source_net["objective"] == "cosine_softmax" and source_net["seed"] == 0
+    assert source_net["run_id"] == torch.load(source, weights_only=True)["run_id"]
+    assert (saved["kind"], saved["dataset"], saved["dataset_name"]) == (
+        "finetune", "digits@5-9", "digits@5-9")
     assert saved["n_test"] == len(common.load_dataset("digits@5-9")["test"])
     ck = common.load_checkpoint(str(out / "final" / "final.pt"), num_classes=5)
     assert ck["objective"] == "softmax"  # a fresh linear head, trained with cross-entropy
