@@ -228,8 +228,8 @@ def resolve_layers(model, names, what="the network"):
     """The layer list asked for: 'all', a comma list 'block8,pool' or a list of names, each
     checked against layer_names(model); a UserError lists the valid names.
 
-    >>> resolve_layers(build_model("softmax", 10, "resnet18"), "block8, pool")
-    ['block8', 'pool']"""
+        resolve_layers(build_model("softmax", 10, "resnet18"), "block8, pool")  # [block8, pool]
+    """
     valid = layer_names(model)
     if names == "all":
         return valid
@@ -960,8 +960,9 @@ def new_run_id():
 def network_identity(path, ck):
     """The identity of the network in checkpoint dict `ck` loaded from `path` (IDENTITY_FIELDS).
 
-    >>> network_identity("runs/softmax_s0/final.pt", ck)["checkpoint"]
-    'softmax_s0'"""
+        network_identity("runs/softmax_s0/final.pt", load_checkpoint(path))["checkpoint"]
+        # 'softmax_s0'
+    """
     args = ck.get("args") or {}
     dataset = ck.get("dataset")
     return {"run_id": ck.get("run_id"), "checkpoint": checkpoint_label(path),
@@ -994,8 +995,10 @@ def result_header(network, data, kind):
     "network"; a list, in the order of the result's arrays: "networks"), and the dataset spec
     and short name of the data this result was computed on (load_dataset's dict or a spec).
 
-    >>> result_header(network, load_dataset("digits@5-9"), "linear_probe")
-    {'kind': 'linear_probe', 'network': {...}, 'dataset': 'digits@5-9', 'dataset_name': 'digits@5-9'}"""
+        result_header(network, "npz:/data/cifar10@5-9", "linear_probe")
+        # {'kind': 'linear_probe', 'network': {...}, 'dataset': 'npz:/data/cifar10@5-9',
+        #  'dataset_name': 'cifar10@5-9'}
+    """
     spec = data["spec"] if isinstance(data, dict) else data
     block = {"networks": list(network)} if isinstance(network, (list, tuple)) else \
         {"network": network}
@@ -1054,7 +1057,8 @@ def _number(text, kind):
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value

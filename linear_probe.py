@@ -167,7 +167,8 @@ def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, devi
 def solve_logistic(X, y, lam, num_classes=None, device="cpu", rtol=1e-6, max_iter=5000,
                    history=20):
     """Logistic regression at one lambda, cold start, no standardization: (W, b, info) for
-    logits = X @ W + b (float64). The objective is mean cross-entropy + lam/2 ||W||^2, i.e. scikit-learn's C = 1/(lam n).
+    logits = X @ W + b (float64). The objective is mean cross-entropy + lam/2 ||W||^2, i.e.
+    scikit-learn's C = 1/(lam n).
 
         W, b, info = solve_logistic(x, y, lam=1e-3)    # x (N, D) float, y (N,) int
         pred = (x @ W.numpy() + b.numpy()).argmax(1)
