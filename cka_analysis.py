@@ -19,10 +19,12 @@ over the data in order; with --passes P, passes 2..P use seeded random orders, s
 differ from pass to pass (Nguyen et al. average over several). Batches of fewer than 4 images
 (the estimator needs 4) are skipped and counted.
 
-Output DIR/cka.npz: `cka` (M, M, L, L) with cka[a, b, i, j] = CKA(layer i of checkpoint a, layer j
-of checkpoint b); `layers` (L,); per checkpoint `labels`, `objectives`, `seeds` (-1 where the
-checkpoint records none), `archs`, `hashes`, `paths`; `n_images` (per pass), `n_batches`, `passes`.
-DIR/cka.json: the same metadata and `same_layer` {layer: M x M nested list} (null where undefined).
+Output DIR/cka.json: common.result_header first (kind "cka", networks: the identity of every
+checkpoint in the arrays' order, dataset: the spec of the images, dataset_name), then split,
+layers, resolution, n_images (per pass), n_batches, passes and `same_layer` {layer: M x M nested
+list} (null where undefined). DIR/cka.npz: `cka` (M, M, L, L) with cka[a, b, i, j] = CKA(layer i
+of checkpoint a, layer j of checkpoint b); `layers` (L,); `checkpoints` and `run_ids` (M,; ''
+where none) in the same order as cka.json's networks; the counts.
 
 Importable:
     from cka_analysis import linear_cka, MinibatchCKA
@@ -32,7 +34,6 @@ Importable:
     for batch in ...: acc.update([x1, x2, ...])   # any number of (n, p_g) arrays, same n
     acc.cka()                           # (G, G) float64
 """
-import argparse
 import os
 import sys
 import time
@@ -40,11 +41,11 @@ import time
 import numpy as np
 import torch
 
-import common
+import common  # for the command-line part only: the method below needs torch and numpy alone
 
 
 # ----------------------------------------------------------------------------------------------
-# CKA
+# CKA (copyable: torch and numpy only; bad input raises ValueError)
 
 def _matrix(x, name):
     """An (n, p) array or tensor as a float64 CPU tensor (conv maps are flattened)."""
@@ -53,7 +54,7 @@ def _matrix(x, name):
         t = t[:, None]
     t = t.flatten(1)
     if not torch.isfinite(t).all():
-        raise common.UserError(f"{name} has NaN or infinite values")
+        raise ValueError(f"{name} has NaN or infinite values")
     return t
 
 
@@ -97,10 +98,10 @@ def linear_cka(x, y, debiased=False):
     x, y = _matrix(x, "x"), _matrix(y, "y")
     n = x.shape[0]
     if y.shape[0] != n:
-        raise common.UserError(f"x and y must have the same number of rows, got {n} and "
+        raise ValueError(f"x and y must have the same number of rows, got {n} and "
                                f"{y.shape[0]}")
     if n < (4 if debiased else 2):
-        raise common.UserError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
+        raise ValueError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
     if debiased:
         k, l = u_centre(gram(x)), u_centre(gram(y))
         num, den = (k * l).sum(), k.norm() * l.norm()
@@ -112,7 +113,7 @@ def linear_cka(x, y, debiased=False):
         k, l = gram(x), gram(y)
         num, den = (k * l).sum(), k.norm() * l.norm()
     if den <= 0:
-        raise common.UserError("CKA is undefined: x or y is constant over the examples")
+        raise ValueError("CKA is undefined: x or y is constant over the examples")
     return float(num / den)
 
 
@@ -138,28 +139,28 @@ class MinibatchCKA:
         for f in features:
             f = torch.as_tensor(f)
             if grams and f.shape[0] != grams[0].shape[0]:
-                raise common.UserError(f"feature sets of one batch differ in size: "
+                raise ValueError(f"feature sets of one batch differ in size: "
                                        f"{grams[0].shape[0]} and {f.shape[0]} rows")
             if f.shape[0] < 4:
                 self.skipped += f.shape[0]
                 return
             grams.append(gram(f, overwrite))
             if not torch.isfinite(grams[-1]).all():
-                err = common.UserError(f"feature set {len(grams) - 1} has NaN or infinite values")
+                err = ValueError(f"feature set {len(grams) - 1} has NaN or infinite values")
                 err.index = len(grams) - 1
                 raise err
         if not grams:
-            raise common.UserError("MinibatchCKA.update got no feature sets")
+            raise ValueError("MinibatchCKA.update got no feature sets")
         n = grams[0].shape[0]
         flat = u_centre(torch.stack(grams)).reshape(len(grams), -1)  # one float64 copy
         del grams
         hsic = flat @ flat.T / (n * (n - 3))
         if not torch.isfinite(hsic).all():
-            raise common.UserError("HSIC overflowed: activations too large for float64")
+            raise ValueError("HSIC overflowed: activations too large for float64")
         if self.hsic is None:
             self.hsic = torch.zeros_like(hsic)
         elif self.hsic.shape != hsic.shape:
-            raise common.UserError(f"got {len(hsic)} feature sets, earlier batches had "
+            raise ValueError(f"got {len(hsic)} feature sets, earlier batches had "
                                    f"{len(self.hsic)}")
         self.hsic += n * hsic
         self.n_images += n
@@ -168,7 +169,7 @@ class MinibatchCKA:
     def cka(self):
         """(G, G) float64 numpy array; NaN where a feature set is constant on every batch."""
         if self.hsic is None:
-            raise common.UserError("no batch of at least 4 images was accumulated")
+            raise ValueError("no batch of at least 4 images was accumulated")
         h = (self.hsic / self.n_images).cpu().numpy()
         d = np.sqrt(np.clip(np.diag(h), 0, None))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -181,45 +182,28 @@ class MinibatchCKA:
 # Models and data
 
 def load_models(names, resolution, device):
-    """[(model, info)] for each checkpoint, all on `device`; one common input resolution."""
+    """([(model, network)] for each checkpoint, all on `device`; one common input resolution)."""
     loaded = [common.load_pretrained(n) for n in names]
-    if resolution is None:
-        res = {info["resolution"] for _, info in loaded}
-        if None in res:
-            missing = [n for n, (_, i) in zip(names, loaded) if i["resolution"] is None]
-            raise common.UserError(f"checkpoint {missing[0]} records no training resolution; "
-                                   f"pass --resolution")
-        if len(res) > 1:
-            desc = ", ".join(f"{i['label']}: {i['resolution']}" for _, i in loaded)
-            raise common.UserError(f"checkpoints were trained at different resolutions ({desc}); "
-                                   f"CKA needs the same images for all: pass --resolution")
-        resolution = res.pop()
+    sides = [common.input_resolution(resolution, network) for _, network in loaded]
+    if len(set(sides)) > 1:
+        desc = ", ".join(f"{net['checkpoint']}: {side}" for (_, net), side in zip(loaded, sides))
+        raise common.UserError(f"checkpoints were trained at different resolutions ({desc}); "
+                               f"CKA needs the same images for all: pass --resolution")
     for model, _ in loaded:
         model.to(device)
-    return loaded, int(resolution)
+    return loaded, sides[0]
 
 
 def choose_layers(loaded, spec):
     """'all' (every layer; the same list for every model) or a comma list valid for every model."""
     lists = [common.layer_names(m) for m, _ in loaded]
-    if spec == "all":
-        if any(l != lists[0] for l in lists):
-            desc = ", ".join(f"{i['label']} ({i['arch']}): {len(l)}" for (_, i), l in
-                             zip(loaded, lists))
-            raise common.UserError(f"checkpoints have different layer lists ({desc} layers); "
-                                   f"pass --layers with names they all have, e.g. pool,logits")
-        return lists[0]
-    layers = [s.strip() for s in spec.split(",") if s.strip()]
-    if not layers:
-        raise common.UserError("--layers is empty; use all or e.g. block16,pool,logits")
-    if len(set(layers)) != len(layers):
-        raise common.UserError(f"--layers repeats a layer: {spec}")
-    for (_, info), valid in zip(loaded, lists):
-        bad = [l for l in layers if l not in valid]
-        if bad:
-            raise common.UserError(f"{info['label']} ({info['arch']}) has no layer "
-                                   f"{', '.join(bad)}; valid: {', '.join(valid)}")
-    return layers
+    if spec == "all" and any(l != lists[0] for l in lists):
+        desc = ", ".join(f"{net['checkpoint']} ({net['arch']}): {len(l)}" for (_, net), l in
+                         zip(loaded, lists))
+        raise common.UserError(f"checkpoints have different layer lists ({desc} layers); "
+                               f"pass --layers with names they all have, e.g. pool,logits")
+    return [common.resolve_layers(m, spec, f"{net['checkpoint']} ({net['arch']})")
+            for m, net in loaded][0]
 
 
 def batch_features(models, images, layers, device):
@@ -248,16 +232,6 @@ def pass_views(split, max_images, passes, seed=0):
     return views
 
 
-def make_out_dir(path):
-    """Create the output folder before the long computation, so a bad --out fails early."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise common.UserError(f"cannot create output folder {path}: {e.strerror}")
-    if not os.access(path, os.W_OK):
-        raise common.UserError(f"output folder {path} is not writable")
-
-
 def unique_labels(labels):
     seen, out = {}, []
     for label in labels:
@@ -269,7 +243,7 @@ def unique_labels(labels):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths or torchvision:ARCH:WEIGHTS (one or more)")
     p.add_argument("--data", required=True,
@@ -278,14 +252,19 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--layers", default="all",
                    help="all, or a comma list such as block16,pool,logits")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--passes", type=int, default=1, help="passes over the images (see above)")
-    p.add_argument("--max-images", type=int, default=None, help="seeded random subset of the split")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="input side length (default: the checkpoints' training resolution)")
-    p.add_argument("--crop-fraction", type=float, default=None,
+    p.add_argument("--batch-size", type=common.positive_int, default=256,
+                   help="at least 4 (the unbiased HSIC estimator needs 4 images per batch)")
+    p.add_argument("--passes", type=common.positive_int, default=1,
+                   help="passes over the images (see above)")
+    p.add_argument("--max-images", type=common.positive_int, default=None,
+                   help="seeded random subset of the split (at least 4)")
+    p.add_argument("--resolution", type=common.positive_int, default=None,
+                   help="input side length (default: the checkpoints' training resolution, "
+                        "else 224)")
+    p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=common.nonnegative_int, default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     args = p.parse_args(argv)
@@ -293,21 +272,17 @@ def main(argv=None):
     if args.batch_size < 4:
         raise common.UserError("--batch-size must be at least 4 (the unbiased HSIC estimator "
                                "needs 4 images per batch)")
-    if args.passes < 1:
-        raise common.UserError("--passes must be at least 1")
     if args.max_images is not None and args.max_images < 4:
         raise common.UserError("--max-images must be at least 4")
-    if args.resolution is not None and args.resolution < 1:
-        raise common.UserError("--resolution must be positive")
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
     loaded, resolution = load_models(args.checkpoint, args.resolution, device)
     layers = choose_layers(loaded, args.layers)
     models = [m for m, _ in loaded]
-    infos = [i for _, i in loaded]
-    labels = unique_labels([i["label"] for i in infos])
+    networks = [net for _, net in loaded]
+    labels = unique_labels([net["checkpoint"] for net in networks])
     views = pass_views(data[args.split], args.max_images, args.passes)
-    make_out_dir(args.out)
+    common.make_out_dir(args.out)
     n_per_pass = len(views[0])
     print(f"CKA of {len(models)} checkpoints x {len(layers)} layers on {n_per_pass} images of "
           f"{args.data} {args.split} at {resolution} px, batch {args.batch_size}, "
@@ -322,10 +297,10 @@ def main(argv=None):
             feats = batch_features(models, images, layers, device)
             try:
                 acc.update(feats, overwrite=True)
-            except common.UserError as e:
+            except ValueError as e:
                 g = getattr(e, "index", None)
                 if g is None:
-                    raise
+                    raise common.UserError(str(e))
                 raise common.UserError(f"{args.checkpoint[g // len(layers)]}: layer "
                                        f"{layers[g % len(layers)]} has NaN or infinite "
                                        f"activations (a diverged or corrupt model?)")
@@ -336,32 +311,30 @@ def main(argv=None):
                 print(f"  pass {p_i + 1} batch {b + 1}/{len(loader)} ({time.time() - start:.0f} s)",
                       flush=True)
     M, L = len(models), len(layers)
-    cka = acc.cka().reshape(M, L, M, L).transpose(0, 2, 1, 3)
+    try:
+        cka = acc.cka().reshape(M, L, M, L).transpose(0, 2, 1, 3)
+    except ValueError as e:
+        raise common.UserError(str(e))
     undefined = sorted({f"{labels[a]}:{layers[i]}" for a in range(M) for i in range(L)
                         if np.isnan(cka[a, a, i, i])})
     if undefined:
         print(f"warning: constant activations, CKA undefined (NaN) for {', '.join(undefined)}",
               file=sys.stderr)
 
-    seeds = [i["seed"] for i in infos]
-    meta = {"labels": labels, "objectives": [i["objective"] for i in infos],
-            "seeds": [None if s is None else int(s) for s in seeds],
-            "archs": [i["arch"] for i in infos], "hashes": [i["hash"] for i in infos],
-            "paths": list(args.checkpoint), "layers": layers, "data": args.data,
-            "dataset": data["name"], "split": args.split, "resolution": resolution,
-            "n_images": n_per_pass, "n_images_used": acc.n_images, "n_batches": acc.n_batches,
-            "skipped_images": acc.skipped, "passes": args.passes, "batch_size": args.batch_size,
-            "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)"}
-    common.save_npz(os.path.join(args.out, "cka.npz"), cka=cka,
-                    **{k: np.array(v) for k, v in meta.items() if k in
-                       ("labels", "objectives", "archs", "hashes", "paths", "layers")},
-                    seeds=np.array([-1 if s is None else int(s) for s in seeds], dtype=np.int64),
-                    n_images=np.int64(n_per_pass), n_batches=np.int64(acc.n_batches),
-                    passes=np.int64(args.passes), resolution=np.int64(resolution))
+    counts = {"n_images": n_per_pass, "n_images_used": acc.n_images, "n_batches": acc.n_batches,
+              "skipped_images": acc.skipped, "passes": args.passes}
+    common.save_npz(os.path.join(args.out, "cka.npz"), cka=cka, layers=np.array(layers),
+                    checkpoints=np.array(labels),
+                    run_ids=np.array([net["run_id"] or "" for net in networks]),
+                    resolution=np.int64(resolution),
+                    **{k: np.int64(v) for k, v in counts.items()})
     same = {layer: [[None if np.isnan(v) else round(float(v), 6) for v in row]
                     for row in cka[:, :, i, i]] for i, layer in enumerate(layers)}
-    common.save_json(os.path.join(args.out, "cka.json"),
-                     {**meta, "versions": common.versions(), "same_layer": same})
+    common.save_json(os.path.join(args.out, "cka.json"), {
+        **common.result_header(networks, data, "cka"), "split": args.split, "layers": layers,
+        "resolution": resolution, **counts, "batch_size": args.batch_size,
+        "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)",
+        "versions": common.versions(), "same_layer": same})
     print(f"done in {time.time() - start:.1f} s ({acc.n_batches} batches, {acc.skipped} images in "
           f"batches < 4 skipped); wrote {args.out}/cka.npz and cka.json")
     if M > 1:

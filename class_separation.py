@@ -14,54 +14,58 @@ For each checkpoint and layer (default: the penultimate `pool` features):
     python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \
         --layers block8,pool
 
-Output DIR/class_separation.json: a list with one record per checkpoint {label, objective, seed,
-arch, hash, path, dataset, data, split, resolution, n_images, num_classes,
-layers: {layer: {r2, sparsity, dim}}}. DIR/class_separation.npz: labels, objectives, seeds (-1
-where unknown), archs, layers (the union over checkpoints), n_images, and r2, sparsity, dim of
-shape (checkpoints, layers), NaN where a checkpoint has no such layer.
+Output DIR/class_separation.json: common.result_header first (kind "class_separation",
+networks: the identity of every checkpoint, dataset: the spec of the images, dataset_name),
+then split, max_per_class and `results`, one per network in the same order: {checkpoint,
+resolution, n_images, num_classes, layers: {layer: {r2, sparsity, dim}}}.
+DIR/class_separation.npz: checkpoints, run_ids ('' where none), layers (the union over
+checkpoints), n_images, and r2, sparsity, dim of shape (checkpoints, layers), NaN where a
+checkpoint has no such layer.
 
 Importable:
     from class_separation import class_separation, sparsity, participation_ratio
     class_separation(features, labels)   # R^2, float
 """
-import argparse
 import os
 import time
 
 import numpy as np
 import torch
 
-import common
+import common  # for the command-line part only: the method below needs torch and numpy alone
 
+
+# ----------------------------------------------------------------------------------------------
+# The measures (copyable: torch and numpy only; bad input raises ValueError)
 
 def _features(features, name="features"):
     x = np.asarray(torch.as_tensor(features).detach().cpu().numpy() if torch.is_tensor(features)
                    else features)
     if x.ndim != 2:
-        raise common.UserError(f"{name} must be a 2-d (examples, dims) array, got shape {x.shape}")
+        raise ValueError(f"{name} must be a 2-d (examples, dims) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number):
-        raise common.UserError(f"{name} must be numeric, got {x.dtype}")
+        raise ValueError(f"{name} must be numeric, got {x.dtype}")
     if not np.isfinite(x).all():
-        raise common.UserError(f"{name} has NaN or infinite values")
+        raise ValueError(f"{name} has NaN or infinite values")
     return x
 
 
 def class_separation(features, labels):
     """R^2 = 1 - d_within / d_total of SPEC.md for (N, D) features and (N,) integer labels.
 
-    Each class present counts equally, whatever its size. Raises UserError on fewer than two
+    Each class present counts equally, whatever its size. Raises ValueError on fewer than two
     classes, zero feature vectors (cosine undefined), NaN, or features all in one direction."""
     x = _features(features).astype(np.float64)
     y = np.asarray(labels)
     if y.ndim != 1 or len(y) != len(x):
-        raise common.UserError(f"labels must be a 1-d array of {len(x)} entries, got shape "
+        raise ValueError(f"labels must be a 1-d array of {len(x)} entries, got shape "
                                f"{y.shape}")
     classes, inverse = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise common.UserError(f"class separation needs at least 2 classes, got {len(classes)}")
+        raise ValueError(f"class separation needs at least 2 classes, got {len(classes)}")
     norms = np.linalg.norm(x, axis=1)
     if (norms == 0).any():
-        raise common.UserError(f"{int((norms == 0).sum())} of {len(x)} feature vectors are zero: "
+        raise ValueError(f"{int((norms == 0).sum())} of {len(x)} feature vectors are zero: "
                                f"cosine distance is undefined for them")
     u = torch.from_numpy(x / norms[:, None])
     sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64)
@@ -72,7 +76,7 @@ def class_separation(features, labels):
     within = (mu_k * mu_k).sum(1).mean()
     total = 1 - mu.dot(mu)
     if total <= 1e-12:
-        raise common.UserError("all feature vectors point in one direction: d_total is 0, "
+        raise ValueError("all feature vectors point in one direction: d_total is 0, "
                                "R^2 is undefined")
     return float((within - mu.dot(mu)) / total)
 
@@ -86,17 +90,18 @@ def sparsity(features):
 def participation_ratio(features):
     """(sum lambda)^2 / sum lambda^2 over the eigenvalues of the feature covariance, from the
     D x D covariance or, when there are fewer examples than dimensions, the N x N Gram matrix
-    of the centred features (same nonzero eigenvalues). Raises UserError for constant features."""
+    of the centred features (same nonzero eigenvalues). Raises ValueError for constant features."""
     x = torch.from_numpy(_features(features).astype(np.float64))
     x = x - x.mean(0)
     c = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
     trace, frob2 = torch.trace(c), c.pow(2).sum()
     if frob2 <= 0:
-        raise common.UserError("features are constant over the examples: dimensionality undefined")
+        raise ValueError("features are constant over the examples: dimensionality undefined")
     return float(trace * trace / frob2)
 
 
 # ----------------------------------------------------------------------------------------------
+# The command-line part
 
 def per_class_subset(split, max_per_class, seed=0):
     """A Split view with at most max_per_class images of each class (seeded, in data order)."""
@@ -122,33 +127,17 @@ def check_memory(model, layers, resolution, n_images, label):
                                f"{have / 2**30:.0f} GiB); use --max-per-class or fewer --layers")
 
 
-def make_out_dir(path):
-    """Create the output folder before the computation, so a bad --out fails early."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise common.UserError(f"cannot create output folder {path}: {e.strerror}")
-    if not os.access(path, os.W_OK):
-        raise common.UserError(f"output folder {path} is not writable")
-
-
 def analyse(name, data, args, device):
-    model, info = common.load_pretrained(name)
+    """(network, result) of one checkpoint: result = {resolution, n_images, num_classes,
+    layers: {layer: {r2, sparsity, dim}}}."""
+    model, network = common.load_pretrained(name)
     model.to(device)
-    resolution = args.resolution or info["resolution"]
-    if resolution is None:
-        raise common.UserError(f"checkpoint {name} records no training resolution; "
-                               f"pass --resolution")
-    valid = common.layer_names(model)
-    layers = valid if args.layers == "all" else \
-        [s.strip() for s in args.layers.split(",") if s.strip()]
-    bad = [l for l in layers if l not in valid]
-    if bad or not layers:
-        raise common.UserError(f"{info['label']} ({info['arch']}) has no layer "
-                               f"{', '.join(bad) or '(empty --layers)'}; valid: {', '.join(valid)}")
+    resolution = common.input_resolution(args.resolution, network)
+    layers = common.resolve_layers(model, args.layers,
+                                   f"{network['checkpoint']} ({network['arch']})")
     view = per_class_subset(data[args.split], args.max_per_class)
-    check_memory(model, layers, int(resolution), len(view), info["label"])
-    loader = common.eval_loader(view, int(resolution), args.batch_size, args.workers,
+    check_memory(model, layers, resolution, len(view), network["checkpoint"])
+    loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                 args.crop_fraction)
     feats, labels = common.collect_features(model, loader, layers, device)
     results = {}
@@ -157,18 +146,15 @@ def analyse(name, data, args, device):
             results[layer] = {"r2": class_separation(feats[layer], labels),
                               "sparsity": sparsity(feats[layer]),
                               "dim": participation_ratio(feats[layer])}
-        except common.UserError as e:
+        except ValueError as e:
             raise common.UserError(f"{name}: layer {layer}: {e}")
-    seed = info["seed"]
-    return {"label": info["label"], "objective": info["objective"],
-            "seed": None if seed is None else int(seed), "arch": info["arch"], "hash": info["hash"],
-            "path": name, "dataset": data["name"], "data": args.data, "split": args.split,
-            "resolution": int(resolution), "n_images": int(len(labels)),
-            "num_classes": int(len(np.unique(labels))), "layers": results}
+    return network, {"checkpoint": network["checkpoint"], "resolution": resolution,
+                     "n_images": int(len(labels)), "num_classes": int(len(np.unique(labels))),
+                     "layers": results}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths or torchvision:ARCH:WEIGHTS")
     p.add_argument("--data", required=True,
@@ -176,23 +162,18 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--layers", default="pool", help="pool (default), all, or a comma list")
-    p.add_argument("--max-per-class", type=int, default=None,
+    p.add_argument("--max-per-class", type=common.positive_int, default=None,
                    help="at most this many images per class (seeded random choice)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--resolution", type=int, default=None,
-                   help="input side length (default: each checkpoint's training resolution)")
-    p.add_argument("--crop-fraction", type=float, default=None,
+    p.add_argument("--batch-size", type=common.positive_int, default=256)
+    p.add_argument("--resolution", type=common.positive_int, default=None,
+                   help="input side length (default: each checkpoint's training resolution, "
+                        "else 224)")
+    p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=common.nonnegative_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--download", action="store_true")
     args = p.parse_args(argv)
-    if args.max_per_class is not None and args.max_per_class < 1:
-        raise common.UserError("--max-per-class must be at least 1")
-    if args.batch_size < 1:
-        raise common.UserError("--batch-size must be at least 1")
-    if args.resolution is not None and args.resolution < 1:
-        raise common.UserError("--resolution must be positive")
 
     missing = [c for c in args.checkpoint if not c.startswith("torchvision:")
                and not os.path.exists(c)]
@@ -200,27 +181,30 @@ def main(argv=None):
         raise common.UserError(f"checkpoint not found: {missing[0]}")
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
-    make_out_dir(args.out)
-    records, start = [], time.time()
+    common.make_out_dir(args.out)
+    networks, results, start = [], [], time.time()
     for name in args.checkpoint:
-        rec = analyse(name, data, args, device)
-        records.append(rec)
+        network, res = analyse(name, data, args, device)
+        networks.append(network)
+        results.append(res)
         vals = "  ".join(f"{l}: r2 {v['r2']:.4f} sparsity {v['sparsity']:.3f} dim {v['dim']:.1f}"
-                         for l, v in rec["layers"].items())
-        print(f"{rec['label']} ({rec['objective']}, seed {rec['seed']}): {vals}", flush=True)
+                         for l, v in res["layers"].items())
+        print(f"{network['checkpoint']} ({network['objective']}, seed {network['seed']}): {vals}",
+              flush=True)
 
-    layers = list(dict.fromkeys(l for r in records for l in r["layers"]))  # NaN where absent
+    layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
     nan = {"r2": np.nan, "sparsity": np.nan, "dim": np.nan}
-    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in records],
+    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],
                          dtype=np.float64) for k in ("r2", "sparsity", "dim")}
     common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
-                    labels=np.array([r["label"] for r in records]),
-                    objectives=np.array([r["objective"] for r in records]),
-                    seeds=np.array([-1 if r["seed"] is None else r["seed"] for r in records],
-                                   dtype=np.int64),
-                    archs=np.array([r["arch"] for r in records]), layers=np.array(layers),
-                    n_images=np.array([r["n_images"] for r in records], dtype=np.int64))
-    common.save_json(os.path.join(args.out, "class_separation.json"), records)
+                    checkpoints=np.array([net["checkpoint"] for net in networks]),
+                    run_ids=np.array([net["run_id"] or "" for net in networks]),
+                    layers=np.array(layers),
+                    n_images=np.array([r["n_images"] for r in results], dtype=np.int64))
+    common.save_json(os.path.join(args.out, "class_separation.json"), {
+        **common.result_header(networks, data, "class_separation"), "split": args.split,
+        "max_per_class": args.max_per_class, "results": results,
+        "versions": common.versions()})
     print(f"done in {time.time() - start:.1f} s; wrote {args.out}/class_separation.json and .npz")
 
 

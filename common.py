@@ -8,7 +8,9 @@ Every script imports this file; scripts talk to each other only through checkpoi
     model = common.build_model("cosine_softmax", 1000, arch="resnet50")
     data = common.load_dataset("digits@0-4")        # {'train','val','test', 'num_classes', ...}
     feats = common.extract_features(model, loader, ["block16", "pool"])
+    model, network = common.load_pretrained("runs/softmax_s0/final.pt")   # network: identity
 """
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -241,6 +243,27 @@ def block_modules(model):
 
 def layer_names(model):
     return [f"block{i + 1}" for i in range(len(block_modules(model)))] + ["pool", "logits"]
+
+
+def resolve_layers(model, names, what="the network"):
+    """The layer list asked for: 'all', a comma list 'block8,pool' or a list of names, each
+    checked against layer_names(model); a UserError lists the valid names.
+
+        resolve_layers(build_model("softmax", 10, "resnet18"), "block8, pool")  # [block8, pool]
+    """
+    valid = layer_names(model)
+    if names == "all":
+        return valid
+    layers = [s.strip() for s in names.split(",")] if isinstance(names, str) else list(names)
+    layers = [l for l in layers if l]
+    if not layers:
+        raise UserError(f"no layer given; valid: all, {', '.join(valid)}")
+    if len(set(layers)) != len(layers):
+        raise UserError(f"a layer is repeated in {', '.join(layers)}")
+    bad = [l for l in layers if l not in valid]
+    if bad:
+        raise UserError(f"{what} has no layer {', '.join(bad)}; valid: {', '.join(valid)}")
+    return layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,10 +774,8 @@ def extract_features(model, loader, layers, device="cpu", dtype=None):
     """Run `model` over `loader` in eval mode; yield (dict layer -> float tensor (B, D) on
     `device`, labels) per batch. Layers: block1..blockN, pool, logits. Conv maps are flattened
     (C, H, W order). Hooks copy activations, so in-place ops downstream cannot change them."""
+    layers = resolve_layers(model, layers)
     valid = layer_names(model)
-    bad = [l for l in layers if l not in valid]
-    if bad:
-        raise UserError(f"unknown layer(s) {', '.join(bad)}; valid: {', '.join(valid)}")
     store, handles = {}, []
     modules = dict(zip(valid[:-2], block_modules(model)))
     modules["pool"] = model.avgpool
@@ -923,12 +944,6 @@ def write_csv(path, rows):
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
-def new_run_id():
-    """A unique id for a training run: written into its checkpoints and every result made from
-    them, so results join on it (not on folder or file names)."""
-    return uuid.uuid4().hex
-
-
 def save_npz(path, **arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -995,7 +1010,8 @@ def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
 def load_pretrained(name, map_location="cpu"):
     """A model to extract features from, by checkpoint path or 'torchvision:ARCH[:WEIGHTS]'.
 
-    Returns (model, info) with info = {label, objective, arch, small_input, resolution, hash}."""
+    Returns (model, network) with network = network_identity(...), the block every results
+    file starts with."""
     if name.startswith("torchvision:"):
         parts = name.split(":")
         arch = parts[1] if len(parts) > 1 else ""
@@ -1013,17 +1029,83 @@ def load_pretrained(name, map_location="cpu"):
         except Exception as e:
             raise UserError(f"cannot load torchvision weights {w} (download failed or no cache in "
                             f"{torch.hub.get_dir()}): {str(e).splitlines()[0]}")
-        info = {"label": f"torchvision_{arch}_{w.name}", "objective": "softmax", "arch": arch,
-                "small_input": False, "resolution": 224, "hash": f"torchvision:{arch}:{w.name}",
-                "num_classes": model.fc.out_features, "seed": None}
-        return model, info
+        return model, torchvision_identity(name, arch, w.name)
     ck = load_checkpoint(name, map_location=map_location)
-    model = model_from_checkpoint(ck, path=name)
+    return model_from_checkpoint(ck, path=name), network_identity(name, ck)
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity: one block, the same in every results file, says which network a result belongs to.
+#
+#   run_id           uuid4 hex written by training into last.pt/final.pt (None: older
+#                    checkpoints, torchvision weights, --from-scratch)
+#   checkpoint       the short label (checkpoint_label): 'runs/softmax_s0/final.pt' -> softmax_s0
+#   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS name) as given
+#   checkpoint_hash  file_hash of the file (torchvision:ARCH:WEIGHTS for published weights,
+#                    None without weights)
+#   objective, hparams, seed, arch, resolution (training input side), small_input
+#   dataset          the SPEC string of the network's training data; dataset_name its short name
+#
+# A results file adds, after the block, the dataset spec and short name of the data THAT result
+# was computed on (result_header).
+
+IDENTITY_FIELDS = ("run_id", "checkpoint", "checkpoint_path", "checkpoint_hash", "objective",
+                   "hparams", "seed", "arch", "dataset", "dataset_name", "resolution",
+                   "small_input")
+
+
+def new_run_id():
+    """A unique id for one training run (uuid4 hex), kept in its checkpoints and results."""
+    return uuid.uuid4().hex
+
+
+def network_identity(path, ck):
+    """The identity of the network in checkpoint dict `ck` loaded from `path` (IDENTITY_FIELDS).
+
+        network_identity("runs/softmax_s0/final.pt", load_checkpoint(path))["checkpoint"]
+        # 'softmax_s0'
+    """
     args = ck.get("args") or {}
-    info = {"label": checkpoint_label(name), "objective": ck["objective"], "arch": ck["arch"],
-            "small_input": ck["small_input"], "resolution": args.get("resolution"),
-            "hash": file_hash(name), "num_classes": ck["num_classes"], "seed": args.get("seed")}
-    return model, info
+    dataset = ck.get("dataset")
+    return {"run_id": ck.get("run_id"), "checkpoint": checkpoint_label(path),
+            "checkpoint_path": path, "checkpoint_hash": file_hash(path),
+            "objective": ck["objective"], "hparams": dict(ck["hparams"]), "seed": args.get("seed"),
+            "arch": ck["arch"], "dataset": dataset,
+            "dataset_name": dataset_label(dataset) if dataset else None,
+            "resolution": args.get("resolution"), "small_input": bool(ck["small_input"])}
+
+
+def torchvision_identity(name, arch, weights):
+    """Published softmax weights: no run id; trained on ImageNet (no spec: not trained here)."""
+    return {"run_id": None, "checkpoint": f"torchvision_{arch}_{weights}",
+            "checkpoint_path": name, "checkpoint_hash": f"torchvision:{arch}:{weights}",
+            "objective": "softmax", "hparams": {}, "seed": None, "arch": arch, "dataset": None,
+            "dataset_name": "imagenet", "resolution": 224, "small_input": False}
+
+
+def scratch_identity(arch, small_input):
+    """The random initialization of finetune.py --from-scratch (objective 'scratch')."""
+    return {"run_id": None, "checkpoint": f"scratch_{arch}", "checkpoint_path": None,
+            "checkpoint_hash": None, "objective": "scratch", "hparams": {}, "seed": None,
+            "arch": arch, "dataset": None, "dataset_name": None, "resolution": None,
+            "small_input": bool(small_input)}
+
+
+def result_header(network, data, kind):
+    """The first keys of every results file: kind ('train', 'finetune_run', 'finetune',
+    'linear_probe', 'cka', 'class_separation'), the identity of the network(s) (one dict:
+    "network"; a list, in the order of the result's arrays: "networks"), and the dataset spec
+    and short name of the data this result was computed on (load_dataset's dict or a spec).
+
+        result_header(network, "npz:/data/cifar10@5-9", "linear_probe")
+        # {'kind': 'linear_probe', 'network': {...}, 'dataset': 'npz:/data/cifar10@5-9',
+        #  'dataset_name': 'cifar10@5-9'}
+    """
+    spec = data["spec"] if isinstance(data, dict) else data
+    block = {"networks": list(network)} if isinstance(network, (list, tuple)) else \
+        {"network": network}
+    return {"kind": kind, **block, "dataset": spec,
+            "dataset_name": dataset_label(spec) if spec else None}
 
 
 def checkpoint_label(path):
@@ -1053,3 +1135,106 @@ def resolve_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line helpers: argparse types, the input-resolution rule, the output folder.
+#
+#   p.add_argument("--batch-size", type=common.positive_int, default=256)
+#   resolution = common.input_resolution(args.resolution, network)
+#   common.make_out_dir(args.out)
+
+def argument_parser(doc):
+    """The scripts' ArgumentParser: the module docstring as --help (layout kept), and a bad
+    argument as ONE line `error: ...` with exit status 2, like every other bad input (argparse's
+    own message starts with the whole usage text)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+
+    def error(message):
+        print(f"error: {message} (see {p.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+    p.error = error
+    return p
+
+
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed(text):
+    """argparse type: a random seed, an integer in [0, 2**63) (torch.manual_seed's range)."""
+    v = _number(text, int)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 2**63)")
+    return v
+
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    v = _number(text, int)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0."""
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (NaN and inf are refused)."""
+    v = _number(text, float)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0 (NaN and inf are refused)."""
+    v = _number(text, float)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def fraction(text):
+    """argparse type: a number in (0, 1] (a crop fraction, a share of the data)."""
+    v = _number(text, float)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return v
+
+
+def fraction_below_one(text):
+    """argparse type: a number in [0, 1) (a momentum, a drop rate, a smoothing weight)."""
+    v = _number(text, float)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return v
+
+
+def input_resolution(requested, network):
+    """The input side length: `requested` (a --resolution flag), else the network's training
+    resolution, else 224 (ImageNet's)."""
+    return int(requested or network.get("resolution") or 224)
+
+
+def make_out_dir(path):
+    """Create the output folder before any long computation, so a bad --out fails early."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {path}: {e.strerror or e}")
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output folder {path} is not writable")

@@ -23,8 +23,10 @@ Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1
 (log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
 grid point is read back, not recomputed. A finished run's resume state (last.pt) is deleted,
 and so are the grid points' models (only their val scores are used), so the disk holds one
-fine-tuned model per dataset: OUT/final/final.pt. Writes OUT/results.json: metric, test_accuracy,
-best_lr, best_wd, grid (each pair -> val metric), seconds and the source's identity.
+fine-tuned model per dataset: OUT/final/final.pt. Writes OUT/results.json: common.result_header
+first (kind "finetune", network: the source's identity, dataset: the target spec,
+dataset_name), then metric, test_accuracy, best_lr, best_wd, grid (each pair -> val metric),
+seconds, sizes.
 """
 import argparse
 import math
@@ -45,31 +47,31 @@ NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkp
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", help="a checkpoint of train_imagenet.py, or "
                    "torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:IMAGENET1K_V2)")
     p.add_argument("--from-scratch", action="store_true",
                    help="random initialization instead of a checkpoint (the baseline)")
     p.add_argument("--data", required=True, help="dataset spec (see README), e.g. digits@5-9")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p.add_argument("--lrs", type=float, nargs="*", default=list(DEFAULT_LRS),
+    p.add_argument("--lrs", type=common.positive_float, nargs="*", default=list(DEFAULT_LRS),
                    help="learning rates per 256 images (scaled to the batch)")
-    p.add_argument("--wds", type=float, nargs="*", default=list(DEFAULT_WDS),
+    p.add_argument("--wds", type=common.nonnegative_float, nargs="*",
+                   default=list(DEFAULT_WDS),
                    help="weight decays (conv and linear weights)")
     p.add_argument("--arch", choices=common.ARCHS,
                    help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="with --from-scratch: the 3x3 stride-1 stem for tiny images")
-    p.add_argument("--resolution", type=int,
+    p.add_argument("--resolution", type=common.positive_int,
                    help="default: the checkpoint's training resolution, else 224")
     p.add_argument("--augment", choices=("paper", "small"),
                    help="default: paper, or small for in-memory images of 64 px or less")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for digits)")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
-    train_imagenet.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0, ema_epochs=0.0,
-                             log_every=100)
+    train_imagenet.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0,
+                                     ema_epochs=0.0, log_every=100)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.from_scratch:
         p.error("give exactly one of --checkpoint or --from-scratch")
@@ -79,82 +81,88 @@ def parse_args(argv=None):
 def check_grid(args):
     if not args.lrs or not args.wds:
         raise common.UserError("empty grid: give at least one value to --lrs and to --wds")
-    bad = [v for v in args.lrs if not v > 0] + [v for v in args.wds if not v >= 0]
-    if bad or any(math.isnan(v) for v in args.lrs + args.wds):
-        raise common.UserError(f"bad grid values {bad}: learning rates must be > 0, weight "
-                               f"decays >= 0")
-    if args.steps is not None and args.steps < 1:
-        raise common.UserError("--steps must be positive")
 
 
 def source_model(args):
-    """(model without a trained head, info) from --checkpoint or --from-scratch."""
+    """(model without a trained head, network: the source's identity) from --checkpoint or
+    --from-scratch."""
     if args.from_scratch:
         arch = args.arch or "resnet50"
         small = bool(args.small_input)
         model = common.build_model("softmax", 1, arch=arch, small_input=small)
-        info = {"label": f"scratch_{arch}", "objective": "scratch", "arch": arch,
-                "small_input": small, "resolution": None, "hash": "scratch", "seed": None}
-        return model, info
-    model, info = common.load_pretrained(args.checkpoint)
-    if args.arch and args.arch != info["arch"]:
-        raise common.UserError(f"--arch {args.arch} but {args.checkpoint} is a {info['arch']}: "
-                               f"drop --arch or pass a {args.arch} checkpoint")
-    if args.small_input is not None and args.small_input != info["small_input"]:
+        return model, common.scratch_identity(arch, small)
+    model, network = common.load_pretrained(args.checkpoint)
+    if args.arch and args.arch != network["arch"]:
+        raise common.UserError(f"--arch {args.arch} but {args.checkpoint} is a "
+                               f"{network['arch']}: drop --arch or pass a {args.arch} checkpoint")
+    if args.small_input is not None and args.small_input != network["small_input"]:
         raise common.UserError(f"--small-input does not match {args.checkpoint} (small_input="
-                               f"{info['small_input']}); drop the flag")
-    return model, info
+                               f"{network['small_input']}); drop the flag")
+    return model, network
 
 
-def with_fresh_head(source, info, num_classes, seed):
+def with_fresh_head(source, network, num_classes, seed):
     """A softmax ResNet of the source's arch with every weight but the head copied over."""
     torch.manual_seed(seed)
-    model = common.build_model("softmax", num_classes, arch=info["arch"],
-                               small_input=info["small_input"])
+    model = common.build_model("softmax", num_classes, arch=network["arch"],
+                               small_input=network["small_input"])
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
-        raise common.UserError(f"the checkpoint's weights do not fit a {info['arch']} "
+        raise common.UserError(f"the checkpoint's weights do not fit a {network['arch']} "
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
     return model
 
 
-def run_dir(out, lr, wd):
-    return os.path.join(out, "grid", f"lr{lr:g}_wd{wd:g}")
+def run_args(args, lr, wd, stage):
+    """The arguments of one training run: the script's, with one (lr, weight decay) of the grid
+    and its own output folder; stage 'grid' (train, scored on val) or 'final' (train+val)."""
+    out = os.path.join(args.out, "final") if stage == "final" else \
+        os.path.join(args.out, "grid", f"lr{lr:g}_wd{wd:g}")
+    run = {k: v for k, v in vars(args).items() if k not in ("lrs", "wds")}
+    return argparse.Namespace(**{**run, "lr": lr, "weight_decay": wd, "out": out,
+                                 "stage": stage})
 
 
-def train_one(source, info, data, args, out_dir, lr, wd, dist, grid_key, keep_model=True):
-    """One fine-tuning run through train_imagenet.train (resumable); a finished run with the same
-    grid_key is read back. Once it has finished, its resume state (last.pt) is deleted, and with
-    keep_model=False (grid points: only their val score is used) its final.pt too: a ResNet-50's
-    last.pt is about 300 MB."""
-    results_path = os.path.join(out_dir, "results.json")
+def grid_key(run, network):
+    """What a finished run is read back by: every argument that can change its result (all
+    but NOT_IN_GRID_KEY, derived rather than listed) and the source checkpoint's hash."""
+    key = {k: v for k, v in sorted(vars(run).items()) if k not in NOT_IN_GRID_KEY}
+    return {**key, "checkpoint_hash": network["checkpoint_hash"] or "scratch"}
+
+
+def train_one(source, network, data, run, dist):
+    """One fine-tuning run (train_imagenet.train: resumable) into run.out; a finished run with
+    the same grid key is read back. A finished run's resume state (last.pt) is deleted, and a
+    grid point's final.pt too (only its val score is used): a ResNet-50's last.pt is about
+    300 MB."""
+    key = grid_key(run, network)
+    results_path = os.path.join(run.out, "results.json")
+    keep_model = run.stage == "final"
     if os.path.exists(results_path) and (not keep_model or
-                                         os.path.exists(os.path.join(out_dir, "final.pt"))):
+                                         os.path.exists(os.path.join(run.out, "final.pt"))):
         done = common.read_json(results_path)
-        if done.get("grid_key") == grid_key:
+        if done.get("grid_key") == key:
             if dist.is_main:
-                print(f"finetune: {out_dir} already finished, read back")
+                print(f"finetune: {run.out} already finished, read back")
             return done
         before = done.get("grid_key") or {}
-        diff = "; ".join(f"{k}: {before.get(k)!r} -> {grid_key.get(k)!r}"
-                         for k in sorted(set(before) | set(grid_key))
-                         if before.get(k) != grid_key.get(k))
-        raise common.UserError(f"{out_dir} holds a finished run with other arguments ({diff}); "
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {key.get(k)!r}"
+                         for k in sorted(set(before) | set(key)) if before.get(k) != key.get(k))
+        raise common.UserError(f"{run.out} holds a finished run with other arguments ({diff}); "
                                f"rerun with the original ones or use another --out")
-    run = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("lrs", "wds")})
-    run.lr, run.weight_decay = lr, wd
-    model = with_fresh_head(source, info, data["num_classes"], args.seed)
-    model_args = {"objective": "softmax", "hparams": {}, "arch": info["arch"],
-                  "num_classes": data["num_classes"], "small_input": info["small_input"]}
-    extra = {"finetune_of": info["label"], "source_objective": info["objective"],
-             "grid_key": grid_key, "lr": lr, "weight_decay": wd}
-    results = train_imagenet.train(model, model_args, data, run, dist, out_dir,
+    model = with_fresh_head(source, network, data["num_classes"], run.seed)
+    model_args = {"objective": "softmax", "hparams": {}, "arch": network["arch"],
+                  "num_classes": data["num_classes"], "small_input": network["small_input"]}
+    extra = {"kind": "finetune_run", "finetune_of": network["checkpoint"],
+             "source_objective": network["objective"], "grid_key": key, "lr": run.lr,
+             "weight_decay": run.weight_decay}
+    results = train_imagenet.train(model, model_args, data, run, dist, run.out,
                                    results_extra=extra)
     if dist.is_main:
         for name in ("last.pt",) + (() if keep_model else ("final.pt",)):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+            if os.path.exists(os.path.join(run.out, name)):
+                os.remove(os.path.join(run.out, name))
     return results
 
 
@@ -172,10 +180,9 @@ def main(argv=None):
     check_grid(args)
     dist = train_imagenet.setup_distributed(args.device)
     try:
-        source, info = source_model(args)
+        source, network = source_model(args)
         data = common.load_dataset(args.data, download=args.download)
-        if args.resolution is None:
-            args.resolution = info["resolution"] or 224
+        args.resolution = common.input_resolution(args.resolution, network)
         tiny = data["image_size"] is not None and data["image_size"] <= 64
         args.augment = args.augment or ("small" if tiny else "paper")
         if args.flip is None:
@@ -185,16 +192,13 @@ def main(argv=None):
         if args.steps is not None:
             per_epoch = len(data["train"]) // args.batch_size
             args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
-        grid_key = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_GRID_KEY}
-        grid_key["checkpoint_hash"] = info["hash"]
         selection = {"train": data["train"], "val": data["val"], "test": None,
                      "num_classes": data["num_classes"], "classes": data["classes"],
                      "metric": data["metric"], "spec": data["spec"], "name": data["name"]}
         grid, scores = {}, {}
         for lr in args.lrs:
             for wd in args.wds:
-                r = train_one(source, info, selection, args, run_dir(args.out, lr, wd), lr, wd,
-                              dist, {**grid_key, "lr": lr, "wd": wd}, keep_model=False)
+                r = train_one(source, network, selection, run_args(args, lr, wd, "grid"), dist)
                 scores[(lr, wd)] = val_score(r, data["metric"])
                 grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
@@ -203,26 +207,23 @@ def main(argv=None):
                   f"({data['metric']} {scores[(best_lr, best_wd)]:.4f}); retraining on train+val")
         final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
                       "val": None, "test": data["test"]}
-        r = train_one(source, info, final_data, args, os.path.join(args.out, "final"),
-                      best_lr, best_wd, dist, {**grid_key, "lr": best_lr, "wd": best_wd,
-                                               "final": True})
+        final = run_args(args, best_lr, best_wd, "final")
+        r = train_one(source, network, final_data, final, dist)
         test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
-        results = {"metric": data["metric"], "test_accuracy": test_acc,
+        results = {**common.result_header(network, data, "finetune"),   # the source network
+                   "metric": data["metric"], "test_accuracy": test_acc,
                    "test_top1": r["top1"], "test_mean_per_class": r["mean_per_class"],
                    "best_lr": best_lr, "best_wd": best_wd, "grid": grid,
                    "best_val": scores[(best_lr, best_wd)], "seconds": time.time() - start,
-                   "checkpoint": info["label"], "checkpoint_path": args.checkpoint,
-                   "checkpoint_hash": info["hash"], "objective": info["objective"],
-                   "seed": info["seed"], "arch": info["arch"], "dataset": args.data,
-                   "dataset_name": data["name"], "resolution": args.resolution,
-                   "epochs": args.epochs, "steps": r.get("steps"), "batch_size": args.batch_size,
-                   "from_scratch": args.from_scratch, "n_train": len(data["train"]),
+                   "resolution": args.resolution, "epochs": args.epochs, "steps": r.get("steps"),
+                   "batch_size": args.batch_size, "n_train": len(data["train"]),
                    "n_val": len(data["val"]), "n_test": len(data["test"]),
                    "num_classes": data["num_classes"],
-                   "final_checkpoint": os.path.join(args.out, "final", "final.pt")}
+                   "final_checkpoint": os.path.join(args.out, "final", "final.pt"),
+                   "settings": grid_key(final, network)}  # everything the final run used
         if dist.is_main:
             common.save_json(os.path.join(args.out, "results.json"), results)
-            print(f"finetune: {info['label']} -> {data['name']}: test {data['metric']} "
+            print(f"finetune: {network['checkpoint']} -> {data['name']}: test {data['metric']} "
                   f"{test_acc:.4f} (lr {best_lr:g}, wd {best_wd:g}) in {results['seconds']:.0f} s")
         return results
     finally:

@@ -27,17 +27,18 @@ Examples:
   python linear_probe.py --checkpoint torchvision:resnet50:IMAGENET1K_V2 --data dtd:/data/dtd --out probe
   python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
 
-Outputs, per pair: OUT/<checkpoint-label>/<dataset>/results.json (for --layer other than pool:
-OUT/<checkpoint-label>/<dataset>+<layer>/) with metric, test_accuracy, best_lambda, val_curve
-(lambda -> val metric), the whole path, sizes and timings, and probe.npz (W, b on the raw
-features: logits = x @ W + b); OUT/summary.csv has one row per pair found under OUT.
+Outputs, per pair: OUT/<checkpoint>/<dataset_name>/results.json (for --layer other than pool:
+OUT/<checkpoint>/<dataset_name>+<layer>/): common.result_header first (kind "linear_probe",
+network: the checkpoint's identity, dataset: the probed spec, dataset_name), then layer,
+resolution, metric, test_accuracy, best_lambda, val_curve (lambda -> val metric), the whole
+path, sizes and timings; and probe.npz (W, b on the raw features: logits = x @ W + b).
+OUT/summary.csv has one row per pair found under OUT.
 --features FILE.npz writes OUT/<file name>/features/.
 Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoint's content hash,
 dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
 --features FILE.npz probes features you already have: arrays train_x, train_y, test_x, test_y and
 optionally val_x, val_y (otherwise val is a seeded stratified 10% of train, at most 10,000).
 """
-import argparse
 import contextlib
 import glob
 import hashlib
@@ -49,21 +50,140 @@ import time
 import numpy as np
 import torch
 
-import common
+import common  # for the command-line part only: the method below needs torch and numpy alone
 
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
-SUMMARY_COLUMNS = ["checkpoint", "checkpoint_label", "objective", "seed", "arch", "dataset",
-                   "dataset_spec", "layer", "resolution", "metric", "test_accuracy", "test_top1",
-                   "test_mean_per_class", "best_lambda", "best_C", "n_train", "n_val", "n_test",
-                   "dim", "num_classes", "seconds"]
+SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "resolution", "metric", "test_accuracy",
+                   "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
+                   "n_val", "n_test", "dim", "num_classes", "seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol (SPEC.md, "Transfer evaluation"): a lambda path scored on val, a refit on
+# train+val at the best lambda, test scored once. Needs torch, numpy and the solver below only.
+
+def run_probe(train, val, test, num_classes, metric, lambdas, standardize=True, device="cpu",
+              rtol=1e-6, max_iter=1000, history=20, log=print):
+    """The whole protocol on (x float32 (N, D), y int64 (N,)) pairs. Returns (results, W, b) with
+    W, b float64 for the raw features: logits = x @ W + b."""
+    threads = small_problem_threads(len(train[0]), train[0].shape[1], num_classes, device)
+    with cpu_threads(threads):
+        return _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device,
+                          rtol, max_iter, history, log)
+
+
+def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device, rtol,
+               max_iter, history, log):
+    torch.set_flush_denormal(True)
+    t0 = time.time()
+    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
+    n_tr, n_va, d = len(xtr), len(xva), xtr.shape[1]
+    K = int(num_classes)
+    dev = torch.device(device)
+    X = torch.empty(n_tr + n_va, d, dtype=torch.float32, device=dev)
+    X[:n_tr], X[n_tr:] = torch.as_tensor(xtr), torch.as_tensor(xva)
+    rows = chunk_rows(d)
+    mean = torch.zeros(d, dtype=torch.float64, device=dev)
+    std = torch.ones(d, dtype=torch.float64, device=dev)
+    if standardize:
+        mean, std = column_stats(X, n_tr)
+        std[std <= 1e-12 * max(1.0, float(std.max()))] = 1.0   # constant features stay as they are
+        for i in range(0, n_tr + n_va, rows):
+            X[i:i + rows] = (X[i:i + rows] - mean.float()) / std.float()
+    y_all = torch.as_tensor(np.concatenate([ytr, yva]).astype(np.int64)).to(dev)
+    prob = {**prepare(X, n_tr), "num_classes": K}
+    Z_all = prob["Z"]
+    full_rank = Z_all is X or prob["V"] is None
+    prob["Z"], prob["y"] = Z_all[:n_tr], y_all[:n_tr]
+    Zva = Z_all[n_tr:]
+    yva_t = y_all[n_tr:]
+    t_prep = time.time() - t0
+
+    state, path, best, last = new_state(prob), [], None, []
+    r = prob["Z"].shape[1]
+    for lam in sorted(lambdas, reverse=True):      # strongest first: each solve warm-starts the next
+        if len(last) == 2 and path[-1]["evaluations"] > 1:
+            # the path is moving: start from the secant prediction in log lambda (measured on
+            # 5,000 x 2048 x 100: 150 loss+gradient passes for 45 lambdas instead of 261)
+            (l0, u0), (l1, u1) = last
+            state["u"] = u1 + math.log(lam / l1) / math.log(l1 / l0) * (u1 - u0)
+            state["loss"] = None
+        f, it, evals, ok = solve(prob, lam, state, rtol, max_iter, history)
+        last = (last + [(lam, state["u"].clone())])[-2:]
+        val = score(predict(Zva, state["u"][:r * K].view(r, K), state["u"][r * K:]), yva_t,
+                    metric, K)
+        path.append({"lambda": lam, "C": 1 / (lam * n_tr), "val": val, "objective": f,
+                     "iterations": it, "evaluations": evals, "converged": ok})
+        if best is None or val > best[1]:           # ties keep the larger lambda
+            best = (lam, val, state["u"].clone(), state["h"])
+        if log:
+            log(f"  lambda {lam:9.3g}  val {metric} {val:.4f}  objective {f:.6g}  "
+                f"iterations {it}{'' if ok else ' (not converged)'}")
+    t_sweep = time.time() - t0 - t_prep
+
+    lam, _, u_best, h_best = best
+    W, b = to_input_coords(prob, u_best)
+    if full_rank:      # the train basis spans train+val too: refit on the stacked rows
+        refit = {**prob, "Z": Z_all, "y": y_all}
+    else:              # rank-deficient train rows (X is intact): prepare train+val afresh
+        refit = {**prepare(X, n_tr + n_va), "y": y_all, "num_classes": K}
+    rstate = {"u": from_input_coords(refit, W, b), "h": h_best}
+    f, it, evals, ok = solve(refit, lam, rstate, rtol, max_iter, history)
+    W, b = to_input_coords(refit, rstate["u"])
+    t_refit = time.time() - t0 - t_prep - t_sweep
+    del X, Z_all, prob, refit, Zva
+
+    W_raw = W / std[:, None]               # the probe on raw (unstandardized) features
+    b_raw = b - (mean / std) @ W
+    xte_t = torch.as_tensor(xte).to(dev)
+    pred = predict(xte_t, W_raw, b_raw)
+    yte_t = torch.as_tensor(np.asarray(yte, dtype=np.int64)).to(dev)
+    top1 = score(pred, yte_t, "top1", K)
+    mpc = score(pred, yte_t, "mean_per_class", K)
+    results = {
+        "metric": metric, "test_accuracy": mpc if metric == "mean_per_class" else top1,
+        "test_top1": top1, "test_mean_per_class": mpc,
+        "best_lambda": lam, "best_C": 1 / (lam * (n_tr + n_va)), "best_val": best[1],
+        "val_curve": {f"{p['lambda']:.6g}": p["val"] for p in path},
+        "path": path, "refit": {"n": n_tr + n_va, "objective": f, "iterations": it,
+                                "evaluations": evals, "converged": ok},
+        "n_train": n_tr, "n_val": n_va, "n_test": len(xte), "dim": d, "num_classes": K,
+        "standardize": standardize, "rtol": rtol, "device": str(dev),
+        "solver_seconds": {"prepare": t_prep, "sweep": t_sweep, "refit": t_refit,
+                           "total": time.time() - t0},
+    }
+    return results, W_raw, b_raw
+
 
 
 # ----------------------------------------------------------------------------------------------
 # The solver. Parameters u = [B (r x K) flattened, c (K)] live in the rotated, centred coordinates
 # z = (x - mean) @ V, so logits = z @ B + c; in input coordinates W = V @ B, b = c - mean @ W.
 # L-BFGS runs on theta = u / scale.
+
+def solve_logistic(X, y, lam, num_classes=None, device="cpu", rtol=1e-6, max_iter=5000,
+                   history=20):
+    """Logistic regression at one lambda, cold start, no standardization: (W, b, info) for
+    logits = X @ W + b (float64). The objective is mean cross-entropy + lam/2 ||W||^2, i.e.
+    scikit-learn's C = 1/(lam n).
+
+        W, b, info = solve_logistic(x, y, lam=1e-3)    # x (N, D) float, y (N,) int
+        pred = (x @ W.numpy() + b.numpy()).argmax(1)
+    """
+    X = torch.as_tensor(np.asarray(X, dtype=np.float32)).to(device).clone()
+    y = torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device)
+    K = int(num_classes or int(y.max()) + 1)
+    torch.set_flush_denormal(True)
+    with cpu_threads(small_problem_threads(*X.shape, K, device)):
+        prob = {**prepare(X, len(X)), "y": y, "num_classes": K}
+        state = new_state(prob)
+        f, it, evals, ok = solve(prob, float(lam), state, rtol, max_iter, history)
+        W, b = to_input_coords(prob, state["u"])
+    return W, b, {"objective": f, "iterations": it, "evaluations": evals, "converged": ok}
+
+
 
 def chunk_rows(width):
     """Rows per chunk, so that a chunk `width` wide holds about 4M values."""
@@ -102,6 +222,8 @@ def eigh(cov):
     0.03 s on one thread, 2.6 s on two; 2048 x 2048 in 2 s on one, 8-18 s on two)."""
     with cpu_threads(1 if cov.device.type == "cpu" else None):
         return torch.linalg.eigh(cov)
+
+
 
 
 def prepare(X, n_fit):
@@ -288,117 +410,13 @@ def predict(X, W, b):
 
 def score(pred, labels, metric, num_classes):
     labels = torch.as_tensor(labels).to(pred.device)
+    """top-1, or the mean over the classes present in `labels` of each class's accuracy."""
     if metric == "mean_per_class":
-        return common.mean_per_class_accuracy(pred.cpu(), labels.cpu(), num_classes)
+        total = torch.bincount(labels, minlength=num_classes).double()
+        hits = torch.bincount(labels[pred == labels], minlength=num_classes).double()
+        return (hits[total > 0] / total[total > 0]).mean().item()
     return (pred == labels).double().mean().item()
 
-
-def fit(X, y, lam, num_classes=None, device="cpu", rtol=1e-6, max_iter=5000, history=20):
-    """One lambda, cold start, no standardization: (W, b, info) for logits = X @ W + b (float64).
-    The objective is mean cross-entropy + lam/2 ||W||^2, i.e. scikit-learn's C = 1/(lam n)."""
-    X = torch.as_tensor(np.asarray(X, dtype=np.float32)).to(device).clone()
-    y = torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device)
-    K = int(num_classes or int(y.max()) + 1)
-    torch.set_flush_denormal(True)
-    with cpu_threads(small_problem_threads(*X.shape, K, device)):
-        prob = {**prepare(X, len(X)), "y": y, "num_classes": K}
-        state = new_state(prob)
-        f, it, evals, ok = solve(prob, float(lam), state, rtol, max_iter, history)
-        W, b = to_input_coords(prob, state["u"])
-    return W, b, {"objective": f, "iterations": it, "evaluations": evals, "converged": ok}
-
-
-def run_probe(train, val, test, num_classes, metric, lambdas, standardize=True, device="cpu",
-              rtol=1e-6, max_iter=1000, history=20, log=print):
-    """The whole protocol on (x float32 (N, D), y int64 (N,)) pairs. Returns (results, W, b) with
-    W, b float64 for the raw features: logits = x @ W + b."""
-    threads = small_problem_threads(len(train[0]), train[0].shape[1], num_classes, device)
-    with cpu_threads(threads):
-        return _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device,
-                          rtol, max_iter, history, log)
-
-
-def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device, rtol,
-               max_iter, history, log):
-    torch.set_flush_denormal(True)
-    t0 = time.time()
-    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
-    n_tr, n_va, d = len(xtr), len(xva), xtr.shape[1]
-    K = int(num_classes)
-    dev = torch.device(device)
-    X = torch.empty(n_tr + n_va, d, dtype=torch.float32, device=dev)
-    X[:n_tr], X[n_tr:] = torch.as_tensor(xtr), torch.as_tensor(xva)
-    rows = chunk_rows(d)
-    mean = torch.zeros(d, dtype=torch.float64, device=dev)
-    std = torch.ones(d, dtype=torch.float64, device=dev)
-    if standardize:
-        mean, std = column_stats(X, n_tr)
-        std[std <= 1e-12 * max(1.0, float(std.max()))] = 1.0   # constant features stay as they are
-        for i in range(0, n_tr + n_va, rows):
-            X[i:i + rows] = (X[i:i + rows] - mean.float()) / std.float()
-    y_all = torch.as_tensor(np.concatenate([ytr, yva]).astype(np.int64)).to(dev)
-    prob = {**prepare(X, n_tr), "num_classes": K}
-    Z_all = prob["Z"]
-    full_rank = Z_all is X or prob["V"] is None
-    prob["Z"], prob["y"] = Z_all[:n_tr], y_all[:n_tr]
-    Zva = Z_all[n_tr:]
-    yva_t = y_all[n_tr:]
-    t_prep = time.time() - t0
-
-    state, path, best, last = new_state(prob), [], None, []
-    r = prob["Z"].shape[1]
-    for lam in sorted(lambdas, reverse=True):      # strongest first: each solve warm-starts the next
-        if len(last) == 2 and path[-1]["evaluations"] > 1:
-            # the path is moving: start from the secant prediction in log lambda (measured on
-            # 5,000 x 2048 x 100: 150 loss+gradient passes for 45 lambdas instead of 261)
-            (l0, u0), (l1, u1) = last
-            state["u"] = u1 + math.log(lam / l1) / math.log(l1 / l0) * (u1 - u0)
-            state["loss"] = None
-        f, it, evals, ok = solve(prob, lam, state, rtol, max_iter, history)
-        last = (last + [(lam, state["u"].clone())])[-2:]
-        val = score(predict(Zva, state["u"][:r * K].view(r, K), state["u"][r * K:]), yva_t,
-                    metric, K)
-        path.append({"lambda": lam, "C": 1 / (lam * n_tr), "val": val, "objective": f,
-                     "iterations": it, "evaluations": evals, "converged": ok})
-        if best is None or val > best[1]:           # ties keep the larger lambda
-            best = (lam, val, state["u"].clone(), state["h"])
-        if log:
-            log(f"  lambda {lam:9.3g}  val {metric} {val:.4f}  objective {f:.6g}  "
-                f"iterations {it}{'' if ok else ' (not converged)'}")
-    t_sweep = time.time() - t0 - t_prep
-
-    lam, _, u_best, h_best = best
-    W, b = to_input_coords(prob, u_best)
-    if full_rank:      # the train basis spans train+val too: refit on the stacked rows
-        refit = {**prob, "Z": Z_all, "y": y_all}
-    else:              # rank-deficient train rows (X is intact): prepare train+val afresh
-        refit = {**prepare(X, n_tr + n_va), "y": y_all, "num_classes": K}
-    rstate = {"u": from_input_coords(refit, W, b), "h": h_best}
-    f, it, evals, ok = solve(refit, lam, rstate, rtol, max_iter, history)
-    W, b = to_input_coords(refit, rstate["u"])
-    t_refit = time.time() - t0 - t_prep - t_sweep
-    del X, Z_all, prob, refit, Zva
-
-    W_raw = W / std[:, None]               # the probe on raw (unstandardized) features
-    b_raw = b - (mean / std) @ W
-    xte_t = torch.as_tensor(xte).to(dev)
-    pred = predict(xte_t, W_raw, b_raw)
-    yte_t = torch.as_tensor(np.asarray(yte, dtype=np.int64)).to(dev)
-    top1 = score(pred, yte_t, "top1", K)
-    mpc = score(pred, yte_t, "mean_per_class", K)
-    results = {
-        "metric": metric, "test_accuracy": mpc if metric == "mean_per_class" else top1,
-        "test_top1": top1, "test_mean_per_class": mpc,
-        "best_lambda": lam, "best_C": 1 / (lam * (n_tr + n_va)), "best_val": best[1],
-        "val_curve": {f"{p['lambda']:.6g}": p["val"] for p in path},
-        "path": path, "refit": {"n": n_tr + n_va, "objective": f, "iterations": it,
-                                "evaluations": evals, "converged": ok},
-        "n_train": n_tr, "n_val": n_va, "n_test": len(xte), "dim": d, "num_classes": K,
-        "standardize": standardize, "rtol": rtol, "device": str(dev),
-        "solver_seconds": {"prepare": t_prep, "sweep": t_sweep, "refit": t_refit,
-                           "total": time.time() - t0},
-    }
-    return results, W_raw, b_raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,15 +528,16 @@ def safe_name(text):
     return "".join(c if c.isalnum() or c in "@,._-" else "_" for c in text)
 
 
-def cached_features(model, info, data, split, layer, resolution, cache_dir, device, batch_size,
+def cached_features(model, network, data, split, layer, resolution, cache_dir, device, batch_size,
                     workers, log=print):
     """Features of one split, from the cache when its key matches, else extracted and cached."""
     view = data[split]
-    key = {"version": CACHE_VERSION, "checkpoint_hash": info["hash"], "dataset": data["spec"],
+    key = {"version": CACHE_VERSION, "checkpoint_hash": network["checkpoint_hash"],
+           "dataset": data["spec"],
            "split": split, "layer": layer, "resolution": int(resolution),
            "data": data_fingerprint(view), "n": len(view)}
     spec_hash = hashlib.sha256(data["spec"].encode()).hexdigest()[:8]
-    path = os.path.join(cache_dir, safe_name(info["hash"]), f"{data['name']}-{spec_hash}",
+    path = os.path.join(cache_dir, safe_name(network["checkpoint_hash"]), f"{data['name']}-{spec_hash}",
                         f"{layer}_{int(resolution)}px_{split}.npz")
     if os.path.exists(path):
         try:
@@ -540,7 +559,7 @@ def cached_features(model, info, data, split, layer, resolution, cache_dir, devi
     feats, y = common.collect_features(model, loader, [layer], device)
     x = feats[layer]
     if not np.isfinite(x).all():
-        raise common.UserError(f"{info['label']}: the {layer} features of {data['spec']} "
+        raise common.UserError(f"{network['checkpoint']}: the {layer} features of {data['spec']} "
                                f"{split} hold NaN or inf; the checkpoint's weights are broken")
     common.save_npz(path, x=x, y=y, key=np.array(json.dumps(key)))
     log(f"  extracted {split} {layer} features {x.shape} in {time.time() - t:.1f}s -> {path}")
@@ -554,6 +573,14 @@ def pair_dir(out, label, dataset, layer):
     return os.path.join(out, safe_name(label), dataset if layer == "pool" else f"{dataset}+{layer}")
 
 
+def summary_row(r):
+    """One summary.csv row: the identity's fields, then the probe's."""
+    net = r.get("network") or {}
+    row = {c: net.get(c) for c in ("run_id", "checkpoint", "checkpoint_path", "objective", "seed",
+                                   "arch")}
+    return {**row, **{c: r.get(c) for c in SUMMARY_COLUMNS}}
+
+
 def write_summary(out):
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "*", "*", "results.json"))):
@@ -562,8 +589,8 @@ def write_summary(out):
                 r = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(r, dict) and "best_lambda" in r:
-            rows.append({c: r.get(c) for c in SUMMARY_COLUMNS})
+        if isinstance(r, dict) and r.get("kind") == "linear_probe":
+            rows.append(summary_row(r))
     if rows:
         common.write_csv(os.path.join(out, "summary.csv"), rows)
     return len(rows)
@@ -576,8 +603,7 @@ def save_pair(out_dir, results, W, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.argument_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
                      help="checkpoint paths and/or torchvision:ARCH[:WEIGHTS] names")
@@ -587,7 +613,7 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=common.positive_int, default=None,
                    help="input side length (default: the checkpoint's training resolution, "
                         "else 224)")
     p.add_argument("--lambdas", default=DEFAULT_LAMBDAS,
@@ -596,30 +622,27 @@ def main(argv=None):
                    help="probe the raw features (default: standardize with train statistics)")
     p.add_argument("--metric", choices=["top1", "mean_per_class"], default="top1",
                    help="metric for --features (datasets say their own)")
-    p.add_argument("--rtol", type=float, default=1e-6,
+    p.add_argument("--rtol", type=common.positive_float, default=1e-6,
                    help="stop a lambda when the estimated relative distance to the optimum "
                         "objective is below this (default 1e-6)")
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per lambda")
+    p.add_argument("--max-iter", type=common.positive_int, default=1000,
+                   help="L-BFGS iterations per lambda")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
-    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers")
+    p.add_argument("--batch-size", type=common.positive_int, default=256,
+                   help="feature extraction batch size")
+    p.add_argument("--workers", type=common.nonnegative_int, default=4,
+                   help="data loader workers")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the val hold-out for --features files without val")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     args = p.parse_args(argv)
 
     lambdas = parse_lambdas(args.lambdas)
-    if not (args.rtol > 0 and math.isfinite(args.rtol)) or args.max_iter < 1:
-        raise common.UserError("--rtol must be > 0 and --max-iter >= 1")
-    if args.batch_size < 1 or args.workers < 0:
-        raise common.UserError("--batch-size must be >= 1 and --workers >= 0")
-    if args.resolution is not None and args.resolution < 1:
-        raise common.UserError(f"--resolution must be >= 1, got {args.resolution}")
     device = common.resolve_device(args.device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.UserError(f"--out {args.out} exists and is not a folder")
-    os.makedirs(args.out, exist_ok=True)
+    common.make_out_dir(args.out)
     opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
                 max_iter=args.max_iter)
 
@@ -637,10 +660,10 @@ def main(argv=None):
             print(f"{stem}: {len(train[0])} train, {len(val[0])} val, {len(test[0])} test, "
                   f"{train[0].shape[1]} dims, {K} classes")
             results, W, b = run_probe(train, val, test, K, args.metric, lambdas, **opts)
-            results = {"checkpoint": path, "checkpoint_label": stem, "objective": None,
-                       "seed": None, "arch": None, "dataset": stem, "dataset_spec": None,
-                       "layer": None, "resolution": None, **results,
-                       "seconds": time.time() - t0}
+            # no network: the features came from elsewhere; dataset_name is the file's stem
+            results = {**common.result_header(None, None, "linear_probe"),
+                       "dataset_name": stem, "features": path, "layer": None,
+                       "resolution": None, **results, "seconds": time.time() - t0}
             out_dir = os.path.join(args.out, safe_name(stem), "features")
             save_pair(out_dir, results, W, b)
             print(f"{stem}: test {results['metric']} {results['test_accuracy']:.4f} at lambda "
@@ -666,31 +689,27 @@ def main(argv=None):
                                f"give their folders different names")
     cache = args.cache or os.path.join(args.out, "cache")
     for name in args.checkpoint:
-        model, info = common.load_pretrained(name)
+        model, network = common.load_pretrained(name)
         model.to(device)
-        valid = common.layer_names(model)
-        if args.layer not in valid:
-            raise common.UserError(f"unknown layer {args.layer!r} for {info['arch']}; valid: "
-                                   f"{', '.join(valid)}")
-        resolution = args.resolution or info.get("resolution") or 224
+        layer, = common.resolve_layers(model, [args.layer], f"{network['checkpoint']} "
+                                                            f"({network['arch']})")
+        resolution = common.input_resolution(args.resolution, network)
         for data in datasets:
             t0 = time.time()
-            print(f"{info['label']} on {data['spec']}: {args.layer} features at {resolution}px")
-            splits = [cached_features(model, info, data, s, args.layer, resolution, cache,
+            print(f"{network['checkpoint']} on {data['spec']}: {layer} features at "
+                  f"{resolution}px")
+            splits = [cached_features(model, network, data, s, layer, resolution, cache,
                                       device, args.batch_size, args.workers)
                       for s in ("train", "val", "test")]
             train, val, test = check_splits(*splits)
             results, W, b = run_probe(train, val, test, data["num_classes"], data["metric"],
                                       lambdas, **opts)
-            results = {"checkpoint": name, "checkpoint_label": info["label"],
-                       "objective": info["objective"], "seed": info.get("seed"),
-                       "arch": info["arch"], "dataset": data["name"], "dataset_spec": data["spec"],
-                       "layer": args.layer, "resolution": int(resolution),
-                       "checkpoint_hash": info["hash"], **results, "seconds": time.time() - t0}
-            out_dir = pair_dir(args.out, info["label"], data["name"], args.layer)
+            results = {**common.result_header(network, data, "linear_probe"), "layer": layer,
+                       "resolution": resolution, **results, "seconds": time.time() - t0}
+            out_dir = pair_dir(args.out, network["checkpoint"], data["name"], layer)
             save_pair(out_dir, results, W, b)
             write_summary(args.out)
-            print(f"{info['label']} on {data['name']}: test {results['metric']} "
+            print(f"{network['checkpoint']} on {data['name']}: test {results['metric']} "
                   f"{results['test_accuracy']:.4f} at lambda {results['best_lambda']:.3g} "
                   f"({results['seconds']:.1f}s) -> {out_dir}/results.json")
 

@@ -1,13 +1,11 @@
 """Figures and report.md from whatever the study's scripts wrote.
 
-Reads, recursively under --runs and recognised by content (not by folder names):
-  training results.json      (objective, hparams, top1, ...; one per trained network)
-  linear-probe results.json  (best_lambda, test_accuracy, metric, checkpoint, objective, seed,
-                              dataset)
-  fine-tune results.json     (best_lr, best_wd, grid, test_accuracy, metric, checkpoint, ...)
-  cka.npz                    (cka (M, M, L, L), layers, labels, objectives, seeds, n_images)
-  class_separation.json      (per checkpoint: objective, seed, per-layer r2, sparsity, dim)
-and writes to --out, as PNG and PDF:
+Reads, recursively under --runs, every results.json, cka.json (with its cka.npz) and
+class_separation.json. Each starts with the identity block of common.result_header: its kind
+(train, linear_probe, finetune, cka, class_separation) and the identity of its network(s). Results
+are joined per network on the run id that training wrote into final.pt; a file without an
+identity block, or a network without a run id (older checkpoints, torchvision weights), gets one
+note in the report and is left out. It writes to --out, as PNG and PDF:
   fig1_top1_vs_transfer     source top-1 against mean transfer accuracy, one point per objective
   fig2_table                per objective: mean +- standard error over seeds, Welch p vs softmax
   fig3_cka_by_layer         CKA between objectives per layer against the different-seed baseline
@@ -23,7 +21,6 @@ Examples:
   python make_figures.py --runs results/demo --out results/demo
   python make_figures.py --runs runs/ --out figures/ --formats png
 """
-import argparse
 import json
 import math
 import os
@@ -73,7 +70,7 @@ def claim_text(claim):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__)
     p.add_argument("--runs", required=True, help="folder searched recursively for results")
     p.add_argument("--out", default=None, help="output folder (default: --runs)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
@@ -100,340 +97,155 @@ def variant_of(hparams):
     return tuple(sorted((k, fmt_value(v)) for k, v in (hparams or {}).items()))
 
 
-def parse_seed(v):
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return int(f) if f.is_integer() and f >= 0 else None
+RESULT_FILES = ("results.json", "cka.json", "class_separation.json")
+KINDS = ("train", "linear_probe", "finetune", "cka", "class_separation")
+TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind -> network field
 
 
-def seed_from_text(text):
-    """'softmax_s3', 'softmax-seed3', 'seed_3' -> 3 (the last such number); None if absent."""
-    found = re.findall(r"(?:^|[^A-Za-z])(?:seed|s)[_-]?(\d+)(?![A-Za-z0-9])", str(text))
-    return int(found[-1]) if found else None
-
-
-def objective_from_text(text):
-    names = [o for o in common.OBJECTIVES if o in str(text)]
-    return max(names, key=len) if names else None
-
-
-def classify(obj):
-    """'linear', 'finetune', 'finetune_run', 'train' or None for one results.json's content."""
-    if not isinstance(obj, dict):
-        return None
-    if "finetune_of" in obj:
-        return "finetune_run"  # one grid point (or the final run) inside a fine-tune folder
-    if "best_lambda" in obj:
-        return "linear"
-    if "best_lr" in obj or "best_wd" in obj or ("grid" in obj and "test_accuracy" in obj):
-        return "finetune"
-    if "top1" in obj and "objective" in obj:
-        return "train"
-    return None
-
-
-def discover(runs, notes):
-    """Walk `runs`; return {'train', 'linear', 'finetune', 'cka', 'cs'}: lists of (path, data)."""
-    found = {"train": [], "linear": [], "finetune": [], "cka": [], "cs": []}
+def read_results(runs, notes):
+    """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
+    identity block (common.result_header). Files without one get a note each."""
+    found = {k: [] for k in KINDS}
     for root, dirs, files in os.walk(runs):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
+        for name in sorted(f for f in files if f in RESULT_FILES):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, runs)
-            if name == "results.json" or name == "class_separation.json":
-                try:
-                    with open(path) as f:
-                        data = json.load(f)
-                except (OSError, ValueError) as e:
-                    notes.append(f"`{rel}`: cannot be read as JSON ({type(e).__name__}: "
-                                 f"{str(e)[:80]}); skipped.")
-                    continue
-                if name == "class_separation.json":
-                    found["cs"].append((path, data))
-                    continue
-                kind = classify(data)
-                if kind == "finetune_run":
-                    continue
-                if kind is None:
-                    keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else \
-                        type(data).__name__
-                    notes.append(f"`{rel}`: a results.json of no known kind (keys: {keys}); "
-                                 f"skipped.")
-                else:
-                    found[kind].append((path, data))
-            elif name == "cka.npz":
-                found["cka"].append((path, None))
-    # A fine-tune or probe folder may hold training-like results of its own grid points.
-    owners = [os.path.dirname(p) for p, _ in found["finetune"] + found["linear"]]
-    kept = []
-    for path, data in found["train"]:
-        d = os.path.dirname(path)
-        if any(d == o or d.startswith(o + os.sep) for o in owners):
-            notes.append(f"`{os.path.relpath(path, runs)}`: training-like results inside a "
-                         f"fine-tune/probe folder; not counted as a trained network.")
-        else:
-            kept.append((path, data))
-    found["train"] = kept
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as e:
+                notes.append(f"`{rel}`: cannot be read as JSON ({type(e).__name__}: "
+                             f"{str(e)[:80]}); skipped.")
+                continue
+            kind = data.get("kind") if isinstance(data, dict) else None
+            if kind in KINDS:
+                found[kind].append((path, data))
+            elif kind != "finetune_run":   # a fine-tune grid point: finetune.py's own business
+                notes.append(f"`{rel}`: no identity block (written before results carried one, "
+                             f"issue 12); skipped: rerun the step that wrote it.")
     return found
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks: one per trained run, with its transfer and class-separation results attached.
+# Networks: one per training run id, with its transfer and class-separation results attached.
 
-def checkpoint_label(path):
-    """The label linear_probe.py & co. give a checkpoint (common.load_pretrained's rule)."""
-    norm = os.path.normpath(path)
-    label = os.path.splitext(os.path.basename(norm))[0]
-    parent = os.path.basename(os.path.dirname(norm))
-    return parent if label in ("final", "last", "best") and parent else label
+def make_network(identity):
+    return {"run_id": identity.get("run_id"), "hash": identity.get("checkpoint_hash"),
+            "objective": str(identity.get("objective")), "seed": identity.get("seed"),
+            "label": identity.get("checkpoint"), "hparams": dict(identity.get("hparams") or {}),
+            "arch": identity.get("arch"), "dataset": identity.get("dataset"), "epochs": None,
+            "top1": None, "linear": {}, "finetune": {}, "r2": None, "sparsity": None,
+            "dim": None, "sources": {}, "orphan": False}
 
 
-def make_network(objective, seed, label, hparams=None, run_dir=None):
-    return {"objective": objective, "seed": seed, "label": label, "dir": run_dir,
-            "hparams": dict(hparams or {}), "top1": None, "linear": {}, "finetune": {},
-            "r2": None, "sparsity": None, "dim": None, "info": {}, "sources": {}}
+def network_of(identity, rel, nets, notes):
+    """The network (by run id) that a result's identity names, or None with a note. A run id
+    not trained under --runs becomes a network of its own (an orphan)."""
+    if not isinstance(identity, dict):
+        notes.append(f"`{rel}`: no network identity (e.g. a --features probe); skipped.")
+        return None
+    rid = identity.get("run_id")
+    if rid is None:
+        path = str(identity.get("checkpoint_path"))
+        why = (f"published weights {path} are not part of the objective comparison"
+               if path.startswith("torchvision:") else
+               f"checkpoint {identity.get('checkpoint')} has no run id (written before run ids)")
+        notes.append(f"`{rel}`: {why}; skipped.")
+        return None
+    net = nets.get(rid)
+    if net is None:
+        net = nets[rid] = {**make_network(identity), "orphan": True}
+    elif net["hash"] and identity.get("checkpoint_hash") not in (None, net["hash"]):
+        notes.append(f"`{rel}`: checkpoint {identity.get('checkpoint')} of run {rid} is not that "
+                     f"run's final.pt (another content hash, e.g. a snapshot); skipped.")
+        return None
+    return net
 
 
 def training_networks(found, runs, notes):
-    nets = []
+    """{run id: network} from the training results."""
+    nets = {}
     for path, r in found["train"]:
         rel = os.path.relpath(path, runs)
-        d = os.path.dirname(path)
-        seed = parse_seed(r.get("seed"))
-        if seed is None:
-            args_path = os.path.join(d, "args.json")
-            try:
-                with open(args_path) as f:
-                    seed = parse_seed(json.load(f).get("seed"))
-            except (OSError, ValueError, AttributeError):
-                seed = None
-            seed = seed if seed is not None else seed_from_text(os.path.basename(d))
-            if seed is None:
-                notes.append(f"`{rel}`: no seed (not in results.json, args.json or the folder "
-                             f"name); counted as its own network.")
-        hp = r.get("hparams") if isinstance(r.get("hparams"), dict) else {}
-        if "hparams" not in r:
-            notes.append(f"`{rel}`: no hparams; taken as the objective's paper values.")
-            hp = dict(common.OBJECTIVES.get(r["objective"], {}))
-        net = make_network(str(r["objective"]), seed, os.path.basename(d), hp, d)
+        identity = r.get("network") or {}
+        if identity.get("run_id") is None or identity["run_id"] in nets:
+            notes.append(f"`{rel}`: training results without a run id, or with one already "
+                         f"seen (a copied run folder?); skipped.")
+            continue
+        net = nets[identity["run_id"]] = make_network(identity)
+        net["epochs"] = r.get("epochs")
         top1 = r.get("top1")
         if finite(top1):
-            net["top1"] = float(top1)
+            net["top1"] = 100 * float(top1)   # accuracies are fractions in every results file
         else:
             notes.append(f"`{rel}`: top1 is missing or not a finite number ({top1!r}).")
-        net["info"] = {k: r.get(k) for k in ("arch", "dataset", "epochs") if k in r}
-        nets.append(net)
     return nets
 
 
-class Matcher:
-    """Links a probe / fine-tune / class-separation / CKA record to its trained network: by the
-    checkpoint's folder (as written, or the longest unique match of its trailing folders, for
-    runs that were moved), then by its label, then by (objective, seed); unmatched records
-    become networks of their own, keyed by objective and seed."""
-
-    def __init__(self, nets, runs):
-        self.nets, self.runs = nets, runs
-        self.by_dir = {os.path.realpath(n["dir"]): n for n in nets if n["dir"]}
-        self.orphans = {}
-
-    def find(self, objective, seed, label=None, checkpoint=None, near=None):
-        if isinstance(checkpoint, str) and checkpoint:
-            d = os.path.dirname(os.path.normpath(checkpoint))
-            for base in (os.getcwd(), self.runs, near or self.runs):
-                n = self.by_dir.get(os.path.realpath(os.path.join(base, d)))
-                if n is not None:
-                    return n
-            parts = [x for x in d.replace("\\", "/").split("/") if x not in ("", ".")]
-            for k in range(len(parts), 1, -1):
-                tail = os.sep + os.path.join(*parts[-k:])
-                cands = [n for path, n in self.by_dir.items() if path.endswith(tail)]
-                if len(cands) == 1:
-                    return cands[0]
-                if cands:
-                    break
-            label = label or checkpoint_label(checkpoint)
-        cands = [n for n in self.nets if label and n["label"] == label]
-        if objective is not None:
-            cands = [n for n in cands if n["objective"] == objective]
-        if len(cands) > 1 and seed is not None:
-            cands = [n for n in cands if n["seed"] == seed]
-        if len(cands) == 1:
-            return cands[0]
-        if objective is not None and seed is not None:
-            cands = [n for n in self.nets if n["objective"] == objective and n["seed"] == seed]
-            if len(cands) == 1:
-                return cands[0]
-        return None
-
-    def get(self, objective, seed, label=None, checkpoint=None, near=None, hparams=None):
-        n = self.find(objective, seed, label, checkpoint, near)
-        if n is not None or objective is None:
-            return n
-        # Checkpoint labels are the same in every script's output, so they key the orphans;
-        # records without one join an orphan of the same objective and seed when it is unique.
-        key = label or (objective, seed)
-        if key not in self.orphans and not label:
-            same = [k for k, n in self.orphans.items()
-                    if n["objective"] == objective and n["seed"] == seed and seed is not None]
-            key = same[0] if len(same) == 1 else key
-        if key not in self.orphans:
-            hp = hparams if isinstance(hparams, dict) else \
-                dict(common.OBJECTIVES.get(objective, {}))
-            self.orphans[key] = make_network(objective, seed, label, hp)
-        return self.orphans[key]
-
-
-def attach_transfer(found, matcher, runs, notes, scratch):
-    for kind in ("linear", "finetune"):
+def attach_transfer(found, nets, runs, notes, scratch):
+    for kind, field in TRANSFER.items():
         seen = {}
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
-            ck = r.get("checkpoint")
-            acc = r.get("test_accuracy")
-            # finetune.py writes the spec as `dataset` and its short label as `dataset_name`;
-            # linear_probe.py the label as `dataset`: the label matches the two
-            dataset = r.get("dataset_name") or r.get("dataset")
-            if not isinstance(dataset, str) or not dataset:
-                dataset = os.path.basename(os.path.dirname(path))
-                notes.append(f"`{rel}`: no dataset name; using its folder name {dataset!r}.")
+            acc, dataset = r.get("test_accuracy"), r.get("dataset_name")
             if not finite(acc):
                 notes.append(f"`{rel}`: test_accuracy missing or not finite ({acc!r}); skipped.")
                 continue
-            if r.get("from_scratch") or ck == "scratch":
-                scratch.setdefault((kind, dataset), []).append(float(acc))
-                continue
-            if isinstance(ck, str) and ck.startswith("torchvision:"):
-                notes.append(f"`{rel}`: published weights {ck} are not part of the objective "
-                             f"comparison; skipped.")
+            if (r.get("network") or {}).get("objective") == "scratch":
+                scratch.setdefault((field, dataset), []).append(float(acc))
                 continue
             if r.get("layer") not in (None, "pool"):
                 notes.append(f"`{rel}`: probe of layer {r['layer']!r}; the figures use pool only.")
                 continue
-            objective = r.get("objective")
-            seed = parse_seed(r.get("seed"))
-            label = checkpoint_label(ck) if isinstance(ck, str) and ck else None
-            if objective is None and label:
-                objective = objective_from_text(label)
-            net = matcher.get(objective, seed, label, ck, os.path.dirname(path), r.get("hparams"))
+            net = network_of(r.get("network"), rel, nets, notes)
             if net is None:
-                notes.append(f"`{rel}`: no objective and no matching training run; skipped.")
                 continue
-            key = (id(net), dataset)
+            key = (net["run_id"], dataset)
             if key in seen:
                 older, newer = sorted([seen[key], path], key=os.path.getmtime)
                 notes.append(f"`{os.path.relpath(older, runs)}` and "
                              f"`{os.path.relpath(newer, runs)}`: two "
-                             f"{KIND_NAMES[kind].lower()} results for one network and dataset; "
+                             f"{KIND_NAMES[field].lower()} results for one network and dataset; "
                              f"the newer is used.")
                 if newer != path:
                     continue
             seen[key] = path
-            net[kind][dataset] = float(acc)
-            net["sources"].setdefault("metric_" + kind, {})[dataset] = r.get("metric", "top1")
+            net[field][dataset] = 100 * float(acc)
+            net["sources"].setdefault("metric_" + field, {})[dataset] = r.get("metric", "top1")
 
 
-def cs_entries(data):
-    """The per-checkpoint entries of a class_separation.json, whatever its top-level layout."""
-    if isinstance(data, list):
-        items = data
-    elif isinstance(data, dict):
-        items = None
-        for key in ("checkpoints", "results", "entries", "networks", "models"):
-            v = data.get(key)
-            if isinstance(v, list):
-                items = v
-            elif isinstance(v, dict):
-                items = [dict(e, label=e.get("label", k)) for k, e in v.items()
-                         if isinstance(e, dict)]
-            if items is not None:
-                break
-        if items is None:
-            items = [data] if "objective" in data else [
-                dict(e, label=e.get("label", k)) for k, e in data.items() if isinstance(e, dict)]
-    else:
-        items = []
-    return [e for e in items if isinstance(e, dict)]
-
-
-def layer_value(entry, keys, layer="pool"):
-    """A per-layer metric (any of `keys`) of `layer` from one class-separation entry."""
-    for key in keys:
-        layers = entry.get("layers")
-        if isinstance(layers, dict) and isinstance(layers.get(layer), dict) and \
-                key in layers[layer]:
-            return layers[layer][key]
-        if isinstance(layers, list):
-            for item in layers:
-                if isinstance(item, dict) and item.get("layer", item.get("name")) == layer \
-                        and key in item:
-                    return item[key]
-        if isinstance(entry.get(layer), dict) and key in entry[layer]:
-            return entry[layer][key]
-        v = entry.get(key)
-        if isinstance(v, dict) and layer in v:
-            return v[layer]
-        if finite(v) and entry.get("layer", layer) == layer:
-            return v
-    return None
-
-
-def attach_class_separation(found, matcher, runs, notes):
-    datasets = {}
-    for path, data in found["cs"]:
-        for e in cs_entries(data):
-            datasets.setdefault(str(e.get("dataset")), []).append((path, e))
-    if not datasets:
-        for path, _ in found["cs"]:
-            notes.append(f"`{os.path.relpath(path, runs)}`: no per-checkpoint entries found.")
+def attach_class_separation(found, nets, runs, notes):
+    by_data = {}
+    for path, d in found["class_separation"]:
+        by_data.setdefault(str(d.get("dataset_name")), []).append((path, d))
+    if not by_data:
         return
-    chosen = max(datasets, key=lambda k: len(datasets[k]))
-    if len(datasets) > 1:
+    chosen = max(by_data, key=lambda k: sum(len(d.get("networks") or []) for _, d in by_data[k]))
+    if len(by_data) > 1:
         notes.append(f"Class separation was measured on several datasets "
-                     f"({', '.join(sorted(datasets))}); the figures use {chosen!r}.")
+                     f"({', '.join(sorted(by_data))}); the figures use {chosen!r}.")
     missing_pool = 0
-    for path, e in datasets[chosen]:
-        r2 = layer_value(e, ("r2", "R2", "r_squared"))
-        if not finite(r2):
-            missing_pool += 1
+    for path, d in by_data[chosen]:
+        rel = os.path.relpath(path, runs)
+        identities, results = d.get("networks") or [], d.get("results") or []
+        if len(identities) != len(results):
+            notes.append(f"`{rel}`: {len(identities)} networks but {len(results)} results; "
+                         f"skipped.")
             continue
-        ck, label = e.get("checkpoint") or e.get("path"), e.get("label")
-        label = label or (checkpoint_label(ck) if isinstance(ck, str) and ck else None)
-        objective = e.get("objective") or objective_from_text(label or "")
-        seed = parse_seed(e.get("seed"))
-        net = matcher.get(objective, seed, label, ck, os.path.dirname(path), e.get("hparams"))
-        if net is None:
-            notes.append(f"`{os.path.relpath(path, runs)}`: class-separation entry {label!r} has "
-                         f"no objective; skipped.")
-            continue
-        net["r2"] = float(r2)
-        for name, keys in (("sparsity", ("sparsity",)),
-                           ("dim", ("dim", "dimensionality", "participation_ratio"))):
-            v = layer_value(e, keys)
-            net[name] = float(v) if finite(v) else None
+        for identity, res in zip(identities, results):
+            pool = (res.get("layers") or {}).get("pool") or {}
+            if not finite(pool.get("r2")):
+                missing_pool += 1
+                continue
+            net = network_of(identity, rel, nets, notes)
+            if net is not None:
+                net["r2"] = float(pool["r2"])
+                for name in ("sparsity", "dim"):
+                    net[name] = float(pool[name]) if finite(pool.get(name)) else None
     if missing_pool:
         notes.append(f"Class separation: {missing_pool} entr{'y' if missing_pool == 1 else 'ies'} "
                      f"without a finite R^2 for the pool layer; skipped.")
-
-
-def to_percent(nets, notes):
-    """Accuracies are fractions in [0, 1] across the project; values above 1 mean percent."""
-    for kind in ("top1", "linear", "finetune"):
-        values = [v for n in nets for v in
-                  ([n[kind]] if kind == "top1" else list(n[kind].values())) if v is not None]
-        if not values or max(values) > 1.0:
-            if values:
-                notes.append(f"{kind} values above 1 were read as percent already.")
-            continue
-        for n in nets:
-            if kind == "top1":
-                n["top1"] = None if n["top1"] is None else 100 * n["top1"]
-            else:
-                n[kind] = {d: 100 * v for d, v in n[kind].items()}
 
 
 def choose_variants(nets, notes):
@@ -678,60 +490,42 @@ def fig_table(groups, cols, cells, save_fig):
 
 
 def load_cka(found, runs, notes):
-    """The largest readable cka.npz as dict(cka, layers, objectives, seeds, labels, path)."""
+    """The cka.json with the most networks and its cka.npz array, as dict(cka, layers,
+    networks, path, n_images)."""
     best = None
-    for path, _ in found["cka"]:
-        rel = os.path.relpath(path, runs)
+    for path, meta in found["cka"]:
+        rel = os.path.relpath(os.path.join(os.path.dirname(path), "cka.npz"), runs)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
+            with np.load(os.path.join(os.path.dirname(path), "cka.npz"),
+                         allow_pickle=False) as z:
+                cka = z["cka"]
         except Exception as e:
             notes.append(f"`{rel}`: cannot be read ({type(e).__name__}: {str(e)[:80]}); skipped.")
             continue
-        cka = data.get("cka")
-        if cka is None or cka.ndim != 4 or cka.shape[0] != cka.shape[1] or \
-                cka.shape[2] != cka.shape[3]:
-            notes.append(f"`{rel}`: no array 'cka' of shape (M, M, L, L); skipped.")
+        networks, layers = meta.get("networks") or [], meta.get("layers") or []
+        if cka.ndim != 4 or cka.shape[:2] != (len(networks),) * 2 or \
+                cka.shape[2:] != (len(layers),) * 2:
+            notes.append(f"`{rel}`: array 'cka' of shape {cka.shape} does not match the "
+                         f"{len(networks)} networks and {len(layers)} layers of cka.json; "
+                         f"skipped.")
             continue
-        M, L = cka.shape[0], cka.shape[2]
-        labels = [str(x) for x in data.get("labels", [f"network {i}" for i in range(M)])]
-        layers = [str(x) for x in data.get("layers", [f"layer {i + 1}" for i in range(L)])]
-        if len(labels) != M or len(layers) != L:
-            notes.append(f"`{rel}`: labels/layers do not match the cka shape {cka.shape}; skipped.")
-            continue
-        if "objectives" in data and len(data["objectives"]) == M:
-            objs = [str(x) for x in data["objectives"]]
-        else:
-            objs = [objective_from_text(s) for s in labels]
-            notes.append(f"`{rel}`: no 'objectives' array; objectives parsed from the labels.")
-        if "seeds" in data and len(data["seeds"]) == M:
-            seeds = [parse_seed(x) for x in data["seeds"]]
-        else:
-            seeds = [seed_from_text(s) for s in labels]
-            notes.append(f"`{rel}`: no 'seeds' array; seeds parsed from the labels.")
-        paths = [str(x) for x in data["paths"]] if "paths" in data and \
-            len(data["paths"]) == M else [None] * M
-        n_img = data.get("n_images")
-        n_img = int(n_img) if n_img is not None and np.ndim(n_img) == 0 else None
-        entry = {"cka": cka.astype(float), "layers": layers, "labels": labels, "objectives": objs,
-                 "seeds": seeds, "paths": paths, "path": rel, "n_images": n_img}
+        entry = {"cka": cka.astype(float), "layers": [str(l) for l in layers],
+                 "networks": networks, "path": rel, "n_images": meta.get("n_images")}
         if best is not None:
             notes.append(f"Several cka.npz files; using the one with the most networks.")
-        if best is None or M > best["cka"].shape[0]:
+        if best is None or len(networks) > len(best["networks"]):
             best = entry
     return best
 
 
-def cka_groups(c, matcher, groups):
-    """Indices of the CKA networks per objective, leaving out networks of other sweep values."""
-    main = {id(n) for g in groups.values() for n in g}
+def cka_groups(c, groups):
+    """Indices of the CKA networks per objective, leaving out networks of other sweep values
+    (hyperparameters other than the main variant's)."""
+    main = {o: variant_of(g[0]["hparams"]) for o, g in groups.items()}
     idx = {}
-    for i, (obj, seed, label, ck) in enumerate(zip(c["objectives"], c["seeds"], c["labels"],
-                                                   c["paths"])):
-        if obj is None:
-            continue
-        net = matcher.find(obj, seed, label, ck)
-        if net is not None and id(net) not in main:
+    for i, identity in enumerate(c["networks"]):
+        obj = identity.get("objective")
+        if obj in main and variant_of(identity.get("hparams")) != main[obj]:
             continue
         idx.setdefault(obj, []).append(i)
     order = [o for o in groups if o in idx] + sorted(o for o in idx if o not in groups)
@@ -1223,7 +1017,9 @@ def lr_text(train):
 def section_setup(found):
     """What was run, read back from the results themselves (so it cannot drift from them)."""
     lines = []
-    train = [r for _, r in found["train"] if isinstance(r, dict)]
+    # the identity's fields (arch, objective, ...) beside the result's own (its dataset wins)
+    flat = {k: [{**(r.get("network") or {}), **r} for _, r in found[k]] for k in found}
+    train = flat["train"]
     if train:
         f = lambda k: distinct(train, k) or "?"
         secs = [r["train_seconds"] for r in train if finite(r.get("train_seconds"))]
@@ -1233,17 +1029,17 @@ def section_setup(found):
                      f"{f('resolution')} px, {f('epochs')} epochs ({f('steps')} steps) of batch "
                      f"{f('batch_size')}, lr {lr_text(train)} per 256, {f('precision')}"
                      + (f"; {np.mean(secs):.0f} s per network on average" if secs else "") + ".")
-    for kind, name in (("linear", "Linear probe"), ("finetune", "Fine-tuning")):
+    for kind, name in (("linear_probe", "Linear probe"), ("finetune", "Fine-tuning")):
         by_ds = {}
-        for _, r in found[kind]:
-            if isinstance(r, dict) and not r.get("from_scratch"):
-                by_ds.setdefault(str(r.get("dataset_name") or r.get("dataset")), []).append(r)
+        for r in flat[kind]:
+            if r.get("objective") != "scratch":
+                by_ds.setdefault(str(r.get("dataset_name")), []).append(r)
         for ds, rs in sorted(by_ds.items()):
             f = lambda k: distinct(rs, k) or "?"
             text = (f"- {name} on `{ds}` ({len(rs)} networks): {f('n_train')} train / "
                     f"{f('n_val')} val / {f('n_test')} test images, {f('num_classes')} classes, "
                     f"metric {f('metric')}, {f('resolution')} px")
-            if kind == "linear":
+            if kind == "linear_probe":
                 lams = [r["best_lambda"] for r in rs if finite(r.get("best_lambda"))]
                 text += (f", layer {f('layer')}, features standardized: {f('standardize')}" +
                          (f", chosen lambda {min(lams):.2g} to {max(lams):.2g}" if lams else ""))
@@ -1257,11 +1053,12 @@ def section_setup(found):
                          f"{'; '.join(grid) or '?'} (lr per 256) selected on val, then "
                          f"retrained on train+val; chosen: {counts or '?'}")
             lines.append(text + ".")
-    cs = [e for _, d in found["cs"] for e in cs_entries(d)]
+    cs = [{**res, "dataset_name": d.get("dataset_name"), "split": d.get("split")}
+          for _, d in found["class_separation"] for res in d.get("results") or []]
     if cs:
         f = lambda k: distinct(cs, k) or "?"
-        lines.append(f"- Class separation: `{f('dataset')}`, {f('split')} split, {f('n_images')} "
-                     f"images per network.")
+        lines.append(f"- Class separation: `{f('dataset_name')}`, {f('split')} split, "
+                     f"{f('n_images')} images per network.")
     return (["## Setup (read from the results)", ""] + lines + [""]) if lines else []
 
 
@@ -1287,27 +1084,27 @@ def section_verdicts(verdicts):
 # ----------------------------------------------------------------------------------------------
 
 def load_networks(runs, notes):
-    """Every result under `runs`, gathered per network: (found, networks, matcher, scratch)."""
-    found = discover(runs, notes)
+    """Every result under `runs`, joined per network on its run id: (found, networks, scratch)."""
+    found = read_results(runs, notes)
     if not any(found.values()):
         raise common.UserError(f"no results under {runs}: expected results.json (training, linear "
-                               f"probe, fine-tune), cka.npz or class_separation.json")
-    nets = training_networks(found, runs, notes)
-    matcher, scratch = Matcher(nets, runs), {}
-    attach_transfer(found, matcher, runs, notes, scratch)
-    attach_class_separation(found, matcher, runs, notes)
-    nets += list(matcher.orphans.values())
-    if matcher.orphans:
-        labels = sorted(str(n["label"] or n["objective"]) for n in matcher.orphans.values())
+                               f"probe, fine-tune), cka.json or class_separation.json with an "
+                               f"identity block")
+    nets, scratch = training_networks(found, runs, notes), {}
+    attach_transfer(found, nets, runs, notes, scratch)
+    attach_class_separation(found, nets, runs, notes)
+    orphans = [n for n in nets.values() if n["orphan"]]
+    if orphans:
+        labels = sorted(str(n["label"] or n["objective"]) for n in orphans)
         notes.append(f"{len(labels)} network(s) known only from transfer or class-separation "
                      f"results (no matching training results.json): {', '.join(labels)}.")
-    to_percent(nets, notes)
+    nets = list(nets.values())
     for field in ("arch", "dataset", "epochs"):
-        seen = {str(n["info"][field]) for n in nets if field in n["info"]}
+        seen = {str(n[field]) for n in nets if not n["orphan"]}
         if len(seen) > 1:
             notes.append(f"Training runs differ in {field} ({', '.join(sorted(seen))}); they are "
                          f"grouped by objective only.")
-    return found, nets, matcher, scratch
+    return found, nets, scratch
 
 
 def assign_colours(nets):
@@ -1371,13 +1168,12 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes, v
     return lines
 
 
-def section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes,
-                verdicts):
+def section_cka(found, runs, groups, colours, order, save_fig, written, notes, verdicts):
     c = load_cka(found, runs, notes)
     if c is None:
         notes.append("CKA (figure 3) skipped: no readable cka.npz.")
         return []
-    idx = cka_groups(c, matcher, groups)
+    idx = cka_groups(c, groups)
     with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         s = cka_summary(c, idx)
@@ -1432,13 +1228,10 @@ def main():
     if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
         raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "
                                f"comma-separated")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise common.UserError(f"cannot create --out folder {out}: {e.strerror or e}")
+    common.make_out_dir(out)
 
     notes, written = [], []
-    found, nets, matcher, scratch = load_networks(runs, notes)
+    found, nets, scratch = load_networks(runs, notes)
     groups, by_obj = choose_variants(nets, notes) if nets else ({}, {})
     if groups and "softmax" not in groups:
         notes.append("No softmax networks: no p-values or comparison against softmax.")
@@ -1452,15 +1245,15 @@ def main():
     verdicts = []
     sections = section_results(groups, scratch, colours, order, save_fig, written, notes,
                                verdicts)
-    sections += section_cka(found, runs, matcher, groups, colours, order, save_fig, written, notes,
+    sections += section_cka(found, runs, groups, colours, order, save_fig, written, notes,
                             verdicts)
     sections += section_class_separation(groups, colours, order, save_fig, written, notes)
     sections += section_sweeps(by_obj, groups, colours, save_fig, notes)
 
     counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
-        ("train", "training results.json"), ("linear", "linear-probe results.json"),
+        ("train", "training results.json"), ("linear_probe", "linear-probe results.json"),
         ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
-        ("cs", "class_separation.json")))
+        ("class_separation", "class_separation.json")))
     figures = sorted({os.path.basename(p) for p in written if p.endswith(".png")})
     lines = ["# Report: why do better loss functions lead to less transferable features?", "",
              f"Read from `{runs}`: {counts}; {len(nets)} network(s) of {len(groups)} "

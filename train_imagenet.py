@@ -91,39 +91,44 @@ NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 
 def add_training_args(parser, **defaults):
     """Add the flags train() reads. A default of None means: chosen by the script's data preset
-    or by the device (see the script's help). `defaults` override these defaults."""
+    or by the device (see the script's help). `defaults` override these defaults. Each number's
+    valid range is its argparse type (common.positive_int & co.)."""
+    pos_int, pos_float = common.positive_int, common.positive_float
+    nonneg_int, nonneg_float = common.nonnegative_int, common.nonnegative_float
     g = parser.add_argument_group("training (shared with finetune.py)")
-    g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int,
+    g.add_argument("--epochs", type=pos_int, help="training epochs")
+    g.add_argument("--batch-size", type=pos_int,
                    help="GLOBAL batch size (all processes together); must divide by the world size")
-    g.add_argument("--micro-batch", type=int, help="per-device images per forward/backward; "
+    g.add_argument("--micro-batch", type=pos_int, help="per-device images per forward/backward; "
                    "gradients accumulate to the per-device batch (default: no accumulation)")
-    g.add_argument("--lr", type=float, help="learning rate per 256 images, scaled linearly to the "
-                   "global batch")
-    g.add_argument("--warmup-epochs", type=float, help="linear warmup, then cosine decay per step")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--lr", type=pos_float, help="learning rate per 256 images, scaled linearly "
+                   "to the global batch")
+    g.add_argument("--warmup-epochs", type=nonneg_float,
+                   help="linear warmup, then cosine decay per step")
+    g.add_argument("--momentum", type=common.fraction_below_one, default=0.9,
+                   help="SGD momentum, in [0, 1)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--weight-decay", type=float, default=8e-5,
+    g.add_argument("--weight-decay", type=nonneg_float, default=8e-5,
                    help="on conv and linear weights only (common.param_groups)")
-    g.add_argument("--ema-epochs", type=float, help="time constant of the exponential moving "
-                   "average of the weights, in epochs (0: no EMA)")
+    g.add_argument("--ema-epochs", type=nonneg_float, help="time constant of the exponential "
+                   "moving average of the weights, in epochs (0: no EMA)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast precision; auto: bf16 on GPU, fp32 on CPU; fp16 uses GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for GPU, off for CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for GPU, off for CPU)")
-    g.add_argument("--workers", type=int, help="data loading processes per device")
-    g.add_argument("--threads", type=int, help="CPU threads of the training step (default: "
+    g.add_argument("--workers", type=nonneg_int, help="data loading processes per device")
+    g.add_argument("--threads", type=pos_int, help="CPU threads of the training step (default: "
                    "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
-    g.add_argument("--eval-batch-size", type=int, default=256, help="per device")
-    g.add_argument("--log-every", type=int, default=50,
+    g.add_argument("--eval-batch-size", type=pos_int, default=256, help="per device")
+    g.add_argument("--log-every", type=pos_int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
-    g.add_argument("--ckpt-minutes", type=float, default=10.0,
+    g.add_argument("--ckpt-minutes", type=nonneg_float, default=10.0,
                    help="also write last.pt this often (checked at log steps; 0: every log step)")
-    g.add_argument("--steps", type=int, help="a budget of optimizer steps: the cosine schedule "
-                   "ends there and the last epoch is cut (default: --epochs whole epochs)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=pos_int, help="a budget of optimizer steps: the cosine "
+                   "schedule ends there and the last epoch is cut (default: whole --epochs)")
+    g.add_argument("--seed", type=common.seed, default=0)
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
     g.add_argument("--force-resume", action="store_true",
@@ -136,21 +141,22 @@ def add_training_args(parser, **defaults):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.argument_parser(__doc__)
     p.add_argument("--data", required=True, help="dataset spec: digits, digits@0-4, "
                    "npz:DIR[@0-4], imagenet:DIR, folder:DIR, cifar10:ROOT, ... (see README)")
     p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES))
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--arch", choices=common.ARCHS, help="default: from the data preset")
-    p.add_argument("--resolution", type=int, help="training and evaluation side in pixels")
+    p.add_argument("--resolution", type=common.positive_int,
+                   help="training and evaluation side in pixels")
     p.add_argument("--augment", choices=("paper", "small"), help="train augmentation style")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips in training")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool, for images of 32 px or less")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
-    p.add_argument("--snapshot-every", type=int, default=0, metavar="EPOCHS",
+    p.add_argument("--snapshot-every", type=common.nonnegative_int, default=0,
+                   metavar="EPOCHS",
                    help="also keep the weights every this many epochs as "
                    "OUT/snapshots/epochNNN.pt (a normal checkpoint every script reads; 0: none)")
     h = p.add_argument_group("objective hyperparameters (defaults: SPEC.md)")
@@ -193,18 +199,7 @@ def apply_preset(args, image_size=None, device=None):
         # On the CPU one worker: it runs single-threaded, which keeps tiny augmentations cheap,
         # and shares the cores with the training step. On a GPU the loaders are the CPU's job.
         args.workers = min(8, cpus if cuda else max(1, cpus // 2))
-    check_training_args(args)
     return args
-
-
-def check_training_args(args):
-    for key in ("epochs", "batch_size", "resolution", "log_every", "lr", "workers",
-                "warmup_epochs", "ema_epochs", "micro_batch", "threads", "steps"):
-        value = getattr(args, key, None)
-        minimum = 0 if key in ("workers", "warmup_epochs", "ema_epochs") else 1e-300
-        if value is not None and not value >= minimum:
-            raise common.UserError(f"--{key.replace('_', '-')} must be "
-                                   f"{'>= 0' if minimum == 0 else 'positive'} (got {value})")
 
 
 def objective_overrides(args):
@@ -740,9 +735,7 @@ def finish(run, results_extra):
     raw = t["raw"] if t else {}
     args = run.args
     precision, _ = amp_dtype(args.precision, run.dist.device)
-    results = {**(results_extra or {}),  # first in the file; their values win below
-               "run_id": p.run_id,
-               "top1": shown.get("top1"), "top5": shown.get("top5"),
+    results = {"top1": shown.get("top1"), "top5": shown.get("top5"),
                "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
                "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
                "mean_per_class_raw": raw.get("mean_per_class"), "test_count": shown.get("count"),
@@ -760,7 +753,12 @@ def finish(run, results_extra):
                "versions": common.versions()}
     results.update(results_extra or {})
     if run.dist.is_main:
-        common.save_checkpoint(run.path("final.pt"), run.checkpoint(results=results))
+        final = run.checkpoint(results=results)
+        common.save_checkpoint(run.path("final.pt"), final)
+        # the identity block first, of final.pt itself (so written after it: its hash)
+        network = common.network_identity(run.path("final.pt"), final)
+        kind = results.pop("kind", "train")
+        results = {**common.result_header(network, run.data, kind), **results}
         common.save_json(run.path("results.json"), results)
         print(f"done: test top1 {results['top1']} (raw {results['top1_raw']}), top5 "
               f"{results['top5']} | {results['train_seconds']:.1f} s, "
@@ -876,14 +874,14 @@ def train(model, model_args, data, args, dist, out_dir, results_extra=None):
             if run.resumed_with:
                 history.append({"step": p.step, "changed": run.resumed_with})
             common.save_json(run.path("args.json"), {
-                **vars(args), "forced_changes": history, "world_size": world, "per_device_batch": per_device,
-                "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
+                **vars(args), "forced_changes": history, "world_size": world,
+                "per_device_batch": per_device, "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
                 "channels_last": channels_last, "train_images": len(train_split),
                 "val_images": len(val) if val is not None else None,
                 "test_images": len(test) if test is not None else None})
-            print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, batch "
-                  f"{per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
+            print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, "
+                  f"batch {per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
                   f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
                   f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
                   f"{args.compile}, channels_last {channels_last}, workers {workers}"
@@ -992,11 +990,7 @@ def main(argv=None):
                                    args.small_input, **hp)
         model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
                       "num_classes": data["num_classes"], "small_input": args.small_input}
-        extra = {"objective": args.objective, "hparams": hp, "arch": args.arch,
-                 "dataset": args.data, "dataset_name": data["name"],
-                 "resolution": args.resolution, "seed": args.seed,
-                 "small_input": args.small_input}
-        return train(model, model_args, data, args, dist, args.out, results_extra=extra)
+        return train(model, model_args, data, args, dist, args.out)
     except common.UserError:
         if not dist.is_main:
             sys.exit(2)  # rank 0 prints the message

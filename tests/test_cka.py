@@ -130,15 +130,15 @@ def test_minibatch_weights_batches_skips_tiny_ones_and_checks_input():
     acc = MinibatchCKA()
     acc.update([xt.clone(), yt.clone()], overwrite=True)
     assert acc.cka()[0, 1] == pytest.approx(linear_cka(xt, yt, debiased=True), abs=1e-7)
-    with pytest.raises(common.UserError, match="differ in size"):
+    with pytest.raises(ValueError, match="differ in size"):
         acc.update([x[:50], y[:40]])
-    with pytest.raises(common.UserError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         acc.update([np.full((10, 4), np.nan), y[:10]])
-    with pytest.raises(common.UserError, match="no batch"):
+    with pytest.raises(ValueError, match="no batch"):
         MinibatchCKA().cka()
-    with pytest.raises(common.UserError, match="same number of rows"):
+    with pytest.raises(ValueError, match="same number of rows"):
         linear_cka(x, y[:50])
-    with pytest.raises(common.UserError, match="constant"):
+    with pytest.raises(ValueError, match="constant"):
         linear_cka(np.ones((20, 3)), y[:20])
 
 
@@ -153,7 +153,8 @@ def make_checkpoint(path, seed, resolution=8, arch="resnet18", objective="softma
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.normal_(m.bias, 0, 0.1)
     ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), arch, 10,
-                                True, args={"resolution": resolution, "seed": seed})
+                                True, args={"resolution": resolution, "seed": seed},
+                                run_id=f"run{seed}")
     common.save_checkpoint(str(path), ck)
     return str(path)
 
@@ -175,9 +176,8 @@ def test_script_identical_networks_give_one_at_every_layer(ckpts, tmp_path):
           "--max-images", "100", "--batch-size", "40", "--passes", "2", "--device", "cpu"])
     with np.load(out / "cka.npz") as z:
         cka, layers = z["cka"], list(z["layers"])
-        assert list(z["labels"]) == ["softmax_s0", "softmax_s0_copy", "sigmoid_s1"]
-        assert list(z["objectives"]) == ["softmax", "softmax", "sigmoid"]
-        assert list(z["seeds"]) == [0, 0, 1]
+        assert list(z["checkpoints"]) == ["softmax_s0", "softmax_s0_copy", "sigmoid_s1"]
+        assert list(z["run_ids"]) == ["run0", "run0", "run1"]   # the copy: the same run
         assert int(z["n_images"]) == 100 and int(z["n_batches"]) == 6  # 40 + 40 + 20, twice
     assert layers == [f"block{i}" for i in range(1, 9)] + ["pool", "logits"]
     assert cka.shape == (3, 3, 10, 10)
@@ -187,8 +187,13 @@ def test_script_identical_networks_give_one_at_every_layer(ckpts, tmp_path):
     np.testing.assert_allclose(cka, cka.transpose(1, 0, 3, 2), atol=1e-9)
     assert (same[0, 2] < 0.99).sum() >= 5  # another seed differs
     report = json.loads((out / "cka.json").read_text())
-    assert report["labels"][2] == "sigmoid_s1" and report["seeds"] == [0, 0, 1]
-    assert report["objectives"][2] == "sigmoid" and report["layers"] == layers
+    assert list(report)[:4] == ["kind", "networks", "dataset", "dataset_name"]
+    nets = report["networks"]                            # identities in the arrays' order
+    assert [n["checkpoint"] for n in nets] == ["softmax_s0", "softmax_s0_copy", "sigmoid_s1"]
+    assert [n["seed"] for n in nets] == [0, 0, 1]
+    assert [n["objective"] for n in nets] == ["softmax", "softmax", "sigmoid"]
+    assert (report["dataset"], report["dataset_name"]) == ("digits", "digits")
+    assert report["layers"] == layers
     assert report["same_layer"]["pool"][0][1] == pytest.approx(1, abs=1e-6)
     assert report["same_layer"]["pool"][0][2] == pytest.approx(same[0, 2, 8], abs=1e-6)
 
@@ -215,7 +220,8 @@ def test_script_errors(ckpts, tmp_path):
           "--layers", "pool,logits", "--max-images", "40", "--batch-size", "40"])
     with np.load(os.path.join(out, "cka.npz")) as z:
         assert z["cka"].shape == (3, 3, 2, 2)
-        assert list(z["archs"]) == ["resnet18"] * 2 + ["resnet34"]
+    nets = json.loads(open(os.path.join(out, "cka.json")).read())["networks"]
+    assert [n["arch"] for n in nets] == ["resnet18"] * 2 + ["resnet34"]
     # NaN weights: the error names the checkpoint and the first layer that goes bad
     bad = torch.load(a, weights_only=True)
     bad["model"]["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")

@@ -69,7 +69,7 @@ def test_bad_input_one_line_errors():
             (np.where(np.arange(40).reshape(10, 4) == 5, np.nan, x), y, "NaN"),
             (x, y[:9], "labels must be"),
             (np.ones((10, 4)), y, "one direction")]:
-        with pytest.raises(common.UserError, match=message) as e:
+        with pytest.raises(ValueError, match=message) as e:
             class_separation(features, labels)
         assert "\n" not in str(e.value)
 
@@ -84,7 +84,7 @@ def test_sparsity_and_participation_ratio():
     eig = np.linalg.eigvalsh(np.cov(wide.T))
     assert participation_ratio(wide) == pytest.approx(eig.sum() ** 2 / (eig ** 2).sum(), rel=1e-9)
     assert participation_ratio(rng.randn(5000, 10)) == pytest.approx(10, rel=0.02)
-    with pytest.raises(common.UserError, match="constant"):
+    with pytest.raises(ValueError, match="constant"):
         participation_ratio(np.ones((5, 3)))
 
 
@@ -99,13 +99,15 @@ def test_script_writes_records_per_checkpoint(tmp_path):
     out = tmp_path / "sep"
     main(["--checkpoint", str(path), "--data", "digits", "--out", str(out), "--max-per-class", "15",
           "--layers", "block8,pool,logits", "--device", "cpu"])
-    records = json.loads((out / "class_separation.json").read_text())
-    assert len(records) == 1
-    r = records[0]
-    assert (r["label"], r["objective"], r["seed"], r["arch"]) == ("ls_s4", "label_smoothing", 4,
-                                                                  "resnet18")
-    assert (r["dataset"], r["split"]) == ("digits", "train")
-    assert (r["n_images"], r["num_classes"]) == (150, 10)
+    report = json.loads((out / "class_separation.json").read_text())
+    assert list(report)[:4] == ["kind", "networks", "dataset", "dataset_name"]
+    assert len(report["networks"]) == len(report["results"]) == 1
+    net, r = report["networks"][0], report["results"][0]
+    assert (net["checkpoint"], net["objective"], net["seed"], net["arch"]) == (
+        "ls_s4", "label_smoothing", 4, "resnet18")
+    assert (report["dataset"], report["dataset_name"], report["split"]) == ("digits", "digits",
+                                                                            "train")
+    assert (r["n_images"], r["num_classes"], r["resolution"]) == (150, 10, 8)
     assert list(r["layers"]) == ["block8", "pool", "logits"]
     # recompute from the same features
     data = common.load_dataset("digits")
@@ -117,9 +119,8 @@ def test_script_writes_records_per_checkpoint(tmp_path):
     assert r["layers"]["pool"]["dim"] == pytest.approx(participation_ratio(feats["pool"]), rel=1e-6)
     assert 0 <= r["layers"]["pool"]["sparsity"] <= 1
     with np.load(out / "class_separation.npz") as z:
-        assert z["r2"].shape == (1, 3) and list(z["seeds"]) == [4]
-        assert list(z["objectives"]) == ["label_smoothing"]
-    with pytest.raises(common.UserError, match="records no training resolution"):
-        ck["args"] = {}
-        common.save_checkpoint(str(tmp_path / "nores.pt"), ck)
-        main(["--checkpoint", str(tmp_path / "nores.pt"), "--data", "digits", "--out", str(out)])
+        assert z["r2"].shape == (1, 3) and list(z["checkpoints"]) == ["ls_s4"]
+        assert list(z["run_ids"]) == [""]                 # a checkpoint without a run id
+    with pytest.raises(common.UserError, match="has no layer block9"):
+        main(["--checkpoint", str(path), "--data", "digits", "--out", str(out),
+              "--layers", "block9"])

@@ -399,7 +399,7 @@ def test_extract_features_layers():
     with torch.no_grad():
         logits = model.fc(torch.from_numpy(feats["pool"])).numpy()
     np.testing.assert_allclose(logits, feats["logits"], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown layer"):
+    with pytest.raises(ValueError, match="has no layer block99; valid: block1, "):
         next(common.extract_features(model, loader, ["block99"]))
 
 
@@ -432,9 +432,81 @@ def test_checkpoint_roundtrip_and_ema(tmp_path):
     m_raw = common.model_from_checkpoint(loaded, use_ema=False)
     torch.testing.assert_close(m_raw.conv1.weight, model.conv1.weight)
     torch.testing.assert_close(m_ema.conv1.weight, model.conv1.weight + 1)
-    net, info = common.load_pretrained(path)
-    assert info["label"] == "run" and info["resolution"] == 8 and info["seed"] == 3
-    assert info["objective"] == "cosine_softmax" and len(info["hash"]) == 16
+    net, network = common.load_pretrained(path)
+    assert network["checkpoint"] == "run" and network["resolution"] == 8 and network["seed"] == 3
+    assert network["objective"] == "cosine_softmax" and len(network["checkpoint_hash"]) == 16
+
+
+def test_network_identity_and_result_header(tmp_path):
+    _, ck = small_checkpoint()
+    ck.update(run_id=common.new_run_id(), dataset="digits@0-4")
+    path = str(tmp_path / "softmax_s3" / "final.pt")
+    common.save_checkpoint(path, ck)
+    _, network = common.load_pretrained(path)
+    assert list(network) == list(common.IDENTITY_FIELDS) == [
+        "run_id", "checkpoint", "checkpoint_path", "checkpoint_hash", "objective", "hparams",
+        "seed", "arch", "dataset", "dataset_name", "resolution", "small_input"]
+    assert network == {"run_id": ck["run_id"], "checkpoint": "softmax_s3", "checkpoint_path": path,
+                       "checkpoint_hash": common.file_hash(path), "objective": "cosine_softmax",
+                       "hparams": common.objective_hparams("cosine_softmax"), "seed": 3,
+                       "arch": "resnet18", "dataset": "digits@0-4", "dataset_name": "digits@0-4",
+                       "resolution": 8, "small_input": True}
+    assert len(ck["run_id"]) == 32 and ck["run_id"] != common.new_run_id()
+    del ck["run_id"]                                     # a checkpoint from before run ids
+    common.save_checkpoint(path, ck)
+    assert common.load_pretrained(path)[1]["run_id"] is None
+    for other in (common.scratch_identity("resnet50", False),
+                  common.torchvision_identity("torchvision:resnet50", "resnet50", "IMAGENET1K_V2")):
+        assert list(other) == list(common.IDENTITY_FIELDS) and other["run_id"] is None
+    assert common.scratch_identity("resnet18", True)["objective"] == "scratch"
+    # one network or several; the dataset of the result (spec and short name), always
+    header = common.result_header(network, "npz:/data/cifar10@5-9", "linear_probe")
+    assert header == {"kind": "linear_probe", "network": network,
+                      "dataset": "npz:/data/cifar10@5-9", "dataset_name": "cifar10@5-9"}
+    header = common.result_header([network, network], {"spec": "digits"}, "cka")
+    assert list(header) == ["kind", "networks", "dataset", "dataset_name"]
+    assert header["networks"] == [network, network] and header["dataset_name"] == "digits"
+
+
+def test_command_line_helpers(tmp_path):
+    import argparse
+    for parse in (common.positive_int, common.nonnegative_int, common.positive_float,
+                  common.nonnegative_float, common.fraction):
+        for bad in ("-1", "x", "nan", "inf", "-inf"):
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(bad)
+    for parse in (common.positive_int, common.positive_float, common.fraction):
+        with pytest.raises(argparse.ArgumentTypeError, match="'0' must be"):
+            parse("0")
+    assert common.nonnegative_int("0") == 0 and common.nonnegative_float("0") == 0.0
+    assert common.positive_int("3") == 3 and common.positive_float("1e-6") == 1e-6
+    assert common.fraction("1") == 1.0
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.fraction("1.5")
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.positive_int("2.5")
+    # argparse turns the refusal into one line and exit status 2
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=common.positive_int)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--n", "0"])
+    assert e.value.code == 2
+    # the input side: asked for, else the network's training resolution, else 224
+    assert common.input_resolution(16, {"resolution": 8}) == 16
+    assert common.input_resolution(None, {"resolution": 8}) == 8
+    assert common.input_resolution(None, {"resolution": None}) == 224
+    model = common.build_model("softmax", 5, arch="resnet18")
+    assert common.resolve_layers(model, "block8, pool") == ["block8", "pool"]
+    assert common.resolve_layers(model, "all") == common.layer_names(model)
+    for bad, message in (("block9", "has no layer block9; valid: block1"), ("", "no layer given"),
+                         ("pool,pool", "repeated")):
+        with pytest.raises(common.UserError, match=message):
+            common.resolve_layers(model, bad)
+    common.make_out_dir(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(common.UserError, match="cannot create output folder"):
+        common.make_out_dir(str(tmp_path / "file"))
 
 
 def test_checkpoint_errors(tmp_path):

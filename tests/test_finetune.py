@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import common
 import finetune
@@ -54,7 +55,11 @@ def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch)
                                                                 "lr=0.4,wd=0.0001"}
     assert saved["best_val"] == max(saved["grid"].values())
     assert saved["test_accuracy"] > 0.5  # 5 classes: chance is 0.2
-    assert saved["objective"] == "cosine_softmax" and saved["seed"] == 0
+    source_net = saved["network"]                      # the identity of the source network
+    assert source_net["objective"] == "cosine_softmax" and source_net["seed"] == 0
+    assert source_net["run_id"] == torch.load(source, weights_only=True)["run_id"]
+    assert (saved["kind"], saved["dataset"], saved["dataset_name"]) == (
+        "finetune", "digits@5-9", "digits@5-9")
     assert saved["n_test"] == len(common.load_dataset("digits@5-9")["test"])
     ck = common.load_checkpoint(str(out / "final" / "final.pt"), num_classes=5)
     assert ck["objective"] == "softmax"  # a fresh linear head, trained with cross-entropy
@@ -108,7 +113,10 @@ def test_bad_inputs_one_line(source, tmp_path):
         (["--checkpoint", source, "--arch", "resnet50"], "is a resnet18"),
         (["--checkpoint", source, "--lrs"], "empty grid"),
         (["--checkpoint", source, "--wds"], "empty grid"),
-        (["--checkpoint", source, "--lrs", "-1"], "bad grid values"),
+        (["--checkpoint", source, "--lrs", "-1"], "must be > 0"),
+        (["--checkpoint", source, "--epochs", "0"], "must be > 0"),
+        (["--checkpoint", source, "--momentum", "-1"], "must be in [0, 1)"),
+        (["--checkpoint", source, "--workers", "-1"], "must be >= 0"),
         (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
     ]
     tiny = tmp_path / "tiny"

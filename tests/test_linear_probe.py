@@ -44,7 +44,7 @@ def test_objective_and_accuracy_match_sklearn():
     x, y = blobs(1200, 40, 5, seed=1, sep=0.5)
     xtr, ytr, xte, yte = standardized(x[:900], x[:900]), y[:900], standardized(x[900:], x[:900]), y[900:]
     for lam in (1e-1, 1e-2, 1e-4):
-        W, b, info = lp.fit(xtr, ytr, lam, 5)
+        W, b, info = lp.solve_logistic(xtr, ytr, lam, 5)
         assert info["converged"]
         sk = LogisticRegression(C=1 / (lam * len(xtr)), tol=1e-10, max_iter=20000)
         sk.fit(xtr.astype(np.float64), ytr)
@@ -64,7 +64,7 @@ def test_published_digits_vectors():
     xtr, xte, ytr, yte = train_test_split(d.data / 16, d.target, test_size=0.25, random_state=0,
                                           stratify=d.target)
     for C, want in ((1e-4, 0.640000), (1e-2, 0.908889), (1, 0.968889), (100, 0.964444)):
-        W, b, _ = lp.fit(xtr, ytr, 1 / (C * len(xtr)), 10, rtol=1e-8)
+        W, b, _ = lp.solve_logistic(xtr, ytr, 1 / (C * len(xtr)), 10, rtol=1e-8)
         acc = (lp.predict(xte.astype(np.float32), W, b).numpy() == yte).mean()
         assert acc == pytest.approx(want, abs=1e-6), C
 
@@ -79,7 +79,7 @@ def test_rank_deficient_features_are_solved_exactly():
     lam = 1e-2
     prob = lp.prepare(torch.from_numpy(x.copy()), len(x))
     assert prob["Z"].shape[1] < 60          # rank <= n - 1 after centring
-    W, b, info = lp.fit(x, y, lam, 3)
+    W, b, info = lp.solve_logistic(x, y, lam, 3)
     sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
     f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
     assert abs(objective(x, y, W.numpy(), b.numpy(), lam) - f_sk) <= 1e-4 * f_sk
@@ -91,7 +91,7 @@ def test_wide_features_without_rotation(monkeypatch):
     monkeypatch.setattr(lp, "ROTATE_MAX_DIM", 10)
     x, y = blobs(300, 25, 3, seed=6, sep=0.5)
     lam = 1e-3
-    W, b, info = lp.fit(x, y, lam, 3)
+    W, b, info = lp.solve_logistic(x, y, lam, 3)
     assert info["converged"]
     sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
     f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
@@ -107,7 +107,7 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     assert all(p["converged"] for p in res["path"]) and res["refit"]["converged"]
     xs = standardized(train[0], train[0])
     for p in res["path"][::3]:   # the warm-started path lands where a cold solve does
-        Wc, bc, _ = lp.fit(xs, train[1], p["lambda"], 4)
+        Wc, bc, _ = lp.solve_logistic(xs, train[1], p["lambda"], 4)
         f_cold = objective(xs, train[1], Wc.numpy(), bc.numpy(), p["lambda"])
         assert abs(p["objective"] - f_cold) <= 1e-4 * f_cold
     best = max(res["path"], key=lambda p: (p["val"], p["lambda"]))
@@ -116,7 +116,7 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     # the refit is on train+val at the chosen lambda, standardized with train statistics
     xall = standardized(np.concatenate([train[0], val[0]]), train[0])
     yall = np.concatenate([train[1], val[1]])
-    Wr, br, _ = lp.fit(xall, yall, res["best_lambda"], 4)
+    Wr, br, _ = lp.solve_logistic(xall, yall, res["best_lambda"], 4)
     mu, sd = train[0].mean(0, dtype=np.float64), train[0].std(0, dtype=np.float64)
     W_std = W.numpy() * sd[:, None]                 # probe.npz W on raw -> on standardized
     f_ours = objective(xall, yall, W_std, b.numpy() + mu @ W.numpy(), res["best_lambda"])
@@ -157,7 +157,8 @@ def save_small_checkpoint(path, seed=0, objective="softmax"):
     torch.manual_seed(seed)
     model = common.build_model(objective, 5, arch="resnet18", small_input=True)
     ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), "resnet18",
-                                5, True, args={"resolution": 8, "seed": seed})
+                                5, True, args={"resolution": 8, "seed": seed},
+                                run_id=f"run{seed}")
     common.save_checkpoint(str(path), ck)
 
 
@@ -187,9 +188,14 @@ def test_end_to_end_from_checkpoint_and_cache(tmp_path, monkeypatch, capsys):
     pair = out / "softmax_s3" / "digits@5-9"
     r = json.loads((pair / "results.json").read_text())
     data = common.load_dataset("digits@5-9")
-    assert r["checkpoint"] == str(ckpt) and r["checkpoint_label"] == "softmax_s3"
-    assert (r["objective"], r["seed"], r["arch"]) == ("softmax", 3, "resnet18")
-    assert (r["dataset"], r["dataset_spec"], r["layer"]) == ("digits@5-9", "digits@5-9", "pool")
+    assert list(r)[:4] == ["kind", "network", "dataset", "dataset_name"]   # identity first
+    net = r["network"]
+    assert list(net) == list(common.IDENTITY_FIELDS)
+    assert net["checkpoint_path"] == str(ckpt) and net["checkpoint"] == "softmax_s3"
+    assert net["checkpoint_hash"] == common.file_hash(str(ckpt))
+    assert (net["objective"], net["seed"], net["arch"]) == ("softmax", 3, "resnet18")
+    assert (net["run_id"], net["dataset"], r["kind"]) == ("run3", None, "linear_probe")
+    assert (r["dataset"], r["dataset_name"], r["layer"]) == ("digits@5-9", "digits@5-9", "pool")
     assert r["resolution"] == 8                          # the checkpoint's training resolution
     assert (r["n_train"], r["n_val"], r["n_test"]) == tuple(len(data[s]) for s in
                                                             ("train", "val", "test"))
@@ -208,9 +214,9 @@ def test_end_to_end_from_checkpoint_and_cache(tmp_path, monkeypatch, capsys):
     assert (pred == yte).mean() == pytest.approx(r["test_accuracy"])
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 1
-    assert {k: rows[0][k] for k in ("checkpoint_label", "objective", "seed", "dataset", "layer")} \
-        == {"checkpoint_label": "softmax_s3", "objective": "softmax", "seed": "3",
-            "dataset": "digits@5-9", "layer": "pool"}
+    assert {k: rows[0][k] for k in ("checkpoint", "objective", "seed", "dataset_name", "layer")} \
+        == {"checkpoint": "softmax_s3", "objective": "softmax", "seed": "3",
+            "dataset_name": "digits@5-9", "layer": "pool"}
 
     # a rerun reads the cache (a short lambda grid from here on, to save time)
     short = ("--lambdas", "1e-3:1e1:5")
@@ -296,7 +302,7 @@ def test_bad_arguments_one_line_error(tmp_path, monkeypatch):
     ckpt = tmp_path / "a.pt"
     save_small_checkpoint(ckpt)
     cases = [
-        (probe_args(ckpt, tmp_path / "o", "--layer", "block99"), "unknown layer 'block99'.*block8"),
+        (probe_args(ckpt, tmp_path / "o", "--layer", "block99"), "has no layer block99.*block8"),
         (probe_args(tmp_path / "missing.pt", tmp_path / "o"), "checkpoint not found"),
         (probe_args(ckpt, tmp_path / "o", "--lambdas", "1:0.1:5"), "bad --lambdas"),
         (["--features", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")], "not found"),

@@ -36,11 +36,24 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
+def identity(label, objective, seed, hparams, **override):
+    """A network's identity block as common.network_identity writes it."""
+    return {"run_id": f"id-{label}", "checkpoint": label,
+            "checkpoint_path": f"runs/train/{label}/final.pt", "checkpoint_hash": f"hash-{label}",
+            "objective": objective, "hparams": hparams, "seed": seed, "arch": "resnet18",
+            "dataset": "digits@0-4", "dataset_name": "digits@0-4", "resolution": 8,
+            "small_input": True, **override}
+
+
+SPECS = {"digits@5-9": "npz:/data/digits@5-9", "flowers102": "flowers102:/data"}
+
+
 def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=True,
               probe=True, finetune=True):
     """A runs folder like the demo writes: train/<label>/, probe/<label>/<dataset>/,
-    finetune/<label>/<dataset>/, cka/cka.npz, separation/class_separation.json.
-    `sweep`: extra logit_normalization tau values. Returns the list of networks written."""
+    finetune/<label>/<dataset>/, cka/cka.{json,npz}, separation/class_separation.json, each
+    file starting with common.result_header. `sweep`: extra logit_normalization tau values.
+    Returns the list of networks written."""
     nets = [(o, s, None) for o in objectives for s in seeds]
     nets += [("logit_normalization", s, tau) for tau in sweep for s in seeds]
     written = []
@@ -51,36 +64,40 @@ def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=
             hp["tau"] = tau
             label = f"{obj}_tau{tau}_s{seed}"
         num = fake_numbers(obj, seed, tau)
-        run = os.path.join(root, "train", label)
-        write_json(os.path.join(run, "results.json"), {
-            "objective": obj, "hparams": hp, "epochs": 3, "top1": num["top1"],
-            "top5": 0.99, "top1_raw": num["top1"] - 0.01, "top5_raw": 0.99,
-            "train_seconds": 12.0, "images_per_second": 500.0, "seed": seed,
-            "arch": "resnet18", "dataset": "digits@0-4", "val_top1": num["top1"]})
-        ckpt = os.path.join(run, "final.pt")
+        net = identity(label, obj, seed, hp)
+        write_json(os.path.join(root, "train", label, "results.json"), {
+            **common.result_header(net, "digits@0-4", "train"), "epochs": 3,
+            "top1": num["top1"], "top5": 0.99, "top1_raw": num["top1"] - 0.01, "top5_raw": 0.99,
+            "train_seconds": 12.0, "images_per_second": 500.0, "val_top1": num["top1"]})
         for ds in PROBE_SETS if probe else []:
             metric = "mean_per_class" if ds == "flowers102" else "top1"
             write_json(os.path.join(root, "probe", label, ds, "results.json"), {
+                **common.result_header(net, SPECS[ds], "linear_probe"), "layer": "pool",
                 "metric": metric, "test_accuracy": num["linear"] - (0.1 if metric != "top1" else 0),
                 "best_lambda": 1e-3, "val_curve": {"0.001": 0.8}, "n_train": 800, "n_val": 90,
-                "n_test": 300, "dim": 512, "num_classes": 5, "seconds": 1.0,
-                "checkpoint": ckpt, "objective": obj, "seed": seed, "dataset": ds})
+                "n_test": 300, "dim": 512, "num_classes": 5, "seconds": 1.0})
         for ds in FT_SETS if finetune else []:
             write_json(os.path.join(root, "finetune", label, ds, "results.json"), {
-                "metric": "top1", "test_accuracy": num["finetune"], "best_lr": 0.01,
-                "best_wd": 1e-4, "grid": {"lr=0.01,wd=0.0001": 0.94}, "seconds": 3.0,
-                "checkpoint": ckpt, "objective": obj, "seed": seed,
-                "dataset": f"npz:/data/{ds}", "dataset_name": ds})  # as finetune.py writes
-        written.append({"objective": obj, "seed": seed, "tau": tau, "label": label, **num})
+                **common.result_header(net, SPECS[ds], "finetune"), "metric": "top1",
+                "test_accuracy": num["finetune"], "best_lr": 0.01, "best_wd": 1e-4,
+                "grid": {"lr=0.01,wd=0.0001": 0.94}, "seconds": 3.0})
+            # a grid point of that fine-tune: finetune.py's own record, not a network
+            write_json(os.path.join(root, "finetune", label, ds, "grid", "lr0.01", "results.json"),
+                       {**common.result_header(identity(f"{label}_ft", "softmax", seed, {}),
+                                               SPECS[ds], "finetune_run"), "top1": 0.5})
+        written.append({"objective": obj, "seed": seed, "tau": tau, "label": label,
+                        "identity": net, **num})
     main = [n for n in written if n["tau"] is None]
-    if cs:   # class_separation.py: a list of records, per-layer values under "layers"
-        records = [{"label": n["label"], "objective": n["objective"], "seed": n["seed"],
-                    "arch": "resnet18", "path": os.path.join(root, "train", n["label"], "final.pt"),
-                    "dataset": "digits@0-4", "split": "train", "n_images": 900,
-                    "layers": {"block8": {"r2": 0.1, "sparsity": 0.5, "dim": 30.0},
-                               "pool": {"r2": n["r2"], "sparsity": 0.4, "dim": 12.0}}}
-                   for n in written]
-        write_json(os.path.join(root, "separation", "class_separation.json"), records)
+    if cs:   # class_separation.py: the networks, then one result per network in that order
+        write_json(os.path.join(root, "separation", "class_separation.json"), {
+            **common.result_header([n["identity"] for n in written], "digits@0-4",
+                                   "class_separation"),
+            "split": "train", "max_per_class": None,
+            "results": [{"checkpoint": n["label"], "resolution": 8, "n_images": 900,
+                         "num_classes": 5,
+                         "layers": {"block8": {"r2": 0.1, "sparsity": 0.5, "dim": 30.0},
+                                    "pool": {"r2": n["r2"], "sparsity": 0.4, "dim": 12.0}}}
+                        for n in written]})
     if cka:  # cka_analysis.py: lower CKA between objectives in the last layers
         M, L = len(main), len(LAYERS)
         depth = np.linspace(0, 1, L)
@@ -92,13 +109,16 @@ def make_runs(root, objectives=OBJECTIVES, seeds=(0, 1), sweep=(), cka=True, cs=
                     drop = 0.05 + (0.3 + 0.02 * k if a["objective"] != b["objective"] else 0.0) \
                         * depth ** 12 + 0.002 * ((a["seed"] + b["seed"] + i + j) % 3)  # seed noise
                     cka_arr[i, j, range(L), range(L)] = 1 - drop
-        np.savez(_mk(root, "cka", "cka.npz"), cka=cka_arr, layers=np.array(LAYERS),
-                 labels=np.array([n["label"] for n in main]),
-                 objectives=np.array([n["objective"] for n in main]),
-                 seeds=np.array([n["seed"] for n in main]), n_images=np.int64(300),
-                 paths=np.array([os.path.join(root, "train", n["label"], "final.pt")
-                                 for n in main]))
+        write_cka(root, [n["identity"] for n in main], cka_arr)
     return written
+
+
+def write_cka(root, networks, cka_arr):
+    write_json(os.path.join(root, "cka", "cka.json"), {
+        **common.result_header(networks, "digits@0-4", "cka"), "split": "val",
+        "layers": LAYERS, "n_images": 300})
+    if cka_arr is not None:
+        np.savez(_mk(root, "cka", "cka.npz"), cka=cka_arr, layers=np.array(LAYERS))
 
 
 def _mk(root, folder, name):
@@ -203,22 +223,21 @@ def test_one_objective_one_seed_no_cka(tmp_path, monkeypatch):
 
 def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "out"
-    make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0, 1), cka=False,
-              finetune=False)
+    nets = make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0, 1), cka=False,
+                     finetune=False)
     (runs / "train" / "broken").mkdir()
     (runs / "train" / "broken" / "results.json").write_text("{not json")
-    (runs / "cka").mkdir()
+    write_cka(str(runs), [n["identity"] for n in nets], None)
     (runs / "cka" / "cka.npz").write_bytes(b"truncated")
-    # a probe result without objective/seed: found through its checkpoint path
+    # a probe of the same network through a copy of its checkpoint elsewhere: joined by run id
     res = runs / "probe" / "sigmoid_s1" / "digits@5-9" / "results.json"
     data = json.loads(res.read_text())
-    del data["objective"], data["seed"]
+    data["network"].update(checkpoint="copy", checkpoint_path="/elsewhere/copy.pt")
     res.write_text(json.dumps(data))
-    # a training result without top1 value and without seed (seed comes from the folder name)
+    # a training result without a finite top1
     tr = runs / "train" / "softmax_s1" / "results.json"
     data = json.loads(tr.read_text())
     data["top1"] = float("nan")
-    del data["seed"]
     tr.write_text(json.dumps(data))
     # a rerun of one probe written elsewhere, later: the newer result wins, with a note
     src = runs / "probe" / "softmax_s0" / "digits@5-9" / "results.json"
@@ -226,49 +245,57 @@ def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
     rerun["test_accuracy"] = 0.5
     write_json(str(runs / "probe_rerun" / "results.json"), rerun)
     os.utime(src, (1e9, 1e9))
+    # results that cannot be joined: each gets one note, none is counted
+    old = {"checkpoint": "runs/train/softmax_s0/final.pt", "objective": "softmax", "seed": 0,
+           "dataset": "digits@5-9", "best_lambda": 1e-3, "test_accuracy": 0.01}
+    write_json(str(runs / "old" / "results.json"), old)                      # before issue 12
+    no_id = {**rerun, "network": {**rerun["network"], "run_id": None}, "test_accuracy": 0.01}
+    write_json(str(runs / "no_id" / "results.json"), no_id)                  # an older checkpoint
+    snap = {**rerun, "network": {**rerun["network"], "checkpoint_hash": "other"},
+            "test_accuracy": 0.01}
+    write_json(str(runs / "snapshot" / "results.json"), snap)               # not the final.pt
     report = run_figures(monkeypatch, runs, out)
     notes = report.split("## Notes")[1]
     assert "`probe/softmax_s0/digits@5-9/results.json` and `probe_rerun/results.json`" in notes
     assert "`train/broken/results.json`: cannot be read as JSON" in notes
     assert "`cka/cka.npz`: cannot be read" in notes
     assert "top1 is missing or not a finite number" in notes
+    assert notes.count("`old/results.json`: no identity block") == 1
+    assert notes.count("`no_id/results.json`: checkpoint softmax_s0 has no run id") == 1
+    assert notes.count("`snapshot/results.json`: checkpoint softmax_s0 of run id-softmax_s0 is "
+                       "not that run's final.pt") == 1
+    assert "grid" not in notes                             # fine-tune grid points are not notes
     header, rows = table_rows(report)
-    assert rows["Softmax"][1].startswith("2 (0, 1)")      # seed 1 parsed from softmax_s1
+    assert rows["Softmax"][1].startswith("2 (0, 1)")
     top1 = rows["Softmax"][header.index("Source top-1 (%) [paper: better (higher)]")]
     assert "(n=1)" in top1
     probe = rows["Sigmoid"][header.index("Linear probe digits@5-9 (%) [paper: worse (lower)]")]
-    assert "±" in probe                                   # both seeds, one matched by path
+    assert "±" in probe                                   # both seeds, one through the copy
     soft = rows["Softmax"][header.index("Linear probe digits@5-9 (%) [paper: worse (lower)]")]
     s1 = 100 * fake_numbers("softmax", 1)["linear"]
     assert soft.startswith(f"{(50 + s1) / 2:.2f} ± {abs(s1 - 50) / 2:.2f}")
     assert (out / "fig4_class_separation.png").exists()
 
 
-@pytest.mark.parametrize("layout", ["list", "by_label", "flat_rows"])
-def test_class_separation_layouts(layout):
-    e = {"label": "softmax_s0", "objective": "softmax", "seed": 0, "dataset": "digits"}
-    if layout == "list":
-        data = [dict(e, r2={"block8": 0.1, "pool": 0.4}, sparsity={"pool": 0.5},
-                     dim={"pool": 9.0})]
-    elif layout == "by_label":
-        data = {"softmax_s0": dict(e, layers=[{"layer": "pool", "r2": 0.4, "sparsity": 0.5,
-                                               "dim": 9.0}])}
-    else:
-        data = {"results": [dict(e, layer="block8", r2=0.1, sparsity=0.2, dim=3.0),
-                            dict(e, layer="pool", r2=0.4, sparsity=0.5, dim=9.0)]}
-    entries = make_figures.cs_entries(data)
-    pool = [x for x in entries if make_figures.layer_value(x, ("r2",)) is not None]
-    assert len(pool) == 1
-    assert make_figures.layer_value(pool[0], ("r2",)) == 0.4
-    assert make_figures.layer_value(pool[0], ("dim",)) == 9.0
-
-
-def test_seed_and_label_parsing():
-    assert make_figures.seed_from_text("softmax_s3") == 3
-    assert make_figures.seed_from_text("cosine_softmax-seed12") == 12
-    assert make_figures.seed_from_text("sigmoid") is None
-    assert make_figures.objective_from_text("cosine_softmax_s0") == "cosine_softmax"
-    assert make_figures.checkpoint_label("/a/runs/dropout_s2/final.pt") == "dropout_s2"
+def test_torchvision_and_scratch_results(tmp_path, monkeypatch):
+    """Published weights (no run id) get a note; --from-scratch fine-tunes are listed apart."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax"], seeds=(0,), cka=False, cs=False)
+    tv = common.torchvision_identity("torchvision:resnet18:IMAGENET1K_V1", "resnet18",
+                                     "IMAGENET1K_V1")
+    write_json(str(runs / "probe" / "tv" / "results.json"), {
+        **common.result_header(tv, "digits@5-9", "linear_probe"), "layer": "pool",
+        "metric": "top1", "test_accuracy": 0.9, "best_lambda": 1.0})
+    write_json(str(runs / "finetune" / "scratch" / "results.json"), {
+        **common.result_header(common.scratch_identity("resnet18", True), "digits@5-9",
+                               "finetune"), "metric": "top1", "test_accuracy": 0.42,
+        "best_lr": 0.1, "best_wd": 1e-4})
+    report = run_figures(monkeypatch, runs, out, "--formats", "png")
+    assert "published weights torchvision:resnet18:IMAGENET1K_V1 are not part of the objective " \
+           "comparison" in report
+    assert "- Fine-tune digits@5-9: 0.42 (n=1)" in report
+    _, rows = table_rows(report)
+    assert list(rows) == ["Softmax"]
 
 
 def test_bad_input_is_one_line_error(tmp_path, monkeypatch, capsys):
@@ -281,20 +308,22 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, capsys):
         assert err.startswith("error: ") and "\n" not in err
 
 
-def test_sweep_runs_in_nested_folders_matched_by_trailing_path(tmp_path, monkeypatch):
-    """Two sweep values whose run folders share a name; the probe ran elsewhere (relative
-    checkpoint paths that no longer resolve) and its results still land on the right run."""
+def test_sweep_results_join_on_run_id(tmp_path, monkeypatch):
+    """Two sweep values whose run folders share a name; the probe ran elsewhere (checkpoint
+    paths that no longer resolve) and its results still land on the right run."""
     runs = tmp_path / "runs"
     for tau, acc in ((0.02, 0.70), (0.04, 0.80)):
         for seed in (0, 1):
-            run = runs / f"tau{tau}" / f"logit_normalization_s{seed}"
-            write_json(str(run / "results.json"), {
-                "objective": "logit_normalization", "hparams": {"tau": tau}, "epochs": 1,
-                "top1": 0.9, "top5": 1.0, "seed": seed})
+            label = f"logit_normalization_s{seed}"
+            net = identity(label, "logit_normalization", seed, {"tau": tau},
+                           run_id=f"tau{tau}-s{seed}",
+                           checkpoint_path=f"old/place/tau{tau}/{label}/final.pt")
+            write_json(str(runs / f"tau{tau}" / label / "results.json"), {
+                **common.result_header(net, "digits@0-4", "train"), "epochs": 1, "top1": 0.9,
+                "top5": 1.0})
             write_json(str(runs / "probe" / f"{tau}_{seed}" / "results.json"), {
-                "metric": "top1", "test_accuracy": acc + 0.01 * seed, "best_lambda": 0.1,
-                "dataset": "digits@5-9", "objective": "logit_normalization", "seed": seed,
-                "checkpoint": f"old/place/tau{tau}/logit_normalization_s{seed}/final.pt"})
+                **common.result_header(net, "digits@5-9", "linear_probe"), "layer": "pool",
+                "metric": "top1", "test_accuracy": acc + 0.01 * seed, "best_lambda": 0.1})
     report = run_figures(monkeypatch, runs, tmp_path / "out")
     sweep = report.split("### Logit normalization: tau")[1]
     assert "| 0.02 | 2 | 90.00 ± 0.00 | 70.50 ± 0.50 |" in sweep

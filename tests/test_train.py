@@ -153,18 +153,22 @@ def test_every_objective_trains_and_writes_loadable_outputs(tmp_path, objective)
     assert np.mean(losses[-4:]) < np.mean(losses[:3]), losses
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    for key in ("objective", "hparams", "epochs", "top1", "top5", "top1_raw", "top5_raw",
-                "train_seconds", "images_per_second", "seed", "arch", "dataset", "resolution",
-                "val_top1", "mean_per_class"):
+    for key in ("epochs", "top1", "top5", "top1_raw", "top5_raw", "train_seconds",
+                "images_per_second", "val_top1", "mean_per_class"):
         assert saved[key] is not None, key
-    assert saved["objective"] == objective and saved["dataset"] == "digits@0-4"
-    assert saved["hparams"] == common.objective_hparams(objective)
+    net = saved["network"]  # the identity block, first in the file
+    assert list(saved)[:4] == ["kind", "network", "dataset", "dataset_name"]
+    assert saved["kind"] == "train" and saved["dataset"] == "digits@0-4"
+    assert net["objective"] == objective and net["dataset"] == "digits@0-4"
+    assert net["hparams"] == common.objective_hparams(objective)
+    assert net["seed"] == 0 and net["resolution"] == 8 and net["arch"] == "resnet18"
+    assert net["checkpoint_hash"] == common.file_hash(os.path.join(out, "final.pt"))
     assert saved["test_count"] == len(common.load_dataset("digits@0-4")["test"])
     ck = common.load_checkpoint(os.path.join(out, "final.pt"))
     model = common.model_from_checkpoint(ck)
     assert ck["args"]["resolution"] == 8 and ck["args"]["seed"] == 0
-    model2, info = common.load_pretrained(os.path.join(out, "final.pt"))
-    assert info["resolution"] == 8 and info["seed"] == 0 and info["objective"] == objective
+    model2, network = common.load_pretrained(os.path.join(out, "final.pt"))
+    assert network == net and len(net["run_id"]) == 32 and ck["run_id"] == net["run_id"]
     # final.pt holds the EMA weights that gave results.json's top1 on the test split
     data = common.load_dataset("digits@0-4")
     m = train_imagenet.evaluate({"ema": model}, data["test"], 8)["ema"]
@@ -212,7 +216,8 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         torch.use_deterministic_algorithms(False)
     r = run_script([*base, "--out", cut, "--debug-kill-at-step", "5"])  # mid-epoch 1
     assert r.returncode == -9, r.stderr
-    assert common.load_checkpoint(os.path.join(cut, "last.pt"))["train_state"]["step"] == 4
+    first = common.load_checkpoint(os.path.join(cut, "last.pt"))
+    assert first["train_state"]["step"] == 4
     r = run_script([*base, "--out", cut, "--debug-kill-at-step", "13"])  # mid-epoch 2
     assert r.returncode == -9 and "resumed at step 4" in r.stdout, r.stdout + r.stderr
     r = run_script([*base, "--out", cut])
@@ -224,6 +229,8 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["results"]["top1"] == b["results"]["top1"]
+    assert a["run_id"] != b["run_id"] == first["run_id"]  # the resumed run kept its id
+    assert b["run_id"] == json.load(open(os.path.join(cut, "results.json")))["network"]["run_id"]
     steps = [r["step"] for r in read_log(cut) if "loss" in r]
     assert steps == [r["step"] for r in read_log(ref)]  # no step logged twice or lost
     assert steps == [2, 4, 6, 8, 9, 10, 12, 14, 16, 18]  # every 2 steps and at epoch ends
