@@ -167,10 +167,28 @@ class CosineLinear(nn.Module):
                f"normalize_features={self.normalize_features}"
 
 
-def build_model(objective, num_classes, arch="resnet50", small_input=False, **overrides):
+class MaxPoolSame(nn.Module):
+    """TF's max_pool(3, 2, padding='SAME'), the released TF ResNets' stem pool: for an even side
+    (112 at 224 px) it pads 0 before and 1 after where torchvision pads 1 on both sides, which
+    shifts every window by one pixel. No parameters, so state_dicts are unchanged."""
+
+    def forward(self, x):
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):            # F.pad order: width, then height
+            total = max(((n + 1) // 2 - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), 3, 2)
+
+
+STEM_POOLS = ("torchvision", "tf_same")
+
+
+def build_model(objective, num_classes, arch="resnet50", small_input=False,
+                stem_pool="torchvision", **overrides):
     """A torchvision ResNet for `objective` (SPEC.md): zero-init last BN gamma of each residual
     branch, final layer N(0, 0.01^2) with zero bias, dropout or cosine head where the objective
-    asks. With a linear head the state_dict loads strictly into torchvision.models.<arch>."""
+    asks. With a linear head the state_dict loads strictly into torchvision.models.<arch>.
+    stem_pool="tf_same": TF's SAME max-pool after the stem (import_tf_checkpoint.py's models)."""
     hp = objective_hparams(objective, **overrides)
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
@@ -186,6 +204,10 @@ def build_model(objective, num_classes, arch="resnet50", small_input=False, **ov
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
+    if stem_pool not in STEM_POOLS:
+        raise UserError(f"unknown stem_pool {stem_pool!r}; valid: {', '.join(STEM_POOLS)}")
+    if stem_pool == "tf_same" and not small_input:
+        model.maxpool = MaxPoolSame()
     return model
 
 
@@ -873,7 +895,8 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
 def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
     """Rebuild the model of a checkpoint dict; load its EMA weights when present and asked for."""
     model = build_model(ck["objective"], ck["num_classes"], arch=ck["arch"],
-                        small_input=ck["small_input"], **ck["hparams"])
+                        small_input=ck["small_input"],
+                        stem_pool=ck.get("stem_pool", "torchvision"), **ck["hparams"])
     state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
     try:
         model.load_state_dict(state, strict=True)
