@@ -909,7 +909,8 @@ def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
 def load_pretrained(name, map_location="cpu"):
     """A model to extract features from, by checkpoint path or 'torchvision:ARCH[:WEIGHTS]'.
 
-    Returns (model, info) with info = {label, objective, arch, small_input, resolution, hash}."""
+    Returns (model, info) with info = {label, objective, arch, small_input, resolution, hash,
+    num_classes, seed, stem_pool}."""
     if name.startswith("torchvision:"):
         parts = name.split(":")
         arch = parts[1] if len(parts) > 1 else ""
@@ -929,14 +930,15 @@ def load_pretrained(name, map_location="cpu"):
                             f"{torch.hub.get_dir()}): {str(e).splitlines()[0]}")
         info = {"label": f"torchvision_{arch}_{w.name}", "objective": "softmax", "arch": arch,
                 "small_input": False, "resolution": 224, "hash": f"torchvision:{arch}:{w.name}",
-                "num_classes": model.fc.out_features, "seed": None}
+                "num_classes": model.fc.out_features, "seed": None, "stem_pool": "torchvision"}
         return model, info
     ck = load_checkpoint(name, map_location=map_location)
     model = model_from_checkpoint(ck, path=name)
     args = ck.get("args") or {}
     info = {"label": checkpoint_label(name), "objective": ck["objective"], "arch": ck["arch"],
             "small_input": ck["small_input"], "resolution": args.get("resolution"),
-            "hash": file_hash(name), "num_classes": ck["num_classes"], "seed": args.get("seed")}
+            "hash": file_hash(name), "num_classes": ck["num_classes"], "seed": args.get("seed"),
+            "stem_pool": ck.get("stem_pool", "torchvision")}
     return model, info
 
 

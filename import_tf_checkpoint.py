@@ -443,6 +443,11 @@ def main(argv=None):
     p.add_argument("--keep-background", action="store_true",
                    help="keep TF's 1001 outputs (class 0 = unused background); default 1000")
     args = p.parse_args(argv)
+    if re.match(r"(gs|https?)://", args.checkpoint):
+        raise common.UserError(f"download {args.checkpoint} first (e.g. gsutil -m cp -r "
+                               f"gs://gresearch/loss_functions_transfer/checkpoints .), then pass "
+                               f"the local path")
+    args.checkpoint = re.sub(r"\.(index|data-\d{5}-of-\d{5})$", "", args.checkpoint)
     if os.path.isdir(args.checkpoint):
         if args.objective is not None or args.seed is not None:
             raise common.UserError("--objective/--seed apply to one checkpoint; a folder's are "

@@ -171,7 +171,7 @@ def test_resnet50_reproduces_tf_outputs(tf_tree, tmp_path, capsys):
         model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))
         assert (info["objective"], info["seed"], info["resolution"], info["num_classes"]) == \
             (objective, 3, 224, 1000)
-        assert isinstance(model.maxpool, common.MaxPoolSame)
+        assert isinstance(model.maxpool, common.MaxPoolSame) and info["stem_pool"] == "tf_same"
         for key, batch in gen.BATCHES.items():
             got = scripts_outputs(model, gen.images(batch))
             errs = {"pool": rel_err(got["pool"], ref[f"{key}_pool"]),
@@ -323,3 +323,12 @@ def test_head_and_objective_must_agree(tmp_path, capsys):
         itc.convert(other)
     err = run_cli(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
     assert "elsewhere/model.ckpt is not in an <objective>/seed<k>/ folder" in err
+    err = run_cli(["--checkpoint", "gs://gresearch/loss_functions_transfer/checkpoints/softmax/"
+                   "seed0/model.ckpt", "--out", str(tmp_path / "x.pt")], capsys)
+    assert "download gs://" in err
+
+
+def test_prefix_may_be_given_as_a_file_name(tf_tree, tmp_path):
+    index = str(tf_tree / "softmax" / "seed3" / "model.ckpt.index")
+    itc.main(["--checkpoint", index, "--out", str(tmp_path / "s.pt")])
+    assert common.load_checkpoint(str(tmp_path / "s.pt"))["args"]["seed"] == 3
