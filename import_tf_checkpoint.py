@@ -38,11 +38,9 @@ import functools
 import math
 import os
 import re
-import struct
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -96,7 +94,7 @@ def _zeros_tables(n):
 
 def crc32c(data):
     """CRC-32C of bytes. Large inputs run as many interleaved numpy lanes, combined with the
-    zero-byte operator; measured about 0.5 s per 100 MB on one core."""
+    zero-byte operator: measured about 0.6 s per 100 MB on one core."""
     buf = np.frombuffer(data, dtype=np.uint8)
     n, reg = len(buf), 0xFFFFFFFF
     if n >= 1 << 15:
