@@ -191,10 +191,28 @@ class CosineLinear(nn.Module):
                f"normalize_features={self.normalize_features}"
 
 
-def build_model(objective, num_classes, arch="resnet50", small_input=False, **overrides):
+class MaxPoolSame(nn.Module):
+    """TF's max_pool(3, 2, padding='SAME'), the released TF ResNets' stem pool: for an even side
+    (112 at 224 px) it pads 0 before and 1 after where torchvision pads 1 on both sides, which
+    shifts every window by one pixel. No parameters, so state_dicts are unchanged."""
+
+    def forward(self, x):
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):            # F.pad order: width, then height
+            total = max(((n + 1) // 2 - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), 3, 2)
+
+
+STEM_POOLS = ("torchvision", "tf_same")
+
+
+def build_model(objective, num_classes, arch="resnet50", small_input=False,
+                stem_pool="torchvision", **overrides):
     """A torchvision ResNet for `objective` (SPEC.md): zero-init last BN gamma of each residual
     branch, final layer N(0, 0.01^2) with zero bias, dropout or cosine head where the objective
-    asks. With a linear head the state_dict loads strictly into torchvision.models.<arch>."""
+    asks. With a linear head the state_dict loads strictly into torchvision.models.<arch>.
+    stem_pool="tf_same": TF's SAME max-pool after the stem (import_tf_checkpoint.py's models)."""
     hp = objective_hparams(objective, **overrides)
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
@@ -210,6 +228,10 @@ def build_model(objective, num_classes, arch="resnet50", small_input=False, **ov
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
+    if stem_pool not in STEM_POOLS:
+        raise UserError(f"unknown stem_pool {stem_pool!r}; valid: {', '.join(STEM_POOLS)}")
+    if stem_pool == "tf_same" and not small_input:
+        model.maxpool = MaxPoolSame()
     return model
 
 
@@ -997,7 +1019,8 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
 def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
     """Rebuild the model of a checkpoint dict; load its EMA weights when present and asked for."""
     model = build_model(ck["objective"], ck["num_classes"], arch=ck["arch"],
-                        small_input=ck["small_input"], **ck["hparams"])
+                        small_input=ck["small_input"],
+                        stem_pool=ck.get("stem_pool", "torchvision"), **ck["hparams"])
     state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
     try:
         model.load_state_dict(state, strict=True)
@@ -1043,7 +1066,7 @@ def load_pretrained(name, map_location="cpu"):
 #   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS name) as given
 #   checkpoint_hash  file_hash of the file (torchvision:ARCH:WEIGHTS for published weights,
 #                    None without weights)
-#   objective, hparams, seed, arch, resolution (training input side), small_input
+#   objective, hparams, seed, arch, resolution (training input side), small_input, stem_pool
 #   dataset          the SPEC string of the network's training data; dataset_name its short name
 #
 # A results file adds, after the block, the dataset spec and short name of the data THAT result
@@ -1051,7 +1074,7 @@ def load_pretrained(name, map_location="cpu"):
 
 IDENTITY_FIELDS = ("run_id", "checkpoint", "checkpoint_path", "checkpoint_hash", "objective",
                    "hparams", "seed", "arch", "dataset", "dataset_name", "resolution",
-                   "small_input")
+                   "small_input", "stem_pool")
 
 
 def new_run_id():
@@ -1072,7 +1095,8 @@ def network_identity(path, ck):
             "objective": ck["objective"], "hparams": dict(ck["hparams"]), "seed": args.get("seed"),
             "arch": ck["arch"], "dataset": dataset,
             "dataset_name": dataset_label(dataset) if dataset else None,
-            "resolution": args.get("resolution"), "small_input": bool(ck["small_input"])}
+            "resolution": args.get("resolution"), "small_input": bool(ck["small_input"]),
+            "stem_pool": ck.get("stem_pool", "torchvision")}
 
 
 def torchvision_identity(name, arch, weights):
@@ -1080,7 +1104,8 @@ def torchvision_identity(name, arch, weights):
     return {"run_id": None, "checkpoint": f"torchvision_{arch}_{weights}",
             "checkpoint_path": name, "checkpoint_hash": f"torchvision:{arch}:{weights}",
             "objective": "softmax", "hparams": {}, "seed": None, "arch": arch, "dataset": None,
-            "dataset_name": "imagenet", "resolution": 224, "small_input": False}
+            "dataset_name": "imagenet", "resolution": 224, "small_input": False,
+            "stem_pool": "torchvision"}
 
 
 def scratch_identity(arch, small_input):
@@ -1088,7 +1113,7 @@ def scratch_identity(arch, small_input):
     return {"run_id": None, "checkpoint": f"scratch_{arch}", "checkpoint_path": None,
             "checkpoint_hash": None, "objective": "scratch", "hparams": {}, "seed": None,
             "arch": arch, "dataset": None, "dataset_name": None, "resolution": None,
-            "small_input": bool(small_input)}
+            "small_input": bool(small_input), "stem_pool": "torchvision"}
 
 
 def result_header(network, data, kind):

@@ -105,7 +105,8 @@ def with_fresh_head(source, network, num_classes, seed):
     """A softmax ResNet of the source's arch with every weight but the head copied over."""
     torch.manual_seed(seed)
     model = common.build_model("softmax", num_classes, arch=network["arch"],
-                               small_input=network["small_input"])
+                               small_input=network["small_input"],
+                               stem_pool=network.get("stem_pool", "torchvision"))
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
@@ -153,7 +154,8 @@ def train_one(source, network, data, run, dist):
                                f"rerun with the original ones or use another --out")
     model = with_fresh_head(source, network, data["num_classes"], run.seed)
     model_args = {"objective": "softmax", "hparams": {}, "arch": network["arch"],
-                  "num_classes": data["num_classes"], "small_input": network["small_input"]}
+                  "num_classes": data["num_classes"], "small_input": network["small_input"],
+                  "stem_pool": network.get("stem_pool", "torchvision")}
     extra = {"kind": "finetune_run", "finetune_of": network["checkpoint"],
              "source_objective": network["objective"], "grid_key": key, "lr": run.lr,
              "weight_decay": run.weight_decay}

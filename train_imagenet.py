@@ -586,7 +586,7 @@ class Run:
     opt: torch.optim.Optimizer
     scaler: object                 # GradScaler for fp16, else None
     criterion: object
-    model_args: dict               # objective, hparams, arch, num_classes, small_input
+    model_args: dict               # objective, hparams, arch, num_classes, small_input[, stem_pool]
     data: dict                     # common.load_dataset()'s dict (val and test may be None)
     args: argparse.Namespace
     dist: Dist
@@ -606,7 +606,7 @@ class Run:
             self.model, m["objective"], m["hparams"], m["arch"], m["num_classes"],
             m["small_input"], ema=self.ema.state_dict() if self.ema is not None else None,
             args=vars(self.args), dataset=self.data["spec"], classes=list(self.data["classes"]),
-            run_id=self.progress.run_id, **extra)
+            run_id=self.progress.run_id, stem_pool=m.get("stem_pool", "torchvision"), **extra)
 
     def evaluate(self, split):
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""

@@ -1,0 +1,481 @@
+"""Import the authors' released TensorFlow-1 ResNet-50 checkpoints, without TensorFlow.
+
+The 72 networks of the paper (9 objectives x 8 seeds) are TF1 checkpoints at
+gs://gresearch/loss_functions_transfer/checkpoints/<objective>/seed<k>/model.ckpt
+(https://storage.googleapis.com/gresearch/loss_functions_transfer/checkpoints/...: files
+model.ckpt.index and model.ckpt.data-00000-of-00001). This script turns one, or a downloaded
+tree of them, into ordinary checkpoints of this project that common.load_pretrained, and so
+every analysis script, loads:
+
+    python import_tf_checkpoint.py --checkpoint ckpts/softmax/seed0/model.ckpt --out softmax_s0.pt
+    python import_tf_checkpoint.py --checkpoint ckpts --out runs/tf # runs/tf/<objective>_s<seed>.pt
+    python import_tf_checkpoint.py --checkpoint x/model.ckpt --objective sigmoid --seed 2 \\
+        --out sigmoid_s2.pt --keep-background
+    python linear_probe.py --checkpoint runs/tf/*.pt --data cifar10:/data --out runs/probe
+
+What is imported (as the official load_model.py restores it for evaluation): for every variable
+of the eval graph its <name>/ExponentialMovingAverage shadow, BN moving statistics included;
+raw weights, Momentum slots and global_step in the same file are never read. TF1 auto-names
+(conv2d, conv2d_1, ..., batch_normalization_N in layer-creation order, dense/kernel or the
+cosine head's dense/normalized_kernel) are mapped onto torchvision's ResNet-50. The released
+heads have 1001 outputs, class 0 an unused background class (TF class k = ImageNet class k-1):
+it is dropped unless --keep-background. The model is rebuilt with TF's SAME stem max-pool
+(checkpoint key stem_pool="tf_same"); the cosine_softmax head normalizes only the weights
+(normalize_features=False), as the released code does. Checked against the official TF graph:
+all 16 block outputs, the pooled features and the final layer agree to float32 round-off.
+
+TF eval preprocessing (center crop of 0.875 of the short side, TF1 resize_bicubic without
+antialiasing or half-pixel offset) is tf_eval_transform() below: within 2e-4 grey levels of
+TF's output. common.eval_transform (antialiased bicubic, uint8) is not the same input: on
+scikit-learn's two sample photos it differs by 4-10 grey levels on average, over 100 at edges.
+
+The reader needs numpy and the standard library only (read_index, read_tensors): the .index
+file is a LevelDB-style table of BundleEntryProto records, the data file raw little-endian
+tensors checked with masked crc32c.
+"""
+import argparse
+import functools
+import math
+import os
+import re
+
+import numpy as np
+import torch
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Reading a TF checkpoint (TensorBundle format): numpy and the standard library only
+
+TABLE_MAGIC = 0xDB4775248B80FB57           # LevelDB table footer magic, also TF's
+FOOTER_LEN = 48                            # two block handles padded to 40 bytes + magic
+DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?",
+          17: "<u2", 19: "<f2", 22: "<u4", 23: "<u8"}     # TF DataType enum -> numpy
+DTYPE_NAMES = {7: "string", 8: "complex64", 14: "bfloat16", 18: "complex128", 20: "resource",
+               21: "variant"}
+
+
+def _crc_table():
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t = np.where(t & 1, (t >> 1) ^ np.uint32(0x82F63B78), t >> 1).astype(np.uint32)
+    return t
+
+
+CRC_TABLE = _crc_table()                   # CRC-32C (Castagnoli), reflected
+_CRC_LIST = CRC_TABLE.tolist()
+
+
+def _crc_bytes(reg, data):
+    for b in data:
+        reg = _CRC_LIST[(reg ^ b) & 0xFF] ^ (reg >> 8)
+    return reg
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_tables(n):
+    """The CRC register's map for n zero bytes (linear over GF(2)) as 4 byte-lookup tables."""
+    cols = [_crc_bytes(1 << j, b"\0") for j in range(32)]        # one zero byte
+
+    def apply(op, x):
+        r, j = 0, 0
+        while x:
+            if x & 1:
+                r ^= op[j]
+            x, j = x >> 1, j + 1
+        return r
+    power, op = [1 << j for j in range(32)], cols
+    while n:                                                      # op^n by squaring
+        if n & 1:
+            power = [apply(op, c) for c in power]
+        op, n = [apply(op, c) for c in op], n >> 1
+    return [[apply(power, b << (8 * k)) for b in range(256)] for k in range(4)]
+
+
+def crc32c(data):
+    """CRC-32C of bytes. Large inputs run as many interleaved numpy lanes, combined with the
+    zero-byte operator: measured about 0.6 s per 100 MB on one core."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n, reg = len(buf), 0xFFFFFFFF
+    if n >= 1 << 15:
+        step = max(256, math.isqrt(n) // 4)
+        lanes = n // step
+        block = buf[:lanes * step].reshape(lanes, step).T.copy()
+        regs = np.zeros(lanes, dtype=np.uint32)
+        for row in block:
+            regs = CRC_TABLE[(regs ^ row) & 0xFF] ^ (regs >> 8)
+        t0, t1, t2, t3 = _zeros_tables(step)
+        for r in regs.tolist():
+            reg = (t0[reg & 0xFF] ^ t1[(reg >> 8) & 0xFF] ^ t2[(reg >> 16) & 0xFF]
+                   ^ t3[reg >> 24] ^ r)
+        buf = buf[lanes * step:]
+    return _crc_bytes(reg, buf.tobytes()) ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):
+    """TF's (and LevelDB's) stored form of a CRC: rotated right by 15 bits plus a constant."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        value |= (b & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if b < 0x80:
+            return value, pos
+
+
+def _fields(buf):
+    """A protobuf message's fields as (number, value): int for varint/fixed, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = bytes(buf[pos:pos + size]), pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf field")
+        yield number, value
+
+
+def _entry(buf):
+    """BundleEntryProto -> dict(dtype, shape, shard_id, offset, size, crc32c, sliced)."""
+    e = {"dtype": 0, "shape": [], "shard_id": 0, "offset": 0, "size": 0, "crc32c": None,
+         "sliced": False}
+    for number, value in _fields(buf):
+        if number == 1:
+            e["dtype"] = value
+        elif number == 2:                                  # TensorShapeProto: repeated dim = 2
+            for n, dim in _fields(value):
+                if n == 2:
+                    e["shape"].append(dict(_fields(dim)).get(1, 0))
+        elif number in (3, 4, 5):
+            e[{3: "shard_id", 4: "offset", 5: "size"}[number]] = value
+        elif number == 6:
+            e["crc32c"] = value
+        elif number == 7:
+            e["sliced"] = True
+    return e
+
+
+def _block(data, offset, size, path):
+    """A table block's contents after its 5-byte trailer (compression type, masked crc32c)."""
+    raw = data[offset:offset + size + 5]
+    if offset < 0 or len(raw) != size + 5:
+        raise common.UserError(f"{path} is truncated (a block runs past the end of the file); "
+                               f"download it again")
+    contents, kind, crc = raw[:size], raw[size], int.from_bytes(raw[size + 1:], "little")
+    if masked_crc32c(raw[:size + 1]) != crc:
+        raise common.UserError(f"{path} is corrupt (crc32c mismatch in a table block); "
+                               f"download it again")
+    if kind != 0:
+        raise common.UserError(f"{path} has compressed table blocks (type {kind}, e.g. snappy), "
+                               f"which this reader does not support (TF writes them uncompressed)")
+    return contents
+
+
+def _block_items(block):
+    """(key, value) pairs of a table block: prefix-compressed keys, restart array at the end."""
+    restarts = int.from_bytes(block[-4:], "little")
+    end, pos, key, items = len(block) - 4 * (restarts + 1), 0, b"", []
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        vlen, pos = _varint(block, pos)
+        key = key[:shared] + bytes(block[pos:pos + unshared])
+        pos += unshared
+        items.append((key, bytes(block[pos:pos + vlen])))
+        pos += vlen
+    return items
+
+
+def read_index(prefix):
+    """A checkpoint's table of contents: {tensor name: entry dict} from PREFIX.index, and the
+    number of data shards. Raises UserError when the file is missing, truncated or corrupt."""
+    path = prefix + ".index"
+    if not os.path.isfile(path):
+        raise common.UserError(f"{path} not found; --checkpoint takes the prefix (.../model.ckpt)"
+                               f" beside model.ckpt.index and model.ckpt.data-00000-of-00001")
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < FOOTER_LEN or int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
+        raise common.UserError(f"{path} is not a TensorFlow checkpoint index (no table magic "
+                               f"at its end: truncated or another format); download it again")
+    try:
+        footer = data[-FOOTER_LEN:]
+        _, pos = _varint(footer, 0)                         # metaindex handle: unused
+        _, pos = _varint(footer, pos)
+        index_offset, pos = _varint(footer, pos)
+        index_size, pos = _varint(footer, pos)
+        entries, shards = {}, 1
+        for _, handle in _block_items(_block(data, index_offset, index_size, path)):
+            offset, p = _varint(handle, 0)
+            size, _ = _varint(handle, p)
+            for key, value in _block_items(_block(data, offset, size, path)):
+                if key == b"":                              # BundleHeaderProto
+                    header = dict(_fields(value))
+                    shards = header.get(1, 1)
+                    if header.get(2, 0) != 0:
+                        raise common.UserError(f"{path} was written big-endian; unsupported")
+                else:
+                    entries[key.decode()] = _entry(value)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path} is corrupt ({e}); download it again")
+    return entries, shards
+
+
+def read_tensors(prefix, names, entries, shards=1):
+    """{name: numpy array} for the given entries, read by offset from the data shard(s) and
+    checked against the stored crc32c; other tensors in the file are never read."""
+    missing = [n for n in names if n not in entries]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise common.UserError(f"{prefix}: tensor(s) {', '.join(missing[:3])}{more} not in the "
+                               f"checkpoint; is it one of the released ResNet-50s?")
+    out, files = {}, {}
+    try:
+        for name in names:
+            e = entries[name]
+            if e["dtype"] not in DTYPES:
+                kind = DTYPE_NAMES.get(e["dtype"], f"enum {e['dtype']}")
+                raise common.UserError(f"{prefix}: tensor {name} has dtype {kind}, which this "
+                                       f"reader does not support")
+            if e["sliced"]:
+                raise common.UserError(f"{prefix}: tensor {name} is stored in slices "
+                                       f"(a partitioned variable); not supported")
+            shard = f"{prefix}.data-{e['shard_id']:05d}-of-{shards:05d}"
+            if shard not in files:
+                if not os.path.isfile(shard):
+                    raise common.UserError(f"data file {shard} not found; download it beside "
+                                           f"{prefix}.index")
+                files[shard] = open(shard, "rb")
+            f = files[shard]
+            f.seek(e["offset"])
+            raw = f.read(e["size"])
+            if len(raw) != e["size"]:
+                raise common.UserError(f"{shard} is truncated (tensor {name} runs past its end); "
+                                       f"download it again")
+            if e["crc32c"] is not None and masked_crc32c(raw) != e["crc32c"]:
+                raise common.UserError(f"{shard} is corrupt (crc32c mismatch in tensor {name}); "
+                                       f"download it again")
+            dtype = np.dtype(DTYPES[e["dtype"]])
+            if len(raw) != dtype.itemsize * math.prod(e["shape"]):
+                raise common.UserError(f"{prefix}: tensor {name} holds {len(raw)} bytes, not "
+                                       f"{e['shape']} of {dtype}")
+            out[name] = np.frombuffer(raw, dtype=dtype).reshape(e["shape"])
+    finally:
+        for f in files.values():
+            f.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# TF ResNet-50 (resnet_model.py of google-research/loss_functions_transfer) -> torchvision
+
+EMA = "/ExponentialMovingAverage"
+
+
+def tf_name_map(cosine=False):
+    """{torchvision state_dict key: TF variable name}. tf.layers numbers conv2d and
+    batch_normalization layers in creation order: the stem, then per block its projection
+    shortcut (first block of a stage) before conv1..conv3, each conv followed by its BN, so a
+    conv and its BN share the number."""
+    convs = [("conv1", "bn1")]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for i in range(blocks):
+            p = f"layer{stage}.{i}."
+            if i == 0:
+                convs.append((p + "downsample.0", p + "downsample.1"))
+            convs += [(p + f"conv{j}", p + f"bn{j}") for j in (1, 2, 3)]
+    names = {}
+    for k, (conv, bn) in enumerate(convs):
+        n = f"_{k}" if k else ""
+        names[conv + ".weight"] = f"conv2d{n}/kernel"
+        for torch_key, tf_key in (("weight", "gamma"), ("bias", "beta"),
+                                  ("running_mean", "moving_mean"),
+                                  ("running_var", "moving_variance")):
+            names[f"{bn}.{torch_key}"] = f"batch_normalization{n}/{tf_key}"
+    names["fc.weight"] = "dense/normalized_kernel" if cosine else "dense/kernel"
+    names["fc.bias"] = "dense/bias"
+    return names
+
+
+def infer_run(prefix):
+    """(objective, seed) from the bucket's layout .../<objective>/seed<k>/model.ckpt, else None."""
+    parent = os.path.dirname(os.path.abspath(prefix))
+    m = re.fullmatch(r"seed(\d+)", os.path.basename(parent))
+    objective = os.path.basename(os.path.dirname(parent))
+    return (objective if objective in common.OBJECTIVES else None,
+            int(m.group(1)) if m else None)
+
+
+def convert(prefix, objective=None, seed=None, keep_background=False):
+    """One TF checkpoint -> a checkpoint dict of this project (common.make_checkpoint)."""
+    found_objective, found_seed = infer_run(prefix)
+    if objective is not None and found_objective is not None and objective != found_objective:
+        raise common.UserError(f"--objective {objective} contradicts the path {prefix} "
+                               f"(folder {found_objective})")
+    if seed is not None and found_seed is not None and seed != found_seed:
+        raise common.UserError(f"--seed {seed} contradicts the path {prefix} (seed{found_seed})")
+    objective = objective or found_objective
+    seed = found_seed if seed is None else seed
+    if objective is None:
+        raise common.UserError(f"cannot tell the objective from the path {prefix} (expected "
+                               f".../<objective>/seed<k>/model.ckpt); pass --objective")
+    common.objective_hparams(objective)                     # unknown objective -> UserError
+    entries, shards = read_index(prefix)
+    cosine = "dense/normalized_kernel" + EMA in entries
+    if cosine and objective != "cosine_softmax":
+        raise common.UserError(f"{prefix} has a cosine head (dense/normalized_kernel) but the "
+                               f"objective is {objective}; pass --objective cosine_softmax")
+    if objective == "cosine_softmax" and not cosine and "dense/kernel" + EMA in entries:
+        raise common.UserError(f"{prefix} has a linear head (dense/kernel), not the cosine head "
+                               f"of cosine_softmax; pass the right --objective")
+    names = tf_name_map(cosine)
+    tensors = read_tensors(prefix, [n + EMA for n in names.values()], entries, shards)
+    bias = tensors["dense/bias" + EMA]
+    if bias.ndim != 1 or bias.shape[0] < 2:
+        raise common.UserError(f"{prefix}: dense/bias has shape {list(bias.shape)}; not a "
+                               f"classifier head")
+    num_classes = bias.shape[0] - (0 if keep_background else 1)
+    hp = {"normalize_features": False} if objective == "cosine_softmax" else {}
+    with torch.device("meta"):      # shapes only: a randomly initialized ResNet-50 costs ~1 s
+        state = common.build_model(objective, num_classes, "resnet50", **hp).state_dict()
+    state = {k: torch.zeros((), dtype=v.dtype) if k.endswith("num_batches_tracked") else v
+             for k, v in state.items()}
+    for key, tf_name in names.items():
+        a = tensors[tf_name + EMA]
+        if a.ndim == 4:
+            a = a.transpose(3, 2, 0, 1)                     # HWIO -> OIHW
+        elif a.ndim == 2:
+            a = a.T                                         # (in, out) -> (out, in)
+        if key.startswith("fc.") and not keep_background:
+            a = a[1:]                                       # TF class k = ImageNet class k-1
+        if tuple(a.shape) != tuple(state[key].shape):
+            raise common.UserError(f"{prefix}: {tf_name} has shape "
+                                   f"{list(tensors[tf_name + EMA].shape)}, which does not fit a "
+                                   f"ResNet-50 ({key} is {list(state[key].shape)} in torch layout)")
+        if a.dtype != np.float32:
+            raise common.UserError(f"{prefix}: {tf_name} is {a.dtype}, expected float32")
+        state[key] = torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
+    args = {"data": "imagenet", "resolution": 224, "seed": seed, "objective": objective,
+            "arch": "resnet50"}
+    source = {"prefix": os.path.abspath(prefix), "weights": "ExponentialMovingAverage",
+              "background_class_kept": bool(keep_background), "tf_num_classes": int(bias.shape[0]),
+              "head": "cosine" if cosine else "linear"}
+    return common.make_checkpoint(state, objective, common.objective_hparams(objective, **hp),
+                                  "resnet50", num_classes, False, ema=state, args=args,
+                                  stem_pool="tf_same", dataset="imagenet", tf_checkpoint=source)
+
+
+def find_checkpoints(folder):
+    """Every PREFIX with a PREFIX.index under `folder`, sorted."""
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f[:-len(".index")]) for f in files if f.endswith(".index")]
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# TF's eval preprocessing (resnet_preprocessing.py), torch only
+
+def _tf_bicubic_matrix(n_in, n_out):
+    """(n_out, n_in) weights of TF1 ResizeBicubic with align_corners=False and
+    half_pixel_centers=False: source x = out * in/out (float32), cubic a = -0.75 from a
+    1024-step coefficient table, edge pixels repeated, no antialiasing."""
+    a, table = np.float32(-0.75), 1024
+    x = np.arange(table + 1, dtype=np.float32) / np.float32(table)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1                  # weight at distance x
+    x1 = x + 1
+    far = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a          # weight at distance x + 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    for o in range(n_out):
+        src = np.float32(o) * scale
+        i = int(np.floor(src))
+        k = int(np.rint((src - np.float32(i)) * np.float32(table)))
+        for j, c in zip(range(i - 1, i + 3), (far[k], near[k], near[table - k], far[table - k])):
+            w[o, min(max(j, 0), n_in - 1)] += c
+    return torch.from_numpy(w)
+
+
+def tf_eval_transform(resolution=224, crop_fraction=0.875):
+    """uint8 CHW -> float32 CHW on the 0-255 scale, unclipped (common.normalize takes it as is):
+    the released models' eval preprocessing, center crop of round(crop_fraction * short side)
+    (TF's offsets) then TF1 resize_bicubic. Use with common.with_transform(split, ...)."""
+    def transform(img):
+        h, w = img.shape[-2:]
+        side = int(np.rint(np.float32(crop_fraction) * np.float32(min(h, w))))
+        top, left = (h - side + 1) // 2, (w - side + 1) // 2
+        x = img[..., top:top + side, left:left + side].double()
+        m = _tf_bicubic_matrix(side, resolution)
+        return (m @ x @ m.T).float()
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a TF checkpoint prefix (.../model.ckpt) or a folder holding several")
+    p.add_argument("--out", required=True,
+                   help="output .pt file (for a prefix) or folder (for a folder)")
+    p.add_argument("--objective", default=None, choices=list(common.OBJECTIVES),
+                   help="default: the <objective> folder of the bucket's layout")
+    p.add_argument("--seed", type=int, default=None, help="default: the seed<k> folder")
+    p.add_argument("--keep-background", action="store_true",
+                   help="keep TF's 1001 outputs (class 0 = unused background); default 1000")
+    args = p.parse_args(argv)
+    if re.match(r"(gs|https?)://", args.checkpoint):
+        raise common.UserError(f"download {args.checkpoint} first (e.g. gsutil -m cp -r "
+                               f"gs://gresearch/loss_functions_transfer/checkpoints .), then pass "
+                               f"the local path")
+    args.checkpoint = re.sub(r"\.(index|data-\d{5}-of-\d{5})$", "", args.checkpoint)
+    if os.path.isdir(args.checkpoint):
+        if args.objective is not None or args.seed is not None:
+            raise common.UserError("--objective/--seed apply to one checkpoint; a folder's are "
+                                   "read from its <objective>/seed<k>/ layout")
+        if os.path.isfile(args.out) or args.out.endswith(".pt"):
+            raise common.UserError(f"--checkpoint is a folder, so --out must be a folder, "
+                                   f"not {args.out}")
+        prefixes = find_checkpoints(args.checkpoint)
+        if not prefixes:
+            raise common.UserError(f"no TF checkpoint (*.index) under {args.checkpoint}")
+        jobs = []
+        for prefix in prefixes:
+            objective, seed = infer_run(prefix)
+            if objective is None or seed is None:
+                raise common.UserError(f"{prefix} is not in an <objective>/seed<k>/ folder; "
+                                       f"convert it alone with --objective and --seed")
+            jobs.append((prefix, os.path.join(args.out, f"{objective}_s{seed}.pt")))
+    else:
+        if not os.path.isfile(args.checkpoint + ".index"):
+            raise common.UserError(f"{args.checkpoint}.index not found; --checkpoint takes the "
+                                   f"prefix (.../model.ckpt) or a folder")
+        if os.path.isdir(args.out):
+            raise common.UserError(f"--out {args.out} is a folder; give a .pt file name")
+        jobs = [(args.checkpoint, args.out)]
+    for prefix, out in jobs:
+        ck = convert(prefix, args.objective, args.seed, args.keep_background)
+        common.save_checkpoint(out, ck)
+        print(f"{prefix} -> {out} ({ck['objective']}, seed {ck['args']['seed']}, "
+              f"{ck['num_classes']} classes)", flush=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

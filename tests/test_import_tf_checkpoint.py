@@ -1,0 +1,334 @@
+"""import_tf_checkpoint.py: the TF checkpoint reader, the ResNet-50 mapping and its exactness
+against TensorFlow's own outputs, TF's eval preprocessing, and the one-line errors.
+
+No TensorFlow here: tests/fixtures/ holds what TF wrote (see tests/fixtures/make_tf_fixtures.py,
+which also gives the seeded recipe of the synthetic ResNet-50 weights), and write_bundle() below
+writes TF's format for the cases TF was not run for."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import import_tf_checkpoint as itc
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+_spec = importlib.util.spec_from_file_location("make_tf_fixtures",
+                                               os.path.join(FIX, "make_tf_fixtures.py"))
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+EMA = "/ExponentialMovingAverage"
+NP_TO_TF = {"<f4": 1, "<f8": 2, "<i4": 3, "|u1": 4, "<i8": 9, "|b1": 10, "<f2": 19}
+
+
+# ----------------------------------------------------------------------------------------------
+# A test-only writer of TF's bundle format (one data block, no prefix compression)
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number, value):
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    return _varint(number << 3) + _varint(value)
+
+
+def _table_block(items):
+    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in items)
+    body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little")      # one restart at 0
+    return body
+
+
+def _with_trailer(block, kind=0):
+    raw = block + bytes([kind])
+    return raw + itc.masked_crc32c(raw).to_bytes(4, "little")
+
+
+def write_bundle(prefix, tensors, crc=True, sliced=(), dtype_override=None, block_kind=0):
+    """Write {name: array} as PREFIX.index + PREFIX.data-00000-of-00001 like TF's Saver."""
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    items, offset = [(b"", _field(1, 1) + _field(3, _field(1, 1)))], 0    # num_shards, version
+    with open(prefix + ".data-00000-of-00001", "wb") as f:
+        for name in sorted(tensors):
+            a = np.asarray(tensors[name], order="C")
+            raw = a.tobytes()
+            f.write(raw)
+            shape = b"".join(_field(2, _field(1, d)) for d in a.shape)
+            dtype = (dtype_override or {}).get(name, NP_TO_TF[a.dtype.str])
+            e = _field(1, dtype) + _field(2, shape) + _field(4, offset) + _field(5, len(raw))
+            if crc:
+                e += bytes([6 << 3 | 5]) + itc.masked_crc32c(raw).to_bytes(4, "little")
+            if name in sliced:
+                e += _field(7, b"")
+            items.append((name.encode(), e))
+            offset += len(raw)
+    data_block = _with_trailer(_table_block(items), block_kind)
+    meta_block = _with_trailer(_table_block([]))
+    handle = _varint(0) + _varint(len(data_block) - 5)
+    index_block = _with_trailer(_table_block([(items[-1][0], handle)]))
+    meta_off, index_off = len(data_block), len(data_block) + len(meta_block)
+    footer = (_varint(meta_off) + _varint(len(meta_block) - 5) + _varint(index_off)
+              + _varint(len(index_block) - 5)).ljust(40, b"\0")
+    footer += itc.TABLE_MAGIC.to_bytes(8, "little")
+    with open(prefix + ".index", "wb") as f:
+        f.write(data_block + meta_block + index_block + footer)
+
+
+def names_shapes(head):
+    with open(os.path.join(FIX, "resnet50_names.json")) as f:
+        return json.load(f)[head]
+
+
+@pytest.fixture(scope="module")
+def tf_tree(tmp_path_factory):
+    """The released layout with the fixture's two synthetic ResNet-50s (linear head as softmax,
+    cosine head as cosine_softmax), EMA shadows as TF's eval restores them, plus raw weights
+    and momentum slots (dummies: the importer must never read them)."""
+    root = tmp_path_factory.mktemp("bucket")
+    for head, objective in gen.HEADS.items():
+        ns = names_shapes(head)
+        tensors = {n + EMA: v for n, v in gen.synthetic_weights(ns, 0).items()}
+        tensors.update({n: np.float32(1) for n, _ in ns})
+        tensors.update({n + "/Momentum": np.zeros(2, np.float32) for n, _ in ns})
+        tensors["global_step"] = np.int64(112590)
+        write_bundle(str(root / objective / "seed3" / "model.ckpt"), tensors)
+    return root
+
+
+scripts_outputs, rel_err = gen.scripts_outputs, gen.rel_err
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+
+def test_reads_tf_written_checkpoint_of_every_dtype():
+    entries, shards = itc.read_index(os.path.join(FIX, "tiny.ckpt"))
+    expected = dict(np.load(os.path.join(FIX, "tiny_expected.npz")))
+    assert shards == 1 and set(entries) == set(expected) | {"bf16", "text"}
+    got = itc.read_tensors(os.path.join(FIX, "tiny.ckpt"), list(expected), entries)
+    for name, want in expected.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        np.testing.assert_array_equal(got[name], want)
+    for name, kind in (("bf16", "bfloat16"), ("text", "string")):
+        with pytest.raises(common.UserError, match=f"tensor {name} has dtype {kind}"):
+            itc.read_tensors(os.path.join(FIX, "tiny.ckpt"), [name], entries)
+
+
+def test_crc32c():
+    assert itc.crc32c(b"123456789") == 0xE3069283            # the CRC-32C check value
+    assert itc.crc32c(b"") == 0
+    data = np.random.default_rng(0).integers(0, 256, 200_003, dtype=np.uint8).tobytes()
+    assert itc.crc32c(data) == itc._crc_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF   # lanes == bytes
+    assert itc.masked_crc32c(b"") == 0xA282EAD8
+
+
+def test_writer_round_trip(tmp_path):
+    values = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(2.5)}
+    write_bundle(str(tmp_path / "m.ckpt"), values)
+    entries, _ = itc.read_index(str(tmp_path / "m.ckpt"))
+    got = itc.read_tensors(str(tmp_path / "m.ckpt"), ["w", "s"], entries)
+    np.testing.assert_array_equal(got["w"], values["w"])
+    assert got["s"].shape == () and got["s"] == 2.5
+
+
+# ----------------------------------------------------------------------------------------------
+# The ResNet-50 mapping and exactness against TF
+
+@pytest.mark.parametrize("head", ["dense", "cosine"])
+def test_name_map_is_tf_graph(head):
+    """The names TF's own graph gave its variables are exactly the mapped ones, and every shape
+    fits torchvision's ResNet-50 after the layout change."""
+    ns = dict((n, s) for n, s in names_shapes(head))
+    mapping = itc.tf_name_map(cosine=head == "cosine")
+    assert sorted(mapping.values()) == sorted(ns)
+    state = common.build_model("softmax", 1001, "resnet50").state_dict()
+    for key, name in mapping.items():
+        shape = ns[name]
+        shape = [shape[3], shape[2], shape[0], shape[1]] if len(shape) == 4 else shape[::-1]
+        assert list(state[key].shape) == shape, (key, name)
+    assert mapping["layer1.0.downsample.0.weight"] == "conv2d_1/kernel"
+    assert mapping["layer1.0.conv1.weight"] == "conv2d_2/kernel"
+    assert mapping["layer4.2.bn3.running_var"] == "batch_normalization_52/moving_variance"
+
+
+def test_resnet50_reproduces_tf_outputs(tf_tree, tmp_path, capsys):
+    """Folder mode converts the tree; each model, loaded as the scripts load it, gives TF's 16
+    block outputs, pooled features and final layer to float32 round-off."""
+    out = tmp_path / "pt"
+    itc.main(["--checkpoint", str(tf_tree), "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["cosine_softmax_s3.pt", "softmax_s3.pt"]
+    ref = dict(np.load(os.path.join(FIX, "resnet50_outputs.npz")))
+    for head, objective in gen.HEADS.items():
+        model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))
+        assert (info["objective"], info["seed"], info["resolution"], info["num_classes"]) == \
+            (objective, 3, 224, 1000)
+        assert isinstance(model.maxpool, common.MaxPoolSame) and info["stem_pool"] == "tf_same"
+        for key, batch in gen.BATCHES.items():
+            got = scripts_outputs(model, gen.images(batch))
+            errs = {"pool": rel_err(got["pool"], ref[f"{key}_pool"]),
+                    "logits": rel_err(got["logits"], ref[f"{head}_{key}_logits"][:, 1:])}
+            for i in range(1, 17):
+                maps = ref[f"{key}_block{i}_maps"]
+                g = got[f"block{i}"].view(len(maps), -1, *maps.shape[2:])
+                errs[f"block{i}"] = max(rel_err(g.mean((2, 3)), ref[f"{key}_block{i}_mean"]),
+                                        rel_err(g[:, [0, -1]], maps))
+            assert max(errs.values()) < 1e-4, (objective, key, errs)
+
+
+def test_keep_background_and_checkpoint_record(tf_tree, tmp_path):
+    prefix = str(tf_tree / "cosine_softmax" / "seed3" / "model.ckpt")
+    out = str(tmp_path / "c.pt")
+    itc.main(["--checkpoint", prefix, "--out", out, "--keep-background"])
+    ck = common.load_checkpoint(out)
+    assert ck["num_classes"] == 1001 and ck["stem_pool"] == "tf_same"
+    assert ck["hparams"] == {"tau": 0.05, "normalize_features": False}
+    assert ck["tf_checkpoint"]["background_class_kept"] and ck["dataset"] == "imagenet"
+    model = common.model_from_checkpoint(ck)
+    ref = np.load(os.path.join(FIX, "resnet50_outputs.npz"))["cosine_a_logits"]
+    got = scripts_outputs(model, gen.images(gen.BATCHES["a"]))["logits"]
+    assert rel_err(got, ref) < 1e-4
+
+
+def test_stem_pool_is_tf_same_and_old_checkpoints_keep_torchvision():
+    """TF SAME pads 0 before / 1 after an even side, 1 / 1 an odd one (out = ceil(side / 2))."""
+    def pads(n):
+        return (0, 1) if n % 2 == 0 else (1, 1)
+    for h, w in ((6, 7), (7, 6), (112, 112), (5, 5)):
+        x = torch.randn(1, 2, h, w)
+        ref = torch.nn.functional.max_pool2d(
+            torch.nn.functional.pad(x, (*pads(w), *pads(h)), value=-float("inf")), 3, 2)
+        got = common.MaxPoolSame()(x)
+        assert got.shape[-2:] == ((h + 1) // 2, (w + 1) // 2) and torch.equal(got, ref)
+    model = common.build_model("softmax", 5, arch="resnet18")
+    ck = common.make_checkpoint(model, "softmax", {}, "resnet18", 5, False)
+    assert isinstance(common.model_from_checkpoint(ck).maxpool, torch.nn.MaxPool2d)
+    with pytest.raises(common.UserError, match="stem_pool"):
+        common.build_model("softmax", 5, arch="resnet18", stem_pool="same")
+
+
+def test_tf_eval_transform_matches_tf_resize_bicubic():
+    ref = np.load(os.path.join(FIX, "resize_expected.npz"))
+    for i, (img, side) in enumerate(gen.resize_cases()):
+        got = itc.tf_eval_transform(side)(torch.from_numpy(img).permute(2, 0, 1))
+        want = torch.from_numpy(ref[f"case{i}"]).permute(2, 0, 1)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-3, i        # of 255
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one-line UserErrors
+
+def dummy_resnet(prefix, head="dense", drop=(), **kw):
+    """A cheap bundle with every EMA name of the ResNet-50 but 1-element tensors (except the
+    1001-class dense/bias)."""
+    tensors = {n + EMA: np.zeros(1001 if n == "dense/bias" else 1, np.float32)
+               for n, _ in names_shapes(head) if n not in drop}
+    write_bundle(prefix, tensors, **kw)
+    return prefix
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: itc.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_missing_files(tmp_path, capsys):
+    err = run_cli(["--checkpoint", str(tmp_path / "softmax/seed0/model.ckpt"), "--out",
+                   str(tmp_path / "x.pt")], capsys)
+    assert "model.ckpt.index not found" in err
+    prefix = dummy_resnet(str(tmp_path / "softmax/seed0/model.ckpt"))
+    os.remove(prefix + ".data-00000-of-00001")
+    err = run_cli(["--checkpoint", prefix, "--out", str(tmp_path / "x.pt")], capsys)
+    assert "data file" in err and "not found" in err
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_truncated_or_corrupt_data(tmp_path):
+    prefix = str(tmp_path / "m.ckpt")
+    write_bundle(prefix, {"a": np.arange(100, dtype=np.float32), "b": np.ones(3, np.float32)})
+    entries, _ = itc.read_index(prefix)
+    data = prefix + ".data-00000-of-00001"
+    raw = bytearray(open(data, "rb").read())
+    raw[17] ^= 1
+    open(data, "wb").write(raw)
+    with pytest.raises(common.UserError, match="corrupt .crc32c mismatch in tensor a"):
+        itc.read_tensors(prefix, ["a"], entries)
+    open(data, "wb").write(raw[:300])
+    with pytest.raises(common.UserError, match="truncated .tensor b"):
+        itc.read_tensors(prefix, ["b"], entries)
+    index = bytearray(open(prefix + ".index", "rb").read())
+    open(prefix + ".index", "wb").write(index[:-3])
+    with pytest.raises(common.UserError, match="not a TensorFlow checkpoint index"):
+        itc.read_index(prefix)
+    index[20] ^= 0xFF
+    open(prefix + ".index", "wb").write(index)
+    with pytest.raises(common.UserError, match="corrupt .crc32c mismatch in a table block"):
+        itc.read_index(prefix)
+
+
+def test_missing_tensors_are_named(tmp_path):
+    drop = ["conv2d_7/kernel", "batch_normalization_7/gamma", "dense/bias", "conv2d_9/kernel"]
+    prefix = dummy_resnet(str(tmp_path / "softmax/seed1/model.ckpt"), drop=drop)
+    with pytest.raises(common.UserError, match=r"tensor\(s\) .*conv2d_7/kernel/Exponential"
+                                               r"MovingAverage.* and 1 more not in"):
+        itc.convert(prefix)
+
+
+def test_unsupported_entries(tmp_path):
+    prefix = str(tmp_path / "m.ckpt")
+    values = {"a": np.ones(2, np.float32), "c": np.ones(2, np.float32)}
+    write_bundle(prefix, values, sliced={"a"}, dtype_override={"c": 8})
+    entries, _ = itc.read_index(prefix)
+    with pytest.raises(common.UserError, match="tensor a is stored in slices"):
+        itc.read_tensors(prefix, ["a"], entries)
+    with pytest.raises(common.UserError, match="tensor c has dtype complex64"):
+        itc.read_tensors(prefix, ["c"], entries)
+    write_bundle(prefix, values, block_kind=1)     # 1 = snappy, with a valid crc
+    with pytest.raises(common.UserError, match="compressed table blocks"):
+        itc.read_index(prefix)
+
+
+def test_not_a_resnet50(tmp_path):
+    prefix = dummy_resnet(str(tmp_path / "softmax/seed0/model.ckpt"))
+    with pytest.raises(common.UserError, match="conv2d/kernel has shape .1., which does not fit "
+                                               "a ResNet-50"):
+        itc.convert(prefix)
+
+
+def test_head_and_objective_must_agree(tmp_path, capsys):
+    cos = dummy_resnet(str(tmp_path / "sigmoid/seed0/model.ckpt"), head="cosine")
+    err = run_cli(["--checkpoint", cos, "--out", str(tmp_path / "x.pt")], capsys)
+    assert "cosine head" in err and "objective is sigmoid" in err
+    lin = dummy_resnet(str(tmp_path / "cosine_softmax/seed0/model.ckpt"))
+    with pytest.raises(common.UserError, match="linear head"):
+        itc.convert(lin)
+    with pytest.raises(common.UserError, match="--objective softmax contradicts"):
+        itc.convert(lin, objective="softmax")
+    with pytest.raises(common.UserError, match="--seed 4 contradicts"):
+        itc.convert(lin, seed=4)
+    other = dummy_resnet(str(tmp_path / "elsewhere/model.ckpt"))
+    with pytest.raises(common.UserError, match="pass --objective"):
+        itc.convert(other)
+    err = run_cli(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert "elsewhere/model.ckpt is not in an <objective>/seed<k>/ folder" in err
+    err = run_cli(["--checkpoint", "gs://gresearch/loss_functions_transfer/checkpoints/softmax/"
+                   "seed0/model.ckpt", "--out", str(tmp_path / "x.pt")], capsys)
+    assert "download gs://" in err
+
+
+def test_prefix_may_be_given_as_a_file_name(tf_tree, tmp_path):
+    index = str(tf_tree / "softmax" / "seed3" / "model.ckpt.index")
+    itc.main(["--checkpoint", index, "--out", str(tmp_path / "s.pt")])
+    assert common.load_checkpoint(str(tmp_path / "s.pt"))["args"]["seed"] == 3
