@@ -25,7 +25,6 @@ import platform
 import re
 import sys
 import tempfile
-import traceback
 import uuid
 
 import numpy as np
@@ -42,28 +41,15 @@ class UserError(ValueError):
 
 def run_main(main):
     """Run a script's main(): a UserError becomes one line `error: ...` and exit status 2, Ctrl-C
-    exit status 130, any other exception its traceback and status 1. After a failure the process
-    ends at once (os._exit): nothing left behind (a loader worker that ignores SIGTERM, a
-    thread) can keep it alive, and every file this project writes is complete or untouched."""
+    one line and status 130 (every file this project writes is then complete or untouched)."""
     try:
         main()
-    except SystemExit:
-        raise
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        _exit_now(2)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
-        _exit_now(130)
-    except BaseException:
-        traceback.print_exc()
-        _exit_now(1)
-
-
-def _exit_now(status):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------

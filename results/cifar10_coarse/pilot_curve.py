@@ -30,11 +30,11 @@ def main():
     sep = np.load(os.path.join(PILOT, "class_separation", "class_separation.npz"))
     layers = list(sep["layers"])
     r2 = {epoch_of(str(l)) or last: float(v)
-          for l, v in zip(sep["labels"], sep["r2"][:, layers.index("pool")])}
+          for l, v in zip(sep["checkpoints"], sep["r2"][:, layers.index("pool")])}
     probe = {}
     with open(os.path.join(PILOT, "probe", "summary.csv")) as f:
         for r in csv.DictReader(f):
-            probe[epoch_of(r["checkpoint_label"]) or last] = float(r["test_accuracy"])
+            probe[epoch_of(r["checkpoint"]) or last] = float(r["test_accuracy"])
     epochs = sorted(r2)
     table = ["| epoch | running train top-1 | val top-1 (EMA) | R^2 (pool, train) | "
              "coarse-to-fine probe, test top-1 |", "|---|---|---|---|---|"]
