@@ -1,0 +1,166 @@
+"""Train the networks of the CIFAR-10 coarse study (README.md beside this file), resumably.
+
+  python results/cifar10_coarse/study.py train            # learning-rate grid, then every network
+  python results/cifar10_coarse/study.py train --dry-run  # print the commands, run nothing
+  python results/cifar10_coarse/study.py lrs              # the learning-rate selection table
+
+1. Learning rates (seed 0, 10 epochs, lr in {0.05, 0.1, 0.2} per 256, one factor 2 further past a
+   winning edge) for each objective at its default hyperparameter, chosen by source validation
+   top-1 of the EMA weights; the sweeps' values reuse their objective's rate. Grid runs go to
+   lr_grid/ (outside runs/, so no analysis ever sees them).
+2. Every network of the study (NETWORKS) at 30 epochs with its chosen rate: runs/train/NAME_sSEED.
+Each run is train_imagenet.py; an interrupted study continues where it stopped (rerun the same
+command), finished runs are skipped. JOBS runs at a time (default 2: one per core, one thread
+and one loader worker each).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SHARED = os.environ.get("SHARED", "../shared/data")  # relative to the repository root
+SOURCE = f"npz:{SHARED}/cifar10@0+8,1+9,3+5,4+7,2+6,per_class=2000"
+TRAIN = ["--data", SOURCE, "--arch", "resnet18", "--no-small-input", "--batch-size", "128",
+         "--warmup-epochs", "1", "--ema-epochs", "0.5", "--log-every", "50"]
+EPOCHS, GRID_EPOCHS = 30, 10
+GRID = (0.05, 0.1, 0.2)
+# squared_error at SPEC's kappa = 9, M = 60 with s = 0.005 instead of 10: s only scales the
+# gradient, and s * lr at lr 0.1 per 256 then equals the known-good 10 * 5e-5 of the earlier
+# studies (results/cifar10_small), while weight decay acts at the same lr as for the others.
+OBJECTIVES = {  # objective -> flags at its default (the learning-rate grid runs these)
+    "softmax": ["--objective", "softmax"],
+    "label_smoothing": ["--objective", "label_smoothing", "--alpha", "0.1"],
+    "cosine_softmax": ["--objective", "cosine_softmax", "--tau", "0.05"],
+    "squared_error": ["--objective", "squared_error", "--loss-scale", "0.005"],
+}
+NETWORKS = {  # name -> (objective whose learning rate it uses, flags, seeds)
+    "softmax": ("softmax", OBJECTIVES["softmax"], (0, 1, 2, 3)),
+    "label_smoothing_a0.1": ("label_smoothing", OBJECTIVES["label_smoothing"], (0, 1)),
+    "label_smoothing_a0.2": ("label_smoothing", ["--objective", "label_smoothing",
+                                                 "--alpha", "0.2"], (0, 1)),
+    "label_smoothing_a0.4": ("label_smoothing", ["--objective", "label_smoothing",
+                                                 "--alpha", "0.4"], (0, 1)),
+    "cosine_softmax_t0.02": ("cosine_softmax", ["--objective", "cosine_softmax",
+                                                "--tau", "0.02"], (0, 1)),
+    "cosine_softmax_t0.05": ("cosine_softmax", OBJECTIVES["cosine_softmax"], (0, 1)),
+    "cosine_softmax_t0.2": ("cosine_softmax", ["--objective", "cosine_softmax",
+                                               "--tau", "0.2"], (0, 1)),
+    "cosine_softmax_t0.5": ("cosine_softmax", ["--objective", "cosine_softmax",
+                                               "--tau", "0.5"], (0, 1)),
+    "squared_error": ("squared_error", OBJECTIVES["squared_error"], (0, 1, 2)),
+}
+
+
+def grid_dir(objective, lr):
+    return os.path.join(HERE, "lr_grid", f"{objective}_lr{lr:g}")
+
+
+def val_top1(out):
+    """A finished run's source validation top-1 (EMA weights), or None."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(os.path.join(out, "final.pt")) or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["val_top1"]
+
+
+def next_lr(objective):
+    """('train', [lrs to run]) while the grid is incomplete or an edge wins, else ('chosen', lr).
+    Ties go to the smaller rate."""
+    tried = {lr: val_top1(grid_dir(objective, lr)) for lr in GRID}
+    folder = os.path.join(HERE, "lr_grid")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:  # extensions already run
+        if name.startswith(f"{objective}_lr"):
+            lr = float(name[len(objective) + 3:])
+            tried[lr] = val_top1(grid_dir(objective, lr))
+    missing = [lr for lr, v in tried.items() if v is None]
+    if missing:
+        return "train", missing
+    best = max(sorted(tried), key=lambda lr: tried[lr])
+    if best == max(tried):
+        return "train", [best * 2]
+    if best == min(tried):
+        return "train", [best / 2]
+    return "chosen", best
+
+
+def command(flags, lr, seed, epochs, out):
+    return [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TRAIN, *flags,
+            "--lr", f"{lr:g}", "--seed", str(seed), "--epochs", str(epochs), "--out", out]
+
+
+def run_all(commands, jobs, dry_run):
+    """Run train_imagenet.py commands, `jobs` at a time, each with one CPU thread; log files
+    beside each run. Stops with the first failure's log tail."""
+    todo = [(c, c[c.index("--out") + 1]) for c in commands]
+    todo = [(c, out) for c, out in todo if val_top1(out) is None]
+    for c, _ in todo:
+        print(" ".join(c), flush=True)
+    if dry_run or not todo:
+        return
+
+    def one(item):
+        c, out = item
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "train.log"), "a") as log:
+            r = subprocess.run(c, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return r.returncode, out
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for status, out in pool.map(one, todo):
+            print(f"{'done' if status == 0 else f'FAILED ({status})'}: {out}", flush=True)
+            if status:
+                sys.exit(f"error: a run failed; see {out}/train.log")
+
+
+def train(jobs, dry_run):
+    while True:  # 1. the learning-rate grid, extended past winning edges
+        state = {o: next_lr(o) for o in OBJECTIVES}
+        pending = [command(OBJECTIVES[o], lr, 0, GRID_EPOCHS, grid_dir(o, lr))
+                   for o, (what, lrs) in state.items() if what == "train" for lr in lrs]
+        if not pending or dry_run:
+            run_all(pending, jobs, dry_run)
+            break
+        run_all(pending, jobs, dry_run)
+    chosen = {o: s[1] for o, s in state.items() if s[0] == "chosen"}
+    print_lrs()
+    runs = [command(flags, chosen[o], seed, EPOCHS,
+                    os.path.join(HERE, "runs", "train", f"{name}_s{seed}"))
+            for name, (o, flags, seeds) in NETWORKS.items() if o in chosen for seed in seeds]
+    run_all(runs, jobs, dry_run)  # 2. every network at its chosen rate
+
+
+def print_lrs():
+    print("| objective | " + " | ".join(f"lr {lr:g}" for lr in GRID) + " | chosen |")
+    print("|---|" + "---|" * (len(GRID) + 1))
+    for o in OBJECTIVES:
+        cells = []
+        for lr in GRID:
+            v = val_top1(grid_dir(o, lr))
+            cells.append("-" if v is None else f"{100 * v:.1f}")
+        what, lr = next_lr(o)
+        print(f"| {o} | " + " | ".join(cells) + f" | {lr:g} |" if what == "chosen" else
+              f"| {o} | " + " | ".join(cells) + " | (grid running) |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("train", "lrs"))
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
+    p.add_argument("--dry-run", action="store_true")
+    a = p.parse_args()
+    if not os.path.isdir(os.path.join(ROOT, SHARED)):
+        sys.exit(f"error: data folder not found: {SHARED}; set SHARED=DIR (the .npz data sets)")
+    if a.stage == "lrs":
+        print_lrs()
+    else:
+        train(a.jobs, a.dry_run)
+
+
+if __name__ == "__main__":
+    main()
