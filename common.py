@@ -1080,9 +1080,20 @@ def network_identity(path, ck):
             "checkpoint_path": path, "checkpoint_hash": file_hash(path),
             "objective": ck["objective"], "hparams": dict(ck["hparams"]), "seed": args.get("seed"),
             "arch": ck["arch"], "dataset": dataset,
-            "dataset_name": dataset_label(dataset) if dataset else None,
+            "dataset_name": training_data_name(dataset),
             "resolution": args.get("resolution"), "small_input": bool(ck["small_input"]),
             "stem_pool": ck.get("stem_pool", "torchvision")}
+
+
+def training_data_name(spec):
+    """The short name of a network's training data: dataset_label of its spec, or the bare name
+    for data that was not loaded by this project ('imagenet' for the authors' TF checkpoints)."""
+    if not spec:
+        return None
+    try:
+        return dataset_label(spec)
+    except UserError:
+        return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", spec)
 
 
 def torchvision_identity(name, arch, weights):

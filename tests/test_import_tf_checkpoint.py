@@ -168,8 +168,8 @@ def test_resnet50_reproduces_tf_outputs(tf_tree, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["cosine_softmax_s3.pt", "softmax_s3.pt"]
     ref = dict(np.load(os.path.join(FIX, "resnet50_outputs.npz")))
     for head, objective in gen.HEADS.items():
-        model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))
-        assert (info["objective"], info["seed"], info["resolution"], info["num_classes"]) == \
+        model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))  # info: identity
+        assert (info["objective"], info["seed"], info["resolution"], model.fc.out_features) == \
             (objective, 3, 224, 1000)
         assert isinstance(model.maxpool, common.MaxPoolSame) and info["stem_pool"] == "tf_same"
         for key, batch in gen.BATCHES.items():

@@ -89,14 +89,15 @@ def next_lr(objective):
 
 
 def command(flags, lr, seed, epochs, out):
-    return [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TRAIN, *flags,
-            "--lr", f"{lr:g}", "--seed", str(seed), "--epochs", str(epochs), "--out", out]
+    """A train_imagenet.py command line, run from the repository root (paths relative to it)."""
+    return [sys.executable, "train_imagenet.py", *TRAIN, *flags, "--lr", f"{lr:g}",
+            "--seed", str(seed), "--epochs", str(epochs), "--out", os.path.relpath(out, ROOT)]
 
 
 def run_all(commands, jobs, dry_run):
     """Run train_imagenet.py commands, `jobs` at a time, each with one CPU thread; log files
     beside each run. Stops with the first failure's log tail."""
-    todo = [(c, c[c.index("--out") + 1]) for c in commands]
+    todo = [(c, os.path.join(ROOT, c[c.index("--out") + 1])) for c in commands]
     todo = [(c, out) for c, out in todo if val_top1(out) is None]
     for c, _ in todo:
         print(" ".join(c), flush=True)
