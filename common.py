@@ -23,8 +23,10 @@ import os
 import pickle
 import platform
 import re
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 
 import numpy as np
@@ -865,15 +867,17 @@ def atomic_write(path, write):
         raise UserError(f"cannot write {path}: {e.strerror or e} ({d}); choose another output "
                         f"folder") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _ctrl_c_after_writing():
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException as e:
+        full = _disk_full(e, d)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _disk_full(e):
+        if full:
             kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
             raise UserError(f"cannot write {path}: no space left on the device ({kept}); free "
                             f"some space or choose another output folder") from None
@@ -886,13 +890,35 @@ def atomic_write(path, write):
         pass
 
 
-def _disk_full(e):
-    """Whether an exception from writing a file means the disk (or the quota) is full. torch.save
-    reports it as a RuntimeError of its zip writer ('file write failed', 'unexpected pos')."""
+def _disk_full(e, folder):
+    """Whether an exception from writing a file into `folder` means the disk (or the quota) is
+    full. torch.save reports it as a RuntimeError of its zip writer ('file write failed',
+    'unexpected pos'), which other failures can raise too: then the free space decides."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("file write failed",
-                                                                      "unexpected pos"))
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("file write failed",
+                                                                  "unexpected pos")):
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize < 16 << 20
+    return False
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_writing():
+    """Hold back Ctrl-C (SIGINT) until the file is written: interrupted inside torch.save, the zip
+    writer turns KeyboardInterrupt into a RuntimeError and the file is lost. In the main thread
+    only (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *_: caught.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -956,12 +982,19 @@ def save_npz(path, **arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def make_checkpoint(model, objective, hparams, arch, num_classes, small_input, ema=None,
-                    args=None, **extra):
-    """The checkpoint dict every script reads. `ema` is the EMA model's state_dict (or None).
-    Everything stored must load with torch.load(weights_only=True)."""
-    ck = {"format": CKPT_FORMAT, "objective": objective, "hparams": dict(hparams), "arch": arch,
-          "num_classes": int(num_classes), "small_input": bool(small_input),
+def make_checkpoint(model, model_args, *, ema=None, args=None, **extra):
+    """The checkpoint dict every script reads. model_args: objective, hparams, arch, num_classes,
+    small_input and optionally stem_pool (build_model's arguments: what rebuilds the model).
+    `model`: a module or its state_dict; `ema`: the EMA model's state_dict (or None). Everything
+    stored must load with torch.load(weights_only=True).
+
+        ck = make_checkpoint(model, {"objective": "softmax", "hparams": {}, "arch": "resnet18",
+                                     "num_classes": 10, "small_input": True}, args={"seed": 0})
+    """
+    m = model_args
+    ck = {"format": CKPT_FORMAT, "objective": m["objective"], "hparams": dict(m["hparams"]),
+          "arch": m["arch"], "num_classes": int(m["num_classes"]),
+          "small_input": bool(m["small_input"]), "stem_pool": m.get("stem_pool", "torchvision"),
           "model": model.state_dict() if isinstance(model, nn.Module) else model,
           "ema": ema, "args": dict(args or {}), "versions": versions()}
     ck.update(extra)

@@ -159,8 +159,7 @@ def train_one(source, network, data, run, dist):
     extra = {"kind": "finetune_run", "finetune_of": network["checkpoint"],
              "source_objective": network["objective"], "grid_key": key, "lr": run.lr,
              "weight_decay": run.weight_decay}
-    results = train_imagenet.train(model, model_args, data, run, dist, run.out,
-                                   results_extra=extra)
+    results = train_imagenet.train(model, model_args, data, run, dist, results_extra=extra)
     if dist.is_main:
         for name in ("last.pt",) + (() if keep_model else ("final.pt",)):
             if os.path.exists(os.path.join(run.out, name)):

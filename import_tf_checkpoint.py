@@ -377,9 +377,11 @@ def convert(prefix, objective=None, seed=None, keep_background=False):
     source = {"prefix": os.path.abspath(prefix), "weights": "ExponentialMovingAverage",
               "background_class_kept": bool(keep_background), "tf_num_classes": int(bias.shape[0]),
               "head": "cosine" if cosine else "linear"}
-    return common.make_checkpoint(state, objective, common.objective_hparams(objective, **hp),
-                                  "resnet50", num_classes, False, ema=state, args=args,
-                                  stem_pool="tf_same", dataset="imagenet", tf_checkpoint=source)
+    model_args = {"objective": objective, "hparams": common.objective_hparams(objective, **hp),
+                  "arch": "resnet50", "num_classes": num_classes, "small_input": False,
+                  "stem_pool": "tf_same"}
+    return common.make_checkpoint(state, model_args, ema=state, args=args, dataset="imagenet",
+                                  tf_checkpoint=source)
 
 
 def find_checkpoints(folder):

@@ -64,17 +64,18 @@ SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "resolution", "metric", "
 # The protocol (SPEC.md, "Transfer evaluation"): a lambda path scored on val, a refit on
 # train+val at the best lambda, test scored once. Needs torch, numpy and the solver below only.
 
-def run_probe(train, val, test, num_classes, metric, lambdas, standardize=True, device="cpu",
+def run_probe(train, val, test, *, num_classes, metric, lambdas, standardize=True, device="cpu",
               rtol=1e-6, max_iter=1000, history=20, log=print):
     """The whole protocol on (x float32 (N, D), y int64 (N,)) pairs. Returns (results, W, b) with
     W, b float64 for the raw features: logits = x @ W + b."""
     threads = small_problem_threads(len(train[0]), train[0].shape[1], num_classes, device)
     with cpu_threads(threads):
-        return _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device,
-                          rtol, max_iter, history, log)
+        return _run_probe(train, val, test, num_classes=num_classes, metric=metric,
+                          lambdas=lambdas, standardize=standardize, device=device, rtol=rtol,
+                          max_iter=max_iter, history=history, log=log)
 
 
-def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, device, rtol,
+def _run_probe(train, val, test, *, num_classes, metric, lambdas, standardize, device, rtol,
                max_iter, history, log):
     torch.set_flush_denormal(True)
     t0 = time.time()
@@ -163,7 +164,7 @@ def _run_probe(train, val, test, num_classes, metric, lambdas, standardize, devi
 # z = (x - mean) @ V, so logits = z @ B + c; in input coordinates W = V @ B, b = c - mean @ W.
 # L-BFGS runs on theta = u / scale.
 
-def solve_logistic(X, y, lam, num_classes=None, device="cpu", rtol=1e-6, max_iter=5000,
+def solve_logistic(X, y, lam, num_classes=None, *, device="cpu", rtol=1e-6, max_iter=5000,
                    history=20):
     """Logistic regression at one lambda, cold start, no standardization: (W, b, info) for
     logits = X @ W + b (float64). The objective is mean cross-entropy + lam/2 ||W||^2, i.e.
@@ -528,8 +529,8 @@ def safe_name(text):
     return "".join(c if c.isalnum() or c in "@,._-" else "_" for c in text)
 
 
-def cached_features(model, network, data, split, layer, resolution, cache_dir, device, batch_size,
-                    workers, log=print):
+def cached_features(model, network, data, split, *, layer, resolution, cache_dir, device,
+                    batch_size, workers, log=print):
     """Features of one split, from the cache when its key matches, else extracted and cached."""
     view = data[split]
     key = {"version": CACHE_VERSION, "checkpoint_hash": network["checkpoint_hash"],
@@ -659,7 +660,8 @@ def main(argv=None):
             K = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
             print(f"{stem}: {len(train[0])} train, {len(val[0])} val, {len(test[0])} test, "
                   f"{train[0].shape[1]} dims, {K} classes")
-            results, W, b = run_probe(train, val, test, K, args.metric, lambdas, **opts)
+            results, W, b = run_probe(train, val, test, num_classes=K, metric=args.metric,
+                                      lambdas=lambdas, **opts)
             # no network: the features came from elsewhere; dataset_name is the file's stem
             results = {**common.result_header(None, None, "linear_probe"),
                        "dataset_name": stem, "features": path, "layer": None,
@@ -698,12 +700,13 @@ def main(argv=None):
             t0 = time.time()
             print(f"{network['checkpoint']} on {data['spec']}: {layer} features at "
                   f"{resolution}px")
-            splits = [cached_features(model, network, data, s, layer, resolution, cache,
-                                      device, args.batch_size, args.workers)
+            splits = [cached_features(model, network, data, s, layer=layer,
+                                      resolution=resolution, cache_dir=cache, device=device,
+                                      batch_size=args.batch_size, workers=args.workers)
                       for s in ("train", "val", "test")]
             train, val, test = check_splits(*splits)
-            results, W, b = run_probe(train, val, test, data["num_classes"], data["metric"],
-                                      lambdas, **opts)
+            results, W, b = run_probe(train, val, test, num_classes=data["num_classes"],
+                                      metric=data["metric"], lambdas=lambdas, **opts)
             results = {**common.result_header(network, data, "linear_probe"), "layer": layer,
                        "resolution": resolution, **results, "seconds": time.time() - t0}
             out_dir = pair_dir(args.out, network["checkpoint"], data["name"], layer)

@@ -601,12 +601,11 @@ class Run:
 
     def checkpoint(self, **extra):
         """The checkpoint dict of the current weights (common.make_checkpoint's format)."""
-        m = self.model_args
         return common.make_checkpoint(
-            self.model, m["objective"], m["hparams"], m["arch"], m["num_classes"],
-            m["small_input"], ema=self.ema.state_dict() if self.ema is not None else None,
-            args=vars(self.args), dataset=self.data["spec"], classes=list(self.data["classes"]),
-            run_id=self.progress.run_id, stem_pool=m.get("stem_pool", "torchvision"), **extra)
+            self.model, self.model_args,
+            ema=self.ema.state_dict() if self.ema is not None else None, args=vars(self.args),
+            dataset=self.data["spec"], classes=list(self.data["classes"]),
+            run_id=self.progress.run_id, **extra)
 
     def evaluate(self, split):
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
@@ -766,20 +765,20 @@ def finish(run, results_extra):
     return results
 
 
-def train(model, model_args, data, args, dist, out_dir, results_extra=None):
+def train(model, model_args, data, args, dist, results_extra=None):
     """Train `model` with SGD on data['train'], evaluate on data['val'] every epoch (raw and EMA
-    weights) and on data['test'] at the end; resume from out_dir/last.pt when it exists.
+    weights) and on data['test'] at the end; resume from args.out/last.pt when it exists.
 
     model: built on the CPU, unwrapped; train() moves it, compiles it (args.compile) and wraps it
         in DDP (world > 1). model_args: {objective, hparams, arch, num_classes, small_input}, the
         arguments that rebuild it (common.build_model), which also give the loss and the
         weight-decay groups. data: load_dataset()'s dict (val or test may be None). args:
-        add_training_args() flags with presets filled in, plus resolution, augment, flip.
-    Writes out_dir/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
+        add_training_args() flags with presets filled in, plus out, resolution, augment, flip.
+    Writes args.out/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
     and returns the results dict. SIGTERM / SIGUSR1 save last.pt and exit with 128 + signal;
     a non-finite loss raises UserError naming the step (last.pt stays the last good state)."""
     # --- setup: precision, determinism, threads
-    device, cuda = dist.device, dist.device.type == "cuda"
+    out_dir, device, cuda = args.out, dist.device, dist.device.type == "cuda"
     precision, autocast = amp_dtype(args.precision, device)
     args.precision = precision  # what the run used, resolved: 'auto' is no record
     args.compile = cuda if args.compile is None else args.compile
@@ -990,7 +989,7 @@ def main(argv=None):
                                    args.small_input, **hp)
         model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
                       "num_classes": data["num_classes"], "small_input": args.small_input}
-        return train(model, model_args, data, args, dist, args.out)
+        return train(model, model_args, data, args, dist)
     except common.UserError:
         if not dist.is_main:
             sys.exit(2)  # rank 0 prints the message

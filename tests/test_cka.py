@@ -152,9 +152,10 @@ def make_checkpoint(path, seed, resolution=8, arch="resnet18", objective="softma
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.normal_(m.bias, 0, 0.1)
-    ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), arch, 10,
-                                True, args={"resolution": resolution, "seed": seed},
-                                run_id=f"run{seed}")
+    ck = common.make_checkpoint(model, {"objective": objective, "arch": arch, "num_classes": 10,
+                                        "hparams": common.objective_hparams(objective),
+                                        "small_input": True},
+                                args={"resolution": resolution, "seed": seed}, run_id=f"run{seed}")
     common.save_checkpoint(str(path), ck)
     return str(path)
 

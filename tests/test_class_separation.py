@@ -91,8 +91,9 @@ def test_sparsity_and_participation_ratio():
 def test_script_writes_records_per_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = common.build_model("label_smoothing", 10, arch="resnet18", small_input=True)
-    ck = common.make_checkpoint(model, "label_smoothing",
-                                common.objective_hparams("label_smoothing"), "resnet18", 10, True,
+    ck = common.make_checkpoint(model, {"objective": "label_smoothing", "arch": "resnet18",
+                                        "hparams": common.objective_hparams("label_smoothing"),
+                                        "num_classes": 10, "small_input": True},
                                 args={"resolution": 8, "seed": 4})
     path = tmp_path / "ls_s4.pt"
     common.save_checkpoint(str(path), ck)

@@ -416,8 +416,9 @@ def test_metrics_spec_vector():
 def small_checkpoint(objective="cosine_softmax"):
     model = common.build_model(objective, 5, arch="resnet18", small_input=True)
     ema = {k: v.clone() + (1 if v.is_floating_point() else 0) for k, v in model.state_dict().items()}
-    return model, common.make_checkpoint(model, objective, common.objective_hparams(objective),
-                                         "resnet18", 5, True, ema=ema,
+    model_args = {"objective": objective, "hparams": common.objective_hparams(objective),
+                  "arch": "resnet18", "num_classes": 5, "small_input": True}
+    return model, common.make_checkpoint(model, model_args, ema=ema,
                                          args={"resolution": 8, "seed": 3})
 
 

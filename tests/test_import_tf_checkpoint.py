@@ -209,7 +209,9 @@ def test_stem_pool_is_tf_same_and_old_checkpoints_keep_torchvision():
         got = common.MaxPoolSame()(x)
         assert got.shape[-2:] == ((h + 1) // 2, (w + 1) // 2) and torch.equal(got, ref)
     model = common.build_model("softmax", 5, arch="resnet18")
-    ck = common.make_checkpoint(model, "softmax", {}, "resnet18", 5, False)
+    ck = common.make_checkpoint(model, {"objective": "softmax", "hparams": {}, "arch": "resnet18",
+                                        "num_classes": 5, "small_input": False})
+    del ck["stem_pool"]  # a checkpoint from before stem_pool existed
     assert isinstance(common.model_from_checkpoint(ck).maxpool, torch.nn.MaxPool2d)
     with pytest.raises(common.UserError, match="stem_pool"):
         common.build_model("softmax", 5, arch="resnet18", stem_pool="same")

@@ -102,7 +102,8 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     x, y = blobs(1500, 30, 4, seed=3, sep=0.4)
     train, val, test = (x[:900], y[:900]), (x[900:1200], y[900:1200]), (x[1200:], y[1200:])
     lambdas = lp.parse_lambdas("1e-5:1e2:8")
-    res, W, b = lp.run_probe(train, val, test, 4, "top1", lambdas, log=None)
+    res, W, b = lp.run_probe(train, val, test, num_classes=4, metric="top1", lambdas=lambdas,
+                             log=None)
     assert [p["lambda"] for p in res["path"]] == sorted(lambdas, reverse=True)
     assert all(p["converged"] for p in res["path"]) and res["refit"]["converged"]
     xs = standardized(train[0], train[0])
@@ -156,9 +157,10 @@ def test_mean_per_class_metric_and_features_file(tmp_path):
 def save_small_checkpoint(path, seed=0, objective="softmax"):
     torch.manual_seed(seed)
     model = common.build_model(objective, 5, arch="resnet18", small_input=True)
-    ck = common.make_checkpoint(model, objective, common.objective_hparams(objective), "resnet18",
-                                5, True, args={"resolution": 8, "seed": seed},
-                                run_id=f"run{seed}")
+    ck = common.make_checkpoint(model, {"objective": objective, "arch": "resnet18",
+                                        "hparams": common.objective_hparams(objective),
+                                        "num_classes": 5, "small_input": True},
+                                args={"resolution": 8, "seed": seed}, run_id=f"run{seed}")
     common.save_checkpoint(str(path), ck)
 
 
