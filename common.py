@@ -1079,10 +1079,20 @@ def network_identity(path, ck):
     return {"run_id": ck.get("run_id"), "checkpoint": checkpoint_label(path),
             "checkpoint_path": path, "checkpoint_hash": file_hash(path),
             "objective": ck["objective"], "hparams": dict(ck["hparams"]), "seed": args.get("seed"),
-            "arch": ck["arch"], "dataset": dataset,
-            "dataset_name": dataset_label(dataset) if dataset else None,
+            "arch": ck["arch"], "dataset": dataset, "dataset_name": trained_on_label(dataset),
             "resolution": args.get("resolution"), "small_input": bool(ck["small_input"]),
             "stem_pool": ck.get("stem_pool", "torchvision")}
+
+
+def trained_on_label(spec):
+    """dataset_label of a network's training data; a bare name such as the imported networks'
+    'imagenet' (trained elsewhere: no local path) is its own label; None stays None."""
+    if not spec:
+        return None
+    try:
+        return dataset_label(spec)
+    except UserError:
+        return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", spec.split(":")[0])
 
 
 def torchvision_identity(name, arch, weights):

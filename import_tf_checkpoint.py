@@ -38,6 +38,7 @@ import functools
 import math
 import os
 import re
+import uuid
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ import common
 # ----------------------------------------------------------------------------------------------
 # Reading a TF checkpoint (TensorBundle format): numpy and the standard library only
 
+BUCKET = "gs://gresearch/loss_functions_transfer/checkpoints"   # <objective>/seed<k>/model.ckpt
 TABLE_MAGIC = 0xDB4775248B80FB57           # LevelDB table footer magic, also TF's
 FOOTER_LEN = 48                            # two block handles padded to 40 bytes + magic
 DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?",
@@ -379,7 +381,20 @@ def convert(prefix, objective=None, seed=None, keep_background=False):
               "head": "cosine" if cosine else "linear"}
     return common.make_checkpoint(state, objective, common.objective_hparams(objective, **hp),
                                   "resnet50", num_classes, False, ema=state, args=args,
-                                  stem_pool="tf_same", dataset="imagenet", tf_checkpoint=source)
+                                  stem_pool="tf_same", dataset="imagenet", tf_checkpoint=source,
+                                  run_id=released_run_id(objective, seed, prefix))
+
+
+def released_run_id(objective, seed, prefix):
+    """A stable run id for a released network (uuid5 of its bucket path), so the results of an
+    imported network join in make_figures like a trained one's, and importing it again (or on
+    another machine) gives the same id. Without a seed: uuid5 of the local prefix.
+
+    >>> released_run_id("softmax", 0, "ckpts/softmax/seed0/model.ckpt")[:8]
+    'c53bf481'
+    """
+    name = (f"{BUCKET}/{objective}/seed{seed}" if seed is not None else os.path.abspath(prefix))
+    return uuid.uuid5(uuid.NAMESPACE_URL, name).hex
 
 
 def find_checkpoints(folder):

@@ -169,8 +169,12 @@ def test_resnet50_reproduces_tf_outputs(tf_tree, tmp_path, capsys):
     ref = dict(np.load(os.path.join(FIX, "resnet50_outputs.npz")))
     for head, objective in gen.HEADS.items():
         model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))
-        assert (info["objective"], info["seed"], info["resolution"], info["num_classes"]) == \
+        assert (info["objective"], info["seed"], info["resolution"], model.fc.out_features) == \
             (objective, 3, 224, 1000)
+        assert (info["dataset"], info["dataset_name"]) == ("imagenet", "imagenet")
+        # a stable run id (the bucket path's uuid5): results of imported networks join by it
+        assert info["run_id"] == itc.released_run_id(objective, 3, "anywhere") == \
+            common.load_checkpoint(str(out / f"{objective}_s3.pt"))["run_id"]
         assert isinstance(model.maxpool, common.MaxPoolSame) and info["stem_pool"] == "tf_same"
         for key, batch in gen.BATCHES.items():
             got = scripts_outputs(model, gen.images(batch))
