@@ -445,12 +445,12 @@ def test_network_identity_and_result_header(tmp_path):
     _, network = common.load_pretrained(path)
     assert list(network) == list(common.IDENTITY_FIELDS) == [
         "run_id", "checkpoint", "checkpoint_path", "checkpoint_hash", "objective", "hparams",
-        "seed", "arch", "dataset", "dataset_name", "resolution", "small_input"]
+        "seed", "arch", "dataset", "dataset_name", "resolution", "small_input", "stem_pool"]
     assert network == {"run_id": ck["run_id"], "checkpoint": "softmax_s3", "checkpoint_path": path,
                        "checkpoint_hash": common.file_hash(path), "objective": "cosine_softmax",
                        "hparams": common.objective_hparams("cosine_softmax"), "seed": 3,
                        "arch": "resnet18", "dataset": "digits@0-4", "dataset_name": "digits@0-4",
-                       "resolution": 8, "small_input": True}
+                       "resolution": 8, "small_input": True, "stem_pool": "torchvision"}
     assert len(ck["run_id"]) == 32 and ck["run_id"] != common.new_run_id()
     del ck["run_id"]                                     # a checkpoint from before run ids
     common.save_checkpoint(path, ck)
