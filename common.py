@@ -824,14 +824,17 @@ def collect_features(model, loader, layers, device="cpu"):
             np.concatenate(labels).astype(np.int64))
 
 
-def eval_loader(split, resolution, batch_size=256, workers=0, crop_fraction=None):
+def eval_loader(split, resolution, batch_size=256, workers=0, crop_fraction=None,
+                transform=None):
     """A deterministic loader over a Split with the eval transform (no augmentation).
 
-    Tiny in-memory images (<= 64 px) are resized without a crop unless crop_fraction is given."""
+    Tiny in-memory images (<= 64 px) are resized without a crop unless crop_fraction is given.
+    `transform` replaces eval_transform (e.g. import_tf_checkpoint.tf_eval_transform(224): TF's
+    preprocessing, float on the 0-255 scale, which normalize() takes as it takes uint8)."""
     if crop_fraction is None:
         size = split.source.images.shape[1] if split.source.images is not None else None
         crop_fraction = 1.0 if size is not None and size <= 64 else 0.875
-    ds = with_transform(split, eval_transform(resolution, crop_fraction))
+    ds = with_transform(split, transform or eval_transform(resolution, crop_fraction))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=workers > 0)
