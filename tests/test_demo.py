@@ -36,7 +36,7 @@ def test_demo_smallest_setting(tmp_path):
     for name in ("Softmax", "Logit normalization", "Squared error"):
         assert any(l.startswith(f"| {name} | 1 ") for l in rows), name
     # every result joined to its training run by run id (issue 12): nothing left over
-    for unjoined in ("no identity block", "no run id", "known only from transfer",
+    for unjoined in ("no identity block", "no run id", "without a training results.json",
                      "not that run's final.pt"):
         assert unjoined not in report, unjoined
     # a second run finds everything done and only redoes the analyses
