@@ -33,7 +33,6 @@ The reader needs numpy and the standard library only (read_index, read_tensors):
 file is a LevelDB-style table of BundleEntryProto records, the data file raw little-endian
 tensors checked with masked crc32c.
 """
-import argparse
 import functools
 import math
 import os
@@ -445,14 +444,14 @@ def tf_eval_transform(resolution=224, crop_fraction=0.875):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__)     # a bad argument: one line `error: ...`, exit 2
     p.add_argument("--checkpoint", required=True,
                    help="a TF checkpoint prefix (.../model.ckpt) or a folder holding several")
     p.add_argument("--out", required=True,
                    help="output .pt file (for a prefix) or folder (for a folder)")
     p.add_argument("--objective", default=None, choices=list(common.OBJECTIVES),
                    help="default: the <objective> folder of the bucket's layout")
-    p.add_argument("--seed", type=int, default=None, help="default: the seed<k> folder")
+    p.add_argument("--seed", type=common.seed, default=None, help="default: the seed<k> folder")
     p.add_argument("--keep-background", action="store_true",
                    help="keep TF's 1001 outputs (class 0 = unused background); default 1000")
     args = p.parse_args(argv)

@@ -256,6 +256,10 @@ def test_missing_files(tmp_path, capsys):
     os.remove(prefix + ".data-00000-of-00001")
     err = run_cli(["--checkpoint", prefix, "--out", str(tmp_path / "x.pt")], capsys)
     assert "data file" in err and "not found" in err
+    # argparse's own errors are one line too (common.argument_parser)
+    assert "--seed: '-1' must be in [0, 2**63)" in run_cli(
+        ["--checkpoint", prefix, "--out", "x.pt", "--seed", "-1"], capsys)
+    assert "required: --out" in run_cli(["--checkpoint", prefix], capsys)
     assert not os.path.exists(tmp_path / "x.pt")
 
 
