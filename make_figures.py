@@ -1059,6 +1059,13 @@ def section_setup(found):
                      f"{f('resolution')} px, {f('epochs')} epochs ({f('steps')} steps) of batch "
                      f"{f('batch_size')}, lr {lr_text(train)} per 256, {f('precision')}"
                      + (f"; {np.mean(secs):.0f} s per network on average" if secs else "") + ".")
+    evaluated = flat["evaluate"]
+    if evaluated:
+        f = lambda k: distinct(evaluated, k) or "?"
+        lines.append(f"- Evaluated without training here (train_imagenet.py --evaluate): "
+                     f"{len(evaluated)} result(s) on `{f('dataset_name')}` (test split, "
+                     f"{f('count')} images), {f('arch')} at {f('resolution')} px, "
+                     f"{f('preprocessing')} preprocessing.")
     for kind, name in (("linear_probe", "Linear probe"), ("finetune", "Fine-tuning")):
         by_ds = {}
         for r in flat[kind]:

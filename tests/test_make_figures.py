@@ -434,3 +434,6 @@ def test_imported_networks_take_source_top1_from_evaluate(tmp_path, monkeypatch)
     report = run_figures(monkeypatch, runs, tmp_path / "out")
     assert (tmp_path / "out" / "fig1_top1_vs_transfer.png").exists()
     assert "no run id" not in report and f"{3 * len(written)} evaluate results.json" in report
+    assert (f"- Evaluated without training here (train_imagenet.py --evaluate): "
+            f"{3 * len(written)} result(s) on `digits@5-9 / digits@0-4` (test split, 300 "
+            f"images), resnet18 at 8 px, tf / torchvision preprocessing.") in report
