@@ -826,14 +826,17 @@ def collect_features(model, loader, layers, device="cpu"):
             np.concatenate(labels).astype(np.int64))
 
 
-def eval_loader(split, resolution, batch_size=256, workers=0, crop_fraction=None):
+def eval_loader(split, resolution, batch_size=256, workers=0, crop_fraction=None,
+                transform=None):
     """A deterministic loader over a Split with the eval transform (no augmentation).
 
-    Tiny in-memory images (<= 64 px) are resized without a crop unless crop_fraction is given."""
+    Tiny in-memory images (<= 64 px) are resized without a crop unless crop_fraction is given.
+    `transform` replaces eval_transform (e.g. import_tf_checkpoint.tf_eval_transform(224): TF's
+    preprocessing, float on the 0-255 scale, which normalize() takes as it takes uint8)."""
     if crop_fraction is None:
         size = split.source.images.shape[1] if split.source.images is not None else None
         crop_fraction = 1.0 if size is not None and size <= 64 else 0.875
-    ds = with_transform(split, eval_transform(resolution, crop_fraction))
+    ds = with_transform(split, transform or eval_transform(resolution, crop_fraction))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=workers > 0)
@@ -1112,21 +1115,20 @@ def network_identity(path, ck):
     return {"run_id": ck.get("run_id"), "checkpoint": checkpoint_label(path),
             "checkpoint_path": path, "checkpoint_hash": file_hash(path),
             "objective": ck["objective"], "hparams": dict(ck["hparams"]), "seed": args.get("seed"),
-            "arch": ck["arch"], "dataset": dataset,
-            "dataset_name": training_data_name(dataset),
+            "arch": ck["arch"], "dataset": dataset, "dataset_name": trained_on_label(dataset),
             "resolution": args.get("resolution"), "small_input": bool(ck["small_input"]),
             "stem_pool": ck.get("stem_pool", "torchvision")}
 
 
-def training_data_name(spec):
-    """The short name of a network's training data: dataset_label of its spec, or the bare name
-    for data that was not loaded by this project ('imagenet' for the authors' TF checkpoints)."""
+def trained_on_label(spec):
+    """dataset_label of a network's training data; a bare name such as the imported networks'
+    'imagenet' (trained elsewhere: no local path) is its own label; None stays None."""
     if not spec:
         return None
     try:
         return dataset_label(spec)
     except UserError:
-        return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", spec)
+        return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", spec.split(":")[0])
 
 
 def torchvision_identity(name, arch, weights):

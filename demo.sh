@@ -11,6 +11,8 @@
 #       TARGETS="food101:/data cifar10:/data cifar100:/data birdsnap:/data/birdsnap \
 #                sun397:/data stanford_cars:/data oxford_pets:/data flowers102:/data" \
 #       FT_ARGS="--steps 20000 --batch-size 256" bash demo.sh
+#   CHECKPOINTS="runs/tf/*.pt" EVAL_ARGS="--eval-preprocessing tf" DATA=imagenet:/data/imagenet \
+#       TARGETS="cifar10:/data flowers102:/data" OUT=results/paper_networks bash demo.sh
 #
 # Variables (defaults in brackets):
 #   DATA [digits@0-4]        source dataset spec for training, CKA and class separation
@@ -24,6 +26,12 @@
 #   OUT [results/demo]       report.md and figures here; runs (checkpoints, json) in $OUT/runs
 #   TRAIN_ARGS PROBE_ARGS FT_ARGS CKA_ARGS SEP_ARGS   extra flags for each script
 #   PYTHON [python3]         the interpreter (make demo passes the project's .venv)
+#   CHECKPOINTS [empty]      checkpoint files (globs allowed) to analyse INSTEAD of training,
+#                            e.g. the paper's networks from import_tf_checkpoint.py: step 1 then
+#                            scores each on DATA's test split (train_imagenet.py --evaluate, the
+#                            source top-1 of the report); OBJECTIVES, SEEDS and training flags
+#                            are ignored
+#   EVAL_ARGS                extra flags for --evaluate (e.g. --eval-preprocessing tf)
 # Every step resumes or skips what is already done, so an interrupted demo continues on rerun.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -78,20 +86,44 @@ finish() {
     [ "$failed" -eq 0 ] || { echo "demo stopped: $1 failed (logs in $RUNS/logs)" >&2; exit 1; }
 }
 
-stamp "1/6 training: ${OBJECTIVES// /, } x seeds ${SEEDS// /, } on $DATA ($JOBS at a time)"
+# a checkpoint's short name, as common.checkpoint_label: runs/x/final.pt -> x, tf/a_s0.pt -> a_s0
+label_of() {
+    local base; base=$(basename "$1" .pt)
+    case $base in final|last|best) basename "$(dirname "$1")" ;; *) echo "$base" ;; esac
+}
+
 checkpoints=()
-for objective in $OBJECTIVES; do
-    for seed in $SEEDS; do
-        dir=$RUNS/train/${objective}_s${seed}
-        checkpoints+=("$dir/final.pt")
-        [ -f "$dir/final.pt" ] && [ -f "$dir/results.json" ] && continue
-        job "$RUNS/logs/train_${objective}_s${seed}.log" run train_imagenet.py --data "$DATA" \
-            --objective "$objective" --seed "$seed" --out "$dir" "${train_flags[@]}" \
-            ${TRAIN_ARGS:-}
+if [ -n "${CHECKPOINTS:-}" ]; then
+    # shellcheck disable=SC2206
+    checkpoints=($CHECKPOINTS)   # word splitting and globbing wanted
+    for ckpt in "${checkpoints[@]}"; do
+        [ -f "$ckpt" ] || { echo "error: CHECKPOINTS: $ckpt is not a file" >&2; exit 2; }
     done
-done
-finish training
-grep -h "^done:" "$RUNS"/logs/train_*.log 2>/dev/null | sed 's/^/   /' || true
+    stamp "1/6 evaluating ${#checkpoints[@]} given checkpoints on $DATA (no training)"
+    for ckpt in "${checkpoints[@]}"; do
+        label=$(label_of "$ckpt")
+        dir=$RUNS/evaluate/$label
+        [ -f "$dir/results.json" ] && continue
+        job "$RUNS/logs/evaluate_${label}.log" run train_imagenet.py --evaluate "$ckpt" \
+            --data "$DATA" --out "$dir" ${EVAL_ARGS:-}
+    done
+    finish evaluation
+    grep -h "^evaluate:" "$RUNS"/logs/evaluate_*.log 2>/dev/null | sed 's/^/   /' || true
+else
+    stamp "1/6 training: ${OBJECTIVES// /, } x seeds ${SEEDS// /, } on $DATA ($JOBS at a time)"
+    for objective in $OBJECTIVES; do
+        for seed in $SEEDS; do
+            dir=$RUNS/train/${objective}_s${seed}
+            checkpoints+=("$dir/final.pt")
+            [ -f "$dir/final.pt" ] && [ -f "$dir/results.json" ] && continue
+            job "$RUNS/logs/train_${objective}_s${seed}.log" run train_imagenet.py \
+                --data "$DATA" --objective "$objective" --seed "$seed" --out "$dir" \
+                "${train_flags[@]}" ${TRAIN_ARGS:-}
+        done
+    done
+    finish training
+    grep -h "^done:" "$RUNS"/logs/train_*.log 2>/dev/null | sed 's/^/   /' || true
+fi
 
 stamp "2/6 linear probe on $TARGETS"
 # shellcheck disable=SC2086
@@ -103,7 +135,7 @@ if [ -n "$FT_TARGETS" ]; then
     for target in $FT_TARGETS; do
         name=$("$PYTHON" -c "import common, sys; print(common.dataset_label(sys.argv[1]))" "$target")
         for ckpt in "${checkpoints[@]}"; do
-            label=$(basename "$(dirname "$ckpt")")
+            label=$(label_of "$ckpt")
             dir=$RUNS/finetune/$label/$name
             [ -f "$dir/results.json" ] && continue
             job "$RUNS/logs/finetune_${label}_${name}.log" run finetune.py --checkpoint "$ckpt" \

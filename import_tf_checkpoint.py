@@ -33,11 +33,11 @@ The reader needs numpy and the standard library only (read_index, read_tensors):
 file is a LevelDB-style table of BundleEntryProto records, the data file raw little-endian
 tensors checked with masked crc32c.
 """
-import argparse
 import functools
 import math
 import os
 import re
+import uuid
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ import common
 # ----------------------------------------------------------------------------------------------
 # Reading a TF checkpoint (TensorBundle format): numpy and the standard library only
 
+BUCKET = "gs://gresearch/loss_functions_transfer/checkpoints"   # <objective>/seed<k>/model.ckpt
 TABLE_MAGIC = 0xDB4775248B80FB57           # LevelDB table footer magic, also TF's
 FOOTER_LEN = 48                            # two block handles padded to 40 bytes + magic
 DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?",
@@ -381,7 +382,20 @@ def convert(prefix, objective=None, seed=None, keep_background=False):
                   "arch": "resnet50", "num_classes": num_classes, "small_input": False,
                   "stem_pool": "tf_same"}
     return common.make_checkpoint(state, model_args, ema=state, args=args, dataset="imagenet",
-                                  tf_checkpoint=source)
+                                  tf_checkpoint=source,
+                                  run_id=released_run_id(objective, seed, prefix))
+
+
+def released_run_id(objective, seed, prefix):
+    """A stable run id for a released network (uuid5 of its bucket path), so the results of an
+    imported network join in make_figures like a trained one's, and importing it again (or on
+    another machine) gives the same id. Without a seed: uuid5 of the local prefix.
+
+    >>> released_run_id("softmax", 0, "ckpts/softmax/seed0/model.ckpt")[:8]
+    'c53bf481'
+    """
+    name = (f"{BUCKET}/{objective}/seed{seed}" if seed is not None else os.path.abspath(prefix))
+    return uuid.uuid5(uuid.NAMESPACE_URL, name).hex
 
 
 def find_checkpoints(folder):
@@ -432,14 +446,14 @@ def tf_eval_transform(resolution=224, crop_fraction=0.875):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__)     # a bad argument: one line `error: ...`, exit 2
     p.add_argument("--checkpoint", required=True,
                    help="a TF checkpoint prefix (.../model.ckpt) or a folder holding several")
     p.add_argument("--out", required=True,
                    help="output .pt file (for a prefix) or folder (for a folder)")
     p.add_argument("--objective", default=None, choices=list(common.OBJECTIVES),
                    help="default: the <objective> folder of the bucket's layout")
-    p.add_argument("--seed", type=int, default=None, help="default: the seed<k> folder")
+    p.add_argument("--seed", type=common.seed, default=None, help="default: the seed<k> folder")
     p.add_argument("--keep-background", action="store_true",
                    help="keep TF's 1001 outputs (class 0 = unused background); default 1000")
     args = p.parse_args(argv)

@@ -2,10 +2,12 @@
 
 Reads, recursively under --runs, every results.json, cka.json (with its cka.npz) and
 class_separation.json. Each starts with the identity block of common.result_header: its kind
-(train, linear_probe, finetune, cka, class_separation) and the identity of its network(s). Results
-are joined per network on the run id that training wrote into final.pt; a file without an
-identity block, or a network without a run id (older checkpoints, torchvision weights), gets one
-note in the report and is left out. It writes to --out, as PNG and PDF:
+(train, evaluate, linear_probe, finetune, cka, class_separation) and the identity of its
+network(s). Results are joined per network on the run id that training (or
+import_tf_checkpoint.py) wrote into the checkpoint; a file without an identity block, or a network
+without a run id (older checkpoints, torchvision weights), gets one note in the report and is
+left out. A network without training results here (an imported one) takes its source top-1 from
+train_imagenet.py --evaluate on its training data. It writes to --out, as PNG and PDF:
   fig1_top1_vs_transfer     source top-1 against mean transfer accuracy, one point per objective
   fig2_table                per objective: mean +- standard error over seeds, Welch p vs softmax
   fig3_cka_by_layer         CKA between objectives per layer against the different-seed baseline
@@ -98,7 +100,7 @@ def variant_of(hparams):
 
 
 RESULT_FILES = ("results.json", "cka.json", "class_separation.json")
-KINDS = ("train", "linear_probe", "finetune", "cka", "class_separation")
+KINDS = ("train", "evaluate", "linear_probe", "finetune", "cka", "class_separation")
 TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind -> network field
 
 
@@ -134,7 +136,8 @@ def make_network(identity):
     return {"run_id": identity.get("run_id"), "hash": identity.get("checkpoint_hash"),
             "objective": str(identity.get("objective")), "seed": identity.get("seed"),
             "label": identity.get("checkpoint"), "hparams": dict(identity.get("hparams") or {}),
-            "arch": identity.get("arch"), "dataset": identity.get("dataset"), "epochs": None,
+            "arch": identity.get("arch"), "dataset": identity.get("dataset"),
+            "dataset_name": identity.get("dataset_name"), "epochs": None,
             "top1": None, "linear": {}, "finetune": {}, "r2": None, "sparsity": None,
             "dim": None, "sources": {}, "orphan": False}
 
@@ -181,6 +184,33 @@ def training_networks(found, runs, notes):
         else:
             notes.append(f"`{rel}`: top1 is missing or not a finite number ({top1!r}).")
     return nets
+
+
+def attach_evaluations(found, nets, runs, notes):
+    """Source top-1 from train_imagenet.py --evaluate results (kind 'evaluate') for networks
+    without training results here, e.g. the paper's imported networks: the evaluation on the
+    network's own training data, with TF's preprocessing for imported (tf_same) networks when
+    both were run, as the authors scored them."""
+    chosen = {}
+    for path, r in found["evaluate"]:
+        rel = os.path.relpath(path, runs)
+        net = network_of(r.get("network"), rel, nets, notes)
+        if net is None or not net["orphan"]:
+            continue    # a trained network: its training results.json gives the source top-1
+        if r.get("dataset_name") != net["dataset_name"]:
+            notes.append(f"`{rel}`: evaluated on {r.get('dataset_name')}, not on the network's "
+                         f"training data ({net['dataset_name']}); not a source top-1.")
+            continue
+        if not finite(r.get("top1")):
+            notes.append(f"`{rel}`: top1 is missing or not a finite number; skipped.")
+            continue
+        wanted = "tf" if (r.get("network") or {}).get("stem_pool") == "tf_same" else "torchvision"
+        rank = (r.get("preprocessing") == wanted, os.path.getmtime(path))
+        if net["run_id"] not in chosen or rank > chosen[net["run_id"]][0]:
+            chosen[net["run_id"]] = (rank, r)
+    for rid, (_, r) in chosen.items():
+        nets[rid]["top1"] = 100 * float(r["top1"])
+        nets[rid]["sources"]["top1"] = f"evaluate ({r.get('preprocessing')} preprocessing)"
 
 
 def attach_transfer(found, nets, runs, notes, scratch):
@@ -1029,6 +1059,13 @@ def section_setup(found):
                      f"{f('resolution')} px, {f('epochs')} epochs ({f('steps')} steps) of batch "
                      f"{f('batch_size')}, lr {lr_text(train)} per 256, {f('precision')}"
                      + (f"; {np.mean(secs):.0f} s per network on average" if secs else "") + ".")
+    evaluated = flat["evaluate"]
+    if evaluated:
+        f = lambda k: distinct(evaluated, k) or "?"
+        lines.append(f"- Evaluated without training here (train_imagenet.py --evaluate): "
+                     f"{len(evaluated)} result(s) on `{f('dataset_name')}` (test split, "
+                     f"{f('count')} images), {f('arch')} at {f('resolution')} px, "
+                     f"{f('preprocessing')} preprocessing.")
     for kind, name in (("linear_probe", "Linear probe"), ("finetune", "Fine-tuning")):
         by_ds = {}
         for r in flat[kind]:
@@ -1091,13 +1128,16 @@ def load_networks(runs, notes):
                                f"probe, fine-tune), cka.json or class_separation.json with an "
                                f"identity block")
     nets, scratch = training_networks(found, runs, notes), {}
+    attach_evaluations(found, nets, runs, notes)
     attach_transfer(found, nets, runs, notes, scratch)
     attach_class_separation(found, nets, runs, notes)
     orphans = [n for n in nets.values() if n["orphan"]]
     if orphans:
         labels = sorted(str(n["label"] or n["objective"]) for n in orphans)
-        notes.append(f"{len(labels)} network(s) known only from transfer or class-separation "
-                     f"results (no matching training results.json): {', '.join(labels)}.")
+        evaluated = sum(n["top1"] is not None for n in orphans)
+        notes.append(f"{len(labels)} network(s) without a training results.json here (e.g. "
+                     f"imported): {', '.join(labels)}; source top-1 of {evaluated} from "
+                     f"train_imagenet.py --evaluate results.")
     nets = list(nets.values())
     for field in ("arch", "dataset", "epochs"):
         seen = {str(n[field]) for n in nets if not n["orphan"]}
@@ -1251,7 +1291,8 @@ def main():
     sections += section_sweeps(by_obj, groups, colours, save_fig, notes)
 
     counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
-        ("train", "training results.json"), ("linear_probe", "linear-probe results.json"),
+        ("train", "training results.json"), ("evaluate", "evaluate results.json"),
+        ("linear_probe", "linear-probe results.json"),
         ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
         ("class_separation", "class_separation.json")))
     figures = sorted({os.path.basename(p) for p in written if p.endswith(".png")})

@@ -9,6 +9,17 @@
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
       train_imagenet.py --data imagenet:/data/imagenet --objective sigmoid --out runs/in_sigmoid
 
+Evaluate a checkpoint without training (this project's, an imported one of the paper's, or
+torchvision's published weights) on the dataset's TEST split; writes OUT/results.json (kind
+"evaluate": top1, top5, mean_per_class). --eval-preprocessing tf scores the imported networks
+as the authors did (import_tf_checkpoint.tf_eval_transform):
+  python train_imagenet.py --evaluate runs/digits_softmax_s0/final.pt --data digits@0-4 \
+      --out runs/eval/digits_softmax_s0
+  torchrun --nproc_per_node=8 train_imagenet.py --evaluate runs/tf/softmax_s0.pt \
+      --eval-preprocessing tf --data imagenet:/data/imagenet --out runs/eval/softmax_s0
+  python train_imagenet.py --evaluate torchvision:resnet50:IMAGENET1K_V1 \
+      --data imagenet:/data/imagenet --out runs/eval/torchvision_resnet50
+
 Rerunning the same command resumes from OUT/last.pt (mid-epoch, bitwise on the CPU with
 --deterministic); SIGTERM or SIGUSR1 writes last.pt and exits (status 128 + signal). Changing
 epochs, batch size, lr, objective and the like on resume is refused unless --force-resume.
@@ -85,7 +96,7 @@ OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in com
 NOT_COMPARED_ON_RESUME = {"out", "workers", "threads", "device", "log_every", "ckpt_minutes",
                           "eval_batch_size", "force_resume", "download", "snapshot_every",
                           "compile", "channels_last", "deterministic", "debug_nan_at_step",
-                          "debug_kill_at_step"}
+                          "debug_kill_at_step", "evaluate", "eval_preprocessing"}
 NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 
 
@@ -155,6 +166,12 @@ def parse_args(argv=None):
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool, for images of 32 px or less")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
+    p.add_argument("--evaluate", metavar="CKPT", help="evaluate CKPT (a checkpoint path or "
+                   "torchvision:ARCH[:WEIGHTS]) on --data's test split instead of training; "
+                   "training flags are then ignored")
+    p.add_argument("--eval-preprocessing", choices=("torchvision", "tf"), default="torchvision",
+                   help="with --evaluate: torchvision (this project's: antialiased bicubic, "
+                   "uint8) or tf (the released TF models': crop 0.875, TF1 resize_bicubic)")
     p.add_argument("--snapshot-every", type=common.nonnegative_int, default=0,
                    metavar="EPOCHS",
                    help="also keep the weights every this many epochs as "
@@ -446,9 +463,10 @@ def ema_update(ema, model, decay, step):
 # Evaluation: every image exactly once across ranks
 
 def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_size=256,
-             workers=0, criterion=None, channels_last=False):
-    """Evaluate every model of {name: model} on `split` (eval transform), each image exactly once
-    across ranks (rank r takes images r, r+world, ...; no padding), counts summed over ranks.
+             workers=0, criterion=None, channels_last=False, transform=None):
+    """Evaluate every model of {name: model} on `split` (eval transform, or `transform`: see
+    common.eval_loader), each image exactly once across ranks (rank r takes images r, r+world,
+    ...; no padding), counts summed over ranks.
     Returns {name: {top1, top5, mean_per_class, loss, count}}; loss is criterion's (or None).
 
     >>> data = common.load_dataset("digits")
@@ -459,7 +477,8 @@ def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_si
     part = common.Split(split.source, split.indices[dist.rank::dist.world], split.label_map)
     if split.source.images is not None:
         workers = 0  # in-memory arrays: a worker process would cost more than it saves
-    loader = common.eval_loader(part, resolution, batch_size=batch_size, workers=workers)
+    loader = common.eval_loader(part, resolution, batch_size=batch_size, workers=workers,
+                                transform=transform)
     K = int(split.label_map.max()) + 1
     device = dist.device
     sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
@@ -974,13 +993,67 @@ def train(model, model_args, data, args, dist, results_extra=None):
 
 
 # ==============================================================================================
-# main
+# Evaluating a checkpoint (--evaluate) and main
+
+def evaluate_checkpoint(args, dist):
+    """Score the checkpoint args.evaluate on the test split of args.data, every image once
+    across ranks; rank 0 writes args.out/results.json (identity block, then top1, top5, ...).
+
+    >>> r = evaluate_checkpoint(parse_args(["--evaluate", "runs/s0/final.pt", "--data",
+    ...     "digits@0-4", "--out", "runs/eval_s0"]), Dist())   # doctest: +SKIP
+    """
+    model, network = common.load_pretrained(args.evaluate)
+    data = common.load_dataset(args.data, download=args.download)
+    outputs = getattr(getattr(model, "fc", None), "out_features", None)
+    if outputs != data["num_classes"]:
+        raise common.UserError(f"{args.evaluate} has {outputs} outputs but {args.data} has "
+                               f"{data['num_classes']} classes; evaluate on the data it was "
+                               f"trained on (an imported model: import without --keep-background)")
+    if data.get("test") is None:
+        raise common.UserError(f"{args.data} has no test split to evaluate on")
+    saved = os.path.join(args.out, "results.json")
+    if os.path.isfile(saved) and common.read_json(saved).get("kind") != "evaluate":
+        raise common.UserError(f"{saved} holds results of another kind (a training run?); "
+                               f"choose another --out")
+    resolution = common.input_resolution(args.resolution, network)
+    precision, autocast = amp_dtype(args.precision, dist.device)
+    cuda = dist.device.type == "cuda"
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    model.to(dist.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    transform = None
+    if args.eval_preprocessing == "tf":
+        from import_tf_checkpoint import tf_eval_transform
+        transform = tf_eval_transform(resolution)
+    workers = args.workers if args.workers is not None else min(8, cpu_count()) if cuda else 1
+    with common.locked(args.out) if dist.is_main else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
+                     batch_size=args.eval_batch_size, workers=workers,
+                     channels_last=channels_last, transform=transform)["m"]
+        results = {**common.result_header(network, data, "evaluate"),
+                   "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
+                   "metric": data["metric"], "count": m["count"], "resolution": resolution,
+                   "preprocessing": args.eval_preprocessing, "split": "test",
+                   "precision": precision, "world_size": dist.world,
+                   "seconds": time.perf_counter() - t0, "versions": common.versions()}
+        if dist.is_main:
+            common.save_json(saved, results)
+            print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
+                  f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
+                  f"preprocessing): top1 {m['top1']:.4f} top5 {m['top5']:.4f} mean per class "
+                  f"{m['mean_per_class']:.4f} -> {saved}", flush=True)
+    return results
+
 
 def main(argv=None):
-    """Parse argv (default: sys.argv) and train; returns the results dict."""
+    """Parse argv (default: sys.argv) and train (or --evaluate); returns the results dict."""
     args = parse_args(argv)
     dist = setup_distributed(args.device)
     try:
+        if args.evaluate:
+            return evaluate_checkpoint(args, dist)
         data = common.load_dataset(args.data, download=args.download)
         apply_preset(args, data["image_size"], dist.device)
         hp = common.objective_hparams(args.objective, **objective_overrides(args))

@@ -36,7 +36,7 @@ def test_demo_smallest_setting(tmp_path):
     for name in ("Softmax", "Logit normalization", "Squared error"):
         assert any(l.startswith(f"| {name} | 1 ") for l in rows), name
     # every result joined to its training run by run id (issue 12): nothing left over
-    for unjoined in ("no identity block", "no run id", "known only from transfer",
+    for unjoined in ("no identity block", "no run id", "without a training results.json",
                      "not that run's final.pt"):
         assert unjoined not in report, unjoined
     # a second run finds everything done and only redoes the analyses
@@ -44,3 +44,35 @@ def test_demo_smallest_setting(tmp_path):
                            text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "train:" not in again.stdout
+
+
+def test_demo_analyses_given_checkpoints_without_training(tmp_path):
+    """CHECKPOINTS= (e.g. the paper's imported networks): no training; each network is scored
+    with train_imagenet.py --evaluate (its source top-1), then probed, compared and reported,
+    every result joined by run id."""
+    import train_imagenet
+    labels = ["softmax_s0", "sigmoid_s0"]
+    for label in labels:
+        train_imagenet.main(["--data", "digits@0-4", "--objective", label[:-3], "--arch",
+                             "resnet18", "--resolution", "8", "--epochs", "1", "--workers", "0",
+                             "--threads", "1", "--out", str(tmp_path / "nets" / label)])
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "JOBS": "1",
+           "OMP_NUM_THREADS": "1", "CHECKPOINTS": f"{tmp_path}/nets/*/final.pt",
+           "FT_TARGETS": "", "PROBE_ARGS": "--lambdas 1e-4,1e-2,1",
+           "CKA_ARGS": "--split test --max-images 96"}
+    r = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "train:" not in r.stdout and not (out / "runs" / "train").exists()
+    for label in labels:
+        assert (out / "runs" / "evaluate" / label / "results.json").is_file()
+        assert (out / "runs" / "probe" / label / "digits@5-9" / "results.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "2 evaluate results.json" in report and "source top-1 of 2 from" in report
+    for unjoined in ("no identity block", "no run id", "not that run's final.pt"):
+        assert unjoined not in report, unjoined
+    assert (out / "fig1_top1_vs_transfer.png").is_file()
+    bad = subprocess.run(["bash", "demo.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "CHECKPOINTS": str(tmp_path / "none.pt")})
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr

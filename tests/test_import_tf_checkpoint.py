@@ -171,6 +171,10 @@ def test_resnet50_reproduces_tf_outputs(tf_tree, tmp_path, capsys):
         model, info = common.load_pretrained(str(out / f"{objective}_s3.pt"))  # info: identity
         assert (info["objective"], info["seed"], info["resolution"], model.fc.out_features) == \
             (objective, 3, 224, 1000)
+        assert (info["dataset"], info["dataset_name"]) == ("imagenet", "imagenet")
+        # a stable run id (the bucket path's uuid5): results of imported networks join by it
+        assert info["run_id"] == itc.released_run_id(objective, 3, "anywhere") == \
+            common.load_checkpoint(str(out / f"{objective}_s3.pt"))["run_id"]
         assert isinstance(model.maxpool, common.MaxPoolSame) and info["stem_pool"] == "tf_same"
         for key, batch in gen.BATCHES.items():
             got = scripts_outputs(model, gen.images(batch))
@@ -254,6 +258,10 @@ def test_missing_files(tmp_path, capsys):
     os.remove(prefix + ".data-00000-of-00001")
     err = run_cli(["--checkpoint", prefix, "--out", str(tmp_path / "x.pt")], capsys)
     assert "data file" in err and "not found" in err
+    # argparse's own errors are one line too (common.argument_parser)
+    assert "--seed: '-1' must be in [0, 2**63)" in run_cli(
+        ["--checkpoint", prefix, "--out", "x.pt", "--seed", "-1"], capsys)
+    assert "required: --out" in run_cli(["--checkpoint", prefix], capsys)
     assert not os.path.exists(tmp_path / "x.pt")
 
 

@@ -328,7 +328,7 @@ def test_sweep_results_join_on_run_id(tmp_path, monkeypatch):
     sweep = report.split("### Logit normalization: tau")[1]
     assert "| 0.02 | 2 | 90.00 ± 0.00 | 70.50 ± 0.50 |" in sweep
     assert "| 0.04 | 2 | 90.00 ± 0.00 | 80.50 ± 0.50 |" in sweep
-    assert "known only from transfer" not in report
+    assert "without a training results.json" not in report
     assert (tmp_path / "out" / "fig5_sweep_logit_normalization_tau.png").exists()
 
 
@@ -406,3 +406,34 @@ def test_cka_verdict_per_objective():
     flat[:2, 2:4] = flat[2:4, :2] = 0.95   # sigmoid matches softmax at every layer
     v, text = make_figures.cka_verdict(c, {**s, "diag": flat}, only)
     assert v == "cannot tell" and text.endswith("at no layer: Sigmoid")
+
+
+def test_imported_networks_take_source_top1_from_evaluate(tmp_path, monkeypatch):
+    """Imported networks (a run id, no training results.json) join their probe, CKA and class
+    separation results by run id, and take their source top-1 from train_imagenet.py
+    --evaluate on their own training data: the TF preprocessing's for tf_same networks."""
+    runs = tmp_path / "runs"
+    written = make_runs(runs, objectives=["softmax", "sigmoid"], finetune=False)
+    for n in written:
+        os.remove(runs / "train" / n["label"] / "results.json")
+        net = {**n["identity"], "stem_pool": "tf_same"}
+        for pre, top1 in (("tf", n["top1"]), ("torchvision", n["top1"] - 0.05)):
+            write_json(str(runs / "eval" / pre / n["label"] / "results.json"), {
+                **common.result_header(net, "digits@0-4", "evaluate"), "top1": top1,
+                "top5": 1.0, "mean_per_class": top1, "metric": "top1", "count": 300,
+                "resolution": 8, "preprocessing": pre})
+        write_json(str(runs / "eval" / "other" / n["label"] / "results.json"), {
+            **common.result_header(net, "digits@5-9", "evaluate"), "top1": 0.1})
+    notes = []
+    _, nets, _ = make_figures.load_networks(str(runs), notes)
+    assert {n["label"]: n["top1"] for n in nets} == \
+        {n["label"]: pytest.approx(100 * n["top1"]) for n in written}
+    assert sum("not on the network's training data" in x for x in notes) == len(written)
+    assert any(f"{len(written)} network(s) without a training results.json" in x and
+               f"source top-1 of {len(written)} from" in x for x in notes), notes
+    report = run_figures(monkeypatch, runs, tmp_path / "out")
+    assert (tmp_path / "out" / "fig1_top1_vs_transfer.png").exists()
+    assert "no run id" not in report and f"{3 * len(written)} evaluate results.json" in report
+    assert (f"- Evaluated without training here (train_imagenet.py --evaluate): "
+            f"{3 * len(written)} result(s) on `digits@5-9 / digits@0-4` (test split, 300 "
+            f"images), resnet18 at 8 px, tf / torchvision preprocessing.") in report

@@ -373,3 +373,47 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("final.pt", "results.json", "args.json", "summary.csv"):
         assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o640, name
+
+
+# ---------------------------------------------------------------------------------------------
+# --evaluate: a checkpoint scored on the test split without training (issue 15)
+
+def test_evaluate_scores_a_checkpoint_as_its_training_did(tmp_path):
+    out, trained = train(tmp_path, "softmax_s0")
+    with open(os.path.join(out, "results.json")) as f:
+        trained = json.load(f)
+    ev = str(tmp_path / "eval")
+    flags = ["--evaluate", os.path.join(out, "final.pt"), "--data", "digits@0-4", "--out", ev,
+             "--eval-batch-size", "128"]
+    r = train_imagenet.main(flags)
+    with open(os.path.join(ev, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == r and list(saved)[:11] == [
+        "kind", "network", "dataset", "dataset_name", "top1", "top5", "mean_per_class", "metric",
+        "count", "resolution", "preprocessing"]
+    assert saved["kind"] == "evaluate" and saved["network"] == trained["network"]
+    # the same EMA weights, split and preprocessing as training's own test evaluation
+    assert saved["top1"] == pytest.approx(trained["top1"])
+    assert saved["mean_per_class"] == pytest.approx(trained["mean_per_class"])
+    assert (saved["count"], saved["resolution"], saved["preprocessing"]) == \
+        (trained["test_count"], 8, "torchvision")
+    tf = train_imagenet.main([*flags, "--eval-preprocessing", "tf"])   # rewrites its own file
+    assert tf["preprocessing"] == "tf" and tf["count"] == saved["count"]
+    assert 0 < tf["top1"] <= 1
+    with pytest.raises(common.UserError, match="has 5 outputs but digits has 10 classes"):
+        train_imagenet.main([*flags[:3], "digits", "--out", ev])
+    with pytest.raises(common.UserError, match="results of another kind"):
+        train_imagenet.main([*flags[:5], out])     # never over a training run's results.json
+
+
+def test_evaluate_bad_inputs_give_one_line_errors(tmp_path):
+    missing = str(tmp_path / "nope.pt")
+    for args, message in (
+            (["--evaluate", missing, "--data", "digits", "--out", str(tmp_path / "e")],
+             f"error: checkpoint not found: {missing}"),
+            (["--evaluate", missing, "--data", "digits"], "--out"),
+            (["--evaluate", missing, "--data", "digits", "--out", str(tmp_path / "e"),
+              "--eval-preprocessing", "pil"], "invalid choice: 'pil'")):
+        r = run_script(args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and r.stdout == ""
