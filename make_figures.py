@@ -23,6 +23,7 @@ Examples:
   python make_figures.py --runs results/demo --out results/demo
   python make_figures.py --runs runs/ --out figures/ --formats png
 """
+import dataclasses
 import json
 import math
 import os
@@ -412,21 +413,35 @@ def cell_text(c, digits, with_verdict=True, sep=", "):
 # ----------------------------------------------------------------------------------------------
 # Figures
 
-def save(fig, out, name, formats, dpi, written):
-    for ext in formats:
-        path = os.path.join(out, f"{name}.{ext}")
-        try:
-            fig.savefig(path, dpi=dpi)
-        except OSError as e:
-            plt.close(fig)
-            raise common.UserError(f"cannot write {path}: {e.strerror or e}; check --out")
-        written.append(path)
-    plt.close(fig)
+@dataclasses.dataclass
+class Report:
+    """What the report's sections share and fill in: where and how figures are saved, each
+    objective's colour and place, and the lists the sections add to (figure files written, notes
+    on what was missing or skipped, verdicts per claim)."""
+    out: str
+    formats: list
+    dpi: int
+    colours: dict
+    order: list
+    written: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    verdicts: list = dataclasses.field(default_factory=list)
+
+    def save_fig(self, fig, name):
+        for ext in self.formats:
+            path = os.path.join(self.out, f"{name}.{ext}")
+            try:
+                fig.savefig(path, dpi=self.dpi)
+            except OSError as e:
+                plt.close(fig)
+                raise common.UserError(f"cannot write {path}: {e.strerror or e}; check --out")
+            self.written.append(path)
+        plt.close(fig)
 
 
-def legend_right(fig, objectives, colours, order):
-    handles = [plt.Line2D([], [], color=colours[o], marker=marker_of(o, order), linestyle="",
-                          markersize=8, label=display(o)) for o in objectives]
+def legend_right(fig, objectives, report):
+    handles = [plt.Line2D([], [], color=report.colours[o], marker=marker_of(o, report.order),
+                          linestyle="", markersize=8, label=display(o)) for o in objectives]
     fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
 
 
@@ -434,7 +449,7 @@ def marker_of(obj, order):
     return MARKERS[order.index(obj) % len(MARKERS)]
 
 
-def scatter_means(ax, groups, xq, yq, colours, order):
+def scatter_means(ax, groups, xq, yq, report):
     """Per objective: translucent points per network, the mean with standard-error bars."""
     drawn = []
     for obj, nets in groups.items():
@@ -445,38 +460,38 @@ def scatter_means(ax, groups, xq, yq, colours, order):
         xs, ys = np.array(pairs, dtype=float).T
         mx, sx, _ = mean_se(xs)
         my, sy, _ = mean_se(ys)
-        ax.scatter(xs, ys, color=colours[obj], alpha=0.25, s=18, marker=marker_of(obj, order),
-                   linewidths=0)
+        ax.scatter(xs, ys, color=report.colours[obj], alpha=0.25, s=18,
+                   marker=marker_of(obj, report.order), linewidths=0)
         ax.errorbar(mx, my, xerr=sx if finite(sx) else None, yerr=sy if finite(sy) else None,
-                    color=colours[obj], marker=marker_of(obj, order), markersize=8, capsize=3,
-                    linestyle="")
+                    color=report.colours[obj], marker=marker_of(obj, report.order),
+                    markersize=8, capsize=3, linestyle="")
         drawn.append(obj)
     ax.grid(alpha=0.3)
     return drawn
 
 
-def fig_transfer(groups, colours, order, save_fig, notes):
+def fig_transfer(groups, report):
     kinds = [k for k in ("linear", "finetune")
              if any(n[k] and n["top1"] is not None for g in groups.values() for n in g)]
     if not kinds:
-        notes.append("Figure 1 skipped: it needs source top-1 and transfer results of the same "
-                     "networks.")
+        report.notes.append("Figure 1 skipped: it needs source top-1 and transfer results of "
+                            "the same networks.")
         return
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.5, 4.8),
                              layout="constrained", squeeze=False)
     drawn = set()
     for ax, kind in zip(axes[0], kinds):
         drawn.update(scatter_means(ax, groups, lambda n: n["top1"],
-                                   lambda n, k=kind: mean_of(n[k]), colours, order))
+                                   lambda n, k=kind: mean_of(n[k]), report))
         ax.set_xlabel("source-task top-1 accuracy (%)")
         ax.set_ylabel(f"{KIND_NAMES[kind].lower()} accuracy, mean over datasets (%)")
         ax.set_title(f"{KIND_NAMES[kind]} transfer (paper: {claim_text(CLAIMS[kind])})")
-    legend_right(fig, [o for o in groups if o in drawn], colours, order)
+    legend_right(fig, [o for o in groups if o in drawn], report)
     fig.suptitle("Source accuracy against transfer accuracy (mean ± standard error over seeds)")
-    save_fig(fig, "fig1_top1_vs_transfer")
+    report.save_fig(fig, "fig1_top1_vs_transfer")
 
 
-def fig_table(groups, cols, cells, save_fig):
+def fig_table(groups, cols, cells, report):
     """The per-objective table as a figure: blue cells above softmax, red below, pale where the
     difference is not significant; the paper's claim under each column header."""
     objs = list(groups)
@@ -516,7 +531,7 @@ def fig_table(groups, cols, cells, save_fig):
         f"agrees / opposite / differs / n.s.: the paper's claim checked at p < {ALPHA}. "
         "Blue: above softmax, red: below, shade scaled per column; pale: not significant.",
         int(14 * len(cols) + 30)), fontsize=8)
-    save_fig(fig, "fig2_table")
+    report.save_fig(fig, "fig2_table")
 
 
 def load_cka(found, runs, notes):
@@ -595,11 +610,12 @@ def objective_matrix(diag, idx, layer):
     return mat
 
 
-def fig_cka(c, idx, s, colours, order, save_fig, notes):
+def fig_cka(c, idx, s, report):
     layers = c["layers"]
     x = np.arange(len(layers))
     if not len(s["same"]) and not s["vs_ref"]:
-        notes.append("Figure 3 skipped: CKA needs at least two networks of known objectives.")
+        report.notes.append("Figure 3 skipped: CKA needs at least two networks of known "
+                            "objectives.")
         return
     fig, ax = plt.subplots(figsize=(max(7.5, 0.45 * len(layers) + 4.5), 4.8),
                            layout="constrained")
@@ -609,9 +625,9 @@ def fig_cka(c, idx, s, colours, order, save_fig, notes):
         ax.plot(x, np.nanmean(s["same"], 0), color="0.35", linestyle="--", linewidth=2,
                 label="same objective, different seed (mean)")
     else:
-        notes.append("CKA: no two networks of one objective, so no different-seed baseline.")
+        report.notes.append("CKA: no two networks of one objective, so no different-seed baseline.")
     for o, curve in s["vs_ref"].items():
-        ax.plot(x, curve, color=colours[o], marker=marker_of(o, order), markersize=4,
+        ax.plot(x, curve, color=report.colours[o], marker=marker_of(o, report.order), markersize=4,
                 label=f"{display(s['ref'])} vs {display(o)}")
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
@@ -620,7 +636,7 @@ def fig_cka(c, idx, s, colours, order, save_fig, notes):
     ax.set_title(f"CKA between networks at the same layer ({c['n_images'] or '?'} images)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
-    save_fig(fig, "fig3_cka_by_layer")
+    report.save_fig(fig, "fig3_cka_by_layer")
 
     L = len(layers)
     picks = sorted({max(0, (L - 2) // 2 - 1), max(0, L - 3), max(0, L - 2), L - 1}) \
@@ -653,13 +669,13 @@ def fig_cka(c, idx, s, colours, order, save_fig, notes):
     fig.colorbar(im, ax=axes, label="linear CKA (mean over seed pairs; diagonal: different seeds)",
                  shrink=0.8)
     fig.suptitle("CKA between objectives at a few depths")
-    save_fig(fig, "fig3_cka_matrices")
+    report.save_fig(fig, "fig3_cka_matrices")
 
 
-def fig_class_separation(groups, colours, order, save_fig, notes):
+def fig_class_separation(groups, report):
     nets = [n for g in groups.values() for n in g]
     if not any(n["r2"] is not None for n in nets):
-        notes.append("Figure 4 skipped: no class-separation R^2 (pool layer) found.")
+        report.notes.append("Figure 4 skipped: no class-separation R^2 (pool layer) found.")
         return
     panels = [(q, label) for q, label in (
         (lambda n: n["top1"], "source-task top-1 accuracy (%)"),
@@ -667,14 +683,14 @@ def fig_class_separation(groups, colours, order, save_fig, notes):
         (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)"))
         if any(n["r2"] is not None and finite(q(n)) for n in nets)]
     if not panels:
-        notes.append("Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of the same "
-                     "networks.")
+        report.notes.append("Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of "
+                            "the same networks.")
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.5, 4.6),
                              layout="constrained", squeeze=False)
     drawn = set()
     for ax, (q, label) in zip(axes[0], panels):
-        drawn.update(scatter_means(ax, groups, lambda n: n["r2"], q, colours, order))
+        drawn.update(scatter_means(ax, groups, lambda n: n["r2"], q, report))
         pairs = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
                  for g in groups.values()]
         pairs = [(a, b) for a, b in pairs if finite(a) and finite(b)]
@@ -683,9 +699,9 @@ def fig_class_separation(groups, colours, order, save_fig, notes):
         ax.set_ylabel(label)
         ax.set_title(f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
                      "Spearman ρ: n/a (fewer than 3 objectives)", fontsize=10)
-    legend_right(fig, [o for o in groups if o in drawn], colours, order)
+    legend_right(fig, [o for o in groups if o in drawn], report)
     fig.suptitle("Class separation of the penultimate layer (mean ± standard error over seeds)")
-    save_fig(fig, "fig4_class_separation")
+    report.save_fig(fig, "fig4_class_separation")
 
 
 def find_sweeps(by_obj, groups):
@@ -715,7 +731,7 @@ SWEEP_QUANTITIES = (("Class separation R^2 (pool)", "R^2 (unitless)", lambda n: 
                      lambda n: mean_of(n["finetune"]), 2))
 
 
-def fig_sweep(obj, key, points, colours, save_fig):
+def fig_sweep(obj, key, points, report):
     quantities = [q for q in SWEEP_QUANTITIES
                   if any(values(ns, q[2]) for ns in points.values())]
     if not quantities:
@@ -729,7 +745,7 @@ def fig_sweep(obj, key, points, colours, save_fig):
         stat = [(x, *mean_se(values(ns, q))[:2]) for x, ns in zip(xs, points.values())]
         stat = [(x, m, se) for x, m, se in stat if finite(m)]
         sx, sm, sse = map(np.array, zip(*stat))
-        ax.errorbar(sx, sm, yerr=np.where(np.isfinite(sse), sse, 0), color=colours[obj],
+        ax.errorbar(sx, sm, yerr=np.where(np.isfinite(sse), sse, 0), color=report.colours[obj],
                     marker="o", capsize=3)
         if paper is not None and finite(paper):
             ax.axvline(float(paper), color="0.5", linestyle=":", label="paper value")
@@ -746,7 +762,7 @@ def fig_sweep(obj, key, points, colours, save_fig):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{display(obj)}: sweep of {key} (mean ± standard error over seeds)")
     name = f"fig5_sweep_{obj}_{re.sub(r'[^A-Za-z0-9]+', '_', key)}"
-    save_fig(fig, name)
+    report.save_fig(fig, name)
     return name, quantities
 
 
@@ -1163,10 +1179,10 @@ def embed(written, name, alt):
         os.path.basename(p) == f"{name}.png" for p in written) else []
 
 
-def section_results(groups, scratch, colours, order, save_fig, written, notes, verdicts):
+def section_results(groups, scratch, report):
     cols = columns(groups) if groups else []
     if not cols:
-        notes.append("Figures 1 and 2 skipped: no accuracy of any network was found.")
+        report.notes.append("Figures 1 and 2 skipped: no accuracy of any network was found.")
         return []
     cells = table_cells(groups, cols)
     keys = [k for k, *_ in cols]
@@ -1180,15 +1196,15 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes, v
              "paper's title)", linear, "lower")):
         v = direction_verdict(cells, key, direction) if key in keys else None
         if v:
-            verdicts.append((claim, v))
+            report.verdicts.append((claim, v))
     corr = correlation_verdict(groups, lambda n: mean_of(n["linear"]), -1)
     if corr:
-        verdicts.append(("Higher R^2 goes with lower linear-probe transfer", corr))
+        report.verdicts.append(("Higher R^2 goes with lower linear-probe transfer", corr))
     ft = finetune_verdict(groups, cells, cols)
     if ft:
-        verdicts.append(("Fine-tuning differences are small", ft))
-    fig_transfer(groups, colours, order, save_fig, notes)
-    fig_table(groups, cols, cells, save_fig)
+        report.verdicts.append(("Fine-tuning differences are small", ft))
+    fig_transfer(groups, report)
+    fig_table(groups, cols, cells, report)
     lines = ["## Per-objective results (figures 1 and 2)", "",
              "Mean ± standard error over seeds; accuracies in %. p: Welch t-test against softmax "
              f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, "
@@ -1196,8 +1212,8 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes, v
              "significant). Each column header gives the paper's claim for every non-softmax "
              "objective against softmax (SPEC.md).", ""]
     lines += report_table(groups, cols, cells) + [""]
-    lines += embed(written, "fig1_top1_vs_transfer", "source top-1 against transfer")
-    lines += embed(written, "fig2_table", "table")
+    lines += embed(report.written, "fig1_top1_vs_transfer", "source top-1 against transfer")
+    lines += embed(report.written, "fig2_table", "table")
     if scratch:
         lines += ["Trained from scratch (no pretraining), as written by the script:", ""]
         for (kind, d), v in sorted(scratch.items()):
@@ -1208,47 +1224,47 @@ def section_results(groups, scratch, colours, order, save_fig, written, notes, v
     return lines
 
 
-def section_cka(found, runs, groups, colours, order, save_fig, written, notes, verdicts):
-    c = load_cka(found, runs, notes)
+def section_cka(found, runs, groups, report):
+    c = load_cka(found, runs, report.notes)
     if c is None:
-        notes.append("CKA (figure 3) skipped: no readable cka.npz.")
+        report.notes.append("CKA (figure 3) skipped: no readable cka.npz.")
         return []
     idx = cka_groups(c, groups)
     with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         s = cka_summary(c, idx)
-        fig_cka(c, idx, s, colours, order, save_fig, notes)
+        fig_cka(c, idx, s, report)
         table = report_cka(c, idx, s)
         v = cka_verdict(c, s, idx)
     if v:
-        verdicts.append(("CKA between objectives matches the different-seed baseline except in "
-                         "the last few layers", v))
+        report.verdicts.append(("CKA between objectives matches the different-seed baseline "
+                                "except in the last few layers", v))
     return (["## CKA (figure 3)", ""] + table + [""] +
-            embed(written, "fig3_cka_by_layer", "CKA by layer") +
-            embed(written, "fig3_cka_matrices", "CKA matrices"))
+            embed(report.written, "fig3_cka_by_layer", "CKA by layer") +
+            embed(report.written, "fig3_cka_matrices", "CKA matrices"))
 
 
-def section_class_separation(groups, colours, order, save_fig, written, notes):
+def section_class_separation(groups, report):
     table = report_class_separation(groups)
     if not table:
-        notes.append("Class separation (figure 4) skipped: no class_separation.json with a pool "
-                     "layer R^2.")
+        report.notes.append("Class separation (figure 4) skipped: no class_separation.json with "
+                            "a pool layer R^2.")
         return []
-    fig_class_separation(groups, colours, order, save_fig, notes)
+    fig_class_separation(groups, report)
     return (["## Class separation of the penultimate layer (figure 4)", ""] + table +
             ["", "Rank correlations:", ""] + report_correlations(groups) + [""] +
-            embed(written, "fig4_class_separation", "class separation"))
+            embed(report.written, "fig4_class_separation", "class separation"))
 
 
-def section_sweeps(by_obj, groups, colours, save_fig, notes):
+def section_sweeps(by_obj, groups, report):
     sweeps = find_sweeps(by_obj, groups) if groups else []
     if not sweeps:
-        notes.append("Hyperparameter sweeps (figure 5) skipped: no objective was trained with "
-                     "several values of one hyperparameter.")
+        report.notes.append("Hyperparameter sweeps (figure 5) skipped: no objective was trained "
+                            "with several values of one hyperparameter.")
         return []
     lines = ["## Hyperparameter sweeps (figure 5)", ""]
     for obj, key, points in sweeps:
-        made = fig_sweep(obj, key, points, colours, save_fig)
+        made = fig_sweep(obj, key, points, report)
         if made:
             name, quantities = made
             lines += report_sweep(obj, key, points, quantities)
@@ -1270,32 +1286,25 @@ def main():
                                f"comma-separated")
     common.make_out_dir(out)
 
-    notes, written = [], []
+    notes = []
     found, nets, scratch = load_networks(runs, notes)
     groups, by_obj = choose_variants(nets, notes) if nets else ({}, {})
     if groups and "softmax" not in groups:
         notes.append("No softmax networks: no p-values or comparison against softmax.")
     if stats is None:
         notes.append("scipy is not installed: no p-values and no rank correlations.")
-    colours, order = assign_colours(nets)
-
-    def save_fig(fig, name):
-        save(fig, out, name, formats, args.dpi, written)
-
-    verdicts = []
-    sections = section_results(groups, scratch, colours, order, save_fig, written, notes,
-                               verdicts)
-    sections += section_cka(found, runs, groups, colours, order, save_fig, written, notes,
-                            verdicts)
-    sections += section_class_separation(groups, colours, order, save_fig, written, notes)
-    sections += section_sweeps(by_obj, groups, colours, save_fig, notes)
+    report = Report(out, formats, args.dpi, *assign_colours(nets), notes=notes)
+    sections = section_results(groups, scratch, report)
+    sections += section_cka(found, runs, groups, report)
+    sections += section_class_separation(groups, report)
+    sections += section_sweeps(by_obj, groups, report)
 
     counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
         ("train", "training results.json"), ("evaluate", "evaluate results.json"),
         ("linear_probe", "linear-probe results.json"),
         ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
         ("class_separation", "class_separation.json")))
-    figures = sorted({os.path.basename(p) for p in written if p.endswith(".png")})
+    figures = sorted({os.path.basename(p) for p in report.written if p.endswith(".png")})
     lines = ["# Report: why do better loss functions lead to less transferable features?", "",
              f"Read from `{runs}`: {counts}; {len(nets)} network(s) of {len(groups)} "
              f"objective(s).", "",
@@ -1304,7 +1313,7 @@ def main():
              "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
              "objectives matches the different-seed baseline except in the last few layers.", "",
              "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
-    lines += (section_verdicts(verdicts) + section_setup(found) + sections +
+    lines += (section_verdicts(report.verdicts) + section_setup(found) + sections +
               ["## Notes: what was missing or skipped", ""])
     lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
     text = "\n".join(lines) + "\n"
