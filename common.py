@@ -68,6 +68,22 @@ OBJECTIVES = {
     "cosine_softmax": {"tau": 0.05, "normalize_features": True},
     "squared_error": {"kappa": 9.0, "m": 60.0, "loss_scale": 10.0},
 }
+# Where each hyperparameter makes sense: (low, high, what), both ends exclusive unless named in
+# `what`. Outside, the objective is not the paper's (alpha 2 or tau -0.05 trained to chance).
+HPARAM_RANGES = {
+    "alpha": (0.0, 1.0, "in [0, 1)"), "lambda_": (0.0, math.inf, ">= 0"),
+    "dropout": (0.0, 1.0, "in [0, 1)"), "beta": (0.0, math.inf, ">= 0"),
+    "tau": (0.0, math.inf, "> 0"), "kappa": (0.0, math.inf, "> 0"),
+    "m": (-math.inf, math.inf, "finite"), "loss_scale": (0.0, math.inf, "> 0"),
+}
+
+
+def _in_range(key, value):
+    low, high, what = HPARAM_RANGES[key]
+    if not math.isfinite(value):
+        return False
+    closed_low = what.startswith(">=") or what.startswith("in [")
+    return (value >= low if closed_low else value > low) and value < high
 
 
 def objective_hparams(objective, **overrides):
@@ -84,6 +100,9 @@ def objective_hparams(objective, **overrides):
             valid = ", ".join(hp) or "none"
             raise UserError(f"objective {objective!r} has no hyperparameter {key!r}; valid: {valid}")
         hp[key] = type(hp[key])(value)
+        if key in HPARAM_RANGES and not _in_range(key, hp[key]):
+            raise UserError(f"{objective}: {key.rstrip('_')} must be {HPARAM_RANGES[key][2]} "
+                            f"(got {value})")
     return hp
 
 
@@ -569,11 +588,11 @@ def _npz(path):
                 raise UserError(f"{f} lacks array {e}; expected arrays 'images' and 'labels'")
             except Exception as e:
                 raise UserError(f"cannot read {f}: {type(e).__name__}: {e}")
-            if im.dtype != np.uint8 or im.ndim != 4 or len(im) != len(lb):
+            if im.dtype != np.uint8 or im.ndim != 4 or lb.ndim != 1 or len(im) != len(lb):
                 raise UserError(f"{f}: expected images uint8 (N,H,W,C) and labels (N,), got "
                                 f"{im.dtype} {im.shape} and {lb.shape}")
             images.append(im)
-            labels.append(lb.astype(np.int64))
+            labels.append(check_labels(lb, f))
         n = sum(len(x) for x in labels) - start
         ranges[split] = np.arange(start, start + n)
         start += n
@@ -585,13 +604,31 @@ def _npz(path):
     classes = [str(i) for i in range(num_classes)]
     cj = os.path.join(path, "classes.json")
     if os.path.exists(cj):
-        with open(cj) as fh:
-            meta = json.load(fh)
+        meta = read_json(cj)
         names = meta.get("classes") if isinstance(meta, dict) else meta
         if isinstance(names, list) and len(names) >= num_classes:
             classes = [str(c) for c in names]
     splits = {k: v for k, v in ranges.items() if len(v)}
     return ImageSource(labels, images=images), splits, classes, images.shape[1]
+
+
+MAX_CLASSES = 100_000  # more is a broken label, not a dataset: (N, K) one-hot targets explode
+
+
+def check_labels(labels, what):
+    """Labels as int64 (N,), or a one-line UserError naming the first bad one: not integers
+    (floats would be truncated silently), negative, or so large that the class count is absurd
+    (one label of 1e9 made 1e9 + 1 classes and ran the machine out of memory)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{what}: labels must be integers, got {labels.dtype}; store them as "
+                        f"int64 class indices 0..K-1")
+    for bad, why in ((labels < 0, "negative"), (labels >= MAX_CLASSES, f">= {MAX_CLASSES:,}")):
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{what}: label {int(labels[i])} at index {i} is {why}; labels must "
+                            f"be class indices 0..K-1")
+    return labels.astype(np.int64)
 
 
 def _read_image(path):
@@ -746,6 +783,15 @@ def load_dataset(spec, download=False):
         if len(idx) == 0:
             raise UserError(f"the {split} split of {spec!r} has no images of the chosen classes")
         views[split] = Split(src, idx, label_map)
+    present = set(np.unique(views["train"].labels).tolist())
+    if len(present) < 2:
+        raise UserError(f"the train split of {spec!r} has {len(present)} class: a classifier "
+                        f"needs at least 2")
+    for split in ("val", "test"):
+        missing = sorted(set(np.unique(views[split].labels).tolist()) - present)
+        if missing:
+            raise UserError(f"class {missing[0]} of {spec!r} has {split} images but no training "
+                            f"images; drop it with a class subset (@...)")
     names = ["+".join(classes[c] if c < len(classes) else str(c) for c in g) for g in groups]
     return {**views, "num_classes": len(groups), "classes": names, "metric": "mean_per_class" if name in MEAN_PER_CLASS
             else "top1", "name": dataset_label(spec), "spec": spec, "image_size": size}

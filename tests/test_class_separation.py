@@ -125,3 +125,12 @@ def test_script_writes_records_per_checkpoint(tmp_path):
     with pytest.raises(common.UserError, match="has no layer block9"):
         main(["--checkpoint", str(path), "--data", "digits", "--out", str(out),
               "--layers", "block9"])
+
+
+def test_max_per_class_below_two_is_refused(tmp_path, capsys):
+    # one image per class: within-class distance 0, R^2 = 1 whatever the features
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "x.pt", "--data", "digits", "--out", str(tmp_path / "o"),
+              "--max-per-class", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "must be >= 2" in err

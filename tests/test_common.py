@@ -211,6 +211,63 @@ def test_npz_folder_and_subsets(tmp_path):
             assert {4: 0, 1: 1}[int(img[0, 0, 0])] == y
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda lb: lb.astype(np.float32), "labels must be integers, got float32"),
+    (lambda lb: np.where(np.arange(len(lb)) == 3, -1, lb), "label -1 at index 3 is negative"),
+    (lambda lb: lb[:, None], r"labels \(N,\), got .* \(60, 1\)"),
+    (lambda lb: np.where(np.arange(len(lb)) == 5, 10 ** 9, lb), "label 1000000000 at index 5"),
+    (lambda lb: lb * 0, "has 1 class: a classifier needs at least 2"),
+])
+def test_bad_labels_are_one_line_errors(tmp_path, change, message):
+    write_npz_folder(tmp_path / "d")
+    f = tmp_path / "d" / "toy_train.npz"
+    with np.load(f) as d:
+        images, labels = d["images"], d["labels"]
+    np.savez(f, images=images, labels=change(labels))
+    with pytest.raises(common.UserError, match=message):
+        common.load_dataset(f"npz:{tmp_path / 'd'}")
+
+
+def test_a_class_seen_only_in_test_and_a_broken_classes_json_are_refused(tmp_path):
+    write_npz_folder(tmp_path / "d")
+    f = tmp_path / "d" / "toy_train.npz"
+    with np.load(f) as d:
+        images, labels = d["images"], d["labels"]
+    keep = labels != 5
+    np.savez(f, images=images[keep], labels=labels[keep])
+    with pytest.raises(common.UserError, match="class 5 .* has val images but no training"):
+        common.load_dataset(f"npz:{tmp_path / 'd'}")
+    common.load_dataset(f"npz:{tmp_path / 'd'}@0-4")  # a subset without it is fine
+    (tmp_path / "d" / "classes.json").write_text("{not json")
+    with pytest.raises(common.UserError, match="classes.json is not valid JSON"):
+        common.load_dataset(f"npz:{tmp_path / 'd'}")
+
+
+@pytest.mark.parametrize("objective, overrides, message", [
+    ("label_smoothing", {"alpha": 2}, r"alpha must be in \[0, 1\)"),
+    ("label_smoothing", {"alpha": 1.0}, r"alpha must be in \[0, 1\)"),
+    ("logit_normalization", {"tau": -0.05}, "tau must be > 0"),
+    ("cosine_softmax", {"tau": float("nan")}, "tau must be > 0"),
+    ("squared_error", {"kappa": -9}, "kappa must be > 0"),
+    ("squared_error", {"loss_scale": 0}, "loss_scale must be > 0"),
+    ("dropout", {"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ("extra_final_layer_l2", {"lambda_": -1}, "lambda must be >= 0"),
+    ("logit_penalty", {"beta": float("inf")}, "beta must be >= 0"),
+])
+def test_objective_hyperparameters_are_checked_where_they_are_defined(objective, overrides,
+                                                                      message):
+    with pytest.raises(common.UserError, match=message):
+        common.objective_hparams(objective, **overrides)
+    with pytest.raises(common.UserError, match=message):
+        common.build_model(objective, 5, "resnet18", **overrides)
+
+
+def test_objective_hyperparameter_edges_that_are_valid():
+    assert common.objective_hparams("label_smoothing", alpha=0)["alpha"] == 0
+    assert common.objective_hparams("dropout", dropout=0.0)["dropout"] == 0
+    assert common.objective_hparams("squared_error", m=-3)["m"] == -3
+
+
 def test_npz_grayscale_and_holdout(tmp_path):
     write_npz_folder(tmp_path / "g", sizes=(("train", 100), ("test", 20)), channels=1, classes=5)
     d = common.load_dataset(f"npz:{tmp_path / 'g'}")

@@ -417,3 +417,23 @@ def test_evaluate_bad_inputs_give_one_line_errors(tmp_path):
         r = run_script(args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0 and r.stdout == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-batch-size", "0"], "must be > 0"), (["--momentum", "-1"], r"in \[0, 1\)"),
+    (["--warmup-epochs", "inf"], "not a finite number"), (["--seed", str(2 ** 64)], "2\\*\\*63"),
+    (["--weight-decay", "-1"], "must be >= 0"), (["--ckpt-minutes", "nan"], "finite"),
+    (["--resolution", "0"], "must be > 0"), (["--log-every", "0"], "must be > 0"),
+    (["--workers", "-1"], "must be >= 0"), (["--lr", "-0.1"], "must be > 0"),
+    (["--objective", "dropout", "--dropout", "1.5"], r"dropout must be in \[0, 1\)"),
+    (["--objective", "label_smoothing", "--alpha", "2"], r"alpha must be in \[0, 1\)"),
+    (["--data", "digits@"], "empty class subset"),
+])
+def test_every_number_is_checked_before_any_work(tmp_path, capsys, flags, message):
+    argv = [*TINY, "--out", str(tmp_path / "r"), *flags]
+    with pytest.raises((SystemExit, common.UserError)) as e:
+        common.run_main(lambda: train_imagenet.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: "), err
+    assert __import__("re").search(message, err), err
+    assert not os.path.exists(tmp_path / "r" / "log.jsonl")  # refused before training
