@@ -970,33 +970,55 @@ def _ctrl_c_after_writing():
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def locked(folder):
-    """Hold OUT/.lock while a script writes into `folder`: a second process on the same folder
-    gets a one-line UserError instead of silently mixing its files with the first one's. The lock
-    is the kernel's (flock), so a killed process never leaves it stuck. On entry, temporary files
-    of atomic_write that a killed writer left behind are removed (nobody else writes here)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, ".lock")
+_HELD = {}  # real path of a folder -> fd of its .lock, for the folders this process holds
+
+
+def hold_folder(folder):
+    """Take OUT/.lock for `folder` (creating the folder) until release_folder() or the process
+    ends; a second process on the same folder gets a one-line UserError instead of silently
+    mixing its files with the first one's. The lock is the kernel's (flock), so a killed process
+    never leaves it stuck. Taking a folder this process holds already is a no-op. Temporary files
+    of atomic_write that a killed writer left behind are removed (nobody else writes here).
+    Returns whether this call took the lock."""
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return False
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
                         f"folder") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
-                            f"another output folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
-        for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
-            os.remove(stale)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
+                        f"another output folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+        os.remove(stale)
+    _HELD[key] = fd
+    return True
+
+
+def release_folder(folder):
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """hold_folder() for the duration of a with block (train(): one run's folder)."""
+    took = hold_folder(folder)
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if took:
+            release_folder(folder)
 
 
 def save_json(path, obj):
@@ -1047,6 +1069,7 @@ def make_checkpoint(model, model_args, *, ema=None, args=None, **extra):
           "model": model.state_dict() if isinstance(model, nn.Module) else model,
           "ema": ema, "args": dict(args or {}), "versions": versions()}
     ck.update(extra)
+    ck["checksum"] = weights_checksum(ck)
     return ck
 
 
@@ -1081,7 +1104,32 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
         raise UserError(f"checkpoint {path} is a {ck['arch']}, expected {arch}")
     if num_classes is not None and ck["num_classes"] != num_classes:
         raise UserError(f"checkpoint {path} has {ck['num_classes']} classes, expected {num_classes}")
+    if "checksum" not in ck:
+        if path not in _UNVERIFIED:
+            print(f"note: {path} holds no checksum (written before checkpoints had one): its "
+                  f"weights cannot be verified", file=sys.stderr)
+            _UNVERIFIED.add(path)
+    elif weights_checksum(ck) != ck["checksum"]:
+        raise UserError(f"checkpoint {path} is corrupt: its weights do not match the checksum "
+                        f"written with them; restore a copy or re-run the training that wrote it")
     return ck
+
+
+_UNVERIFIED = set()  # paths already noted as written without a checksum
+
+
+def weights_checksum(ck):
+    """sha256 (16 hex digits) of a checkpoint's weights and EMA weights: names, dtypes, shapes and
+    bytes. torch.load does not check the zip file's CRCs, so flipped bits inside a tensor load
+    without complaint; this catches them."""
+    h = hashlib.sha256()
+    for part in ("model", "ema"):
+        state = ck.get(part)
+        for name in sorted(state or {}):
+            t = state[name].detach().cpu().contiguous()
+            h.update(f"{part}/{name}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
@@ -1334,10 +1382,10 @@ def input_resolution(requested, network):
 
 
 def make_out_dir(path):
-    """Create the output folder before any long computation, so a bad --out fails early."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {path}: {e.strerror or e}")
+    """Create the output folder and hold it for this process (hold_folder: one writer per
+    folder) before any long computation, so a bad or busy --out fails early."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"output folder {path} exists and is a file; choose another")
+    hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")

@@ -181,6 +181,8 @@ def main(argv=None):
     check_grid(args)
     dist = train_imagenet.setup_distributed(args.device)
     try:
+        if dist.is_main:
+            common.make_out_dir(args.out)  # one fine-tuning per folder at a time
         source, network = source_model(args)
         data = common.load_dataset(args.data, download=args.download)
         args.resolution = common.input_resolution(args.resolution, network)

@@ -671,3 +671,47 @@ def test_open_feature_generator_leaves_autograd_on():
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     feats["pool"] += 1  # ordinary tensors: in-place use downstream is fine
     gen.close()
+
+
+def test_flipped_bits_inside_a_weight_tensor_are_caught(tmp_path, capsys):
+    model, ck = small_checkpoint("softmax")
+    path = str(tmp_path / "c.pt")
+    common.save_checkpoint(path, ck)
+    common.load_checkpoint(path)  # verifies
+    raw = bytearray(open(path, "rb").read())
+    name = "conv1.weight"
+    # torch.load does not check the zip's CRCs: change bytes of one tensor's storage in place
+    t = ck["model"][name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    at = raw.find(t[:64])
+    assert at > 0
+    raw[at + 10] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    loaded = torch.load(path, weights_only=True)  # loads without complaint ...
+    assert not torch.equal(loaded["model"][name], ck["model"][name])
+    with pytest.raises(common.UserError, match="corrupt: its weights do not match the checksum"):
+        common.load_checkpoint(path)  # ... but not past the checksum
+    del ck["checksum"]  # a checkpoint from before checksums: loads, with a note
+    common.save_checkpoint(path, ck)
+    common.load_checkpoint(path)
+    assert "holds no checksum" in capsys.readouterr().err
+
+
+def test_one_writer_per_folder(tmp_path):
+    # a second process on a folder in use is refused with one line; the first may re-enter
+    out = str(tmp_path / "out")
+    common.make_out_dir(out)
+    common.make_out_dir(out)  # the same process: no-op
+    with common.locked(out):
+        pass
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.run_main(lambda: common.make_out_dir(sys.argv[2]))")
+    r = subprocess.run([sys.executable, "-c", code, ROOT, out], capture_output=True, text=True)
+    assert r.returncode == 2 and f"is in use by pid {os.getpid()}" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    common.release_folder(out)
+    r = subprocess.run([sys.executable, "-c", code, ROOT, out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # released: free again (a killed holder releases too)
+    open(os.path.join(out, ".last.pt.abc.tmp"), "w").write("x")  # a killed writer's leftover
+    common.make_out_dir(out)
+    assert not os.path.exists(os.path.join(out, ".last.pt.abc.tmp"))
+    common.release_folder(out)

@@ -437,3 +437,42 @@ def test_every_number_is_checked_before_any_work(tmp_path, capsys, flags, messag
     assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: "), err
     assert __import__("re").search(message, err), err
     assert not os.path.exists(tmp_path / "r" / "log.jsonl")  # refused before training
+
+
+@pytest.mark.parametrize("flags, changed", [
+    (["--augment", "paper"], "augment: 'small' -> 'paper'"), (["--flip"], "flip: False -> True"),
+    (["--precision", "bf16"], "precision: 'fp32' -> 'bf16'"),
+    (["--micro-batch", "16"], "micro_batch: None -> 16"),
+    (["--weight-decay", "1e-3"], "weight_decay: 8e-05 -> 0.001"),
+])
+def test_every_argument_that_changes_the_result_is_compared_on_resume(tmp_path, flags, changed):
+    out, _ = train(tmp_path, "r")
+    with pytest.raises(common.UserError, match=__import__("re").escape(changed)):
+        train(tmp_path, "r", *flags)
+    _, forced = train(tmp_path, "r", *flags, "--force-resume")  # forced: recorded in args.json
+    saved = json.load(open(os.path.join(out, "args.json")))
+    assert saved["forced_changes"][-1]["step"] == 18 and saved["forced_changes"][-1]["changed"]
+
+
+def test_the_stem_cannot_change_even_when_forced(tmp_path):
+    train(tmp_path, "s")
+    with pytest.raises(common.UserError, match="small_input: False -> True.*do not fit"):
+        train(tmp_path, "s", "--small-input", "--force-resume")
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    out = str(tmp_path / "busy")
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "50",
+           "--out", out]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "log.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        r = run_script([*TINY, "--seed", "1", "--out", out])
+        assert r.returncode == 2 and f"is in use by pid {first.pid}" in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0
+    finally:
+        first.kill()
+        first.communicate()
