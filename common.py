@@ -1038,6 +1038,11 @@ def read_json(path):
                         f"writes it")
 
 
+def pct(x):
+    """An accuracy in [0, 1] as console text: 'pct(0.995575)' -> '99.56%' ('-' for None)."""
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def write_csv(path, rows):
     """A list of dicts as a CSV file (columns in first-seen order; floats to 6 digits)."""
     cols = []

@@ -207,7 +207,8 @@ def main(argv=None):
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
         if dist.is_main:
             print(f"finetune: best on val lr={best_lr:g} wd={best_wd:g} "
-                  f"({data['metric']} {scores[(best_lr, best_wd)]:.4f}); retraining on train+val")
+                  f"({data['metric']} {common.pct(scores[(best_lr, best_wd)])}); retraining on "
+                  f"train+val")
         final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
                       "val": None, "test": data["test"]}
         final = run_args(args, best_lr, best_wd, "final")
@@ -227,7 +228,8 @@ def main(argv=None):
         if dist.is_main:
             common.save_json(os.path.join(args.out, "results.json"), results)
             print(f"finetune: {network['checkpoint']} -> {data['name']}: test {data['metric']} "
-                  f"{test_acc:.4f} (lr {best_lr:g}, wd {best_wd:g}) in {results['seconds']:.0f} s")
+                  f"{common.pct(test_acc)} (lr {best_lr:g}, wd {best_wd:g}) in "
+                  f"{results['seconds']:.0f} s")
         return results
     finally:
         train_imagenet.teardown_distributed()

@@ -668,8 +668,8 @@ def main(argv=None):
                        "resolution": None, **results, "seconds": time.time() - t0}
             out_dir = os.path.join(args.out, safe_name(stem), "features")
             save_pair(out_dir, results, W, b)
-            print(f"{stem}: test {results['metric']} {results['test_accuracy']:.4f} at lambda "
-                  f"{results['best_lambda']:.3g} -> {out_dir}/results.json")
+            print(f"{stem}: test {results['metric']} {common.pct(results['test_accuracy'])} at "
+                  f"lambda {results['best_lambda']:.3g} -> {out_dir}/results.json")
         write_summary(args.out)
         return
 
@@ -713,7 +713,7 @@ def main(argv=None):
             save_pair(out_dir, results, W, b)
             write_summary(args.out)
             print(f"{network['checkpoint']} on {data['name']}: test {results['metric']} "
-                  f"{results['test_accuracy']:.4f} at lambda {results['best_lambda']:.3g} "
+                  f"{common.pct(results['test_accuracy'])} at lambda {results['best_lambda']:.3g} "
                   f"({results['seconds']:.1f}s) -> {out_dir}/results.json")
 
 

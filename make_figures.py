@@ -430,8 +430,9 @@ class Report:
     def save_fig(self, fig, name):
         for ext in self.formats:
             path = os.path.join(self.out, f"{name}.{ext}")
-            try:
-                fig.savefig(path, dpi=self.dpi)
+            try:  # atomically: a full disk leaves the old figure, never a 0-byte file
+                common.atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext,
+                                                                       dpi=self.dpi))
             except OSError as e:
                 plt.close(fig)
                 raise common.UserError(f"cannot write {path}: {e.strerror or e}; check --out")

@@ -722,10 +722,11 @@ def end_epoch(run, lr):
     p.history.append(row)
     if run.dist.is_main:
         common.write_csv(run.path("summary.csv"), p.history)
-        val = (f"val top1 {row['val_top1']:.4f} (raw {row['val_top1_raw']:.4f}) top5 "
-               f"{row['val_top5']:.4f}" if row["val_top1"] is not None else "no val split")
+        pct = common.pct
+        val = (f"val top1 {pct(row['val_top1'])} (raw {pct(row['val_top1_raw'])}) top5 "
+               f"{pct(row['val_top5'])}" if row["val_top1"] is not None else "no val split")
         print(f"epoch {row['epoch']}/{run.args.epochs}: train loss {row['train_loss']:.4f} top1 "
-              f"{row['train_top1']:.4f} | {val} | {row['images_per_second']:.0f} img/s",
+              f"{pct(row['train_top1'])} | {val} | {row['images_per_second']:.0f} img/s",
               flush=True)
         every = getattr(run.args, "snapshot_every", 0)
         if every and p.epoch % every == 0:
@@ -778,9 +779,10 @@ def finish(run, results_extra):
         kind = results.pop("kind", "train")
         results = {**common.result_header(network, run.data, kind), **results}
         common.save_json(run.path("results.json"), results)
-        print(f"done: test top1 {results['top1']} (raw {results['top1_raw']}), top5 "
-              f"{results['top5']} | {results['train_seconds']:.1f} s, "
-              f"{results['images_per_second']:.0f} img/s -> {run.out_dir}", flush=True)
+        print(f"done: test top1 {common.pct(results['top1'])} (raw "
+              f"{common.pct(results['top1_raw'])}), top5 {common.pct(results['top5'])} | "
+              f"{results['train_seconds']:.1f} s, {results['images_per_second']:.0f} img/s -> "
+              f"{run.out_dir}", flush=True)
     return results
 
 
@@ -893,13 +895,15 @@ def train(model, model_args, data, args, dist, results_extra=None):
                 history.append({"step": p.step, "changed": run.resumed_with})
             common.save_json(run.path("args.json"), {
                 **vars(args), "forced_changes": history, "world_size": world,
-                "per_device_batch": per_device, "micro_batch": micro, "accumulation": accum, "steps_per_epoch": steps_per_epoch,
+                "per_device_batch": per_device, "micro_batch": micro, "accumulation": accum,
+                "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
                 "channels_last": channels_last, "train_images": len(train_split),
                 "val_images": len(val) if val is not None else None,
                 "test_images": len(test) if test is not None else None})
             print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, "
-                  f"batch {per_device}/device x {world} = {B} global (micro {micro}, accum {accum}) | lr "
+                  f"batch {per_device}/device x {world} = {B} global (micro {micro}, accum "
+                  f"{accum}) | lr "
                   f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
                   f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
                   f"{args.compile}, channels_last {channels_last}, workers {workers}"
@@ -1042,8 +1046,8 @@ def evaluate_checkpoint(args, dist):
             common.save_json(saved, results)
             print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
                   f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
-                  f"preprocessing): top1 {m['top1']:.4f} top5 {m['top5']:.4f} mean per class "
-                  f"{m['mean_per_class']:.4f} -> {saved}", flush=True)
+                  f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
+                  f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
     return results
 
 

@@ -437,3 +437,23 @@ def test_imported_networks_take_source_top1_from_evaluate(tmp_path, monkeypatch)
     assert (f"- Evaluated without training here (train_imagenet.py --evaluate): "
             f"{3 * len(written)} result(s) on `digits@5-9 / digits@0-4` (test split, 300 "
             f"images), resnet18 at 8 px, tf / torchvision preprocessing.") in report
+
+
+def test_a_full_disk_leaves_no_empty_figure(tmp_path, monkeypatch):
+    import errno
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    make_runs(str(runs), objectives=["softmax"], seeds=(0,), cka=False, cs=False, finetune=False)
+    run_figures(monkeypatch, runs, out)
+    before = (out / "fig2_table.png").read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):  # the disk fills up while fig2_table.png is rewritten
+        if ".fig2_table.png." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(common.UserError, match="fig2_table.png: no space left"):
+        run_figures(monkeypatch, runs, out)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (out / "fig2_table.png").read_bytes() == before  # the old figure, whole
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
