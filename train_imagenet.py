@@ -95,7 +95,8 @@ OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in com
 # architecture, input stem and objective are refused even then (the weights would not fit).
 NOT_COMPARED_ON_RESUME = {"out", "workers", "threads", "device", "log_every", "ckpt_minutes",
                           "eval_batch_size", "force_resume", "download", "snapshot_every",
-                          "compile", "channels_last", "deterministic", "debug_nan_at_step",
+                          "compile", "channels_last", "deterministic", "keep_resume_state",
+                          "debug_nan_at_step",
                           "debug_kill_at_step", "evaluate", "eval_preprocessing"}
 NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 
@@ -144,6 +145,10 @@ def add_training_args(parser, **defaults):
                    help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
     g.add_argument("--force-resume", action="store_true",
                    help="resume from last.pt even if schedule-defining arguments changed")
+    g.add_argument("--keep-resume-state", action="store_true",
+                   help="keep OUT/last.pt (weights, EMA, optimizer, RNGs) after the run "
+                   "finishes, to extend it later with --force-resume --epochs N (default: "
+                   "deleted, final.pt keeps the weights every analysis uses)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: the local GPU)")
     g.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     g.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)
@@ -618,13 +623,16 @@ class Run:
     def path(self, name):
         return os.path.join(self.out_dir, name)
 
-    def checkpoint(self, **extra):
-        """The checkpoint dict of the current weights (common.make_checkpoint's format)."""
+    def checkpoint(self, final=False, **extra):
+        """The checkpoint dict of the current weights (common.make_checkpoint's format): raw and
+        EMA weights; final=True: only the weights every analysis uses (the EMA's, or the raw
+        ones without EMA), half the size."""
+        model, ema = self.model, self.ema.state_dict() if self.ema is not None else None
+        if final and self.ema is not None:
+            model, ema, extra["weights"] = self.ema, None, "ema"
         return common.make_checkpoint(
-            self.model, self.model_args,
-            ema=self.ema.state_dict() if self.ema is not None else None, args=vars(self.args),
-            dataset=self.data["spec"], classes=list(self.data["classes"]),
-            run_id=self.progress.run_id, **extra)
+            model, self.model_args, ema=ema, args=vars(self.args), dataset=self.data["spec"],
+            classes=list(self.data["classes"]), run_id=self.progress.run_id, **extra)
 
     def evaluate(self, split):
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
@@ -635,6 +643,39 @@ class Run:
                         criterion=self.criterion, channels_last=self.channels_last)
 
 
+def changed_arguments(ck, args, model_args):
+    """{name: (in the checkpoint, now)} for every argument that can change the result and differs
+    from what the checkpoint was trained with (all but NOT_COMPARED_ON_RESUME), the objective and
+    its hyperparameters included."""
+    saved = ck.get("args") or {}
+    changed = {k: (saved[k], getattr(args, k)) for k in sorted(saved)
+               if k not in NOT_COMPARED_ON_RESUME and hasattr(args, k)
+               and saved[k] != getattr(args, k)}
+    if ck["objective"] != model_args["objective"] or ck["hparams"] != dict(model_args["hparams"]):
+        changed["objective"] = (f"{ck['objective']} {ck['hparams']}",
+                                f"{model_args['objective']} {dict(model_args['hparams'])}")
+    return changed
+
+
+def read_back(run):
+    """The results of a run that finished and kept no resume state (no last.pt), if it was run
+    with the same arguments; otherwise a UserError (it cannot continue without last.pt)."""
+    final = common.load_checkpoint(run.path("final.pt"), arch=run.model_args["arch"],
+                                   num_classes=run.model_args["num_classes"])
+    changed = changed_arguments(final, run.args, run.model_args)
+    if changed:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise common.UserError(f"{run.out_dir} holds a finished run with other arguments "
+                               f"({text}) and no resume state (last.pt is kept only with "
+                               f"--keep-resume-state, which --force-resume needs to extend a "
+                               f"run): rerun with the original ones or use another --out")
+    results = common.read_json(run.path("results.json"))
+    if run.dist.is_main:
+        print(f"{run.out_dir}: already finished (test top1 {common.pct(results.get('top1'))}), "
+              f"read back", flush=True)
+    return results
+
+
 def resume(run, path, steps_per_epoch):
     """Load last.pt into the run (weights, EMA, optimizer, scaler, progress, RNGs); refuse
     arguments that changed what the run computes unless --force-resume."""
@@ -643,20 +684,17 @@ def resume(run, path, steps_per_epoch):
     if "train_state" not in ck:
         raise common.UserError(f"{path} holds no training state (not written by train()); move "
                                f"it away or use another --out")
-    saved = ck.get("args") or {}
-    changed = {k: (saved[k], getattr(args, k)) for k in sorted(saved)
-               if k not in NOT_COMPARED_ON_RESUME and hasattr(args, k)
-               and saved[k] != getattr(args, k)}
-    if ck["objective"] != m["objective"] or ck["hparams"] != dict(m["hparams"]):
-        changed["objective"] = (f"{ck['objective']} {ck['hparams']}",
-                                f"{m['objective']} {dict(m['hparams'])}")
-    text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    if set(changed) & NEVER_CHANGED_ON_RESUME:
-        raise common.UserError(f"{path} was trained with other arguments ({text}): the weights "
-                               f"do not fit; rerun with the original ones or use another --out")
-    if changed and not args.force_resume:
-        raise common.UserError(f"{path} was trained with other arguments ({text}): rerun with "
-                               f"the original ones, add --force-resume, or use another --out")
+    changed = changed_arguments(ck, args, m)
+    if changed:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        if set(changed) & NEVER_CHANGED_ON_RESUME:
+            raise common.UserError(f"{path} was trained with other arguments ({text}): the "
+                                   f"weights do not fit; rerun with the original ones or use "
+                                   f"another --out")
+        if not args.force_resume:
+            raise common.UserError(f"{path} was trained with other arguments ({text}): rerun "
+                                   f"with the original ones, add --force-resume, or use "
+                                   f"another --out")
     run.resumed_with = {k: b for k, (a, b) in changed.items()}
     run.model.load_state_dict(ck["model"])
     if run.ema is not None:
@@ -674,7 +712,7 @@ def resume(run, path, steps_per_epoch):
     p.run_id = ck.get("run_id") or ts.get("run_id") or p.run_id  # older last.pt: a new id
     p.saved_step = ts["step"]
     B = args.batch_size
-    if saved.get("batch_size") != B:  # only with --force-resume: restart within the epoch
+    if (ck.get("args") or {}).get("batch_size") != B:  # only forced: restart in the epoch
         p.images_in_epoch -= p.images_in_epoch % B
     if p.images_in_epoch >= steps_per_epoch * B:
         p.epoch, p.images_in_epoch = p.epoch + 1, 0
@@ -772,13 +810,15 @@ def finish(run, results_extra):
                "versions": common.versions()}
     results.update(results_extra or {})
     if run.dist.is_main:
-        final = run.checkpoint(results=results)
+        final = run.checkpoint(final=True, results=results)
         common.save_checkpoint(run.path("final.pt"), final)
         # the identity block first, of final.pt itself (so written after it: its hash)
         network = common.network_identity(run.path("final.pt"), final)
         kind = results.pop("kind", "train")
         results = {**common.result_header(network, run.data, kind), **results}
         common.save_json(run.path("results.json"), results)
+        if not args.keep_resume_state and os.path.exists(run.path("last.pt")):
+            os.remove(run.path("last.pt"))  # 3x final.pt; --keep-resume-state to extend later
         print(f"done: test top1 {common.pct(results['top1'])} (raw "
               f"{common.pct(results['top1_raw'])}), top5 {common.pct(results['top5'])} | "
               f"{results['train_seconds']:.1f} s, {results['images_per_second']:.0f} img/s -> "
@@ -868,6 +908,9 @@ def train(model, model_args, data, args, dist, results_extra=None):
         if dist.is_main:
             undo.enter_context(common.locked(out_dir))
         log_path = run.path("log.jsonl")
+        if not os.path.exists(run.path("last.pt")) and os.path.exists(run.path("final.pt")) \
+                and os.path.exists(run.path("results.json")):
+            return read_back(run)  # finished, its resume state dropped
         if os.path.exists(run.path("last.pt")):
             resume(run, run.path("last.pt"), steps_per_epoch)
             if dist.is_main:

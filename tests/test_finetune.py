@@ -42,7 +42,7 @@ def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch)
     monkeypatch.setattr(common.ImageSource, "__getitem__", spy_getitem)
     out = tmp_path / "ft"
     r = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
-                       "--lrs", "0.1", "0.4", "--workers", "0", *FT])
+                       "--lrs", "0.1", "0.4", "--workers", "0", "--keep-model", *FT])
     # three runs: two grid points without the test split, then the final one with it
     assert fits == [False, False, True]
     test_idx = set(real_load("digits@5-9")["test"].indices.tolist())
@@ -83,7 +83,8 @@ def run(args):
 
 def test_kill_resume_and_no_recompute(source, tmp_path):
     out = str(tmp_path / "ft")
-    args = ["--checkpoint", source, "--data", "digits@5-9", "--out", out, "--lrs", "0.2", *FT]
+    args = ["--checkpoint", source, "--data", "digits@5-9", "--out", out, "--lrs", "0.2", *FT,
+            "--keep-model"]
     killed = run([*args, "--debug-kill-at-step", "12"])
     assert killed.returncode == -9
     point = os.path.join(out, "grid", "lr0.2_wd0.0001")
@@ -140,3 +141,15 @@ def test_step_budget(source, tmp_path):
     assert r["steps"] == 13  # 10 steps per epoch at batch 64: the second epoch is cut
     grid = json.loads((out / "grid" / "lr0.1_wd0.0001" / "results.json").read_text())
     assert grid["steps"] == 13 and grid["val_top1"] is not None
+
+
+
+def test_no_model_is_kept_unless_asked(source, tmp_path):
+    out = tmp_path / "lean"
+    r = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
+                       "--lrs", "0.2", "--workers", "0", *FT])
+    assert r["final_checkpoint"] is None and r["test_accuracy"] > 0.2
+    assert not list(out.rglob("*.pt"))  # scores only: the demo's disk use (issue 14)
+    again = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
+                           "--lrs", "0.2", "--workers", "0", *FT])
+    assert again["test_accuracy"] == r["test_accuracy"]  # read back, not retrained

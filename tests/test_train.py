@@ -178,8 +178,8 @@ def test_every_objective_trains_and_writes_loadable_outputs(tmp_path, objective)
 
 
 def test_changed_arguments_are_refused_on_resume_unless_forced(tmp_path):
-    out, first = train(tmp_path, "run")
-    _, again = train(tmp_path, "run")  # a finished run: evaluated again, not trained again
+    out, first = train(tmp_path, "run", "--keep-resume-state")
+    _, again = train(tmp_path, "run", "--keep-resume-state")  # evaluated again, not trained
     assert again["steps"] == 18 and again["top1"] == first["top1"]
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 19))
     with pytest.raises(common.UserError, match="epochs: 1 -> 2.*--force-resume"):
@@ -208,7 +208,7 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # dropout exercises the RNG restore; one loader worker exercises per-image seeding
     base = ["--data", "digits@0-4", "--objective", "dropout", "--batch-size", "64",
             "--resolution", "8", "--epochs", "2", "--workers", "1", "--log-every", "2",
-            "--ckpt-minutes", "0", "--deterministic", "--threads", "1"]
+            "--ckpt-minutes", "0", "--deterministic", "--threads", "1", "--keep-resume-state"]
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     try:  # the uninterrupted run in this process (one thread, as the scripts below)
         train_imagenet.main([*base, "--out", ref])
@@ -224,10 +224,13 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert r.returncode == 0 and "resumed at step 12" in r.stdout, r.stdout + r.stderr
     a = torch.load(os.path.join(ref, "final.pt"), weights_only=True)
     b = torch.load(os.path.join(cut, "final.pt"), weights_only=True)
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    last_a = torch.load(os.path.join(ref, "last.pt"), weights_only=True)  # kept: raw + EMA
+    last_b = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    for x, y, part in ((a, b, "model"), (last_a, last_b, "model"), (last_a, last_b, "ema")):
+        assert x[part].keys() == y[part].keys()
+        for k in x[part]:
+            assert torch.equal(x[part][k], y[part][k]), (part, k)
+    assert a["weights"] == "ema" and a["ema"] is None  # final.pt: the EMA weights alone
     assert a["results"]["top1"] == b["results"]["top1"]
     assert a["run_id"] != b["run_id"] == first["run_id"]  # the resumed run kept its id
     assert b["run_id"] == json.load(open(os.path.join(cut, "results.json")))["network"]["run_id"]
@@ -347,7 +350,7 @@ def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
-    out, _ = train(tmp_path, "full", "--epochs", "1")
+    out, _ = train(tmp_path, "full", "--epochs", "1", "--keep-resume-state")
     os.remove(os.path.join(out, "final.pt"))
     before = common.load_checkpoint(os.path.join(out, "last.pt"))["train_state"]["step"]
     real_fsync = os.fsync
@@ -446,7 +449,7 @@ def test_every_number_is_checked_before_any_work(tmp_path, capsys, flags, messag
     (["--weight-decay", "1e-3"], "weight_decay: 8e-05 -> 0.001"),
 ])
 def test_every_argument_that_changes_the_result_is_compared_on_resume(tmp_path, flags, changed):
-    out, _ = train(tmp_path, "r")
+    out, _ = train(tmp_path, "r", "--keep-resume-state")
     with pytest.raises(common.UserError, match=__import__("re").escape(changed)):
         train(tmp_path, "r", *flags)
     _, forced = train(tmp_path, "r", *flags, "--force-resume")  # forced: recorded in args.json
@@ -455,7 +458,7 @@ def test_every_argument_that_changes_the_result_is_compared_on_resume(tmp_path, 
 
 
 def test_the_stem_cannot_change_even_when_forced(tmp_path):
-    train(tmp_path, "s")
+    train(tmp_path, "s", "--keep-resume-state")
     with pytest.raises(common.UserError, match="small_input: False -> True.*do not fit"):
         train(tmp_path, "s", "--small-input", "--force-resume")
 
@@ -476,3 +479,16 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     finally:
         first.kill()
         first.communicate()
+
+
+
+def test_a_finished_run_keeps_only_its_final_weights_and_is_read_back(tmp_path):
+    out, first = train(tmp_path, "done")
+    assert not os.path.exists(os.path.join(out, "last.pt"))  # resume state dropped
+    ck = common.load_checkpoint(os.path.join(out, "final.pt"))
+    assert ck["weights"] == "ema" and ck["ema"] is None
+    _, again = train(tmp_path, "done")  # read back, not trained again
+    assert again == json.load(open(os.path.join(out, "results.json")))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 19))
+    with pytest.raises(common.UserError, match="epochs: 1 -> 2.*--keep-resume-state"):
+        train(tmp_path, "done", "--epochs", "2", "--force-resume")
