@@ -584,7 +584,7 @@ def truncate_log(path, step):
     if not os.path.exists(path):
         return
     keep = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a damaged file loses its bad lines, not the run
         for line in f:
             try:
                 if json.loads(line).get("step", 0) <= step:

@@ -210,7 +210,7 @@ def test_script_errors(ckpts, tmp_path):
     with pytest.raises(common.UserError, match="at least 4"):
         main(["--checkpoint", a, "--data", "digits", "--out", out, "--batch-size", "2"])
     (tmp_path / "a_file").write_text("keep me")
-    with pytest.raises(common.UserError, match="cannot create output folder"):
+    with pytest.raises(common.UserError, match="exists and is a file"):
         main(["--checkpoint", a, "--data", "digits", "--out", str(tmp_path / "a_file")])
     assert (tmp_path / "a_file").read_text() == "keep me"
     deep = make_checkpoint(tmp_path / "r34.pt", 3, arch="resnet34")
@@ -226,6 +226,7 @@ def test_script_errors(ckpts, tmp_path):
     # NaN weights: the error names the checkpoint and the first layer that goes bad
     bad = torch.load(a, weights_only=True)
     bad["model"]["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    bad["checksum"] = common.weights_checksum(bad)  # NaN written by training, not corruption
     common.save_checkpoint(str(tmp_path / "nan.pt"), bad)
     with pytest.raises(common.UserError, match=r"nan\.pt: layer block5 has NaN"):
         main(["--checkpoint", a, str(tmp_path / "nan.pt"), "--data", "digits", "--out", out,

@@ -567,8 +567,11 @@ def test_command_line_helpers(tmp_path):
     common.make_out_dir(str(tmp_path / "a" / "b"))
     assert (tmp_path / "a" / "b").is_dir()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(common.UserError, match="cannot create output folder"):
+    with pytest.raises(common.UserError, match="exists and is a file"):
         common.make_out_dir(str(tmp_path / "file"))
+    with pytest.raises(common.UserError, match="cannot write into .*file/sub: Not a directory"):
+        common.make_out_dir(str(tmp_path / "file" / "sub"))  # --out under a plain file
+    common.release_folder(str(tmp_path / "a" / "b"))
 
 
 def test_checkpoint_errors(tmp_path):

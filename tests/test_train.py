@@ -492,3 +492,14 @@ def test_a_finished_run_keeps_only_its_final_weights_and_is_read_back(tmp_path):
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 19))
     with pytest.raises(common.UserError, match="epochs: 1 -> 2.*--keep-resume-state"):
         train(tmp_path, "done", "--epochs", "2", "--force-resume")
+
+
+
+def test_a_damaged_log_and_an_unknown_device(tmp_path):
+    out, _ = train(tmp_path, "log", "--keep-resume-state")
+    with open(os.path.join(out, "log.jsonl"), "ab") as f:
+        f.write(os.urandom(300))  # random bytes, as a crash of the file system might leave
+    _, again = train(tmp_path, "log", "--keep-resume-state")  # resumes (re-evaluates) anyway
+    assert again["steps"] == 18
+    with pytest.raises(common.UserError, match="unknown device 'foo'"):
+        train(tmp_path, "dev", "--device", "foo")
