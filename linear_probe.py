@@ -597,6 +597,27 @@ def write_summary(out):
     return len(rows)
 
 
+def refuse_other_result(out_dir, results, overwrite):
+    """A pair's results.json may be replaced only by the same computation (the same checkpoint
+    file, data, layer, resolution and solver settings) or with --overwrite: two checkpoints with
+    one label, or a rerun with other settings, replaced results without a word."""
+    path = os.path.join(out_dir, "results.json")
+    if overwrite or not os.path.exists(path):
+        return
+    old = common.read_json(path)
+    keys = ("dataset", "layer", "resolution", "metric", "standardize", "rtol")
+    diff = [(k, old.get(k), results.get(k)) for k in keys if old.get(k) != results.get(k)]
+    hashes = [(n or {}).get("checkpoint_hash") for n in (old.get("network"), results["network"])]
+    if hashes[0] != hashes[1]:
+        diff.insert(0, ("checkpoint_hash", *hashes))
+    if sorted(old.get("val_curve", {})) != sorted(results["val_curve"]):
+        diff.append(("lambdas", len(old.get("val_curve", {})), len(results["val_curve"])))
+    if diff:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
+        raise common.UserError(f"{path} holds the probe of another checkpoint or setting "
+                               f"({text}); use another --out, or --overwrite to replace it")
+
+
 def save_pair(out_dir, results, W, b):
     common.save_npz(os.path.join(out_dir, "probe.npz"), W=W.cpu().numpy(), b=b.cpu().numpy(),
                     best_lambda=np.float64(results["best_lambda"]))
@@ -637,6 +658,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the val hold-out for --features files without val")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another "
+                   "checkpoint or setting in the same folder (default: refused)")
     args = p.parse_args(argv)
 
     lambdas = parse_lambdas(args.lambdas)
@@ -710,6 +733,7 @@ def main(argv=None):
             results = {**common.result_header(network, data, "linear_probe"), "layer": layer,
                        "resolution": resolution, **results, "seconds": time.time() - t0}
             out_dir = pair_dir(args.out, network["checkpoint"], data["name"], layer)
+            refuse_other_result(out_dir, results, args.overwrite)
             save_pair(out_dir, results, W, b)
             write_summary(args.out)
             print(f"{network['checkpoint']} on {data['name']}: test {results['metric']} "

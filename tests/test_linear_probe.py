@@ -221,7 +221,7 @@ def test_end_to_end_from_checkpoint_and_cache(tmp_path, monkeypatch, capsys):
             "dataset_name": "digits@5-9", "layer": "pool"}
 
     # a rerun reads the cache (a short lambda grid from here on, to save time)
-    short = ("--lambdas", "1e-3:1e1:5")
+    short = ("--lambdas", "1e-3:1e1:5", "--overwrite")  # another lambda grid: replaces
     lp.main(probe_args(ckpt, out, *short))
     assert count.calls == 3
     first = json.loads((pair / "results.json").read_text())
@@ -331,3 +331,24 @@ def test_command_line_error_exit_status(tmp_path):
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
+
+
+def test_results_of_another_checkpoint_or_setting_are_not_replaced(tmp_path):
+    a, b = tmp_path / "A" / "ref" / "final.pt", tmp_path / "B" / "ref" / "final.pt"
+    for path, seed in ((a, 0), (b, 1)):
+        path.parent.mkdir(parents=True)
+        save_small_checkpoint(path, seed=seed)
+    out = tmp_path / "probe"
+    lams = ("--lambdas", "1e-3,1e-1")
+    lp.main(probe_args(a, out, *lams))
+    results = out / "ref" / "digits@5-9" / "results.json"
+    first = json.loads(results.read_text())
+    lp.main(probe_args(a, out, *lams))  # the same computation: replaced by the same result
+    with pytest.raises(common.UserError, match="another checkpoint or setting .*checkpoint_hash"):
+        lp.main(probe_args(b, out, *lams))  # same label 'ref', other weights
+    with pytest.raises(common.UserError, match="standardize: True -> False"):
+        lp.main(probe_args(a, out, *lams, "--no-standardize"))
+    assert json.loads(results.read_text())["network"] == first["network"]  # untouched
+    lp.main(probe_args(b, out, *lams, "--overwrite"))
+    assert json.loads(results.read_text())["network"]["checkpoint_hash"] == \
+        common.file_hash(str(b))
