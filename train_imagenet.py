@@ -917,8 +917,11 @@ def train(model, model_args, data, args, dist, results_extra=None):
                 truncate_log(log_path, run.progress.step)
                 append_log(log_path, {"event": "resume", "step": run.progress.step,
                                       "time": time.time()})
-        elif os.path.exists(run.path("results.json")) and dist.is_main:
-            print(f"note: {out_dir} has results.json but no last.pt; training again from scratch")
+        elif dist.is_main:
+            if os.path.exists(run.path("results.json")):
+                print(f"note: {out_dir} has results.json but no last.pt; training again from "
+                      f"scratch")
+            truncate_log(log_path, 0)  # a fresh start: lines of a run killed before last.pt go
         p = run.progress
 
         # --- the model as trained (compile first, then DDP), the loader
