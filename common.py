@@ -1327,60 +1327,46 @@ def _number(text, kind):
     return value
 
 
+def _checked(text, kind, ok, what):
+    v = _number(text, kind)
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
+    return v
+
+
 def seed(text):
     """argparse type: a random seed, an integer in [0, 2**63) (torch.manual_seed's range)."""
-    v = _number(text, int)
-    if not 0 <= v < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 2**63)")
-    return v
+    return _checked(text, int, lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")
 
 
 def positive_int(text):
     """argparse type: an integer > 0."""
-    v = _number(text, int)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
+    return _checked(text, int, lambda v: v > 0, "> 0")
 
 
 def nonnegative_int(text):
     """argparse type: an integer >= 0."""
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+    return _checked(text, int, lambda v: v >= 0, ">= 0")
 
 
 def positive_float(text):
     """argparse type: a finite number > 0 (NaN and inf are refused)."""
-    v = _number(text, float)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
+    return _checked(text, float, lambda v: v > 0, "> 0")
 
 
 def nonnegative_float(text):
     """argparse type: a finite number >= 0 (NaN and inf are refused)."""
-    v = _number(text, float)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+    return _checked(text, float, lambda v: v >= 0, ">= 0")
 
 
 def fraction(text):
     """argparse type: a number in (0, 1] (a crop fraction, a share of the data)."""
-    v = _number(text, float)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
-    return v
+    return _checked(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def fraction_below_one(text):
     """argparse type: a number in [0, 1) (a momentum, a drop rate, a smoothing weight)."""
-    v = _number(text, float)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
-    return v
+    return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def input_resolution(requested, network):
