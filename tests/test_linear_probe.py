@@ -151,6 +151,56 @@ def test_mean_per_class_metric_and_features_file(tmp_path):
     assert len(rows) == 1 and rows[0]["metric"] == "mean_per_class"
 
 
+def test_folds_are_stratified_and_each_example_is_tested_once(tmp_path):
+    """--folds: fold i is scored by the protocol trained on the other folds with fold i+1 as val;
+    the reported score is over all pooled predictions, which the saved per-fold probes reproduce,
+    and each fold equals run_probe on the same split (so the protocol is unchanged)."""
+    x, y = blobs(600, 12, 3, seed=7, sep=0.4, weights=[0.5, 0.3, 0.2])
+    fold = lp.fold_of(y, 5, seed=3)
+    for c in range(3):    # each class within one example of an equal share in every fold
+        counts = np.bincount(fold[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert np.bincount(fold).max() - np.bincount(fold).min() <= 1
+    path = tmp_path / "feats.npz"
+    np.savez(path, train_x=x[:400], train_y=y[:400], val_x=x[400:500], val_y=y[400:500],
+             test_x=x[500:], test_y=y[500:])
+    out = tmp_path / "out"
+    lp.main(["--features", str(path), "--out", str(out), "--folds", "5", "--seed", "3",
+             "--lambdas", "1e-3:1e1:5"])
+    folder = out / "feats" / "features+5fold"
+    r = json.loads((folder / "results.json").read_text())
+    probe = np.load(folder / "probe.npz")
+    assert probe["W"].shape == (5, 12, 3) and r["n_test"] == 600 and r["folds"] == 5
+    pred = np.empty(600, dtype=np.int64)
+    for i in range(5):
+        pred[fold == i] = (x[fold == i].astype(np.float64) @ probe["W"][i] + probe["b"][i]).argmax(1)
+    assert r["test_accuracy"] == pytest.approx((pred == y).mean())
+    test, val = fold == 2, fold == 3
+    train = ~(test | val)
+    one, _, _ = lp.run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
+                             num_classes=3, metric="top1", lambdas=[1e-3, 1e-2, 1e-1, 1, 10],
+                             log=None)
+    assert r["fold_results"][2]["test_accuracy"] == one["test_accuracy"]
+    assert r["fold_results"][2]["best_lambda"] == one["best_lambda"]
+    assert r["fold_accuracy_std"] == pytest.approx(
+        np.std([f["test_accuracy"] for f in r["fold_results"]], ddof=1))
+
+
+@pytest.mark.parametrize("folds, message", [("2", "'2' must be >= 3"),
+                                            ("9", "class 2 has 8 examples, fewer than --folds 9")])
+def test_bad_folds_one_line_error(tmp_path, folds, message):
+    x, y = blobs(40, 4, 3, seed=1)
+    y[y == 2] = 0
+    y[:8] = 2
+    path = tmp_path / "feats.npz"
+    np.savez(path, train_x=x[:30], train_y=y[:30], test_x=x[30:], test_y=y[30:])
+    r = subprocess.run([sys.executable, "linear_probe.py", "--features", str(path), "--out",
+                        str(tmp_path / "out"), "--folds", folds], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # From a checkpoint, with the feature cache
 
