@@ -26,6 +26,7 @@ Examples:
       --out runs/probe --layer pool --device cuda
   python linear_probe.py --checkpoint torchvision:resnet50:IMAGENET1K_V2 --data dtd:/data/dtd --out probe
   python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
+  python linear_probe.py --checkpoint runs/*/final.pt --data npz:data/clothing --folds 5 --out probe
 
 Outputs, per pair: OUT/<checkpoint>/<dataset_name>/results.json (for --layer other than pool:
 OUT/<checkpoint>/<dataset_name>+<layer>/): common.result_header first (kind "linear_probe",
@@ -38,6 +39,10 @@ Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoi
 dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
 --features FILE.npz probes features you already have: arrays train_x, train_y, test_x, test_y and
 optionally val_x, val_y (otherwise val is a seeded stratified 10% of train, at most 10,000).
+--folds K scores a small data set by stratified K-fold cross-validation over all its images
+(train, val and test pooled; fold i is tested by the protocol run with fold i+1 as val and the
+rest as train); the score is over all pooled predictions, the folds' spread is beside it, and the
+results go to OUT/<checkpoint>/<dataset_name>+Kfold/ (probe.npz: one W, b per fold).
 """
 import contextlib
 import glob
@@ -55,7 +60,8 @@ import common  # for the command-line part only: the method below needs torch an
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
-SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "resolution", "metric", "test_accuracy",
+SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
+                   "test_accuracy",
                    "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
                    "n_val", "n_test", "dim", "num_classes", "seconds"]
 

@@ -220,6 +220,8 @@ def attach_transfer(found, nets, runs, notes, scratch):
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
             acc, dataset = r.get("test_accuracy"), r.get("dataset_name")
+            if r.get("folds"):   # linear_probe --folds: scored on all images, another number
+                dataset = f"{dataset} ({r['folds']}-fold)"
             if not finite(acc):
                 notes.append(f"`{rel}`: test_accuracy missing or not finite ({acc!r}); skipped.")
                 continue
@@ -768,6 +770,180 @@ def fig_sweep(obj, key, points, report):
 
 
 # ----------------------------------------------------------------------------------------------
+# R^2 against linear transfer, network by network: the slope rule, pre-registered in
+# results/cifar10_coarse/README.md before that study's networks existed. One point per network
+# (every hyperparameter value, every seed), not per objective mean: the sweeps give R^2 a range
+# that a handful of objective means cannot.
+
+SLOPE_DELTA = 0.5   # the smallest meaningful effect: probe points per +0.1 R^2
+# Sweeps whose value 0 is softmax itself: softmax's networks join them at 0.
+ZERO_IS_SOFTMAX = {("label_smoothing", "alpha"), ("extra_final_layer_l2", "lambda_"),
+                   ("dropout", "dropout"), ("logit_penalty", "beta")}
+SLOPE_RULES = [
+    "**Rule 1, per target**: ordinary least squares acc = a + b R^2 over all networks, b given "
+    "as probe points per +0.1 R^2 with its 95% confidence interval (t distribution, n - 2 "
+    f"degrees of freedom); the smallest meaningful effect is δ = {SLOPE_DELTA} points per +0.1 "
+    "R^2. *holds*: the interval lies below 0 and the estimate is at most -δ; *refuted*: the "
+    "interval's lower end is above -δ (a meaningful negative effect is excluded), *refuted, "
+    "opposite* when the whole interval lies above +δ; otherwise *cannot tell*.",
+    "**Rule 2, overall**: *holds* when rule 1 holds on at least 2 targets (all targets when "
+    "fewer) and is refuted on none; *refuted* when refuted on at least 2 (all when fewer) and "
+    "holds on none; otherwise *depends on the target*.",
+    "**Rule 3, per sweep**: rule 1 over that sweep's networks only (softmax joins as value 0 "
+    "where the objective at 0 is softmax), and the direction of R^2 against the swept value "
+    f"(Spearman's ρ over networks, p < {ALPHA} to call a direction).",
+]
+
+
+def slope_fit(points):
+    """OLS y = a + b x over (x = R^2, y = accuracy %) points -> {n, slope, low, high, p} with
+    the slope and its 95% interval per +0.1 R^2, or None (fewer than 3 points, no spread of R^2,
+    or no scipy for the t quantile).
+
+    >>> f = slope_fit([(0.2, 70.0), (0.3, 69.0), (0.4, 68.2), (0.5, 66.9)])
+    >>> round(f["slope"], 2), f["n"]
+    (-1.01, 4)
+    """
+    x, y = np.array(points, dtype=float).T if len(points) else (np.array([]), np.array([]))
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0 or stats is None:
+        return None
+    b, a = map(float, np.polyfit(x, y, 1))
+    resid = y - (a + b * x)
+    se = math.sqrt(float(resid @ resid) / (n - 2) / float(((x - x.mean()) ** 2).sum()))
+    t = float(stats.t.ppf(1 - ALPHA / 2, n - 2))
+    p = float(2 * stats.t.sf(abs(b) / se, n - 2)) if se > 0 else 0.0
+    return {"n": n, "slope": b / 10, "low": (b - t * se) / 10, "high": (b + t * se) / 10, "p": p}
+
+
+def slope_verdict(fit):
+    """Rule 1 on a slope_fit."""
+    if fit is None:
+        return "cannot tell"
+    if fit["high"] < 0 and fit["slope"] <= -SLOPE_DELTA:
+        return "holds"
+    if fit["low"] > SLOPE_DELTA:
+        return "refuted, opposite"
+    if fit["low"] > -SLOPE_DELTA:
+        return "refuted"
+    return "cannot tell"
+
+
+def overall_verdict(verdicts):
+    """Rule 2 over the per-target verdicts of rule 1."""
+    need = min(2, len(verdicts))
+    holds = sum(v == "holds" for v in verdicts)
+    refuted = sum(v.startswith("refuted") for v in verdicts)
+    if holds >= need and refuted == 0:
+        return "holds"
+    if refuted >= need and holds == 0:
+        return "refuted"
+    return "depends on the target"
+
+
+def fit_text(fit):
+    if fit is None:
+        return "-"
+    return (f"{fit['slope']:+.2f} [{fit['low']:+.2f}, {fit['high']:+.2f}] per +0.1 R^2, "
+            f"p = {fit['p']:.2g}")
+
+
+def slope_points(nets, target):
+    return [(n["r2"], n["linear"][target]) for n in nets
+            if finite(n["r2"]) and finite(n["linear"].get(target))]
+
+
+def linear_targets(nets):
+    return sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
+
+
+def fig_slopes(nets, targets, fits, report):
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets) + 2.5, 4.4),
+                             layout="constrained", squeeze=False)
+    drawn = []
+    for ax, target in zip(axes[0], targets):
+        for obj in report.order:
+            pts = slope_points([n for n in nets if n["objective"] == obj], target)
+            if pts:
+                xs, ys = np.array(pts).T
+                ax.scatter(xs, ys, color=report.colours[obj], marker=marker_of(obj, report.order),
+                           s=28, alpha=0.8, linewidths=0)
+                drawn.append(obj)
+        fit = fits[target]
+        if fit is not None:
+            xs = np.array([x for x, _ in slope_points(nets, target)])
+            ys = np.array([y for _, y in slope_points(nets, target)])
+            grid = np.linspace(xs.min(), xs.max(), 2)
+            b = fit["slope"] * 10
+            ax.plot(grid, ys.mean() + b * (grid - xs.mean()), color="0.3", linestyle="--")
+        ax.set_title(f"{target}\nslope {fit_text(fit).split(' per')[0]} per +0.1 R^2\n"
+                     f"({slope_verdict(fit)})", fontsize=9)
+        ax.set_xlabel("class separation R^2 (pool)")
+        ax.set_ylabel("linear-probe accuracy (%)")
+        ax.grid(alpha=0.3)
+    legend_right(fig, [o for o in report.order if o in set(drawn)], report)
+    fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares")
+    report.save_fig(fig, "fig6_r2_vs_linear")
+
+
+def sweep_rows(by_obj, groups, targets):
+    """Rule 3: [(sweep name, target, fit, rho, p)] for every sweep with R^2."""
+    rows = []
+    for obj, key, points in find_sweeps(by_obj, groups) if groups else []:
+        points = dict(points)
+        if (obj, key) in ZERO_IS_SOFTMAX and "softmax" in by_obj and 0 not in points:
+            points[0] = by_obj["softmax"]
+        members = [(float(v), n) for v, ns in points.items() for n in ns if finite(n["r2"])]
+        if len(members) < 3:
+            continue
+        rho, p = spearman([v for v, _ in members], [n["r2"] for _, n in members])
+        name = f"{display(obj)} {key} ({', '.join(fmt_value(v) for v in sorted(points))})"
+        for target in targets:
+            rows.append((name, target, slope_fit(slope_points([n for _, n in members], target)),
+                         rho, p))
+    return rows
+
+
+def section_slopes(nets, by_obj, groups, report):
+    targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
+    if not targets:
+        report.notes.append("The slope rule (figure 6) skipped: it needs R^2 and a linear probe "
+                            "of at least 3 networks on one target.")
+        return []
+    fits = {t: slope_fit(slope_points(nets, t)) for t in targets}
+    per_target = {t: slope_verdict(f) for t, f in fits.items()}
+    overall = overall_verdict(list(per_target.values()))
+    report.verdicts.append((
+        "Higher R^2 goes with lower linear-probe transfer, network by network (slope rule)",
+        (overall, "; ".join(f"{t}: {per_target[t]}, {fit_text(fits[t])} (n = "
+                            f"{fits[t]['n'] if fits[t] else len(slope_points(nets, t))})"
+                            for t in targets))))
+    fig_slopes(nets, targets, fits, report)
+    lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
+             *[f"- {r}" for r in SLOPE_RULES], ""]
+    lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
+                      [[t, len(slope_points(nets, t)),
+                        "-" if f is None else f"{f['slope']:+.2f} [{f['low']:+.2f}, "
+                                              f"{f['high']:+.2f}]",
+                        "-" if f is None else f"{f['p']:.2g}", per_target[t]]
+                       for t, f in fits.items()])
+    lines += ["", f"Overall (rule 2): **{overall}**.", ""]
+    lines += embed(report.written, "fig6_r2_vs_linear", "R^2 against linear transfer")
+    sweeps = sweep_rows(by_obj, groups, targets)
+    if sweeps:
+        lines += ["Within each sweep (rule 3):", ""]
+        lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
+                           "R^2 against the value: Spearman ρ (p)"],
+                          [[name, t, fit_text(f).split(" per")[0] if f else "-",
+                            slope_verdict(f),
+                            f"{rho:+.2f} ({p:.2g})" + (
+                                "" if not finite(p) or p >= ALPHA else
+                                (", rises" if rho > 0 else ", falls"))]
+                           for name, t, f, rho, p in sweeps]) + [""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # report.md
 
 def md_table(header, rows):
@@ -1298,6 +1474,7 @@ def main():
     sections = section_results(groups, scratch, report)
     sections += section_cka(found, runs, groups, report)
     sections += section_class_separation(groups, report)
+    sections += section_slopes(nets, by_obj, groups, report)
     sections += section_sweeps(by_obj, groups, report)
 
     counts = ", ".join(f"{len(found[k])} {name}" for k, name in (

@@ -344,7 +344,7 @@ def test_verdicts_follow_the_stated_rules(tmp_path, monkeypatch):
     make_runs(str(runs))
     report = run_figures(monkeypatch, runs, out, "--formats", "png")
     v = verdict_rows(report)
-    assert len(v) == 6
+    assert len(v) == 7
     assert v["Non-softmax objectives have higher source top-1 than softmax"] == "holds"
     assert v["Non-softmax objectives have higher class separation R^2 than softmax"] == "holds"
     # squared_error goes significantly the other way in the fake data: no verdict either way
@@ -355,6 +355,63 @@ def test_verdicts_follow_the_stated_rules(tmp_path, monkeypatch):
     assert "against 9.80 points linear-probed on the same data" in report  # digits@5-9 matched
     cka = next(k for k in v if k.startswith("CKA between objectives"))
     assert v[cka] == "holds"
+
+
+def test_slope_rule(tmp_path, monkeypatch):
+    """Rule 1 against scipy's linregress and at each boundary; rule 2 over targets; a k-fold
+    probe is a target of its own; rule 3 puts softmax into the label-smoothing sweep at 0."""
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.5, 12)
+    y = 70 - 15 * x + rng.normal(0, 0.5, 12)
+    f = make_figures.slope_fit(list(zip(x, y)))
+    ref = stats.linregress(x, y)
+    t = stats.t.ppf(0.975, 10)
+    assert f["slope"] == pytest.approx(ref.slope / 10)
+    assert (f["low"], f["high"]) == pytest.approx(((ref.slope - t * ref.stderr) / 10,
+                                                   (ref.slope + t * ref.stderr) / 10))
+    assert f["p"] == pytest.approx(ref.pvalue)
+    v = make_figures.slope_verdict
+    fit = lambda s, lo, hi: {"slope": s, "low": lo, "high": hi}
+    assert v(fit(-0.6, -1.0, -0.1)) == "holds"
+    assert v(fit(-0.4, -1.0, -0.1)) == "cannot tell"       # below 0, but the estimate is < delta
+    assert v(fit(-0.6, -1.2, 0.1)) == "cannot tell"        # the interval reaches 0
+    assert v(fit(0.0, -0.4, 0.4)) == "refuted"             # a meaningful negative effect excluded
+    assert v(fit(1.0, 0.6, 1.4)) == "refuted, opposite"
+    assert v(fit(0.3, -0.6, 1.2)) == "cannot tell" and v(None) == "cannot tell"
+    o = make_figures.overall_verdict
+    assert o(["holds", "holds", "cannot tell"]) == "holds"
+    assert o(["holds", "holds", "refuted"]) == "depends on the target"
+    assert o(["refuted", "refuted, opposite", "cannot tell"]) == "refuted"
+    assert o(["holds", "cannot tell", "cannot tell"]) == "depends on the target"
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax", "label_smoothing"], cka=False, finetune=False)
+    for alpha in (0.2, 0.4):     # a label-smoothing sweep; R^2 rises, transfer falls with alpha
+        for seed in (0, 1):
+            label = f"label_smoothing_a{alpha}_s{seed}"
+            net = identity(label, "label_smoothing", seed, {"alpha": alpha})
+            write_json(os.path.join(runs, "train", label, "results.json"), {
+                **common.result_header(net, "digits@0-4", "train"), "top1": 0.9})
+            write_json(os.path.join(runs, "probe", label, "digits@5-9", "results.json"), {
+                **common.result_header(net, SPECS["digits@5-9"], "linear_probe"),
+                "layer": "pool", "metric": "top1", "test_accuracy": 0.8 - alpha / 5 + seed / 1e3})
+            write_json(os.path.join(runs, "probe", label, "digits@5-9+5fold", "results.json"), {
+                **common.result_header(net, SPECS["digits@5-9"], "linear_probe"), "folds": 5,
+                "layer": "pool", "metric": "top1", "test_accuracy": 0.5})
+            sep = json.loads((runs / "separation" / "class_separation.json").read_text())
+            sep["networks"].append(net)
+            sep["results"].append({"layers": {"pool": {"r2": 0.3 + alpha + seed / 1e3}}})
+            write_json(os.path.join(runs, "separation", "class_separation.json"), sep)
+    report = run_figures(monkeypatch, runs, out, "--formats", "png")
+    assert (out / "fig6_r2_vs_linear.png").exists()
+    section = report.split("## R^2 against linear transfer")[1].split("\n## ")[0]
+    rows = {l.split("|")[1].strip(): l for l in section.splitlines() if l.startswith("| digits")}
+    assert set(rows) == {"digits@5-9", "digits@5-9 (5-fold)"}
+    assert rows["digits@5-9"].rstrip().endswith("| holds |")
+    sweep = next(l for l in section.splitlines()
+                 if l.startswith("| Label smoothing alpha (0, 0.1, 0.2, 0.4) | digits@5-9 |"))
+    assert "holds" in sweep and ", rises" in sweep
 
 
 def cell(diff, p, claim):
