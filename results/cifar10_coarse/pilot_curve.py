@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PILOT = os.path.join(HERE, "runs", "pilot")
+PILOT = os.path.join(HERE, "pilot")
 
 
 def epoch_of(label):
