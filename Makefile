@@ -32,9 +32,11 @@ cifar10-small: $(VENV)/.installed
 	CKA_ARGS="--split val --max-images 1000" SEP_ARGS="--max-per-class 500" \
 	OUT=results/cifar10_small PYTHON=$(abspath $(PY)) bash demo.sh
 
-# The CIFAR-10 coarse study (results/cifar10_coarse/README.md): learning-rate grid, then every
-# network (hours of CPU; resumable: rerun to continue).
+# The CIFAR-10 coarse study (results/cifar10_coarse/README.md): learning-rate grid, every
+# network, their analyses, the report (hours of CPU; resumable: rerun to continue).
 cifar10-coarse: $(VENV)/.installed
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py train
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py analyze
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py report
 
 .PHONY: venv test demo cifar10-small cifar10-coarse

@@ -3,6 +3,8 @@
   python results/cifar10_coarse/study.py train            # learning-rate grid, then every network
   python results/cifar10_coarse/study.py train --dry-run  # print the commands, run nothing
   python results/cifar10_coarse/study.py lrs              # the learning-rate selection table
+  python results/cifar10_coarse/study.py analyze          # transfer, R^2, CKA of finished networks
+  python results/cifar10_coarse/study.py report           # figures and report.md (make_figures)
 
 1. Learning rates (seed 0, 10 epochs, lr in {0.05, 0.1, 0.2} per 256, one factor 2 further past a
    winning edge) for each objective at its default hyperparameter, chosen by source validation
@@ -12,11 +14,20 @@
 Each run is train_imagenet.py; an interrupted study continues where it stopped (rerun the same
 command), finished runs are skipped. JOBS runs at a time (default 2: one per core, one thread
 and one loader worker each).
+3. analyze, for every finished network (run it any time; what is done is skipped):
+   linear probes of the pool features on the three targets (TARGETS; the clothing photos by
+   5-fold cross-validation) and of block6 on the coarse-to-fine target -> runs/probe/; class
+   separation on 1,000 source training images per coarse class -> runs/separation/NAME_sSEED/;
+   fine-tuning of seed 0 of each objective at its default on the coarse-to-fine target ->
+   runs/finetune/; CKA between all finished networks on 1,000 source validation images ->
+   runs/cka/ (recomputed when the set of networks changed).
+4. report: make_figures.py over runs/ -> report.md and the figures beside this file.
 """
 import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +48,18 @@ OBJECTIVES = {  # objective -> flags at its default (the learning-rate grid runs
     "cosine_softmax": ["--objective", "cosine_softmax", "--tau", "0.05"],
     "squared_error": ["--objective", "squared_error", "--loss-scale", "0.005"],
 }
+# Transfer targets (README.md): name -> (dataset spec, extra linear_probe flags, output folder name)
+TARGETS = {
+    "coarse_to_fine": (f"npz:{SHARED}/cifar10@from=test", [], "cifar10@from_test"),
+    "clothing": (f"npz:{SHARED}/clothing_small", ["--folds", "5"], "clothing_small+5fold"),
+    "fashion_mnist": (f"npz:{SHARED}/fashion_mnist@per_class=1000", [],
+                      "fashion_mnist@per_class_1000"),
+    "coarse_to_fine_block6": (f"npz:{SHARED}/cifar10@from=test", ["--layer", "block6"],
+                              "cifar10@from_test+block6"),
+}
+FINETUNE = ["--lrs", "0.01", "0.03", "0.1", "--wds", "8e-5", "--epochs", "6", "--batch-size",
+            "128", "--warmup-epochs", "0.5", "--workers", "1"]
+FINETUNED = ("softmax_s0", "label_smoothing_a0.1_s0", "cosine_softmax_t0.05_s0", "squared_error_s0")
 NETWORKS = {  # name -> (objective whose learning rate it uses, flags, seeds)
     "softmax": ("softmax", OBJECTIVES["softmax"], (0, 1, 2, 3)),
     "label_smoothing_a0.1": ("label_smoothing", OBJECTIVES["label_smoothing"], (0, 1)),
@@ -130,6 +153,69 @@ def train(jobs, dry_run):
     run_all(runs, jobs, dry_run)  # 2. every network at its chosen rate
 
 
+def finished_networks():
+    """{NAME_sSEED: its final.pt} of the study's networks whose training finished."""
+    names = [f"{name}_s{seed}" for name, (_, _, seeds) in NETWORKS.items() for seed in seeds]
+    runs = {n: os.path.join(HERE, "runs", "train", n) for n in names}
+    return {n: os.path.join(out, "final.pt") for n, out in runs.items()
+            if val_top1(out) is not None}
+
+
+def run_step(what, cmd, dry_run):
+    """Run one analysis command from the repository root; stop the study on failure."""
+    print(f"{what}: {' '.join(cmd)}", flush=True)
+    if not dry_run and subprocess.run(cmd, cwd=ROOT).returncode:
+        sys.exit(f"error: {what} failed (command above); fix it and rerun `study.py analyze`")
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def analyze(dry_run):
+    nets = finished_networks()
+    print(f"{len(nets)} finished networks: {', '.join(sorted(nets)) or 'none'}", flush=True)
+    runs, py = os.path.join(HERE, "runs"), sys.executable
+    cache = os.path.join(runs, "cache")
+    for target, (spec, flags, folder) in TARGETS.items():
+        todo = [c for n, c in sorted(nets.items())
+                if not os.path.exists(os.path.join(runs, "probe", n, folder, "results.json"))]
+        if todo:
+            run_step(f"probe {target}", [py, "linear_probe.py", "--checkpoint", *map(rel, todo),
+                                         "--data", spec, *flags, "--out", rel(os.path.join(
+                                             runs, "probe")), "--cache", rel(cache),
+                                         "--workers", "0"], dry_run)
+    if not dry_run:
+        shutil.rmtree(cache, ignore_errors=True)   # features are cheap to redo, 90 MB a network
+    for n, ckpt in sorted(nets.items()):
+        out = os.path.join(runs, "separation", n)
+        if not os.path.exists(os.path.join(out, "class_separation.json")):
+            run_step(f"class separation {n}", [py, "class_separation.py", "--checkpoint",
+                                               rel(ckpt), "--data", SOURCE, "--split", "train",
+                                               "--max-per-class", "1000", "--out", rel(out)],
+                     dry_run)
+    for n in FINETUNED:
+        out = os.path.join(runs, "finetune", n, TARGETS["coarse_to_fine"][2])
+        if n in nets and not os.path.exists(os.path.join(out, "results.json")):
+            run_step(f"fine-tune {n}", [py, "finetune.py", "--checkpoint", rel(nets[n]),
+                                        "--data", TARGETS["coarse_to_fine"][0], *FINETUNE,
+                                        "--out", rel(out)], dry_run)
+    cka = os.path.join(runs, "cka", "cka.json")
+    done = []
+    if os.path.exists(cka):
+        with open(cka) as f:
+            done = sorted(net["checkpoint"] for net in json.load(f)["networks"])
+    if len(nets) >= 2 and done != sorted(nets):
+        run_step("CKA", [py, "cka_analysis.py", "--checkpoint", *map(rel, nets.values()),
+                         "--data", SOURCE, "--split", "val", "--max-images", "1000",
+                         "--out", rel(os.path.dirname(cka))], dry_run)
+
+
+def report(dry_run):
+    run_step("report", [sys.executable, "make_figures.py", "--runs", rel(os.path.join(HERE, "runs")),
+                        "--out", rel(HERE), "--formats", "png"], dry_run)
+
+
 def tried_lrs(objective):
     """{lr: source val top-1 or None} of every grid run of `objective` started so far."""
     tried = {lr: val_top1(grid_dir(objective, lr)) for lr in GRID}
@@ -155,7 +241,7 @@ def print_lrs():
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("train", "lrs"))
+    p.add_argument("stage", choices=("train", "lrs", "analyze", "report"))
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args()
@@ -163,6 +249,10 @@ def main():
         sys.exit(f"error: data folder not found: {SHARED}; set SHARED=DIR (the .npz data sets)")
     if a.stage == "lrs":
         print_lrs()
+    elif a.stage == "analyze":
+        analyze(a.dry_run)
+    elif a.stage == "report":
+        report(a.dry_run)
     else:
         train(a.jobs, a.dry_run)
 
