@@ -1083,9 +1083,11 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
+def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu",
+                    advice="use another checkpoint"):
     """Load and check a checkpoint; raise UserError saying what is wrong (missing, truncated,
-    not a checkpoint of this project, another arch or class count)."""
+    not a checkpoint of this project, another arch or class count, NaN or inf weights).
+    `advice` ends the message about NaN or inf weights (what the caller's user can do)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -1117,7 +1119,21 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
     elif weights_checksum(ck) != ck["checksum"]:
         raise UserError(f"checkpoint {path} is corrupt: its weights do not match the checksum "
                         f"written with them; restore a copy or re-run the training that wrote it")
+    check_finite_weights(ck, path, advice)
     return ck
+
+
+def check_finite_weights(ck, path, advice):
+    """A UserError naming the first weight or buffer of `ck` (model, then EMA) that holds NaN or
+    inf. Such a checkpoint is unusable, whatever is done with it: fine-tuned from, its loss was
+    nan at once and the message blamed the learning rate; probed, its features were nan."""
+    for part in ("model", "ema"):
+        for name, t in (ck.get(part) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                what = "NaN" if torch.isnan(t).any() else "inf"
+                raise UserError(f"checkpoint {path} holds non-finite weights ({part} tensor "
+                                f"{name} has {what}): it is unusable, perhaps saved after "
+                                f"training diverged; {advice}")
 
 
 _UNVERIFIED = set()  # paths already noted as written without a checksum
@@ -1383,3 +1399,18 @@ def make_out_dir(path):
     hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")
+
+
+def make_shared_dir(path, flag):
+    """Create a folder that several runs may write into at once (linear_probe.py's --cache), so
+    not held; a file in the way or an unwritable place fails here, before any long work, not
+    after the first features are extracted."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is a file; choose another folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e}); choose "
+                        f"another") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable; choose another folder")

@@ -680,7 +680,9 @@ def resume(run, path, steps_per_epoch):
     """Load last.pt into the run (weights, EMA, optimizer, scaler, progress, RNGs); refuse
     arguments that changed what the run computes unless --force-resume."""
     args, m, p = run.args, run.model_args, run.progress
-    ck = common.load_checkpoint(path, arch=m["arch"], num_classes=m["num_classes"])
+    ck = common.load_checkpoint(path, arch=m["arch"], num_classes=m["num_classes"],
+                                advice="move it away to start the run afresh, or use another "
+                                       "--out")
     if "train_state" not in ck:
         raise common.UserError(f"{path} holds no training state (not written by train()); move "
                                f"it away or use another --out")

@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, non_finite_copy, read_only
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: each loss against values worked out by hand with plain Python math, per example.
@@ -572,6 +572,26 @@ def test_command_line_helpers(tmp_path):
     with pytest.raises(common.UserError, match="cannot write into .*file/sub: Not a directory"):
         common.make_out_dir(str(tmp_path / "file" / "sub"))  # --out under a plain file
     common.release_folder(str(tmp_path / "a" / "b"))
+    # a folder several runs share (a cache): created, not held; refused as early
+    common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
+    common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
+    with pytest.raises(common.UserError, match="--cache .*file exists and is a file"):
+        common.make_shared_dir(str(tmp_path / "file"), "--cache")
+    with pytest.raises(common.UserError, match="cannot create the folder \\(Not a directory"):
+        common.make_shared_dir(str(tmp_path / "file" / "sub"), "--cache")
+
+
+def test_read_only_folders_are_one_line_errors(tmp_path, monkeypatch):
+    old = tmp_path / "ro" / "x.json"
+    common.save_json(old, {"a": 1})
+    read_only(monkeypatch, tmp_path / "ro")
+    with pytest.raises(common.UserError, match="cannot write .*x.json: Read-only file system"):
+        common.save_json(old, {"a": 2})
+    assert json.loads(old.read_text()) == {"a": 1}
+    with pytest.raises(common.UserError, match="cannot write into .*: Read-only file system"):
+        common.make_out_dir(str(tmp_path / "ro"))
+    with pytest.raises(common.UserError, match="--cache .* is not writable"):
+        common.make_shared_dir(str(tmp_path / "ro"), "--cache")
 
 
 def test_checkpoint_errors(tmp_path):
@@ -595,6 +615,17 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         common.load_checkpoint(str(tmp_path / "empty.pt"))
+    # NaN or inf anywhere in the weights, raw or EMA: unusable, and the message says so, naming
+    # the first tensor (in the order of the state dict), with the caller's advice
+    for part, name, value, what in (("model", "layer3.1.bn2.bias", float("nan"), "NaN"),
+                                    ("ema", "fc.weight", -float("inf"), "inf")):
+        bad = non_finite_copy(path, tmp_path / f"{part}.pt", name, value, part)
+        with pytest.raises(common.UserError, match=rf"{part}\.pt holds non-finite weights "
+                                                   rf"\({part} tensor {name} has {what}\): it is "
+                                                   rf"unusable.*; do this$"):
+            common.load_checkpoint(bad, advice="do this")
+        with pytest.raises(common.UserError, match="use another checkpoint"):
+            common.load_pretrained(bad)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
