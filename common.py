@@ -47,11 +47,21 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def user_message(e):
+    """A UserError's one line. One raised in a DataLoader worker (a corrupt image) reaches the
+    main process with the worker's whole traceback as its text (torch's ExceptionWrapper); the
+    worker's own message is the traceback's last line, after the exception's name."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,8 +646,9 @@ def _read_image(path):
     try:
         with Image.open(path) as im:
             return T.functional.pil_to_tensor(im.convert("RGB"))
-    except Exception as e:
-        raise RuntimeError(f"cannot decode image {path}: {e}") from e
+    except Exception as e:  # a UserError, so that a worker's failure is one line too
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot decode image {path} ({why}); replace or remove it") from e
 
 
 def _folder(name, path):
@@ -1383,6 +1394,14 @@ def fraction(text):
 def fraction_below_one(text):
     """argparse type: a number in [0, 1) (a momentum, a drop rate, a smoothing weight)."""
     return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+MAX_RESOLUTION = 4096  # a larger side is a typo: --resolution 100000 asked for 30 GB per batch
+
+
+def resolution(text):
+    """argparse type: an input side length in pixels, in [1, MAX_RESOLUTION]."""
+    return _checked(text, int, lambda v: 0 < v <= MAX_RESOLUTION, f"in [1, {MAX_RESOLUTION}]")
 
 
 def input_resolution(requested, network):

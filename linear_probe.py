@@ -634,7 +634,7 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
-    p.add_argument("--resolution", type=common.positive_int, default=None,
+    p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoint's training resolution, "
                         "else 224)")
     p.add_argument("--lambdas", default=DEFAULT_LAMBDAS,

@@ -163,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES))
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--arch", choices=common.ARCHS, help="default: from the data preset")
-    p.add_argument("--resolution", type=common.positive_int,
+    p.add_argument("--resolution", type=common.resolution,
                    help="training and evaluation side in pixels")
     p.add_argument("--augment", choices=("paper", "small"), help="train augmentation style")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

@@ -697,6 +697,20 @@ def test_run_main_prints_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: class subset")
 
 
+def test_a_user_error_in_a_loader_worker_is_still_one_line():
+    # torch re-raises a worker's exception with the worker's traceback as its message
+    from torch._utils import ExceptionWrapper
+    message = "cannot decode image x/7.png (cannot identify image file); replace or remove it"
+    try:
+        raise common.UserError(message)
+    except common.UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(common.UserError) as e:
+        wrapped.reraise()
+    assert "\n" in str(e.value) and common.user_message(e.value) == message
+    assert common.user_message(common.UserError("a: b")) == "a: b"
+
+
 def test_open_feature_generator_leaves_autograd_on():
     model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
     loader = common.eval_loader(common.load_dataset("digits@0-4")["val"], 8, batch_size=16)

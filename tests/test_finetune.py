@@ -140,7 +140,7 @@ def test_bad_inputs_one_line(source, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "'0' must be > 0"), (["--batch-size", "-4"], "'-4' must be > 0"),
-    (["--log-every", "0"], "must be > 0"), (["--resolution", "0"], "must be > 0"),
+    (["--log-every", "0"], "must be > 0"), (["--resolution", "0"], "must be in [1, 4096]"),
     (["--warmup-epochs", "-1"], "must be >= 0"), (["--ema-epochs", "-1"], "must be >= 0"),
     (["--ckpt-minutes", "nan"], "not a finite number"), (["--momentum", "-1"], r"in [0, 1)"),
     (["--device", "foo"], "unknown device 'foo'"),

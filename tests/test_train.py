@@ -326,7 +326,8 @@ def test_a_failure_in_a_loader_worker_ends_the_process(tmp_path):
     r = run_script(["--data", f"folder:{tmp_path / 'f'}", "--arch", "resnet18", "--resolution",
                     "8", "--batch-size", "8", "--epochs", "2", "--workers", "1", "--out",
                     str(tmp_path / "run")], timeout=120)
-    assert r.returncode == 1 and "cannot decode image" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot decode image"), r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "7.png" in r.stderr
 
 
 def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
@@ -426,7 +427,8 @@ def test_evaluate_bad_inputs_give_one_line_errors(tmp_path):
     (["--eval-batch-size", "0"], "must be > 0"), (["--momentum", "-1"], r"in \[0, 1\)"),
     (["--warmup-epochs", "inf"], "not a finite number"), (["--seed", str(2 ** 64)], "2\\*\\*63"),
     (["--weight-decay", "-1"], "must be >= 0"), (["--ckpt-minutes", "nan"], "finite"),
-    (["--resolution", "0"], "must be > 0"), (["--log-every", "0"], "must be > 0"),
+    (["--resolution", "0"], r"in \[1, 4096\]"), (["--resolution", "100000"], r"in \[1, 4096\]"),
+    (["--log-every", "0"], "must be > 0"),
     (["--workers", "-1"], "must be >= 0"), (["--lr", "-0.1"], "must be > 0"),
     (["--objective", "dropout", "--dropout", "1.5"], r"dropout must be in \[0, 1\)"),
     (["--objective", "label_smoothing", "--alpha", "2"], r"alpha must be in \[0, 1\)"),
