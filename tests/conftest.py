@@ -64,3 +64,15 @@ def non_finite_copy(path, out, name="layer2.0.conv1.weight", value=float("nan"),
     ck["checksum"] = common.weights_checksum(ck)
     common.save_checkpoint(str(out), ck)
     return str(out)
+
+
+def full_disk(monkeypatch, name_part):
+    """The disk fills up while a file whose temporary name holds `name_part` is written."""
+    import errno
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)

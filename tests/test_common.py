@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import ROOT, SHARED_DATA, non_finite_copy, read_only
+from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, read_only
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: each loss against values worked out by hand with plain Python math, per example.
@@ -639,6 +639,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         common.atomic_write(str(path), boom)
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    # every results file of every script goes through atomic_write (json, csv, npz, checkpoints)
+    common.save_json(tmp_path / "r.json", {"a": 1})
+    full_disk(monkeypatch, ".r.json.")
+    with pytest.raises(common.UserError, match=r"r\.json: no space left on the device \(the "
+                                               r"previous file is unchanged\)") as e:
+        common.save_json(tmp_path / "r.json", {"a": 2})
+    assert "\n" not in str(e.value) and json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    full_disk(monkeypatch, ".x.npz.")
+    with pytest.raises(common.UserError, match=r"no space left on the device \(nothing written"):
+        common.save_npz(str(tmp_path / "x.npz"), a=np.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]  # no temporary file left
 
 
 def test_torchvision_weights_offline_error():

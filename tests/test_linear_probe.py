@@ -12,7 +12,7 @@ import torch
 
 import common
 import linear_probe as lp
-from conftest import ROOT, non_finite_copy, one_line_error, read_only
+from conftest import ROOT, full_disk, non_finite_copy, one_line_error, read_only
 
 
 def blobs(n, d, k, seed=0, sep=1.0, weights=None):
@@ -381,6 +381,14 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkey
                                                             str(tmp_path / "ro"))))
     assert "is not writable" in err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    path = write_features(tmp_path / "f.npz")
+    full_disk(monkeypatch, ".results.json.")
+    err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out", str(tmp_path / "o"),
+                                                  "--lambdas", "1e-2,1"]))
+    assert "results.json: no space left on the device (nothing written)" in err
 
 
 def test_results_of_another_checkpoint_or_setting_are_not_replaced(tmp_path):
