@@ -258,7 +258,7 @@ def main(argv=None):
                    help="passes over the images (see above)")
     p.add_argument("--max-images", type=common.positive_int, default=None,
                    help="seeded random subset of the split (at least 4)")
-    p.add_argument("--resolution", type=common.positive_int, default=None,
+    p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoints' training resolution, "
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,

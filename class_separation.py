@@ -176,7 +176,7 @@ def main(argv=None):
                    help="at most this many images per class (seeded random choice; >= 2: with "
                    "one image per class R^2 is 1 whatever the features)")
     p.add_argument("--batch-size", type=common.positive_int, default=256)
-    p.add_argument("--resolution", type=common.positive_int, default=None,
+    p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: each checkpoint's training resolution, "
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,

@@ -47,11 +47,21 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def user_message(e):
+    """A UserError's one line. One raised in a DataLoader worker (a corrupt image) reaches the
+    main process with the worker's whole traceback as its text (torch's ExceptionWrapper); the
+    worker's own message is the traceback's last line, after the exception's name."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,8 +646,9 @@ def _read_image(path):
     try:
         with Image.open(path) as im:
             return T.functional.pil_to_tensor(im.convert("RGB"))
-    except Exception as e:
-        raise RuntimeError(f"cannot decode image {path}: {e}") from e
+    except Exception as e:  # a UserError, so that a worker's failure is one line too
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot decode image {path} ({why}); replace or remove it") from e
 
 
 def _folder(name, path):
@@ -1083,9 +1094,11 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
+def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu",
+                    advice="use another checkpoint"):
     """Load and check a checkpoint; raise UserError saying what is wrong (missing, truncated,
-    not a checkpoint of this project, another arch or class count)."""
+    not a checkpoint of this project, another arch or class count, NaN or inf weights).
+    `advice` ends the message about NaN or inf weights (what the caller's user can do)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -1117,7 +1130,21 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu"):
     elif weights_checksum(ck) != ck["checksum"]:
         raise UserError(f"checkpoint {path} is corrupt: its weights do not match the checksum "
                         f"written with them; restore a copy or re-run the training that wrote it")
+    check_finite_weights(ck, path, advice)
     return ck
+
+
+def check_finite_weights(ck, path, advice):
+    """A UserError naming the first weight or buffer of `ck` (model, then EMA) that holds NaN or
+    inf. Such a checkpoint is unusable, whatever is done with it: fine-tuned from, its loss was
+    nan at once and the message blamed the learning rate; probed, its features were nan."""
+    for part in ("model", "ema"):
+        for name, t in (ck.get(part) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                what = "NaN" if torch.isnan(t).any() else "inf"
+                raise UserError(f"checkpoint {path} holds non-finite weights ({part} tensor "
+                                f"{name} has {what}): it is unusable, perhaps saved after "
+                                f"training diverged; {advice}")
 
 
 _UNVERIFIED = set()  # paths already noted as written without a checksum
@@ -1369,6 +1396,14 @@ def fraction_below_one(text):
     return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+MAX_RESOLUTION = 4096  # a larger side is a typo: --resolution 100000 asked for 30 GB per batch
+
+
+def resolution(text):
+    """argparse type: an input side length in pixels, in [1, MAX_RESOLUTION]."""
+    return _checked(text, int, lambda v: 0 < v <= MAX_RESOLUTION, f"in [1, {MAX_RESOLUTION}]")
+
+
 def input_resolution(requested, network):
     """The input side length: `requested` (a --resolution flag), else the network's training
     resolution, else 224 (ImageNet's)."""
@@ -1383,3 +1418,18 @@ def make_out_dir(path):
     hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")
+
+
+def make_shared_dir(path, flag):
+    """Create a folder that several runs may write into at once (linear_probe.py's --cache), so
+    not held; a file in the way or an unwritable place fails here, before any long work, not
+    after the first features are extracted."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is a file; choose another folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e}); choose "
+                        f"another") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable; choose another folder")

@@ -64,7 +64,7 @@ def parse_args(argv=None):
                    help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="with --from-scratch: the 3x3 stride-1 stem for tiny images")
-    p.add_argument("--resolution", type=common.positive_int,
+    p.add_argument("--resolution", type=common.resolution,
                    help="default: the checkpoint's training resolution, else 224")
     p.add_argument("--augment", choices=("paper", "small"),
                    help="default: paper, or small for in-memory images of 64 px or less")

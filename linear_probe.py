@@ -515,18 +515,17 @@ def check_arrays(x, y, what, dim=None):
         raise common.UserError(f"{what}: no examples")
     if dim is not None and x.shape[1] != dim:
         raise common.UserError(f"{what}: {x.shape[1]} features, but train has {dim}")
-    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
-        raise common.UserError(f"{what}: features and labels must be numeric, got {x.dtype} "
-                               f"and {y.dtype}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise common.UserError(f"{what}: features must be numeric, got {x.dtype}")
+    # before anything sized by the class count: one label of 1e8 asked for 13.6 GB
+    y = common.check_labels(y, what)
     x = np.asarray(x, dtype=np.float32)
     bad = ~np.isfinite(x)
     if bad.any():
         rows = np.flatnonzero(bad.any(1))
         raise common.UserError(f"{what}: {len(rows)} rows hold NaN or inf (first: row "
                                f"{rows[0]}); fix or drop them")
-    if not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y)):
-        raise common.UserError(f"{what}: labels must be integers >= 0")
-    return x, y.astype(np.int64)
+    return x, y
 
 
 def check_splits(train, val, test):
@@ -743,7 +742,7 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
-    p.add_argument("--resolution", type=common.positive_int, default=None,
+    p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoint's training resolution, "
                         "else 224)")
     p.add_argument("--lambdas", default=DEFAULT_LAMBDAS,
@@ -811,6 +810,8 @@ def main(argv=None):
 
     if not args.data:
         raise common.UserError("--checkpoint needs --data SPEC [SPEC ...]")
+    cache = args.cache or os.path.join(args.out, "cache")
+    common.make_shared_dir(cache, "--cache")
     labels = {}
     for name in args.checkpoint:   # check cheap things before any long work
         if not name.startswith("torchvision:") and not os.path.exists(name):
@@ -825,7 +826,6 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise common.UserError(f"two --data specs share the short name ({names}); "
                                f"give their folders different names")
-    cache = args.cache or os.path.join(args.out, "cache")
     for name in args.checkpoint:
         model, network = common.load_pretrained(name)
         model.to(device)

@@ -163,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES))
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--arch", choices=common.ARCHS, help="default: from the data preset")
-    p.add_argument("--resolution", type=common.positive_int,
+    p.add_argument("--resolution", type=common.resolution,
                    help="training and evaluation side in pixels")
     p.add_argument("--augment", choices=("paper", "small"), help="train augmentation style")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -680,7 +680,9 @@ def resume(run, path, steps_per_epoch):
     """Load last.pt into the run (weights, EMA, optimizer, scaler, progress, RNGs); refuse
     arguments that changed what the run computes unless --force-resume."""
     args, m, p = run.args, run.model_args, run.progress
-    ck = common.load_checkpoint(path, arch=m["arch"], num_classes=m["num_classes"])
+    ck = common.load_checkpoint(path, arch=m["arch"], num_classes=m["num_classes"],
+                                advice="move it away to start the run afresh, or use another "
+                                       "--out")
     if "train_state" not in ck:
         raise common.UserError(f"{path} holds no training state (not written by train()); move "
                                f"it away or use another --out")

@@ -11,8 +11,7 @@ import torch
 
 import common
 from cka_analysis import MinibatchCKA, linear_cka, main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, non_finite_copy, one_line_error, read_only
 
 
 def spec_vectors():
@@ -223,13 +222,18 @@ def test_script_errors(ckpts, tmp_path):
         assert z["cka"].shape == (3, 3, 2, 2)
     nets = json.loads(open(os.path.join(out, "cka.json")).read())["networks"]
     assert [n["arch"] for n in nets] == ["resnet18"] * 2 + ["resnet34"]
-    # NaN weights: the error names the checkpoint and the first layer that goes bad
-    bad = torch.load(a, weights_only=True)
-    bad["model"]["layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
-    bad["checksum"] = common.weights_checksum(bad)  # NaN written by training, not corruption
-    common.save_checkpoint(str(tmp_path / "nan.pt"), bad)
-    with pytest.raises(common.UserError, match=r"nan\.pt: layer block5 has NaN"):
-        main(["--checkpoint", a, str(tmp_path / "nan.pt"), "--data", "digits", "--out", out,
+    # NaN weights: the error names the checkpoint and its first non-finite tensor
+    nan = non_finite_copy(a, tmp_path / "nan.pt", "layer3.0.conv1.weight")
+    with pytest.raises(common.UserError, match=r"nan\.pt holds non-finite weights \(model "
+                                               r"tensor layer3\.0\.conv1\.weight has NaN\)"):
+        main(["--checkpoint", a, nan, "--data", "digits", "--out", out])
+    # finite weights whose features overflow: the checkpoint and the first layer that goes bad
+    huge = torch.load(a, weights_only=True)
+    huge["model"]["layer3.0.conv1.weight"] *= 1e38
+    huge["checksum"] = common.weights_checksum(huge)
+    common.save_checkpoint(str(tmp_path / "huge.pt"), huge)
+    with pytest.raises(common.UserError, match=r"huge\.pt: layer block5 has NaN"):
+        main(["--checkpoint", a, str(tmp_path / "huge.pt"), "--data", "digits", "--out", out,
               "--max-images", "8", "--batch-size", "8"])
     assert not torch.is_inference_mode_enabled()  # the feature generators were closed
     # a bad path: one line on stderr, exit status 2, nothing written
@@ -238,3 +242,17 @@ def test_script_errors(ckpts, tmp_path):
                         str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "checkpoint not found" in r.stderr and not (tmp_path / "none").exists()
+
+
+def test_unwritable_output_and_bad_numbers_are_one_line_errors(ckpts, tmp_path, capsys,
+                                                               monkeypatch):
+    a, _, _ = ckpts
+    args = ["--checkpoint", a, "--data", "digits", "--max-images", "8", "--batch-size", "8"]
+    err = one_line_error(capsys, lambda: main([*args, "--out", str(tmp_path), "--workers", "-1"]))
+    assert "--workers: '-1' must be >= 0" in err
+    err = one_line_error(capsys, lambda: main([*args, "--out", str(tmp_path / "o"),
+                                               "--crop-fraction", "0"]))
+    assert "'0' must be in (0, 1]" in err
+    read_only(monkeypatch, tmp_path / "ro")
+    err = one_line_error(capsys, lambda: main([*args, "--out", str(tmp_path / "ro" / "o")]))
+    assert "cannot write into" in err and "Read-only file system" in err

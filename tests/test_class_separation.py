@@ -7,6 +7,7 @@ import torch
 
 import common
 from class_separation import class_separation, main, participation_ratio, sparsity
+from conftest import non_finite_copy, one_line_error, read_only
 
 
 def naive_r2(x, labels):
@@ -134,3 +135,25 @@ def test_max_per_class_below_two_is_refused(tmp_path, capsys):
               "--max-per-class", "1"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and "must be >= 2" in err
+
+
+def test_nan_weights_unwritable_output_and_bad_numbers_are_one_line_errors(tmp_path, capsys,
+                                                                           monkeypatch):
+    model = common.build_model("softmax", 10, arch="resnet18", small_input=True)
+    ck = common.make_checkpoint(model, {"objective": "softmax", "arch": "resnet18", "hparams": {},
+                                        "num_classes": 10, "small_input": True},
+                                args={"resolution": 8})
+    good = str(tmp_path / "good.pt")
+    common.save_checkpoint(good, ck)
+    nan = non_finite_copy(good, tmp_path / "nan.pt", "fc.weight")
+    args = ["--data", "digits", "--max-per-class", "4"]
+    err = one_line_error(capsys, lambda: main(["--checkpoint", nan, *args, "--out",
+                                               str(tmp_path / "o")]))
+    assert f"{nan} holds non-finite weights (model tensor fc.weight has NaN)" in err
+    err = one_line_error(capsys, lambda: main(["--checkpoint", good, *args, "--out",
+                                               str(tmp_path / "o"), "--workers", "-1"]))
+    assert "--workers: '-1' must be >= 0" in err
+    read_only(monkeypatch, tmp_path / "ro")
+    err = one_line_error(capsys, lambda: main(["--checkpoint", good, *args, "--out",
+                                               str(tmp_path / "ro" / "o")]))
+    assert "cannot write into" in err and "Read-only file system" in err

@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, read_only
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: each loss against values worked out by hand with plain Python math, per example.
@@ -572,6 +572,26 @@ def test_command_line_helpers(tmp_path):
     with pytest.raises(common.UserError, match="cannot write into .*file/sub: Not a directory"):
         common.make_out_dir(str(tmp_path / "file" / "sub"))  # --out under a plain file
     common.release_folder(str(tmp_path / "a" / "b"))
+    # a folder several runs share (a cache): created, not held; refused as early
+    common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
+    common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
+    with pytest.raises(common.UserError, match="--cache .*file exists and is a file"):
+        common.make_shared_dir(str(tmp_path / "file"), "--cache")
+    with pytest.raises(common.UserError, match="cannot create the folder \\(Not a directory"):
+        common.make_shared_dir(str(tmp_path / "file" / "sub"), "--cache")
+
+
+def test_read_only_folders_are_one_line_errors(tmp_path, monkeypatch):
+    old = tmp_path / "ro" / "x.json"
+    common.save_json(old, {"a": 1})
+    read_only(monkeypatch, tmp_path / "ro")
+    with pytest.raises(common.UserError, match="cannot write .*x.json: Read-only file system"):
+        common.save_json(old, {"a": 2})
+    assert json.loads(old.read_text()) == {"a": 1}
+    with pytest.raises(common.UserError, match="cannot write into .*: Read-only file system"):
+        common.make_out_dir(str(tmp_path / "ro"))
+    with pytest.raises(common.UserError, match="--cache .* is not writable"):
+        common.make_shared_dir(str(tmp_path / "ro"), "--cache")
 
 
 def test_checkpoint_errors(tmp_path):
@@ -595,6 +615,17 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         common.load_checkpoint(str(tmp_path / "empty.pt"))
+    # NaN or inf anywhere in the weights, raw or EMA: unusable, and the message says so, naming
+    # the first tensor (in the order of the state dict), with the caller's advice
+    for part, name, value, what in (("model", "layer3.1.bn2.bias", float("nan"), "NaN"),
+                                    ("ema", "fc.weight", -float("inf"), "inf")):
+        bad = non_finite_copy(path, tmp_path / f"{part}.pt", name, value, part)
+        with pytest.raises(common.UserError, match=rf"{part}\.pt holds non-finite weights "
+                                                   rf"\({part} tensor {name} has {what}\): it is "
+                                                   rf"unusable.*; do this$"):
+            common.load_checkpoint(bad, advice="do this")
+        with pytest.raises(common.UserError, match="use another checkpoint"):
+            common.load_pretrained(bad)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -608,6 +639,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         common.atomic_write(str(path), boom)
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    # every results file of every script goes through atomic_write (json, csv, npz, checkpoints)
+    common.save_json(tmp_path / "r.json", {"a": 1})
+    full_disk(monkeypatch, ".r.json.")
+    with pytest.raises(common.UserError, match=r"r\.json: no space left on the device \(the "
+                                               r"previous file is unchanged\)") as e:
+        common.save_json(tmp_path / "r.json", {"a": 2})
+    assert "\n" not in str(e.value) and json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    full_disk(monkeypatch, ".x.npz.")
+    with pytest.raises(common.UserError, match=r"no space left on the device \(nothing written"):
+        common.save_npz(str(tmp_path / "x.npz"), a=np.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == ["r.json"]  # no temporary file left
 
 
 def test_torchvision_weights_offline_error():
@@ -664,6 +709,20 @@ def test_run_main_prints_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: class subset")
+
+
+def test_a_user_error_in_a_loader_worker_is_still_one_line():
+    # torch re-raises a worker's exception with the worker's traceback as its message
+    from torch._utils import ExceptionWrapper
+    message = "cannot decode image x/7.png (cannot identify image file); replace or remove it"
+    try:
+        raise common.UserError(message)
+    except common.UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(common.UserError) as e:
+        wrapped.reraise()
+    assert "\n" in str(e.value) and common.user_message(e.value) == message
+    assert common.user_message(common.UserError("a: b")) == "a: b"
 
 
 def test_open_feature_generator_leaves_autograd_on():

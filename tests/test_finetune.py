@@ -12,7 +12,7 @@ import torch
 import common
 import finetune
 import train_imagenet
-from conftest import ROOT
+from conftest import ROOT, non_finite_copy, one_line_error, read_only
 
 FT = ["--epochs", "2", "--batch-size", "64", "--wds", "1e-4", "--log-every", "1000"]
 
@@ -119,6 +119,9 @@ def test_bad_inputs_one_line(source, tmp_path):
         (["--checkpoint", source, "--momentum", "-1"], "must be in [0, 1)"),
         (["--checkpoint", source, "--workers", "-1"], "must be >= 0"),
         (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        # the checkpoint is the problem, not the learning rate its nan loss used to blame
+        (["--checkpoint", non_finite_copy(source, tmp_path / "nan.pt", "layer1.0.conv1.weight")],
+         "nan.pt holds non-finite weights (model tensor layer1.0.conv1.weight has NaN)"),
     ]
     tiny = tmp_path / "tiny"
     tiny.mkdir()
@@ -132,6 +135,28 @@ def test_bad_inputs_one_line(source, tmp_path):
         assert r.returncode == 2, (extra, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, r.stderr)
+        assert "lower --lr" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "'0' must be > 0"), (["--batch-size", "-4"], "'-4' must be > 0"),
+    (["--log-every", "0"], "must be > 0"), (["--resolution", "0"], "must be in [1, 4096]"),
+    (["--warmup-epochs", "-1"], "must be >= 0"), (["--ema-epochs", "-1"], "must be >= 0"),
+    (["--ckpt-minutes", "nan"], "not a finite number"), (["--momentum", "-1"], r"in [0, 1)"),
+    (["--device", "foo"], "unknown device 'foo'"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    argv = ["--checkpoint", str(tmp_path / "x.pt"), "--data", "digits@5-9", "--out",
+            str(tmp_path / "o"), *flags]
+    assert message in one_line_error(capsys, lambda: finetune.main(argv))
+    assert not os.path.exists(tmp_path / "o" / "grid")
+
+
+def test_a_read_only_output_folder_is_refused(source, tmp_path, capsys, monkeypatch):
+    read_only(monkeypatch, tmp_path / "ro")
+    argv = ["--checkpoint", source, "--data", "digits@5-9", "--out", str(tmp_path / "ro" / "o")]
+    err = one_line_error(capsys, lambda: finetune.main(argv))
+    assert "cannot write into" in err and "Read-only file system" in err
 
 
 def test_step_budget(source, tmp_path):

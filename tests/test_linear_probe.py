@@ -12,7 +12,7 @@ import torch
 
 import common
 import linear_probe as lp
-from conftest import ROOT
+from conftest import ROOT, full_disk, non_finite_copy, one_line_error, read_only
 
 
 def blobs(n, d, k, seed=0, sep=1.0, weights=None):
@@ -333,6 +333,10 @@ def write_features(path, **override):
     ("one_class", "single class"),
     ("missing", "lacks array"),
     ("unseen", "absent from train"),
+    ("huge_label", r"train: label 100000000 at index 3 is >= 100,000"),
+    ("negative_label", "label -1 at index 0 is negative"),
+    ("float_labels", "labels must be integers, got float64"),
+    ("column_labels", r"y of shape \(N,\), got \(200, 8\) and \(200, 1\)"),
 ])
 def test_bad_features_one_line_error(tmp_path, override, message):
     x, y = blobs(300, 8, 3, seed=5)
@@ -341,7 +345,11 @@ def test_bad_features_one_line_error(tmp_path, override, message):
            "test_dim": {"test_x": x[200:, :5]},
            "one_class": {"train_y": np.zeros(200, dtype=np.int64)},
            "missing": {},
-           "unseen": {"test_y": np.full(100, 7)}}[override]
+           "unseen": {"test_y": np.full(100, 7)},
+           "huge_label": {"train_y": np.where(np.arange(200) == 3, 10 ** 8, y[:200])},
+           "negative_label": {"test_y": np.where(np.arange(100) == 0, -1, y[200:])},
+           "float_labels": {"train_y": y[:200].astype(np.float64)},
+           "column_labels": {"train_y": y[:200, None]}}[override]
     path = write_features(tmp_path / "f.npz", **bad)
     if override == "missing":
         np.savez(path, train_x=x[:200], train_y=y[:200])
@@ -381,6 +389,56 @@ def test_command_line_error_exit_status(tmp_path):
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
+
+
+def test_an_absurd_label_is_refused_before_any_allocation(tmp_path):
+    # one label of 1e8 made 1e8 + 1 classes: the solver asked for 13.6 GB without a word
+    x, y = blobs(300, 8, 3, seed=5)
+    path = write_features(tmp_path / "f.npz", train_y=np.where(np.arange(200) == 3, 10 ** 8,
+                                                                y[:200]))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "linear_probe.py"), "--features", path,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "label 100000000 at index 3" in p.stderr
+
+
+def test_a_checkpoint_with_nan_weights_is_named_as_the_problem(tmp_path, capsys):
+    ckpt = tmp_path / "a.pt"
+    save_small_checkpoint(ckpt)
+    bad = non_finite_copy(ckpt, tmp_path / "nan.pt", "layer4.1.bn2.running_var", float("inf"))
+    err = one_line_error(capsys, lambda: lp.main(probe_args(bad, tmp_path / "o")))
+    assert f"{bad} holds non-finite weights (model tensor layer4.1.bn2.running_var has inf)" \
+        in err and "use another checkpoint" in err and "--lr" not in err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "a.pt"
+    save_small_checkpoint(ckpt)
+    (tmp_path / "afile").write_text("keep me")
+    afile = str(tmp_path / "afile")
+    for argv, message in (
+            (probe_args(ckpt, f"{afile}/sub"), f"cannot write into {afile}/sub: Not a directory"),
+            (probe_args(ckpt, tmp_path / "o", "--cache", afile), f"--cache {afile} exists and is "
+                                                                 f"a file"),
+            (probe_args(ckpt, tmp_path / "o2", "--cache", f"{afile}/c"), "cannot create the "
+                                                                         "folder (Not a dir")):
+        assert message in one_line_error(capsys, lambda: lp.main(argv))
+    read_only(monkeypatch, tmp_path / "ro")
+    err = one_line_error(capsys, lambda: lp.main(probe_args(ckpt, tmp_path / "ro" / "o")))
+    assert "cannot write into" in err and "Read-only file system" in err
+    err = one_line_error(capsys, lambda: lp.main(probe_args(ckpt, tmp_path / "o3", "--cache",
+                                                            str(tmp_path / "ro"))))
+    assert "is not writable" in err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    path = write_features(tmp_path / "f.npz")
+    full_disk(monkeypatch, ".results.json.")
+    err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out", str(tmp_path / "o"),
+                                                  "--lambdas", "1e-2,1"]))
+    assert "results.json: no space left on the device (nothing written)" in err
 
 
 def test_results_of_another_checkpoint_or_setting_are_not_replaced(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 import common
 import train_imagenet
-from conftest import ROOT
+from conftest import ROOT, non_finite_copy, one_line_error, read_only
 
 # A tiny configuration: ResNet-18 with the small-input stem on 8 px digits, batch 32.
 TINY = ["--data", "digits@0-4", "--arch", "resnet18", "--resolution", "8", "--batch-size", "32",
@@ -326,7 +326,8 @@ def test_a_failure_in_a_loader_worker_ends_the_process(tmp_path):
     r = run_script(["--data", f"folder:{tmp_path / 'f'}", "--arch", "resnet18", "--resolution",
                     "8", "--batch-size", "8", "--epochs", "2", "--workers", "1", "--out",
                     str(tmp_path / "run")], timeout=120)
-    assert r.returncode == 1 and "cannot decode image" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot decode image"), r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "7.png" in r.stderr
 
 
 def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
@@ -426,7 +427,8 @@ def test_evaluate_bad_inputs_give_one_line_errors(tmp_path):
     (["--eval-batch-size", "0"], "must be > 0"), (["--momentum", "-1"], r"in \[0, 1\)"),
     (["--warmup-epochs", "inf"], "not a finite number"), (["--seed", str(2 ** 64)], "2\\*\\*63"),
     (["--weight-decay", "-1"], "must be >= 0"), (["--ckpt-minutes", "nan"], "finite"),
-    (["--resolution", "0"], "must be > 0"), (["--log-every", "0"], "must be > 0"),
+    (["--resolution", "0"], r"in \[1, 4096\]"), (["--resolution", "100000"], r"in \[1, 4096\]"),
+    (["--log-every", "0"], "must be > 0"),
     (["--workers", "-1"], "must be >= 0"), (["--lr", "-0.1"], "must be > 0"),
     (["--objective", "dropout", "--dropout", "1.5"], r"dropout must be in \[0, 1\)"),
     (["--objective", "label_smoothing", "--alpha", "2"], r"alpha must be in \[0, 1\)"),
@@ -503,3 +505,29 @@ def test_a_damaged_log_and_an_unknown_device(tmp_path):
     assert again["steps"] == 18
     with pytest.raises(common.UserError, match="unknown device 'foo'"):
         train(tmp_path, "dev", "--device", "foo")
+
+
+def test_nan_weights_in_a_checkpoint_name_the_checkpoint_not_the_lr(tmp_path, capsys):
+    out, _ = train(tmp_path, "r", "--keep-resume-state")
+    nan = non_finite_copy(os.path.join(out, "final.pt"), tmp_path / "nan.pt", "fc.bias")
+    err = one_line_error(capsys, lambda: train_imagenet.main([
+        "--evaluate", nan, "--data", "digits@0-4", "--out", str(tmp_path / "e")]))
+    assert "nan.pt holds non-finite weights (model tensor fc.bias has NaN)" in err
+    last = os.path.join(out, "last.pt")   # e.g. written by a signal after the loss went nan
+    non_finite_copy(last, last, "layer1.0.bn1.weight", part="ema")
+    err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out", out, "--epochs",
+                                                              "2", "--force-resume"]))
+    assert "last.pt holds non-finite weights (ema tensor layer1.0.bn1.weight has NaN)" in err
+    assert "move it away to start the run afresh" in err and "lower --lr" not in err
+
+
+def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("keep me")
+    err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
+                                                              str(tmp_path / "afile" / "sub")]))
+    assert "afile/sub: Not a directory" in err
+    read_only(monkeypatch, tmp_path / "ro")
+    err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
+                                                              str(tmp_path / "ro" / "o")]))
+    assert "cannot write into" in err and "Read-only file system" in err
+    assert (tmp_path / "afile").read_text() == "keep me"
