@@ -139,7 +139,8 @@ def make_network(identity):
             "label": identity.get("checkpoint"), "hparams": dict(identity.get("hparams") or {}),
             "arch": identity.get("arch"), "dataset": identity.get("dataset"),
             "dataset_name": identity.get("dataset_name"), "epochs": None,
-            "top1": None, "linear": {}, "finetune": {}, "r2": None, "sparsity": None,
+            "top1": None, "linear": {}, "finetune": {}, "layers": {}, "r2": None,
+            "sparsity": None,
             "dim": None, "sources": {}, "orphan": False}
 
 
@@ -214,25 +215,29 @@ def attach_evaluations(found, nets, runs, notes):
         nets[rid]["sources"]["top1"] = f"evaluate ({r.get('preprocessing')} preprocessing)"
 
 
+def target_of(r):
+    """A transfer result's target: its dataset name, with ' (K-fold)' for linear_probe --folds
+    (scored over all the data set's images: another number than its test split's)."""
+    return str(r.get("dataset_name")) + (f" ({r['folds']}-fold)" if r.get("folds") else "")
+
+
 def attach_transfer(found, nets, runs, notes, scratch):
     for kind, field in TRANSFER.items():
         seen = {}
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
-            acc, dataset = r.get("test_accuracy"), r.get("dataset_name")
-            if r.get("folds"):   # linear_probe --folds: scored on all images, another number
-                dataset = f"{dataset} ({r['folds']}-fold)"
+            acc, dataset = r.get("test_accuracy"), target_of(r)
             if not finite(acc):
                 notes.append(f"`{rel}`: test_accuracy missing or not finite ({acc!r}); skipped.")
                 continue
             if (r.get("network") or {}).get("objective") == "scratch":
                 scratch.setdefault((field, dataset), []).append(float(acc))
                 continue
-            if r.get("layer") not in (None, "pool"):
-                notes.append(f"`{rel}`: probe of layer {r['layer']!r}; the figures use pool only.")
-                continue
             net = network_of(r.get("network"), rel, nets, notes)
             if net is None:
+                continue
+            if r.get("layer") not in (None, "pool"):   # reported in its own table
+                net["layers"][(dataset, r["layer"])] = 100 * float(acc)
                 continue
             key = (net["run_id"], dataset)
             if key in seen:
@@ -904,6 +909,37 @@ def sweep_rows(by_obj, groups, targets):
     return rows
 
 
+def section_layers(nets, groups):
+    """Linear probes of layers other than pool: per objective, that layer's accuracy beside the
+    pool layer's on the same target, and (descriptive, not a verdict) its slope on R^2."""
+    pairs = sorted({k for n in nets for k in n["layers"]})
+    if not pairs or not groups:
+        return []
+    lines = ["## Linear probes of earlier layers", "",
+             "Mean ± standard error over seeds (%), the same protocol as the pool layer. The "
+             "paper finds that the objectives' representations differ mainly in the last few "
+             "layers (CKA), so a probe of an earlier layer should depend less on the objective.",
+             ""]
+    for target, layer in pairs:
+        rows = []
+        for obj, g in groups.items():
+            cells = []
+            for q in (lambda n: n["layers"].get((target, layer)),
+                      lambda n: n["linear"].get(target)):
+                m, se, k = mean_se(values(g, q))
+                cells.append("-" if k == 0 else f"{m:.2f}" + (f" ± {se:.2f}" if finite(se)
+                                                               else ""))
+            rows.append([display(obj), *cells])
+        lines += [f"### {target}: {layer}", ""]
+        lines += md_table(["Objective", f"{layer}", "pool"], rows) + [""]
+        fit = slope_fit([(n["r2"], n["layers"][(target, layer)]) for n in nets
+                         if finite(n["r2"]) and finite(n["layers"].get((target, layer)))])
+        fit_pool = slope_fit(slope_points(nets, target))
+        lines += [f"Slope on R^2 over networks (rule 1's fit, descriptive): {layer} "
+                  f"{fit_text(fit)}; pool {fit_text(fit_pool)}.", ""]
+    return lines
+
+
 def section_slopes(nets, by_obj, groups, report):
     targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
     if not targets:
@@ -1263,14 +1299,19 @@ def section_setup(found):
         by_ds = {}
         for r in flat[kind]:
             if r.get("objective") != "scratch":
-                by_ds.setdefault(str(r.get("dataset_name")), []).append(r)
-        for ds, rs in sorted(by_ds.items()):
+                by_ds.setdefault((target_of(r), str(r.get("layer"))), []).append(r)
+        for (ds, _), rs in sorted(by_ds.items()):
             f = lambda k: distinct(rs, k) or "?"
-            text = (f"- {name} on `{ds}` ({len(rs)} networks): {f('n_train')} train / "
-                    f"{f('n_val')} val / {f('n_test')} test images, {f('num_classes')} classes, "
-                    f"metric {f('metric')}, {f('resolution')} px")
+            sizes = (f"{f('n_test')} images, each predicted once by {f('folds')}-fold "
+                     f"cross-validation (fold i tested, fold i+1 chooses lambda, the rest train)"
+                     if rs[0].get("folds") else
+                     f"{f('n_train')} train / {f('n_val')} val / {f('n_test')} test images")
+            text = (f"- {name} on `{ds}` ({len(rs)} networks): {sizes}, {f('num_classes')} "
+                    f"classes, metric {f('metric')}, {f('resolution')} px")
             if kind == "linear_probe":
-                lams = [r["best_lambda"] for r in rs if finite(r.get("best_lambda"))]
+                lams = [r["best_lambda"] for r in rs if finite(r.get("best_lambda"))] + [
+                    f["best_lambda"] for r in rs for f in r.get("fold_results") or []
+                    if finite(f.get("best_lambda"))]
                 text += (f", layer {f('layer')}, features standardized: {f('standardize')}" +
                          (f", chosen lambda {min(lams):.2g} to {max(lams):.2g}" if lams else ""))
             else:
@@ -1475,6 +1516,7 @@ def main():
     sections += section_cka(found, runs, groups, report)
     sections += section_class_separation(groups, report)
     sections += section_slopes(nets, by_obj, groups, report)
+    sections += section_layers(nets, groups)
     sections += section_sweeps(by_obj, groups, report)
 
     counts = ", ".join(f"{len(found[k])} {name}" for k, name in (

@@ -396,6 +396,9 @@ def test_slope_rule(tmp_path, monkeypatch):
             write_json(os.path.join(runs, "probe", label, "digits@5-9", "results.json"), {
                 **common.result_header(net, SPECS["digits@5-9"], "linear_probe"),
                 "layer": "pool", "metric": "top1", "test_accuracy": 0.8 - alpha / 5 + seed / 1e3})
+            write_json(os.path.join(runs, "probe", label, "digits@5-9+block6", "results.json"), {
+                **common.result_header(net, SPECS["digits@5-9"], "linear_probe"),
+                "layer": "block6", "metric": "top1", "test_accuracy": 0.7})
             write_json(os.path.join(runs, "probe", label, "digits@5-9+5fold", "results.json"), {
                 **common.result_header(net, SPECS["digits@5-9"], "linear_probe"), "folds": 5,
                 "layer": "pool", "metric": "top1", "test_accuracy": 0.5})
@@ -412,6 +415,10 @@ def test_slope_rule(tmp_path, monkeypatch):
     sweep = next(l for l in section.splitlines()
                  if l.startswith("| Label smoothing alpha (0, 0.1, 0.2, 0.4) | digits@5-9 |"))
     assert "holds" in sweep and ", rises" in sweep
+    layers = report.split("### digits@5-9: block6")[1].split("\n## ")[0]
+    assert "| Label smoothing | - | 81.70 ± 0.20 |" in layers  # the main variant (0.1) has none
+    assert "block6 +0.00 [" in layers                          # flat: 70% at every R^2
+    assert "`digits@5-9 (5-fold)` (4 networks): ? images, each predicted once by 5-fold" in report
 
 
 def cell(diff, p, claim):
