@@ -293,7 +293,7 @@ def main(argv=None):
     for p_i, view in enumerate(views):
         loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                     args.crop_fraction)
-        for b, (images, _) in enumerate(loader):
+        for b, (images, _) in enumerate(common.loader_iter(loader)):
             feats = batch_features(models, images, layers, device)
             try:
                 acc.update(feats, overwrite=True)

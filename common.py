@@ -856,7 +856,7 @@ def extract_features(model, loader, layers, device="cpu", dtype=None):
     model.eval()
     device = torch.device(device)
     try:
-        for images, labels in loader:
+        for images, labels in loader_iter(loader):
             # no_grad only around the forward pass: a generator left open must not leave
             # the whole process without autograd
             with torch.no_grad():
@@ -927,7 +927,7 @@ def atomic_write(path, write):
         raise UserError(f"cannot write {path}: {e.strerror or e} ({d}); choose another output "
                         f"folder") from None
     try:
-        with _ctrl_c_after_writing():
+        with hold_ctrl_c():
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -964,10 +964,14 @@ def _disk_full(e, folder):
 
 
 @contextlib.contextmanager
-def _ctrl_c_after_writing():
-    """Hold back Ctrl-C (SIGINT) until the file is written: interrupted inside torch.save, the zip
-    writer turns KeyboardInterrupt into a RuntimeError and the file is lost. In the main thread
-    only (signal handlers live there)."""
+def hold_ctrl_c():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt. Used where
+    a KeyboardInterrupt raised at a random point is lost: inside torch.save the zip writer turns
+    it into a RuntimeError and the file is lost (atomic_write), and while a DataLoader forks its
+    workers it lands in an at-fork callback (logging's _releaseLock), where Python prints
+    "Exception ignored" and carries on: training went on as if no Ctrl-C had come (1 of 27
+    Ctrl-Cs at random moments of a run; loader_iter). In the main thread only (signal handlers
+    live there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -979,6 +983,13 @@ def _ctrl_c_after_writing():
         signal.signal(signal.SIGINT, old)
     if caught:
         raise KeyboardInterrupt
+
+
+def loader_iter(loader):
+    """iter(loader), its worker processes (if any) started with Ctrl-C held back (hold_ctrl_c).
+    Every loop over a DataLoader with workers starts it this way."""
+    with hold_ctrl_c():
+        return iter(loader)
 
 
 _HELD = {}  # real path of a folder -> fd of its .lock, for the folders this process holds

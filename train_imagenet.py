@@ -492,7 +492,7 @@ def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_si
     for m in models.values():
         m.eval()
     with torch.inference_mode():
-        for images, labels in loader:
+        for images, labels in common.loader_iter(loader):
             x, y = to_device(images, labels, device, channels_last)
             onehot = F.one_hot(y, K).double()
             for name, m in models.items():
@@ -978,7 +978,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
         while p.step < total_steps:
             epoch, first = p.epoch, p.images_in_epoch // B
             sampler.set_epoch(epoch, first * per_device)
-            batches_of_epoch = iter(loader)
+            batches_of_epoch = common.loader_iter(loader)
             for b in range(first, steps_per_epoch):
                 step = p.step
                 if step == args.debug_kill_at_step:
