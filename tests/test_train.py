@@ -334,9 +334,12 @@ def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
     out = str(tmp_path / "int")
     cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "50",
            "--workers", "1", "--ckpt-minutes", "0", "--out", out]
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and then so would training
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
         time.sleep(0.2)
