@@ -86,9 +86,10 @@ def grid_dir(objective, lr):
 
 
 def val_top1(out):
-    """A finished run's source validation top-1 (EMA weights), or None."""
+    """A finished run's source validation top-1 (EMA weights), or None. results.json is written
+    when a run finishes and is committed (final.pt is not): a fresh clone keeps the grid."""
     path = os.path.join(out, "results.json")
-    if not os.path.exists(os.path.join(out, "final.pt")) or not os.path.exists(path):
+    if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)["val_top1"]
@@ -160,8 +161,14 @@ def finished_networks():
     """{NAME_sSEED: its final.pt} of the study's networks whose training finished."""
     names = [f"{name}_s{seed}" for name, (_, _, seeds) in NETWORKS.items() for seed in seeds]
     runs = {n: os.path.join(HERE, "runs", "train", n) for n in names}
-    return {n: os.path.join(out, "final.pt") for n, out in runs.items()
+    done = {n: os.path.join(out, "final.pt") for n, out in runs.items()
             if val_top1(out) is not None}
+    gone = sorted(n for n, ckpt in done.items() if not os.path.exists(ckpt))
+    if gone:   # trained elsewhere: their committed results stand; new analyses need the weights
+        print(f"note: no final.pt for {', '.join(gone)} (trained on another machine); analyses "
+              f"they lack need it: delete runs/train/NAME/results.json and rerun `study.py "
+              f"train`", flush=True)
+    return {n: ckpt for n, ckpt in done.items() if n not in gone}
 
 
 def run_step(what, cmd, dry_run):
