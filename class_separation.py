@@ -26,7 +26,6 @@ Importable:
     from class_separation import class_separation, sparsity, participation_ratio
     class_separation(features, labels)   # R^2, float
 """
-import argparse
 import os
 import time
 
@@ -154,15 +153,6 @@ def analyse(name, data, args, device):
                      "layers": results}
 
 
-def at_least_two(text):
-    """argparse type of --max-per-class: an integer >= 2."""
-    v = common.positive_int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 2 (one image per class gives "
-                                         f"R^2 = 1 whatever the features)")
-    return v
-
-
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
@@ -172,7 +162,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--layers", default="pool", help="pool (default), all, or a comma list")
-    p.add_argument("--max-per-class", type=at_least_two, default=None,
+    p.add_argument("--max-per-class", default=None, type=common.int_at_least(
+                       2, "one image per class gives R^2 = 1 whatever the features"),
                    help="at most this many images per class (seeded random choice; >= 2: with "
                    "one image per class R^2 is 1 whatever the features)")
     p.add_argument("--batch-size", type=common.positive_int, default=256)

@@ -1005,6 +1005,8 @@ def hold_folder(folder):
     key = os.path.realpath(folder)
     if key in _HELD:
         return False
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"output folder {folder} exists and is a file; choose another")
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
@@ -1407,6 +1409,13 @@ def fraction_below_one(text):
     return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def int_at_least(low, why):
+    """argparse type factory: an integer >= low; `why` ends the message (why less is wrong)."""
+    def check(text):
+        return _checked(text, int, lambda v: v >= low, f">= {low} ({why})")
+    return check
+
+
 MAX_RESOLUTION = 4096  # a larger side is a typo: --resolution 100000 asked for 30 GB per batch
 
 
@@ -1424,8 +1433,6 @@ def input_resolution(requested, network):
 def make_out_dir(path):
     """Create the output folder and hold it for this process (hold_folder: one writer per
     folder) before any long computation, so a bad or busy --out fails early."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"output folder {path} exists and is a file; choose another")
     hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")

@@ -703,12 +703,6 @@ def outcome(results):
     return f"{text} at lambda {results['best_lambda']:.3g}"
 
 
-def fold_count(text):
-    """argparse type of --folds: an integer >= 3 (a test, a validation and a training fold)."""
-    return common._checked(text, int, lambda v: v >= 3, ">= 3 (each fold is tested once, the "
-                           "next one picks lambda, the rest train)")
-
-
 def pooled(train, val, test, folds):
     """--folds: every split's examples in one (x, y), each class with at least `folds`."""
     x = np.concatenate([train[0], val[0], test[0]])
@@ -762,7 +756,8 @@ def main(argv=None):
                    help="feature extraction batch size")
     p.add_argument("--workers", type=common.nonnegative_int, default=4,
                    help="data loader workers")
-    p.add_argument("--folds", type=fold_count, default=None, metavar="K",
+    p.add_argument("--folds", default=None, metavar="K", type=common.int_at_least(
+                       3, "each fold is tested once, the next one picks lambda, the rest train"),
                    help="score by stratified K-fold cross-validation over all the images of "
                         "train, val and test pooled (fold i tests, fold i+1 picks lambda); for "
                         "small data sets, whose one test split has a large sampling error")
@@ -776,8 +771,6 @@ def main(argv=None):
 
     lambdas = parse_lambdas(args.lambdas)
     device = common.resolve_device(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise common.UserError(f"--out {args.out} exists and is not a folder")
     common.make_out_dir(args.out)
     opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
                 max_iter=args.max_iter)

@@ -846,11 +846,13 @@ def overall_verdict(verdicts):
     return "depends on the target"
 
 
+def slope_text(fit):
+    """'+0.73 [+0.19, +1.27]': the slope per +0.1 R^2 and its 95% interval ('-' without a fit)."""
+    return "-" if fit is None else f"{fit['slope']:+.2f} [{fit['low']:+.2f}, {fit['high']:+.2f}]"
+
+
 def fit_text(fit):
-    if fit is None:
-        return "-"
-    return (f"{fit['slope']:+.2f} [{fit['low']:+.2f}, {fit['high']:+.2f}] per +0.1 R^2, "
-            f"p = {fit['p']:.2g}")
+    return "-" if fit is None else f"{slope_text(fit)} per +0.1 R^2, p = {fit['p']:.2g}"
 
 
 def slope_points(nets, target):
@@ -875,13 +877,12 @@ def fig_slopes(nets, targets, fits, report):
                            s=28, alpha=0.8, linewidths=0)
                 drawn.append(obj)
         fit = fits[target]
-        if fit is not None:
-            xs = np.array([x for x, _ in slope_points(nets, target)])
-            ys = np.array([y for _, y in slope_points(nets, target)])
+        if fit is not None:   # the least-squares line passes through the points' mean
+            xs, ys = np.array(slope_points(nets, target)).T
             grid = np.linspace(xs.min(), xs.max(), 2)
-            b = fit["slope"] * 10
-            ax.plot(grid, ys.mean() + b * (grid - xs.mean()), color="0.3", linestyle="--")
-        ax.set_title(f"{target}\nslope {fit_text(fit).split(' per')[0]} per +0.1 R^2\n"
+            ax.plot(grid, ys.mean() + 10 * fit["slope"] * (grid - xs.mean()), color="0.3",
+                    linestyle="--")
+        ax.set_title(f"{target}\nslope {slope_text(fit)} per +0.1 R^2\n"
                      f"({slope_verdict(fit)})", fontsize=9)
         ax.set_xlabel("class separation R^2 (pool)")
         ax.set_ylabel("linear-probe accuracy (%)")
@@ -958,9 +959,7 @@ def section_slopes(nets, by_obj, groups, report):
     lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
              *[f"- {r}" for r in SLOPE_RULES], ""]
     lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
-                      [[t, len(slope_points(nets, t)),
-                        "-" if f is None else f"{f['slope']:+.2f} [{f['low']:+.2f}, "
-                                              f"{f['high']:+.2f}]",
+                      [[t, len(slope_points(nets, t)), slope_text(f),
                         "-" if f is None else f"{f['p']:.2g}", per_target[t]]
                        for t, f in fits.items()])
     lines += ["", f"Overall (rule 2): **{overall}**.", ""]
@@ -970,7 +969,7 @@ def section_slopes(nets, by_obj, groups, report):
         lines += ["Within each sweep (rule 3):", ""]
         lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
                            "R^2 against the value: Spearman ρ (p)"],
-                          [[name, t, fit_text(f).split(" per")[0] if f else "-",
+                          [[name, t, slope_text(f),
                             slope_verdict(f),
                             f"{rho:+.2f} ({p:.2g})" + (
                                 "" if not finite(p) or p >= ALPHA else

@@ -903,8 +903,6 @@ def train(model, model_args, data, args, dist, results_extra=None):
               autocast, channels_last, Progress(run_id=common.new_run_id()))
 
     # --- resume, holding the output folder (one writer at a time; rank 0 writes every file)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise common.UserError(f"--out {out_dir} exists and is not a folder")
     undo = contextlib.ExitStack()  # closed on every way out: signal handlers, workers, the lock
     with undo:
         if dist.is_main:
