@@ -19,8 +19,8 @@ and one loader worker each).
    5-fold cross-validation) and of block6 on the coarse-to-fine target -> runs/probe/; class
    separation on 1,000 source training images per coarse class -> runs/separation/NAME_sSEED/;
    fine-tuning of seed 0 of each objective at its default on the coarse-to-fine target ->
-   runs/finetune/; CKA between all finished networks on 1,000 source validation images ->
-   runs/cka/ (recomputed when the set of networks changed).
+   runs/finetune/; CKA between the networks of CKA_SET on 1,000 source validation images ->
+   runs/cka/ (once; it needs all their weights at once, so CKA_SET trains first).
 4. report: make_figures.py over runs/ -> report.md and the figures beside this file.
 """
 import argparse
@@ -63,6 +63,10 @@ FT_LRS = (0.03, 0.1, 0.3)
 FINETUNE = ["--wds", "8e-5", "--epochs", "6", "--batch-size", "128", "--warmup-epochs", "0.5",
             "--workers", "1"]
 FINETUNED = ("softmax_s0", "label_smoothing_a0.1_s0", "cosine_softmax_t0.05_s0", "squared_error_s0")
+# Checkpoints are not committed, and a session's machine keeps nothing uncommitted, so a network
+# is analyzed in the session that trains it. These train first, so that one session holds all
+# their weights at once: the fine-tuned networks plus a second softmax seed are the CKA set.
+CKA_SET = FINETUNED + ("softmax_s1",)
 NETWORKS = {  # name -> (objective whose learning rate it uses, flags, seeds)
     "softmax": ("softmax", OBJECTIVES["softmax"], (0, 1, 2, 3)),
     "label_smoothing_a0.1": ("label_smoothing", OBJECTIVES["label_smoothing"], (0, 1)),
@@ -154,6 +158,7 @@ def train(jobs, dry_run):
     runs = [command(flags, chosen[o], seed, EPOCHS,
                     os.path.join(HERE, "runs", "train", f"{name}_s{seed}"))
             for name, (o, flags, seeds) in NETWORKS.items() if o in chosen for seed in seeds]
+    runs.sort(key=lambda c: os.path.basename(c[-1]) not in CKA_SET)   # stable: CKA_SET first
     run_all(runs, jobs, dry_run)  # 2. every network at its chosen rate
 
 
@@ -209,14 +214,15 @@ def analyze(dry_run):
             finetune(nets[n], os.path.join(runs, "finetune", n, TARGETS["coarse_to_fine"][2]),
                      dry_run)
     cka = os.path.join(runs, "cka", "cka.json")
-    done = []
     if os.path.exists(cka):
-        with open(cka) as f:
-            done = sorted(net["checkpoint"] for net in json.load(f)["networks"])
-    if len(nets) >= 2 and done != sorted(nets):
-        run_step("CKA", [py, "cka_analysis.py", "--checkpoint", *map(rel, nets.values()),
+        return
+    if all(n in nets for n in CKA_SET):
+        run_step("CKA", [py, "cka_analysis.py", "--checkpoint", *(rel(nets[n]) for n in CKA_SET),
                          "--data", SOURCE, "--split", "val", "--max-images", "1000",
                          "--out", rel(os.path.dirname(cka))], dry_run)
+    else:
+        print(f"CKA waits for the weights of {', '.join(n for n in CKA_SET if n not in nets)} "
+              f"(CKA_SET: all must be on this machine at once)", flush=True)
 
 
 def finetune(ckpt, out, dry_run):
