@@ -1,0 +1,59 @@
+"""The CIFAR-10 coarse study's driver (results/cifar10_coarse/study.py): its committed
+learning-rate grid is complete, its networks train in the order the analysis needs, and its
+fine-tuning grid grows past a winning edge. Nothing here trains; run_all and run_step are
+replaced by recorders."""
+import importlib.util
+import json
+import os
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location(
+    "study", os.path.join(ROOT, "results", "cifar10_coarse", "study.py"))
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def test_committed_grid_chooses_every_rate():
+    """A fresh clone must not rerun the grid: every objective's rate is chosen from committed
+    results.json files, and the choices are the ones the README's selection table states."""
+    chosen = {o: study.next_lr(o) for o in study.OBJECTIVES}
+    assert chosen == {"softmax": ("chosen", 1.6), "label_smoothing": ("chosen", 0.8),
+                      "cosine_softmax": ("chosen", 0.1), "squared_error": ("chosen", 0.1)}
+
+
+def test_cka_set_trains_first(monkeypatch):
+    """CKA needs all of CKA_SET's weights in one session, so those networks come first."""
+    calls = []
+    monkeypatch.setattr(study, "run_all", lambda cmds, jobs, dry_run: calls.append(cmds))
+    monkeypatch.setattr(study, "print_lrs", lambda: None)
+    study.train(jobs=2, dry_run=True)
+    networks = [os.path.basename(c[c.index("--out") + 1]) for c in calls[-1]]
+    assert sorted(networks[:len(study.CKA_SET)]) == sorted(study.CKA_SET)
+    assert sorted(networks) == sorted(f"{n}_s{s}" for n, (_, _, seeds) in study.NETWORKS.items()
+                                      for s in seeds)
+    lr = {os.path.basename(c[c.index("--out") + 1]): c[c.index("--lr") + 1] for c in calls[-1]}
+    assert lr["softmax_s3"] == "1.6" and lr["label_smoothing_a0.4_s1"] == "0.8"
+
+
+def finetune_lrs(monkeypatch, tmp_path, grid, best):
+    """The --lrs that study.finetune asks for, given a finished fine-tune with `grid` scored."""
+    out = tmp_path / "ft"
+    (out / "grid").mkdir(parents=True)
+    for lr in grid:
+        (out / "grid" / f"lr{lr:g}_wd8e-05").mkdir()
+    (out / "results.json").write_text(json.dumps(
+        {"best_lr": best, "grid": {f"lr={lr:g},wd=8e-05": 0.5 for lr in grid}}))
+    calls = []
+    monkeypatch.setattr(study, "run_step", lambda what, cmd, dry_run: calls.append(cmd))
+    study.finetune("ckpt.pt", str(out), dry_run=True)
+    return [float(x) for x in calls[0][calls[0].index("--lrs") + 1:calls[0].index("--wds")]] \
+        if calls else None
+
+
+def test_finetune_grid_grows_past_a_winning_edge(monkeypatch, tmp_path):
+    assert finetune_lrs(monkeypatch, tmp_path / "a", [0.03, 0.1, 0.3], 0.1) is None  # done
+    assert finetune_lrs(monkeypatch, tmp_path / "b", [0.03, 0.1, 0.3], 0.3) == \
+        [0.03, 0.1, 0.3, 0.9]
+    assert finetune_lrs(monkeypatch, tmp_path / "c", [0.03, 0.1, 0.3], 0.03) == \
+        [0.01, 0.03, 0.1, 0.3]
