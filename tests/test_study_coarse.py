@@ -57,3 +57,21 @@ def test_finetune_grid_grows_past_a_winning_edge(monkeypatch, tmp_path):
         [0.03, 0.1, 0.3, 0.9]
     assert finetune_lrs(monkeypatch, tmp_path / "c", [0.03, 0.1, 0.3], 0.03) == \
         [0.01, 0.03, 0.1, 0.3]
+
+
+def test_more_starts_the_second_groups_grids(monkeypatch, tmp_path):
+    """`train --more` adds the five other objectives' grids (rule 5); without it they never run.
+    (In an empty study folder, so that every grid is still to run.)"""
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(study, "run_all", lambda cmds, jobs, dry_run: calls.append(cmds))
+    monkeypatch.setattr(study, "print_lrs", lambda: None)
+    study.train(jobs=2, dry_run=True, more=True)
+    grid = {(c[c.index("--objective") + 1], c[c.index("--lr") + 1]) for c in calls[0]}
+    assert {o for o, _ in grid} == set(study.OBJECTIVES) | set(study.MORE_OBJECTIVES)
+    assert ("dropout", "1.6") in grid and ("logit_normalization", "0.1") in grid
+    assert all(c[c.index("--epochs") + 1] == str(study.GRID_EPOCHS) for c in calls[0])
+    calls.clear()
+    study.train(jobs=2, dry_run=True)
+    assert calls and not any(c[c.index("--objective") + 1] in study.MORE_OBJECTIVES
+                             for cmds in calls for c in cmds)

@@ -2,6 +2,7 @@
 
   python results/cifar10_coarse/study.py train            # learning-rate grid, then every network
   python results/cifar10_coarse/study.py train --dry-run  # print the commands, run nothing
+  python results/cifar10_coarse/study.py train --more     # and the second group (rule 5)
   python results/cifar10_coarse/study.py lrs              # the learning-rate selection table
   python results/cifar10_coarse/study.py analyze          # transfer, R^2, CKA of finished networks
   python results/cifar10_coarse/study.py report           # figures and report.md (make_figures)
@@ -9,7 +10,8 @@
 1. Learning rates (seed 0, 10 epochs, lr in {0.05, 0.1, 0.2} per 256, one factor 2 further past a
    winning edge) for each objective at its default hyperparameter, chosen by source validation
    top-1 of the EMA weights; the sweeps' values reuse their objective's rate. Grid runs go to
-   lr_grid/ (outside runs/, so no analysis ever sees them).
+   lr_grid/ (outside runs/, so no analysis ever sees them). With --more, the second group's
+   objectives (MORE_OBJECTIVES) get their own grids, starting nearer their likely choice (GRIDS).
 2. Every network of the study (NETWORKS) at 30 epochs with its chosen rate: runs/train/NAME_sSEED.
 Each run is train_imagenet.py; an interrupted study continues where it stopped (rerun the same
 command), finished runs are skipped. JOBS runs at a time (default 2: one per core, one thread
@@ -83,6 +85,21 @@ NETWORKS = {  # name -> (objective whose learning rate it uses, flags, seeds)
                                                "--tau", "0.5"], (0, 1)),
     "squared_error": ("squared_error", OBJECTIVES["squared_error"], (0, 1, 2)),
 }
+# The second group (rule 5 of the README: trained with `train --more` only when the first group
+# does not already refute a meaningful effect on every target): the other five objectives at
+# SPEC's defaults, 2 seeds each, each with its own learning-rate grid. The grids start where
+# their closest first-group objective's choice lies (softmax chose 1.6, cosine softmax 0.1), to
+# spend fewer 10-epoch runs walking up from 0.05; an edge that wins still extends them.
+MORE_OBJECTIVES = {
+    "sigmoid": ["--objective", "sigmoid"],
+    "logit_penalty": ["--objective", "logit_penalty"],
+    "logit_normalization": ["--objective", "logit_normalization"],
+    "extra_final_layer_l2": ["--objective", "extra_final_layer_l2"],
+    "dropout": ["--objective", "dropout"],
+}
+GRIDS = {**{o: GRID for o in OBJECTIVES}, **{o: (0.8, 1.6, 3.2) for o in MORE_OBJECTIVES},
+         "logit_normalization": (0.05, 0.1, 0.2)}
+MORE_NETWORKS = {o: (o, flags, (0, 1)) for o, flags in MORE_OBJECTIVES.items()}
 
 
 def grid_dir(objective, lr):
@@ -144,10 +161,12 @@ def run_all(commands, jobs, dry_run):
                 sys.exit(f"error: a run failed; see {out}/train.log")
 
 
-def train(jobs, dry_run):
+def train(jobs, dry_run, more=False):
+    objectives = {**OBJECTIVES, **(MORE_OBJECTIVES if more else {})}
+    networks = {**NETWORKS, **(MORE_NETWORKS if more else {})}
     while True:  # 1. the learning-rate grid, extended past winning edges
-        state = {o: next_lr(o) for o in OBJECTIVES}
-        pending = [command(OBJECTIVES[o], lr, 0, GRID_EPOCHS, grid_dir(o, lr))
+        state = {o: next_lr(o) for o in objectives}
+        pending = [command(objectives[o], lr, 0, GRID_EPOCHS, grid_dir(o, lr))
                    for o, (what, lrs) in state.items() if what == "train" for lr in lrs]
         if not pending or dry_run:
             run_all(pending, jobs, dry_run)
@@ -157,14 +176,15 @@ def train(jobs, dry_run):
     print_lrs()
     runs = [command(flags, chosen[o], seed, EPOCHS,
                     os.path.join(HERE, "runs", "train", f"{name}_s{seed}"))
-            for name, (o, flags, seeds) in NETWORKS.items() if o in chosen for seed in seeds]
+            for name, (o, flags, seeds) in networks.items() if o in chosen for seed in seeds]
     runs.sort(key=lambda c: os.path.basename(c[-1]) not in CKA_SET)   # stable: CKA_SET first
     run_all(runs, jobs, dry_run)  # 2. every network at its chosen rate
 
 
 def finished_networks():
     """{NAME_sSEED: its final.pt} of the study's networks whose training finished."""
-    names = [f"{name}_s{seed}" for name, (_, _, seeds) in NETWORKS.items() for seed in seeds]
+    names = [f"{name}_s{seed}" for name, (_, _, seeds) in {**NETWORKS, **MORE_NETWORKS}.items()
+             for seed in seeds]
     runs = {n: os.path.join(HERE, "runs", "train", n) for n in names}
     done = {n: os.path.join(out, "final.pt") for n, out in runs.items()
             if val_top1(out) is not None}
@@ -260,7 +280,7 @@ def report(dry_run):
 
 def tried_lrs(objective):
     """{lr: source val top-1 or None} of every grid run of `objective` started so far."""
-    tried = {lr: val_top1(grid_dir(objective, lr)) for lr in GRID}
+    tried = {lr: val_top1(grid_dir(objective, lr)) for lr in GRIDS[objective]}
     folder = os.path.join(HERE, "lr_grid")
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if name.startswith(f"{objective}_lr"):
@@ -273,7 +293,9 @@ def print_lrs():
     """The selection table: source val top-1 (EMA, 10 epochs, seed 0) per learning rate."""
     print("| objective | source val top-1 by lr per 256 (10 epochs, seed 0) | chosen |")
     print("|---|---|---|")
-    for o in OBJECTIVES:
+    started = [o for o in MORE_OBJECTIVES if any(os.path.isdir(grid_dir(o, lr)) for lr in
+                                                 tried_lrs(o))]
+    for o in [*OBJECTIVES, *started]:
         cells = ", ".join(f"{lr:g}: {'running' if v is None else f'{100 * v:.1f}'}"
                           for lr, v in tried_lrs(o).items())
         what, lr = next_lr(o)
@@ -286,6 +308,8 @@ def main():
     p.add_argument("stage", choices=("train", "lrs", "analyze", "report"))
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--more", action="store_true",
+                   help="train: the second group too (rule 5 of README.md decides)")
     a = p.parse_args()
     if not os.path.isdir(os.path.join(ROOT, SHARED)):
         sys.exit(f"error: data folder not found: {SHARED}; set SHARED=DIR (the .npz data sets)")
@@ -296,7 +320,7 @@ def main():
     elif a.stage == "report":
         report(a.dry_run)
     else:
-        train(a.jobs, a.dry_run)
+        train(a.jobs, a.dry_run, a.more)
 
 
 if __name__ == "__main__":
