@@ -33,10 +33,12 @@ cifar10-small: $(VENV)/.installed
 	OUT=results/cifar10_small PYTHON=$(abspath $(PY)) bash demo.sh
 
 # The CIFAR-10 coarse study (results/cifar10_coarse/README.md): learning-rate grid, every
-# network, their analyses, the report (hours of CPU; resumable: rerun to continue).
+# network, their analyses, the report, the learning-rate control (hours of CPU; resumable:
+# rerun to continue).
 cifar10-coarse: $(VENV)/.installed
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py train
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py analyze
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py report
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py control
 
 .PHONY: venv test demo cifar10-small cifar10-coarse

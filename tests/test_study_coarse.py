@@ -75,3 +75,43 @@ def test_more_starts_the_second_groups_grids(monkeypatch, tmp_path):
     study.train(jobs=2, dry_run=True)
     assert calls and not any(c[c.index("--objective") + 1] in study.MORE_OBJECTIVES
                              for cmds in calls for c in cmds)
+
+
+def fake_network(root, folder, name, lr, r2, accs):
+    """The files network_numbers reads, for one network with probe accuracies `accs` (%)."""
+    train = root / folder / "train" / name
+    train.mkdir(parents=True)
+    (train / "args.json").write_text(json.dumps({"lr": lr}))
+    (train / "results.json").write_text(json.dumps({"top1": 0.85, "val_top1": 0.85}))
+    sep = root / folder / "separation" / name
+    sep.mkdir(parents=True)
+    (sep / "class_separation.json").write_text(json.dumps({"results": [{"layers": {"pool": {
+        "r2": r2, "sparsity": 0.9, "dim": 5.0}}}]}))
+    for t, acc in zip(study.POOL_TARGETS, accs):
+        probe = root / folder / "probe" / name / study.TARGETS[t][2]
+        probe.mkdir(parents=True)
+        (probe / "results.json").write_text(json.dumps({"test_accuracy": acc / 100}))
+
+
+def control_verdict(monkeypatch, tmp_path, control_means):
+    """control.md's verdict with softmax (1.6) at probe means 50 +- 0.5, squared error at 65."""
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    for s, m in enumerate((49.5, 50.5, 50.0, 50.2)):
+        fake_network(tmp_path, "runs", f"softmax_s{s}", 1.6, 0.65, [m] * 3)
+    for s, m in enumerate((64.5, 65.5, 65.0)):
+        fake_network(tmp_path, "runs", f"squared_error_s{s}", 0.1, 0.75, [m] * 3)
+    for s, m in enumerate(control_means):
+        fake_network(tmp_path, "control", f"softmax_lr0.1_s{s}", 0.1, 0.3, [m] * 3)
+    text = study.control_report()
+    assert "| softmax (study) | 4 | 1.6 | 85.00 ± 0.00 | 0.650 ± 0.000 |" in text
+    assert "| cosine_softmax_t0.05 (study) | 0 | - |" in text    # absent networks: no numbers
+    return text.split("Verdict: **")[1].split("**")[0] if "Verdict" in text else None
+
+
+def test_control_rule(monkeypatch, tmp_path):
+    """The control's pre-registered rule (README.md): loss's, learning rate's, or both."""
+    assert control_verdict(monkeypatch, tmp_path / "a", (50.3, 50.6)) == "the deficit is the loss's"
+    assert control_verdict(monkeypatch, tmp_path / "b", (64.8, 65.4)) == \
+        "the deficit is the learning rate's"
+    assert control_verdict(monkeypatch, tmp_path / "c", (57.9, 58.1)) == "both"
+    assert control_verdict(monkeypatch, tmp_path / "d", (58.0,)) is None   # one seed: waits

@@ -6,6 +6,7 @@
   python results/cifar10_coarse/study.py lrs              # the learning-rate selection table
   python results/cifar10_coarse/study.py analyze          # transfer, R^2, CKA of finished networks
   python results/cifar10_coarse/study.py report           # figures and report.md (make_figures)
+  python results/cifar10_coarse/study.py control          # the learning-rate control -> control/
 
 1. Learning rates (seed 0, 10 epochs, lr in {0.05, 0.1, 0.2} per 256, one factor 2 further past a
    winning edge) for each objective at its default hyperparameter, chosen by source validation
@@ -24,6 +25,9 @@ and one loader worker each).
    runs/finetune/; CKA between the networks of CKA_SET on 1,000 source validation images ->
    runs/cka/ (once; it needs all their weights at once, so CKA_SET trains first).
 4. report: make_figures.py over runs/ -> report.md and the figures beside this file.
+5. control (README.md, "A learning-rate control"): softmax at lr 0.1 per 256 (CONTROLS), trained,
+   probed on the three pool targets and class-separated into control/ (outside runs/, so no
+   verdict of report.md sees it), then control/control.md: the table and the control's rule.
 """
 import argparse
 import concurrent.futures
@@ -100,6 +104,11 @@ MORE_OBJECTIVES = {
 GRIDS = {**{o: GRID for o in OBJECTIVES}, **{o: (0.8, 1.6, 3.2) for o in MORE_OBJECTIVES},
          "logit_normalization": (0.05, 0.1, 0.2)}
 MORE_NETWORKS = {o: (o, flags, (0, 1)) for o, flags in MORE_OBJECTIVES.items()}
+# The learning-rate control (README.md), added after the main results: softmax at the rate cosine
+# softmax and squared error trained at (and SPEC's ImageNet rate). name -> (flags, lr, seeds)
+CONTROLS = {"softmax_lr0.1": (OBJECTIVES["softmax"], 0.1, (0, 1))}
+# What control.md compares it with: the study's networks at their default hyperparameters.
+COMPARED = ("softmax", "label_smoothing_a0.1", "cosine_softmax_t0.05", "squared_error")
 
 
 def grid_dir(objective, lr):
@@ -181,18 +190,20 @@ def train(jobs, dry_run, more=False):
     run_all(runs, jobs, dry_run)  # 2. every network at its chosen rate
 
 
-def finished_networks():
-    """{NAME_sSEED: its final.pt} of the study's networks whose training finished."""
-    names = [f"{name}_s{seed}" for name, (_, _, seeds) in {**NETWORKS, **MORE_NETWORKS}.items()
-             for seed in seeds]
-    runs = {n: os.path.join(HERE, "runs", "train", n) for n in names}
+def finished_networks(names=None, folder="runs"):
+    """{NAME_sSEED: its final.pt} of the networks in FOLDER/train whose training finished
+    (default: the study's networks)."""
+    if names is None:
+        names = [f"{name}_s{seed}" for name, (_, _, seeds) in
+                 {**NETWORKS, **MORE_NETWORKS}.items() for seed in seeds]
+    runs = {n: os.path.join(HERE, folder, "train", n) for n in names}
     done = {n: os.path.join(out, "final.pt") for n, out in runs.items()
             if val_top1(out) is not None}
     gone = sorted(n for n, ckpt in done.items() if not os.path.exists(ckpt))
     if gone:   # trained elsewhere: their committed results stand; new analyses need the weights
         print(f"note: no final.pt for {', '.join(gone)} (trained on another machine); analyses "
-              f"they lack need it: delete runs/train/NAME/results.json and rerun `study.py "
-              f"train`", flush=True)
+              f"they lack need it: delete {folder}/train/NAME/results.json and rerun the "
+              f"stage that trains it", flush=True)
     return {n: ckpt for n, ckpt in done.items() if n not in gone}
 
 
@@ -207,12 +218,12 @@ def rel(path):
     return os.path.relpath(path, ROOT)
 
 
-def analyze(dry_run):
-    nets = finished_networks()
-    print(f"{len(nets)} finished networks: {', '.join(sorted(nets)) or 'none'}", flush=True)
-    runs, py = os.path.join(HERE, "runs"), sys.executable
-    cache = os.path.join(runs, "cache")
-    for target, (spec, flags, folder) in TARGETS.items():
+def probe_and_separate(nets, runs, targets, dry_run):
+    """Linear probes of `nets` ({NAME_sSEED: final.pt}) on `targets` (names of TARGETS) into
+    RUNS/probe/, class separation into RUNS/separation/NAME_sSEED/; what exists is skipped."""
+    py, cache = sys.executable, os.path.join(runs, "cache")
+    for target in targets:
+        spec, flags, folder = TARGETS[target]
         todo = [c for n, c in sorted(nets.items())
                 if not os.path.exists(os.path.join(runs, "probe", n, folder, "results.json"))]
         if todo:
@@ -229,6 +240,13 @@ def analyze(dry_run):
                                                rel(ckpt), "--data", SOURCE, "--split", "train",
                                                "--max-per-class", "1000", "--out", rel(out)],
                      dry_run)
+
+
+def analyze(dry_run):
+    nets = finished_networks()
+    print(f"{len(nets)} finished networks: {', '.join(sorted(nets)) or 'none'}", flush=True)
+    runs, py = os.path.join(HERE, "runs"), sys.executable
+    probe_and_separate(nets, runs, TARGETS, dry_run)
     for n in FINETUNED:
         if n in nets:
             finetune(nets[n], os.path.join(runs, "finetune", n, TARGETS["coarse_to_fine"][2]),
@@ -278,6 +296,97 @@ def report(dry_run):
                         "--out", rel(HERE), "--formats", "png"], dry_run)
 
 
+POOL_TARGETS = ("coarse_to_fine", "clothing", "fashion_mnist")
+
+
+def control(jobs, dry_run):
+    """Train, probe and class-separate CONTROLS into control/, then write control/control.md."""
+    folder = os.path.join(HERE, "control")
+    names = [f"{name}_s{seed}" for name, (_, _, seeds) in CONTROLS.items() for seed in seeds]
+    run_all([command(flags, lr, seed, EPOCHS, os.path.join(folder, "train", f"{name}_s{seed}"))
+             for name, (flags, lr, seeds) in CONTROLS.items() for seed in seeds], jobs, dry_run)
+    probe_and_separate(finished_networks(names, "control"), folder, POOL_TARGETS, dry_run)
+    if not dry_run:
+        with open(os.path.join(folder, "control.md"), "w") as f:
+            f.write(control_report())
+        print(f"wrote {rel(os.path.join(folder, 'control.md'))}", flush=True)
+
+
+def network_numbers(folder, name):
+    """One network's numbers in % (R^2, sparsity as fractions), or None until all exist."""
+    base = os.path.join(HERE, folder)
+    paths = {"train": os.path.join(base, "train", name, "results.json"),
+             "args": os.path.join(base, "train", name, "args.json"),
+             "sep": os.path.join(base, "separation", name, "class_separation.json"),
+             **{t: os.path.join(base, "probe", name, TARGETS[t][2], "results.json")
+                for t in POOL_TARGETS}}
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    j = {k: json.load(open(p)) for k, p in paths.items()}
+    pool = j["sep"]["results"][0]["layers"]["pool"]
+    out = {"lr": j["args"]["lr"], "top1": 100 * j["train"]["top1"], "r2": pool["r2"],
+           "sparsity": pool["sparsity"], "dim": pool["dim"],
+           **{t: 100 * j[t]["test_accuracy"] for t in POOL_TARGETS}}
+    out["mean"] = sum(out[t] for t in POOL_TARGETS) / len(POOL_TARGETS)
+    return out
+
+
+def control_report():
+    """control.md: the control's networks beside the study's defaults, and the control's rule
+    (README.md, fixed before its numbers existed)."""
+    sys.path.insert(0, ROOT)
+    from make_figures import mean_se, welch_p
+    groups = {}   # row label -> [numbers of each seed]
+    for name in COMPARED:
+        seeds = NETWORKS[name][2]
+        groups[f"{name} (study)"] = [n for s in seeds if (n := network_numbers(
+            "runs", f"{name}_s{s}"))]
+    for name, (_, _, seeds) in CONTROLS.items():
+        groups[f"{name} (control)"] = [n for s in seeds if (n := network_numbers(
+            "control", f"{name}_s{s}"))]
+    cols = [("lr", "lr per 256", None), ("top1", "source test top-1", 2), ("r2", "R^2 (pool)", 3),
+            ("sparsity", "sparsity", 3), ("dim", "dimensionality", 1),
+            *((t, f"probe {TARGETS[t][2]}", 2) for t in POOL_TARGETS), ("mean", "probe mean", 2)]
+
+    def cell(vals, digits):
+        m, se, n = mean_se(vals)
+        if digits is None:   # the same for every seed: the learning rate
+            return "-" if n == 0 else f"{m:g}"
+        return "-" if n == 0 else f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if n > 1 else "")
+    lines = ["# Learning-rate control (README.md, \"A learning-rate control\")", "",
+             "Mean ± standard error over seeds; accuracies in %. Written by "
+             "`python results/cifar10_coarse/study.py control`.", "",
+             "| network | seeds | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for label, nums in groups.items():
+        lines.append(f"| {label} | {len(nums)} | " + " | ".join(
+            cell([n[k] for n in nums], d) for k, _, d in cols) + " |")
+    ctrl = [n["mean"] for n in groups["softmax_lr0.1 (control)"]]
+    soft = [n["mean"] for n in groups["softmax (study)"]]
+    se = [n["mean"] for n in groups["squared_error (study)"]]
+    if len(ctrl) < 2 or len(soft) < 2 or len(se) < 2:
+        return "\n".join(lines + ["", "Rule: waits for at least 2 seeds of each side."]) + "\n"
+    d_soft, p_soft = mean_se(ctrl)[0] - mean_se(soft)[0], welch_p(ctrl, soft)
+    d_se, p_se = mean_se(ctrl)[0] - mean_se(se)[0], welch_p(ctrl, se)
+    above = d_soft >= 1 and p_soft < 0.05
+    below = d_se <= -1 and p_se < 0.05
+    verdict = ("the deficit is the loss's" if not above else
+               "both" if below else "the deficit is the learning rate's")
+    lines += ["", f"Rule (probe mean): softmax at 0.1 minus softmax at 1.6: {d_soft:+.2f} points, "
+              f"Welch p = {p_soft:.2g}; minus squared error (lr 0.1): {d_se:+.2f} points, "
+              f"p = {p_se:.2g}. Verdict: **{verdict}**.", "",
+              "The paper's mechanism, read beside it (R^2 lower -> transfer higher):", ""]
+    c = {k: mean_se([n[k] for n in groups["softmax_lr0.1 (control)"]])[0] for k in ("r2", "mean")}
+    for label, nums in groups.items():
+        if "(study)" in label and nums:
+            o = {k: mean_se([n[k] for n in nums])[0] for k in ("r2", "mean")}
+            agrees = (c["r2"] < o["r2"]) == (c["mean"] > o["mean"])
+            lines.append(f"- against {label}: R^2 {c['r2'] - o['r2']:+.3f}, probe mean "
+                         f"{c['mean'] - o['mean']:+.2f} points: "
+                         f"{'as the mechanism predicts' if agrees else 'against it'}")
+    return "\n".join(lines) + "\n"
+
+
 def tried_lrs(objective):
     """{lr: source val top-1 or None} of every grid run of `objective` started so far."""
     tried = {lr: val_top1(grid_dir(objective, lr)) for lr in GRIDS[objective]}
@@ -305,7 +414,7 @@ def print_lrs():
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("train", "lrs", "analyze", "report"))
+    p.add_argument("stage", choices=("train", "lrs", "analyze", "report", "control"))
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--more", action="store_true",
@@ -319,6 +428,8 @@ def main():
         analyze(a.dry_run)
     elif a.stage == "report":
         report(a.dry_run)
+    elif a.stage == "control":
+        control(a.jobs, a.dry_run)
     else:
         train(a.jobs, a.dry_run, a.more)
 
