@@ -6,6 +6,8 @@ For each checkpoint and layer (default: the penultimate `pool` features):
             (mean_k ||mu_k||^2 - ||mu||^2) / (1 - ||mu||^2) from the class means mu_k of the
             unit-normalized features: O(N D), no pairwise matrix
   sparsity  the fraction of activations that are exactly zero
+  dead      the fraction of channels (feature dimensions) that are zero on every image: a
+            sparsity of 0.97 can be 97% dead channels or sparse codes of live ones
   dim       participation ratio of the feature covariance, (sum of eigenvalues)^2 / sum of
             eigenvalues^2 = tr(C)^2 / ||C||_F^2
 
@@ -17,13 +19,13 @@ For each checkpoint and layer (default: the penultimate `pool` features):
 Output DIR/class_separation.json: common.result_header first (kind "class_separation",
 networks: the identity of every checkpoint, dataset: the spec of the images, dataset_name),
 then split, max_per_class and `results`, one per network in the same order: {checkpoint,
-resolution, n_images, num_classes, layers: {layer: {r2, sparsity, dim}}}.
+resolution, n_images, num_classes, layers: {layer: {r2, sparsity, dead, dim}}}.
 DIR/class_separation.npz: checkpoints, run_ids ('' where none), layers (the union over
-checkpoints), n_images, and r2, sparsity, dim of shape (checkpoints, layers), NaN where a
+checkpoints), n_images, and r2, sparsity, dead, dim of shape (checkpoints, layers), NaN where a
 checkpoint has no such layer.
 
 Importable:
-    from class_separation import class_separation, sparsity, participation_ratio
+    from class_separation import class_separation, sparsity, dead_fraction, participation_ratio
     class_separation(features, labels)   # R^2, float
 """
 import os
@@ -87,6 +89,16 @@ def sparsity(features):
     return float((x == 0).mean())
 
 
+def dead_fraction(features):
+    """Fraction of feature dimensions that are exactly zero on every example (dead units).
+
+    >>> dead_fraction(np.array([[0., 1., 0.], [0., 2., 3.]]))   # channel 0 never fires
+    0.3333333333333333
+    """
+    x = _features(features)
+    return float((x == 0).all(axis=0).mean())
+
+
 def participation_ratio(features):
     """(sum lambda)^2 / sum lambda^2 over the eigenvalues of the feature covariance, from the
     D x D covariance or, when there are fewer examples than dimensions, the N x N Gram matrix
@@ -129,7 +141,7 @@ def check_memory(model, layers, resolution, n_images, label):
 
 def analyse(name, data, args, device):
     """(network, result) of one checkpoint: result = {resolution, n_images, num_classes,
-    layers: {layer: {r2, sparsity, dim}}}."""
+    layers: {layer: {r2, sparsity, dead, dim}}}."""
     model, network = common.load_pretrained(name)
     model.to(device)
     resolution = common.input_resolution(args.resolution, network)
@@ -145,6 +157,7 @@ def analyse(name, data, args, device):
         try:
             results[layer] = {"r2": class_separation(feats[layer], labels),
                               "sparsity": sparsity(feats[layer]),
+                              "dead": dead_fraction(feats[layer]),
                               "dim": participation_ratio(feats[layer])}
         except ValueError as e:
             raise common.UserError(f"{name}: layer {layer}: {e}")
@@ -189,15 +202,16 @@ def main(argv=None):
         network, res = analyse(name, data, args, device)
         networks.append(network)
         results.append(res)
-        vals = "  ".join(f"{l}: r2 {v['r2']:.4f} sparsity {v['sparsity']:.3f} dim {v['dim']:.1f}"
+        vals = "  ".join(f"{l}: r2 {v['r2']:.4f} sparsity {v['sparsity']:.3f} "
+                         f"dead {v['dead']:.3f} dim {v['dim']:.1f}"
                          for l, v in res["layers"].items())
         print(f"{network['checkpoint']} ({network['objective']}, seed {network['seed']}): {vals}",
               flush=True)
 
     layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
-    nan = {"r2": np.nan, "sparsity": np.nan, "dim": np.nan}
+    nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
     table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],
-                         dtype=np.float64) for k in ("r2", "sparsity", "dim")}
+                         dtype=np.float64) for k in ("r2", "sparsity", "dead", "dim")}
     common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
                     checkpoints=np.array([net["checkpoint"] for net in networks]),
                     run_ids=np.array([net["run_id"] or "" for net in networks]),

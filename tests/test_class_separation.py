@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from class_separation import class_separation, main, participation_ratio, sparsity
+from class_separation import class_separation, dead_fraction, main, participation_ratio, sparsity
 from conftest import non_finite_copy, one_line_error, read_only
 
 
@@ -89,6 +89,13 @@ def test_sparsity_and_participation_ratio():
         participation_ratio(np.ones((5, 3)))
 
 
+def test_dead_units_are_channels_zero_on_every_image_not_zeros_in_general():
+    x = np.array([[0., 1., 0., 0.], [0., 2., 3., 0.], [0., 0., 0., 0.]])
+    assert dead_fraction(x) == 0.5              # channels 0 and 3 never fire
+    assert sparsity(x) == pytest.approx(9 / 12)  # 9 zeros: 6 of dead channels, 3 of live ones
+    assert dead_fraction(np.eye(4)) == 0.0       # every channel fires once: sparse, none dead
+
+
 def test_script_writes_records_per_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = common.build_model("label_smoothing", 10, arch="resnet18", small_input=True)
@@ -120,6 +127,7 @@ def test_script_writes_records_per_checkpoint(tmp_path):
                                                       abs=1e-9)
     assert r["layers"]["pool"]["dim"] == pytest.approx(participation_ratio(feats["pool"]), rel=1e-6)
     assert 0 <= r["layers"]["pool"]["sparsity"] <= 1
+    assert r["layers"]["pool"]["dead"] == dead_fraction(feats["pool"])
     with np.load(out / "class_separation.npz") as z:
         assert z["r2"].shape == (1, 3) and list(z["checkpoints"]) == ["ls_s4"]
         assert list(z["run_ids"]) == [""]                 # a checkpoint without a run id

@@ -115,3 +115,56 @@ def test_control_rule(monkeypatch, tmp_path):
         "the deficit is the learning rate's"
     assert control_verdict(monkeypatch, tmp_path / "c", (57.9, 58.1)) == "both"
     assert control_verdict(monkeypatch, tmp_path / "d", (58.0,)) is None   # one seed: waits
+
+
+def load_one_rate():
+    import sys
+    sys.path.insert(0, os.path.dirname(spec.origin))  # one_rate imports study, beside it
+    s = importlib.util.spec_from_file_location("one_rate", os.path.join(
+        ROOT, "results", "cifar10_coarse", "one_rate.py"))
+    module = importlib.util.module_from_spec(s)
+    s.loader.exec_module(module)
+    return module
+
+
+def test_one_rate_trains_the_cka_set_first_and_reuses_committed_networks():
+    one_rate = load_one_rate()
+    nets = one_rate.networks()
+    assert nets[:len(one_rate.CKA_SET)] == one_rate.CKA_SET
+    assert {n.objective for n in one_rate.CKA_SET} == set(one_rate.SPEC_NETS)   # all nine
+    arm_a = [n for n in nets if n.folder == "lr0.1"]
+    assert len(arm_a) == 9 * 3
+    assert {n.folder for n in nets} == {"lr0.1", "lr0.4", "lr1.6", "lr0.1_wd0.00128"}
+    reused = [n for n in nets if one_rate.reused_source(n)]
+    # committed networks with this exact recipe are copied, except where weights are needed
+    assert {f"{n.folder}/{n.name}" for n in reused} == {
+        "lr0.1/squared_error_s1", "lr0.1/squared_error_s2", "lr0.1/cosine_softmax_t0.05_s1",
+        "lr1.6/softmax_s0", "lr1.6/softmax_s1", "lr1.6/softmax_s2", "lr1.6/softmax_s3"}
+    cmd = one_rate.Net("softmax", 0.1, 1, wd=16 * one_rate.WD).command()
+    assert cmd[cmd.index("--weight-decay") + 1] == "0.00128" and cmd[cmd.index("--lr") + 1] == "0.1"
+    se = one_rate.Net("squared_error", 1.6, 0).command()
+    assert se[se.index("--loss-scale") + 1] == "0.005"
+
+
+def test_one_rate_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
+    one_rate = load_one_rate()
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))
+    net = one_rate.Net("squared_error", 1.6, 0)
+    os.makedirs(net.out)
+    with open(os.path.join(net.out, "train.log"), "w") as f:
+        f.write("epoch 1/30 ...\nerror: the loss became nan/inf at step 40 (epoch 1); training "
+                "stopped. no checkpoint had been written yet: rerun with a lower --lr\n")
+    assert one_rate.status(net) is None
+    assert one_rate.mark_diverged(net, 2)
+    assert one_rate.status(net) == "diverged"
+    with open(os.path.join(net.out, "diverged.json")) as f:
+        assert "step 40" in json.load(f)["message"]
+    # a run that trained to chance level is diverged too; another failure is not a result
+    other = one_rate.Net("softmax", 1.6, 1)
+    os.makedirs(other.out)
+    with open(os.path.join(other.out, "results.json"), "w") as f:
+        json.dump({"val_top1": 0.2}, f)
+    assert one_rate.mark_diverged(other, 0) and one_rate.status(other) == "diverged"
+    third = one_rate.Net("softmax", 0.4, 1)
+    os.makedirs(third.out)
+    assert not one_rate.mark_diverged(third, 1)

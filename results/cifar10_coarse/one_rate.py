@@ -1,0 +1,195 @@
+"""The paper's protocol at small scale (README.md beside this file, "The paper's protocol"): all
+nine objectives at one learning rate, and the learning rate as a measured factor. Resumable:
+rerun the same command to continue; what is finished is skipped.
+
+  python results/cifar10_coarse/one_rate.py train --dry-run  # every command in order; runs nothing
+  python results/cifar10_coarse/one_rate.py train            # the networks, JOBS (2) at a time
+  python results/cifar10_coarse/one_rate.py analyze          # probes, separation, fine-tune, CKA
+  python results/cifar10_coarse/one_rate.py report           # one_rate/report.md
+
+Arms (README.md): A, the nine objectives at lr 0.1 per 256 and weight decay 8e-5, seeds 0-2;
+B, lr 0.4 and 1.6 for softmax, label smoothing 0.1, cosine softmax 0.05, squared error, seeds
+0-1 (0.1 is arm A); C, softmax at 0.1 with 16x the weight decay, seeds 0-1. Each network is
+train_imagenet.py with the first protocol's recipe (study.TRAIN, 30 epochs) into
+one_rate/FOLDER/train/NAME_sSEED, FOLDER = lr0.1, lr0.4, lr1.6 or lr0.1_wd0.00128. Committed
+networks of the first protocol with exactly this recipe, seed and rate are reused (REUSED: their
+JSON files are copied, not retrained), except where their weights are needed (CKA set).
+
+A run that stops on a non-finite loss, or ends at a source val top-1 of at most DIVERGED_TOP1,
+is diverged: a result, recorded in its folder as diverged.json, never dropped.
+
+ONE_RATE_DIR (default: one_rate/ beside this file) moves every output, e.g. to a clone that
+holds the checkpoints while the study runs.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import study  # the first protocol's driver, beside this file: recipe, targets, probes
+
+HERE, ROOT = study.HERE, study.ROOT
+OUT = os.path.abspath(os.environ.get("ONE_RATE_DIR", os.path.join(HERE, "one_rate")))
+WD = 8e-5                       # SPEC's weight decay (train_imagenet.py's default)
+DIVERGED_TOP1 = 0.25            # 5 classes: chance is 0.2
+# objective -> (network name, flags at SPEC's hyperparameters; squared error at the first
+# protocol's loss scale 0.005, the value it used at lr 0.1)
+SPEC_NETS = {
+    "softmax": ("softmax", study.OBJECTIVES["softmax"]),
+    "label_smoothing": ("label_smoothing_a0.1", study.OBJECTIVES["label_smoothing"]),
+    "cosine_softmax": ("cosine_softmax_t0.05", study.OBJECTIVES["cosine_softmax"]),
+    "squared_error": ("squared_error", study.OBJECTIVES["squared_error"]),
+    **{o: (o, flags) for o, flags in study.MORE_OBJECTIVES.items()},
+}
+ARM_B = ("softmax", "label_smoothing", "cosine_softmax", "squared_error")
+# Committed networks of the first protocol trained with exactly this recipe, seed and rate:
+# (folder, NAME_sSEED) -> its folder under results/cifar10_coarse (train/, probe/, separation/)
+REUSED = {
+    **{("lr0.1", f"squared_error_s{s}"): ("runs", f"squared_error_s{s}") for s in (0, 1, 2)},
+    **{("lr0.1", f"cosine_softmax_t0.05_s{s}"): ("runs", f"cosine_softmax_t0.05_s{s}")
+       for s in (0, 1)},
+    **{("lr0.1", f"softmax_s{s}"): ("control", f"softmax_lr0.1_s{s}") for s in (0, 1)},
+    **{("lr1.6", f"softmax_s{s}"): ("runs", f"softmax_s{s}") for s in (0, 1, 2, 3)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+    objective: str
+    lr: float
+    seed: int
+    wd: float = WD
+
+    @property
+    def folder(self):       # one make_figures.py runs folder per rate (and weight decay)
+        return f"lr{self.lr:g}" + ("" if self.wd == WD else f"_wd{self.wd:g}")
+
+    @property
+    def name(self):
+        return f"{SPEC_NETS[self.objective][0]}_s{self.seed}"
+
+    @property
+    def out(self):
+        return os.path.join(OUT, self.folder, "train", self.name)
+
+    def command(self):
+        flags = SPEC_NETS[self.objective][1] + ([] if self.wd == WD else
+                                                ["--weight-decay", f"{self.wd:g}"])
+        return study.command(flags, self.lr, self.seed, study.EPOCHS, self.out)
+
+
+# CKA needs the weights of all of these at once, so they train first: arm A's seed 0 of every
+# objective and softmax seed 1 (the different-seed baseline). Fine-tuning uses arm A's seed 0.
+CKA_SET = [Net(o, 0.1, 0) for o in SPEC_NETS] + [Net("softmax", 0.1, 1)]
+
+
+def networks():
+    """Every network of the protocol, in training order (README.md, "Order")."""
+    order = [*CKA_SET,
+             *(Net(o, 0.1, s) for s in (1, 2) for o in SPEC_NETS),          # arm A
+             *(Net(o, lr, s) for lr in (0.4, 1.6) for s in (0, 1) for o in ARM_B),  # arm B
+             *(Net("softmax", 1.6, s) for s in (2, 3)),    # committed already: reused, free
+             *(Net("softmax", 0.1, s, wd=16 * WD) for s in (0, 1))]          # arm C
+    return list(dict.fromkeys(order))
+
+
+def needs_weights(net):
+    return net in CKA_SET
+
+
+def reused_source(net):
+    """The committed folder a network is copied from, or None (it trains)."""
+    key = REUSED.get((net.folder, net.name))
+    return None if key is None or needs_weights(net) else key
+
+
+def status(net):
+    """'done', 'diverged' or None (to train)."""
+    if os.path.exists(os.path.join(net.out, "diverged.json")):
+        return "diverged"
+    path = os.path.join(net.out, "results.json")
+    return "done" if os.path.exists(path) else None
+
+
+def copy_reused(net, dry_run):
+    """Copy a reused network's committed JSON files into this protocol's layout."""
+    where, name = reused_source(net)
+    src, dst = os.path.join(HERE, where), os.path.join(OUT, net.folder)
+    print(f"reuse {net.folder}/{net.name} <- {where}/.../{name}", flush=True)
+    if dry_run:
+        return
+    for part in ("train", "probe", "separation"):
+        s, d = os.path.join(src, part, name), os.path.join(dst, part, net.name)
+        if os.path.isdir(s) and not os.path.exists(d):
+            shutil.copytree(s, d, ignore=shutil.ignore_patterns("*.pt", "*.npz", "cache"))
+    with open(os.path.join(OUT, "REUSED.md"), "a") as f:
+        f.write(f"- {net.folder}/{net.name}: {where}/*/{name}\n")
+
+
+def mark_diverged(net, returncode):
+    """Record a diverged run: from the log's nan/inf message, or from its chance-level top-1."""
+    log = os.path.join(net.out, "train.log")
+    lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
+    message = next((l for l in reversed(lines) if "nan/inf" in l), None)
+    results = os.path.join(net.out, "results.json")
+    if returncode == 0 and os.path.exists(results):
+        top1 = json.load(open(results))["val_top1"]
+        if top1 is not None and top1 > DIVERGED_TOP1:
+            return False
+        message = f"source val top-1 {top1} <= {DIVERGED_TOP1} after training (chance 0.2)"
+    elif message is None:
+        return False            # another failure: the caller stops the study
+    with open(os.path.join(net.out, "diverged.json"), "w") as f:
+        json.dump({"diverged": True, "returncode": returncode, "message": message,
+                   "command": net.command()}, f, indent=1)
+    return True
+
+
+def train_one(net):
+    os.makedirs(net.out, exist_ok=True)
+    with open(os.path.join(net.out, "train.log"), "a") as log:
+        r = subprocess.run(net.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if mark_diverged(net, r.returncode):
+        return "diverged"
+    return "done" if r.returncode == 0 else f"FAILED ({r.returncode})"
+
+
+def train(jobs, dry_run):
+    todo = []
+    for net in networks():
+        if status(net):
+            continue
+        if reused_source(net):
+            copy_reused(net, dry_run)
+        else:
+            todo.append(net)
+    for net in todo:
+        print(" ".join(net.command()), flush=True)
+    if dry_run or not todo:
+        return
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for net, what in zip(todo, pool.map(train_one, todo)):
+            print(f"{what}: {net.folder}/{net.name}", flush=True)
+            if what.startswith("FAILED"):
+                sys.exit(f"error: {net.folder}/{net.name} failed; see {net.out}/train.log")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("train",))
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
+    p.add_argument("--dry-run", action="store_true")
+    a = p.parse_args()
+    if not os.path.isdir(os.path.join(ROOT, study.SHARED)):
+        sys.exit(f"error: data folder not found: {study.SHARED}; set SHARED=DIR")
+    train(a.jobs, a.dry_run)
+
+
+if __name__ == "__main__":
+    main()
