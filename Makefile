@@ -41,4 +41,11 @@ cifar10-coarse: $(VENV)/.installed
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py report
 	SHARED=$(SHARED) $(PY) results/cifar10_coarse/study.py control
 
-.PHONY: venv test demo cifar10-small cifar10-coarse
+# The paper's protocol on the same study (results/cifar10_coarse/README.md, "The paper's
+# protocol"): all nine objectives at one learning rate, the rate as a factor. Resumable.
+cifar10-coarse-one-rate: $(VENV)/.installed
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py train
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py analyze
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py report
+
+.PHONY: venv test demo cifar10-small cifar10-coarse cifar10-coarse-one-rate

@@ -45,6 +45,7 @@ except ImportError:  # scipy comes with scikit-learn, but the figures do not nee
     stats = None
 
 ALPHA = 0.05
+FT_MARGIN = 1.0   # points: fine-tuning accuracies closer than this to softmax's are "no different"
 CKA_MARGIN = 0.01   # a CKA difference smaller than this is no difference, however significant
 NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
          "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
@@ -342,6 +343,58 @@ def welch_p(a, b):
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def welch(a, b, level=1 - ALPHA):
+    """Welch's comparison of mean(a) - mean(b): {diff, se, df, low, high, p} with the interval
+    at `level`, or None with fewer than 2 values on a side (or no scipy).
+
+    >>> w = welch([70.1, 70.5, 70.3], [68.0, 68.4, 68.2])
+    >>> round(w["diff"], 2), w["low"] > 0, w["p"] < 0.01
+    (2.1, True, True)
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if stats is None or len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    diff = float(a.mean() - b.mean())
+    if se == 0:
+        return {"diff": diff, "se": 0.0, "df": math.inf, "low": diff, "high": diff,
+                "p": 1.0 if diff == 0 else 0.0}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = float(stats.t.ppf(0.5 + level / 2, df))
+    return {"diff": diff, "se": se, "df": df, "low": diff - t * se, "high": diff + t * se,
+            "p": float(2 * stats.t.sf(abs(diff) / se, df))}
+
+
+def tost_p(a, b, margin):
+    """Two one-sided Welch tests of |mean(a) - mean(b)| < margin: the larger one-sided p-value
+    (below ALPHA: equivalent within the margin, i.e. the 1 - 2 ALPHA interval lies inside
+    [-margin, +margin]); NaN when welch() gives None."""
+    w = welch(a, b)
+    if w is None:
+        return math.nan
+    if w["se"] == 0:
+        return 0.0 if abs(w["diff"]) < margin else 1.0
+    lower = stats.t.sf((w["diff"] + margin) / w["se"], w["df"])   # H0: diff <= -margin
+    upper = stats.t.cdf((w["diff"] - margin) / w["se"], w["df"])  # H0: diff >= +margin
+    return float(max(lower, upper))
+
+
+def holm(ps):
+    """Holm's step-down adjusted p-values, in the input order (NaN stays NaN, not counted).
+
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    """
+    idx = [i for i, p in enumerate(ps) if finite(p)]
+    order = sorted(idx, key=lambda i: ps[i])
+    out, running = [math.nan] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
+        out[i] = round(running, 12)
+    return out
+
+
 def spearman(x, y):
     if stats is None or len(x) < 3:
         return math.nan, math.nan
@@ -400,7 +453,7 @@ def table_cells(groups, cols):
             bm = mean_se(base)[0]
             diff = m - bm if obj != "softmax" and base and vals else math.nan
             p = welch_p(vals, base) if obj != "softmax" else math.nan
-            out[obj][key] = {"mean": m, "se": se, "n": n, "p": p, "diff": diff,
+            out[obj][key] = {"mean": m, "se": se, "n": n, "p": p, "diff": diff, "vals": vals,
                              "verdict": verdict(claim, diff, p) if obj != "softmax" else ""}
     return out
 
@@ -835,7 +888,12 @@ def slope_verdict(fit):
 
 
 def overall_verdict(verdicts):
-    """Rule 2 over the per-target verdicts of rule 1."""
+    """Rule 2 over the per-target verdicts of rule 1. One target: its own verdict; no target
+    decided: cannot tell."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    if all(v == "cannot tell" for v in verdicts):
+        return "cannot tell"
     need = min(2, len(verdicts))
     holds = sum(v == "holds" for v in verdicts)
     refuted = sum(v.startswith("refuted") for v in verdicts)
@@ -1160,10 +1218,12 @@ def correlation_verdict(groups, quantity, sign):
 
 
 def finetune_verdict(groups, cells, cols):
-    """'Fine-tuning differences are small': holds when no objective's fine-tune accuracy differs
-    from softmax at p < ALPHA and the spread of objective means is smaller than the linear
-    probe's on the same datasets; does not hold when at least two objectives differ, or one
-    differs and the spread is not smaller; otherwise cannot tell."""
+    """'Fine-tuning differences are small': holds when every objective's fine-tune accuracy is
+    equivalent to softmax's within FT_MARGIN points (tost_p < ALPHA, which needs at least 2
+    networks on each side: non-significance alone is no evidence of no difference) and the
+    spread of objective means is smaller than the linear probe's on the same datasets; does not
+    hold when at least two objectives differ, or one differs and the spread is not smaller;
+    otherwise cannot tell."""
     keys = [k for k, *_ in cols]
     ft = "finetune:mean" if "finetune:mean" in keys else next(
         (k for k in keys if k.startswith("finetune:")), None)
@@ -1182,13 +1242,17 @@ def finetune_verdict(groups, cells, cols):
     if n == 0:
         return None
     smaller = finite(s_lp) and s_ft < s_lp
-    if differ == 0 and smaller:
+    soft = cells["softmax"][ft]["vals"]
+    equivalent = sum(tost_p(c[ft]["vals"], soft, FT_MARGIN) < ALPHA
+                     for o, c in cells.items() if o != "softmax" and finite(c[ft]["diff"]))
+    if equivalent == n and smaller:
         v = "holds"
     elif differ >= 2 or (differ == 1 and finite(s_lp) and not smaller):
         v = "does not hold"
     else:
         v = "cannot tell"
-    text = (f"{differ} of {n} objectives differ from softmax at p < {ALPHA}; objective means "
+    text = (f"{differ} of {n} objectives differ from softmax at p < {ALPHA}, {equivalent} are "
+            f"equivalent to it within {FT_MARGIN:g} points (TOST); objective means "
             f"span {s_ft:.2f} points fine-tuned" +
             (f" against {s_lp:.2f} points linear-probed on the same data" if finite(s_lp)
              else " (no linear probe on the same data to compare)"))

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location(
@@ -168,3 +170,65 @@ def test_one_rate_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
     third = one_rate.Net("softmax", 0.4, 1)
     os.makedirs(third.out)
     assert not one_rate.mark_diverged(third, 1)
+
+
+def fake_one_rate_network(base, name, top1, probes, r2, sparsity=0.5, dead=0.1):
+    """Committed JSON files of one network, as the study writes them (numbers as fractions)."""
+    def write(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f)
+    write(os.path.join(base, "train", name, "results.json"), {"top1": top1, "val_top1": top1})
+    for (t, (_, _, folder)), acc in zip(study.TARGETS.items(), probes):
+        write(os.path.join(base, "probe", name, folder, "results.json"), {"test_accuracy": acc})
+    write(os.path.join(base, "separation", name, "class_separation.json"), {"results": [
+        {"layers": {"pool": {"r2": r2, "sparsity": sparsity, "dead": dead, "dim": 10.0}}}]})
+
+
+def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
+    """Arm A with 3 seeds: sigmoid clearly worse, squared error equivalent to softmax within the
+    margin, the rest clearly better: the title's claim 'depends on the objective'; then
+    without sigmoid's deficit it is 'refuted'."""
+    one_rate = load_one_rate()
+    import one_rate_report as report
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))
+    monkeypatch.setattr(report, "one_rate", one_rate)
+    shift = {"softmax": 0.0, "sigmoid": -0.05, "squared_error": 0.001}
+    for net in one_rate.networks():
+        if net.folder != "lr0.1":
+            continue
+        d = shift.get(net.objective, 0.04) + 0.001 * net.seed
+        fake_one_rate_network(os.path.join(str(tmp_path), "lr0.1"), net.name, 0.85 + d,
+                     [0.6 + d, 0.5 + d, 0.8 + d, 0.6], 0.4 - d, sparsity=0.9, dead=0.85)
+    configs = report.configurations()
+    comps = report.primary(configs, "mean")
+    assert comps["sigmoid"]["verdict"] == "worse"
+    assert comps["squared_error"]["verdict"] == "no different"
+    assert comps["dropout"]["verdict"] == "better"
+    assert comps["dropout"]["p_holm"] >= comps["dropout"]["p"]
+    assert report.claim_verdict(comps, "mean") == "depends on the objective"
+    comps["sigmoid"]["verdict"] = "better"
+    assert report.claim_verdict(comps, "mean") == "refuted"
+    assert report.dead_or_sparse(0.9, 0.85) == "dead units"
+    assert report.dead_or_sparse(0.9, 0.1) == "sparse codes"
+    assert report.dead_or_sparse(0.9, 0.4) == "both"
+    report.write_report()
+    text = open(os.path.join(str(tmp_path), "report.md")).read()
+    assert "Networks finished: 27 of" in text and "**depends on the objective**" in text
+
+
+def test_ols_slope_equals_the_simple_fit_and_adjusts_for_a_covariate():
+    import numpy as np
+    import one_rate_report as report
+    from make_figures import slope_fit
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.8, 9)
+    y = 70 - 20 * x + rng.normal(0, 0.5, 9)
+    a, b = report.ols(y, [x]), slope_fit(list(zip(x, y)))
+    for k in ("slope", "low", "high", "p"):
+        assert a[k] == pytest.approx(b[k], rel=1e-9)
+    z = rng.uniform(0, 1, 9)                  # a covariate that carries all of the effect
+    y2 = 70 - 10 * z + 0.0 * x + rng.normal(0, 0.1, 9)
+    adjusted = report.ols(y2, [x, z])
+    assert adjusted["low"] < 0 < adjusted["high"]
+    assert report.ols(y[:2], [x[:2]]) is None  # no degrees of freedom left

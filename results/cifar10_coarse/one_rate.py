@@ -179,16 +179,54 @@ def train(jobs, dry_run):
                 sys.exit(f"error: {net.folder}/{net.name} failed; see {net.out}/train.log")
 
 
+def trained_weights():
+    """{Net: its final.pt} of the finished, not diverged networks whose weights are here."""
+    return {n: os.path.join(n.out, "final.pt") for n in networks()
+            if status(n) == "done" and os.path.exists(os.path.join(n.out, "final.pt"))}
+
+
+def analyze(dry_run):
+    """Probes (three pool targets and block6), class separation (with dead units), fine-tuning
+    of arm A's seed 0 and CKA over CKA_SET, for every network whose weights are here; what
+    exists is skipped. A network trained elsewhere keeps its committed results."""
+    nets = trained_weights()
+    print(f"{len(nets)} networks with weights here", flush=True)
+    for folder in dict.fromkeys(n.folder for n in nets):
+        study.probe_and_separate({n.name: c for n, c in nets.items() if n.folder == folder},
+                                 os.path.join(OUT, folder), study.TARGETS, dry_run)
+    target = study.TARGETS["coarse_to_fine"][2]
+    for net in (n for n in CKA_SET if n.seed == 0 and n in nets):
+        study.finetune(nets[net], os.path.join(OUT, net.folder, "finetune", net.name, target),
+                       dry_run)
+    cka = os.path.join(OUT, "lr0.1", "cka")
+    if os.path.exists(os.path.join(cka, "cka.json")):
+        return
+    missing = [n.name for n in CKA_SET if n not in nets]
+    if missing:
+        print(f"CKA waits for the weights of {', '.join(missing)} (all at once)", flush=True)
+        return
+    study.run_step("CKA", [sys.executable, "cka_analysis.py", "--checkpoint",
+                           *(study.rel(nets[n]) for n in CKA_SET), "--data", study.SOURCE,
+                           "--split", "val", "--max-images", "1000", "--out", study.rel(cka)],
+                   dry_run)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("train",))
+    p.add_argument("stage", choices=("train", "analyze", "report"))
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args()
     if not os.path.isdir(os.path.join(ROOT, study.SHARED)):
         sys.exit(f"error: data folder not found: {study.SHARED}; set SHARED=DIR")
-    train(a.jobs, a.dry_run)
+    if a.stage == "train":
+        train(a.jobs, a.dry_run)
+    elif a.stage == "analyze":
+        analyze(a.dry_run)
+    elif not a.dry_run:
+        import one_rate_report   # beside this file
+        one_rate_report.write_report()
 
 
 if __name__ == "__main__":
