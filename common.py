@@ -371,6 +371,29 @@ TORCHVISION_DATASETS = ("cifar10", "cifar100", "food101", "sun397", "stanford_ca
 FOLDER_DATASETS = ("imagenet", "folder", "birdsnap")
 
 
+class Paths:
+    """File paths as one numpy byte buffer with offsets, indexable like a list of str. No Python
+    object per path: a list of ImageNet's 1.28 M paths is touched (refcounts) by every forked
+    loader worker, which then copies its pages; these arrays stay shared."""
+
+    def __init__(self, paths):
+        encoded = [os.fsencode(p) for p in paths]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"path index {i} out of range")
+        i = int(i) % len(self)
+        return os.fsdecode(self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class ImageSource(torch.utils.data.Dataset):
     """An image list that yields (uint8 CHW tensor with 3 channels, label) without transforms.
 
@@ -379,7 +402,8 @@ class ImageSource(torch.utils.data.Dataset):
 
     def __init__(self, labels, images=None, paths=None, datasets=None):
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.images, self.paths, self.datasets = images, paths, datasets
+        self.images, self.datasets = images, datasets
+        self.paths = None if paths is None else Paths(paths)
         if datasets is not None:
             self.offsets = np.cumsum([0] + [len(d) for d in datasets])
 
@@ -641,10 +665,38 @@ def check_labels(labels, what):
     return labels.astype(np.int64)
 
 
+def _decode_jpeg():
+    """TorchCodec's JPEG decoder (libjpeg-turbo on the CPU), or None where it is not installed.
+    Imported on first use, in the loader worker that decodes."""
+    global _DECODE_JPEG
+    if _DECODE_JPEG is False:
+        try:
+            from torchcodec.decoders import decode_jpeg
+            _DECODE_JPEG = decode_jpeg
+        except Exception:      # not installed, or its native library does not load
+            _DECODE_JPEG = None
+    return _DECODE_JPEG
+
+
+_DECODE_JPEG = False   # not tried yet
+
+
 def _read_image(path):
+    """A file -> uint8 RGB tensor (3, H, W). JPEG files (by their first bytes) are decoded by
+    TorchCodec, about 1.6x PIL's speed on phone photos (BENCHMARKS.md, input pipeline) with the
+    same pixels (tests/test_common.py); other formats, and a JPEG TorchCodec cannot read (CMYK,
+    some truncated files), by PIL. Neither applies EXIF orientation, as torchvision's loaders."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as f:
+            data = f.read()
+        decode = _decode_jpeg() if data[:3] == b"\xff\xd8\xff" else None
+        if decode is not None:
+            try:
+                return decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+            except Exception:
+                pass           # PIL decides: it decodes or gives the reason below
+        with Image.open(io.BytesIO(data)) as im:
             return T.functional.pil_to_tensor(im.convert("RGB"))
     except Exception as e:  # a UserError, so that a worker's failure is one line too
         why = str(e).splitlines()[0] if str(e) else type(e).__name__

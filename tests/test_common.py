@@ -777,3 +777,59 @@ def test_one_writer_per_folder(tmp_path):
     common.make_out_dir(out)
     assert not os.path.exists(os.path.join(out, ".last.pt.abc.tmp"))
     common.release_folder(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG decoding: TorchCodec, with PIL for what it does not read
+
+def pil_decode(path):
+    with Image.open(path) as im:
+        return torchvision.transforms.functional.pil_to_tensor(im.convert("RGB"))
+
+
+def test_jpegs_decode_with_torchcodec_to_the_same_pixels_as_pil(tmp_path, monkeypatch):
+    """Tolerance: at most 2 levels of 255 anywhere (two libjpeg builds may round the inverse DCT
+    differently); measured: 0 on all 600 photos of clothing_jpeg and on these files."""
+    calls = []
+    real = common._decode_jpeg()
+    assert real is not None, "torchcodec is a requirement: pip install -r requirements.txt"
+    monkeypatch.setattr(common, "_DECODE_JPEG", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 9, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    files = {"rgb.jpg": Image.fromarray(smooth), "gray.jpg": Image.fromarray(smooth[..., 0]),
+             "cmyk.jpg": Image.fromarray(smooth).convert("CMYK"), "plain.png": Image.fromarray(smooth)}
+    for name, im in files.items():
+        im.save(tmp_path / name, quality=90) if name.endswith("jpg") else im.save(tmp_path / name)
+    for name in files:
+        a, b = common._read_image(str(tmp_path / name)), pil_decode(tmp_path / name)
+        assert a.shape == b.shape == (3, 192, 144) and a.dtype == torch.uint8
+        assert (a.int() - b.int()).abs().max() <= 2, name
+    assert len(calls) == 3                      # the three JPEGs went to TorchCodec, not the PNG
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
+    with pytest.raises(common.UserError, match=r"cannot decode image .*broken.jpg"):
+        common._read_image(str(tmp_path / "broken.jpg"))
+    monkeypatch.setattr(common, "_DECODE_JPEG", None)   # torchcodec absent: PIL does it all
+    assert torch.equal(common._read_image(str(tmp_path / "rgb.jpg")),
+                       pil_decode(tmp_path / "rgb.jpg"))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "clothing_jpeg")),
+                    reason="needs ../shared/data/clothing_jpeg")
+def test_the_eval_transform_of_real_photos_matches_pil_decoding():
+    data = common.load_dataset(f"folder:{os.path.join(SHARED_DATA, 'clothing_jpeg')}")
+    src, tf = data["test"].source, common.eval_transform(224)
+    for i in data["test"].indices[::10]:
+        ours = tf(src[int(i)][0])
+        theirs = tf(pil_decode(src.paths[int(i)]))
+        assert (ours.int() - theirs.int()).abs().max() <= 2
+
+
+def test_paths_are_kept_without_a_python_object_each():
+    names = ["a/1.jpg", "b/ü 2.jpg", os.fsdecode(b"c/\xff.jpg"), ""]
+    p = common.Paths(names)
+    assert len(p) == 4 and list(p) == names and p[np.int64(1)] == names[1] and p[-1] == ""
+    assert isinstance(p.buffer, np.ndarray) and isinstance(p.offsets, np.ndarray)
+    with pytest.raises(IndexError):
+        p[4]
+    src = pickle.loads(pickle.dumps(common.ImageSource([0, 1, 0, 1], paths=names)))
+    assert list(src.paths) == names
