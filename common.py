@@ -1377,6 +1377,36 @@ def file_hash(path, chunk=1 << 20):
     return h.hexdigest()[:16]
 
 
+def cpu_cores():
+    """The cores this process may use: its CPU affinity (taskset, a container's or SLURM's
+    cpuset), not the machine's count, which os.cpu_count() gives."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:     # macOS
+        return os.cpu_count() or 1
+
+
+def local_world_size():
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))))
+
+
+def default_workers(device_type):
+    """(loader worker processes per training process, why): the one rule every script uses
+    when --workers is not given.
+
+    On a GPU the CPU's one job is the input pipeline: this process's share of the cores (the
+    cores it may use over the processes on this machine) less one for the process itself, with
+    no fixed cap. A decoding worker does about 800 JPEG images/s at 224 px (BENCHMARKS.md), so
+    a GPU that trains ResNet-50 at 4,000-6,000 img/s needs 6-8 of them. On the CPU one worker:
+    the training step needs the cores, and the small preset's augmentation is cheap."""
+    cores, local = cpu_cores(), local_world_size()
+    if device_type == "cuda":
+        n = max(1, cores // local - 1)
+        return n, f"{cores} cores this process may use / {local} processes here - 1"
+    return 1, "on the CPU the training step takes the other cores"
+
+
 def resolve_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

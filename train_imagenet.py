@@ -93,7 +93,7 @@ OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in com
 # Arguments that cannot change what a run computes. Every other argument is compared on resume
 # and a changed one is refused unless --force-resume (so a new flag is compared by default); the
 # architecture, input stem and objective are refused even then (the weights would not fit).
-NOT_COMPARED_ON_RESUME = {"out", "workers", "threads", "device", "log_every", "ckpt_minutes",
+NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device", "log_every", "ckpt_minutes",
                           "eval_batch_size", "force_resume", "download", "snapshot_every",
                           "compile", "channels_last", "deterministic", "keep_resume_state",
                           "debug_nan_at_step",
@@ -214,13 +214,10 @@ def apply_preset(args, image_size=None, device=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.workers_from = "--workers"
     if args.workers is None:
-        cuda = device is not None and device.type == "cuda"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        cpus = max(1, (os.cpu_count() or 1) // local_world)
-        # On the CPU one worker: it runs single-threaded, which keeps tiny augmentations cheap,
-        # and shares the cores with the training step. On a GPU the loaders are the CPU's job.
-        args.workers = min(8, cpus if cuda else max(1, cpus // 2))
+        args.workers, args.workers_from = common.default_workers(
+            device.type if device is not None else "cpu")
     return args
 
 
@@ -257,8 +254,7 @@ def setup_distributed(device="auto"):
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     elif world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, common.cpu_cores() // common.local_world_size()))
     if world > 1 and not torch.distributed.is_initialized():
         if dev.type == "cuda":
             torch.distributed.init_process_group("nccl", device_id=dev)
@@ -286,13 +282,6 @@ def broadcast_buffers(*modules):
         for module in modules:
             for b in module.buffers():
                 torch.distributed.broadcast(b, 0)
-
-
-def cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def amp_dtype(precision, device):
@@ -876,7 +865,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
     if not cuda:  # oversubscribed cores make every small CPU kernel wait on the slowest thread
         threads = getattr(args, "threads", None) or (
             None if "OMP_NUM_THREADS" in os.environ else
-            max(1, cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)) - workers))
+            max(1, common.cpu_cores() // common.local_world_size() - workers))
         if threads:
             torch.set_num_threads(threads)
 
@@ -967,7 +956,8 @@ def train(model, model_args, data, args, dist, results_extra=None):
                   f"{accum}) | lr "
                   f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
                   f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
-                  f"{args.compile}, channels_last {channels_last}, workers {workers}"
+                  f"{args.compile}, channels_last {channels_last}, workers {workers} "
+                  f"({getattr(args, 'workers_from', '--workers')})"
                   f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
                   f"{len(train_split)} / val {len(val) if val is not None else '-'} / test "
                   f"{len(test) if test is not None else '-'} images, {model_args['num_classes']} "
@@ -1091,7 +1081,8 @@ def evaluate_checkpoint(args, dist):
     if args.eval_preprocessing == "tf":
         from import_tf_checkpoint import tf_eval_transform
         transform = tf_eval_transform(resolution)
-    workers = args.workers if args.workers is not None else min(8, cpu_count()) if cuda else 1
+    workers = args.workers if args.workers is not None else common.default_workers(
+        dist.device.type)[0]
     with common.locked(args.out) if dist.is_main else contextlib.nullcontext():
         t0 = time.perf_counter()
         m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,

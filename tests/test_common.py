@@ -833,3 +833,15 @@ def test_paths_are_kept_without_a_python_object_each():
         p[4]
     src = pickle.loads(pickle.dumps(common.ImageSource([0, 1, 0, 1], paths=names)))
     assert list(src.paths) == names
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(26)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    n, why = common.default_workers("cuda")
+    assert n == 12 and "26 cores" in why            # 26 / 2 ranks - 1 for the process itself
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.default_workers("cuda")[0] == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert common.default_workers("cuda")[0] == 1   # never 0: the GPU would wait on decoding
+    assert common.default_workers("cpu")[0] == 1
