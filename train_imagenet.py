@@ -457,10 +457,11 @@ def ema_update(ema, model, decay, step):
 # Evaluation: every image exactly once across ranks
 
 def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_size=256,
-             workers=0, criterion=None, channels_last=False, transform=None):
+             workers=0, criterion=None, channels_last=False, transform=None, loader=None):
     """Evaluate every model of {name: model} on `split` (eval transform, or `transform`: see
     common.eval_loader), each image exactly once across ranks (rank r takes images r, r+world,
-    ...; no padding), counts summed over ranks.
+    ...; no padding), counts summed over ranks. `loader`: a rank_loader() of the split to reuse
+    (its workers persist), else one is built for this call.
     Returns {name: {top1, top5, mean_per_class, loss, count}}; loss is criterion's (or None).
 
     >>> data = common.load_dataset("digits")
@@ -468,11 +469,8 @@ def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_si
     >>> evaluate({"m": model}, data["val"], 8)["m"]["count"]
     135
     """
-    part = common.Split(split.source, split.indices[dist.rank::dist.world], split.label_map)
-    if split.source.images is not None:
-        workers = 0  # in-memory arrays: a worker process would cost more than it saves
-    loader = common.eval_loader(part, resolution, batch_size=batch_size, workers=workers,
-                                transform=transform)
+    if loader is None:
+        loader = rank_loader(split, resolution, dist, batch_size, workers, transform)
     K = int(split.label_map.max()) + 1
     device = dist.device
     sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
@@ -515,6 +513,16 @@ def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_si
 
 # ==============================================================================================
 # What a checkpoint carries besides weights and optimizer: the RNGs and the training position
+
+def rank_loader(split, resolution, dist=Dist(), batch_size=256, workers=0, transform=None):
+    """The eval loader of this rank's share of a split (images rank, rank + world, ...). In-memory
+    arrays load in the process itself: a worker process would cost more than it saves."""
+    part = common.Split(split.source, split.indices[dist.rank::dist.world], split.label_map)
+    if split.source.images is not None:
+        workers = 0
+    return common.eval_loader(part, resolution, batch_size=batch_size, workers=workers,
+                              transform=transform)
+
 
 def rng_states(device):
     """Every RNG this process uses, as tensors and Python numbers (torch.load weights_only)."""
@@ -608,6 +616,7 @@ class Run:
     channels_last: bool
     progress: Progress
     resumed_with: dict = None      # arguments changed by --force-resume at this start
+    eval_loaders: dict = dataclasses.field(default_factory=dict)   # id(split) -> loader
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
@@ -627,9 +636,14 @@ class Run:
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
         models = {"raw": self.model} if self.ema is None else {"ema": self.ema, "raw": self.model}
         broadcast_buffers(*models.values())
+        loader = self.eval_loaders.get(id(split))
+        if loader is None:   # built once: its workers persist from one epoch end to the next
+            loader = self.eval_loaders[id(split)] = rank_loader(
+                split, self.args.resolution, self.dist, self.args.eval_batch_size,
+                self.args.workers or 0)
         return evaluate(models, split, self.args.resolution, self.dist, amp_dtype=self.amp_dtype,
-                        batch_size=self.args.eval_batch_size, workers=self.args.workers or 0,
-                        criterion=self.criterion, channels_last=self.channels_last)
+                        criterion=self.criterion, channels_last=self.channels_last,
+                        loader=loader)
 
 
 def changed_arguments(ck, args, model_args):
@@ -928,15 +942,20 @@ def train(model, model_args, data, args, dist, results_extra=None):
             truncate_log(log_path, 0)  # a fresh start: lines of a run killed before last.pt go
         p = run.progress
 
-        # --- the model as trained (compile first, then DDP), the loader
-        net = torch.compile(model) if args.compile else model
+        # --- the model as trained (DDP, then compile: as PyTorch's docs do, so that compiled
+        # graphs break at DDP's buckets and gradient all-reduces overlap the backward; compiling
+        # inside DDP started every all-reduce only after the whole backward), the loader
+        net = model
         if world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+        if args.compile:
+            net = torch.compile(net)
         transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
         loader, sampler = train_loader(train_split, transform, micro,
                                        steps_per_epoch * per_device, dist, args.seed, workers)
         undo.callback(stop_workers, loader)
+        undo.callback(lambda: [stop_workers(l) for l in run.eval_loaders.values()])
         if dist.is_main:
             history = []  # what each --force-resume changed, so the file never misstates a run
             if os.path.exists(run.path("args.json")) and p.step:

@@ -300,6 +300,53 @@ def test_torchrun_two_processes_count_every_val_image_once(tmp_path):
     common.model_from_checkpoint(common.load_checkpoint(os.path.join(out, "final.pt")))
 
 
+def jpeg_folder(root, per_class=(12, 4, 4)):
+    """A 2-class image folder of real JPEG files (about 80 x 96 px) in tmp: the decode, crop and
+    resize path of ImageNet-style data, without ../shared."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val", "test"), per_class):
+        for c in ("a", "b"):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n):
+                im = np.kron(rng.integers(0, 256, (6, 5, 3)), np.ones((16, 16, 1)))
+                im = (255 - im if c == "b" else im).astype(np.uint8)
+                Image.fromarray(im).save(os.path.join(root, split, c, f"{i}.jpg"), quality=85)
+    return f"folder:{root}"
+
+
+GPU_PATHS = ["--arch", "resnet18", "--resolution", "64", "--augment", "paper", "--batch-size",
+             "8", "--epochs", "2", "--steps", "4", "--compile", "--precision", "bf16",
+             "--channels-last", "--workers", "1", "--log-every", "1", "--ckpt-minutes", "0"]
+
+
+def test_the_gpu_code_paths_run_through_the_real_loop_on_the_cpu(tmp_path):
+    """torch.compile, bf16 autocast and channels_last together, on JPEG files with the paper's
+    augmentation, one process: about a minute, most of it compiling."""
+    data, out = jpeg_folder(str(tmp_path / "data")), str(tmp_path / "run")
+    r = run_script(["--data", data, *GPU_PATHS, "--threads", "1", "--out", out], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "bf16, compile True, channels_last True" in r.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["precision"] == "bf16" and res["compile"] is True and res["steps"] == 4
+    assert math.isfinite(res["test_loss"])
+    common.model_from_checkpoint(common.load_checkpoint(os.path.join(out, "final.pt")))
+
+
+def test_the_gpu_code_paths_under_torchrun_with_two_processes(tmp_path):
+    """The same under torchrun (gloo): DDP is compiled, not wrapped around a compiled model."""
+    data, out = jpeg_folder(str(tmp_path / "data")), str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_imagenet.py"), "--data", data, *GPU_PATHS, "--out", out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world 2, batch 4/device x 2 = 8 global" in r.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["world_size"] == 2 and res["precision"] == "bf16" and res["compile"] is True
+    assert res["test_count"] == 8 and math.isfinite(res["test_loss"])
+
+
 def test_benchmarks_run_through_the_public_training_api(tmp_path, monkeypatch):
     # benchmarks/bench_train.py times the real loop from the outside: no benchmark code in it
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -582,3 +629,16 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys,
                                                               str(tmp_path / "ro" / "o")]))
     assert "cannot write into" in err and "Read-only file system" in err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_the_eval_loader_is_built_once_and_its_workers_persist(tmp_path, monkeypatch):
+    """Every epoch end used to build a new eval DataLoader and fork its workers on every rank."""
+    built = []
+    real = train_imagenet.rank_loader
+    monkeypatch.setattr(train_imagenet, "rank_loader",
+                        lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    data = jpeg_folder(str(tmp_path / "data"), per_class=(8, 4, 4))
+    train_imagenet.main(["--data", data, "--arch", "resnet18", "--resolution", "32",
+                         "--batch-size", "8", "--epochs", "3", "--workers", "1",
+                         "--out", str(tmp_path / "run")])
+    assert len(built) == 2          # val (3 epoch ends) and test (once)
