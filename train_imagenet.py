@@ -56,6 +56,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -367,6 +368,24 @@ def stop_workers(loader):
             w.join()
 
 
+PREFETCH = 4   # batches in flight per loader worker
+
+
+def check_shared_memory(workers, micro_batch, resolution, shm="/dev/shm"):
+    """Refuse to start loader workers whose batches in flight do not fit in /dev/shm, where they
+    pass them to the main process: Docker's default 64 MB ended such a run with a bus error
+    (ImageNet on 8 GPUs: about 2.5 GB per rank)."""
+    if workers == 0 or not os.path.isdir(shm):
+        return
+    need = workers * PREFETCH * micro_batch * 3 * resolution * resolution
+    free = shutil.disk_usage(shm).free
+    if need > free:
+        raise common.UserError(
+            f"{shm} has {free / 2**30:.2f} GiB free, but {workers} loader workers need about "
+            f"{need / 2**30:.2f} GiB for their batches in flight: run the container with "
+            f"--ipc=host or --shm-size={math.ceil(need * 1.5 / 2**30)}g, or lower --workers")
+
+
 def train_loader(split, transform, micro_batch, per_epoch, dist, seed, workers):
     """(DataLoader, EpochSampler) over a Split: uint8 batches of `micro_batch` images,
     augmentation seeded per image; call sampler.set_epoch(epoch, start) before iter(loader)."""
@@ -374,7 +393,7 @@ def train_loader(split, transform, micro_batch, per_epoch, dist, seed, workers):
     loader = torch.utils.data.DataLoader(
         SeededAugment(split, transform, seed), batch_size=micro_batch, sampler=sampler,
         num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=True,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None,
         worker_init_fn=worker_init if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
@@ -391,6 +410,24 @@ def to_device(images, labels, device, channels_last=True, dtype=torch.float32):
 
 # ==============================================================================================
 # One optimizer step, the learning-rate schedule, the EMA of the weights
+
+GPU_FORWARD_IMAGES = 256   # per forward on one GPU at 224 px: ResNet-50 in bf16 fits in 40 GB
+
+
+def default_micro_batch(per_device, resolution, cuda):
+    """Images per forward when --micro-batch is not given: on a GPU the largest divisor of the
+    per-device batch that is at most GPU_FORWARD_IMAGES at 224 px (scaled by pixels), gradients
+    accumulated to the per-device batch, so the recipe stays the same on one GPU as on 16 (the
+    ImageNet preset on one GPU ran one forward of 4,096 images); on the CPU the whole batch.
+
+    >>> default_micro_batch(4096, 224, cuda=True), default_micro_batch(512, 112, cuda=True)
+    (256, 512)
+    """
+    if not cuda:
+        return per_device
+    cap = max(1, int(GPU_FORWARD_IMAGES * (224 / resolution) ** 2))
+    return max(d for d in range(1, min(cap, per_device) + 1) if per_device % d == 0)
+
 
 def lr_factor(step, total_steps, warmup_steps):
     """Multiplier of the peak learning rate at `step` (0-based): linear warmup over warmup_steps
@@ -745,6 +782,29 @@ def match_layouts(opt):
                     state[key] = torch.empty_like(param).copy_(value)
 
 
+def shared_decision(run):
+    """'finished', 'resume' or 'start': rank 0 decides from what its --out holds, and every rank
+    follows. A rank that cannot see the last.pt rank 0 resumes from (a multi-node run whose
+    --out is each node's local disk) stops them all with one line, instead of starting from
+    scratch while the others resume."""
+    last = run.path("last.pt")
+    if not os.path.exists(last) and os.path.exists(run.path("final.pt")) \
+            and os.path.exists(run.path("results.json")):
+        state = 2
+    else:
+        state = 1 if os.path.exists(last) else 0
+    if run.dist.world > 1:
+        flags = torch.tensor([state, 0], device=run.dist.device)
+        torch.distributed.broadcast(flags, 0)
+        state = int(flags[0])
+        flags[1] = int(state == 1 and not os.path.exists(last))
+        if int(all_reduce(flags, "max")[1]):
+            raise common.UserError(
+                f"rank 0 resumes from {last}, which some ranks cannot see: --out must be on "
+                f"storage that every node shares")
+    return ("start", "resume", "finished")[state]
+
+
 def save_last(run):
     """Write last.pt (rank 0) with everything a bitwise resume needs."""
     broadcast_buffers(run.model, *([run.ema] if run.ema is not None else []))
@@ -889,11 +949,13 @@ def train(model, model_args, data, args, dist, results_extra=None):
         raise common.UserError(f"--batch-size {B} (global) does not divide by the world size "
                                f"{world}")
     per_device = B // world
-    micro = args.micro_batch or per_device
+    micro = args.micro_batch or default_micro_batch(per_device, args.resolution, cuda)
     if per_device % micro:
         raise common.UserError(f"--micro-batch {micro} does not divide the per-device batch "
                                f"{per_device}")
     accum = per_device // micro
+    accum_why = "" if accum == 1 or args.micro_batch else (
+        f": at most {GPU_FORWARD_IMAGES} images of 224 px per forward on a GPU, same recipe")
     train_split, val, test = data["train"], data.get("val"), data.get("test")
     steps_per_epoch = (len(train_split) // world) // per_device
     if steps_per_epoch == 0:
@@ -926,10 +988,10 @@ def train(model, model_args, data, args, dist, results_extra=None):
         if dist.is_main:
             undo.enter_context(common.locked(out_dir))
         log_path = run.path("log.jsonl")
-        if not os.path.exists(run.path("last.pt")) and os.path.exists(run.path("final.pt")) \
-                and os.path.exists(run.path("results.json")):
+        state = shared_decision(run)
+        if state == "finished":
             return read_back(run)  # finished, its resume state dropped
-        if os.path.exists(run.path("last.pt")):
+        if state == "resume":
             resume(run, run.path("last.pt"), steps_per_epoch)
             if dist.is_main:
                 truncate_log(log_path, run.progress.step)
@@ -952,6 +1014,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
         if args.compile:
             net = torch.compile(net)
         transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
+        check_shared_memory(workers, micro, args.resolution)
         loader, sampler = train_loader(train_split, transform, micro,
                                        steps_per_epoch * per_device, dist, args.seed, workers)
         undo.callback(stop_workers, loader)
@@ -972,7 +1035,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
                 "test_images": len(test) if test is not None else None})
             print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, "
                   f"batch {per_device}/device x {world} = {B} global (micro {micro}, accum "
-                  f"{accum}) | lr "
+                  f"{accum}{accum_why}) | lr "
                   f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
                   f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
                   f"{args.compile}, channels_last {channels_last}, workers {workers} "

@@ -642,3 +642,45 @@ def test_the_eval_loader_is_built_once_and_its_workers_persist(tmp_path, monkeyp
                          "--batch-size", "8", "--epochs", "3", "--workers", "1",
                          "--out", str(tmp_path / "run")])
     assert len(built) == 2          # val (3 epoch ends) and test (once)
+
+
+def _decide_on_a_node_local_disk(rank, init, outs, results):
+    """One rank of a 2-process gloo group whose --out is a different folder on each rank."""
+    import types
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    run = types.SimpleNamespace(dist=train_imagenet.Dist(rank, 2, rank, torch.device("cpu")),
+                                path=lambda name: os.path.join(outs[rank], name))
+    try:
+        results[rank] = train_imagenet.shared_decision(run)
+    except common.UserError as e:
+        results[rank] = f"error: {e}"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_0_decides_whether_to_resume_and_a_rank_that_cannot_see_last_pt_stops(tmp_path):
+    import torch.multiprocessing as mp
+    outs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    for o in outs:
+        os.makedirs(o)
+    open(os.path.join(outs[0], "last.pt"), "w").close()   # only node 0's disk has it
+    for case in ("local disks", "shared"):
+        if case == "shared":
+            open(os.path.join(outs[1], "last.pt"), "w").close()
+        results = mp.Manager().dict()
+        init = f"file://{tmp_path}/pg_{case.replace(' ', '_')}"
+        mp.spawn(_decide_on_a_node_local_disk, args=(init, outs, results), nprocs=2)
+        if case == "local disks":
+            assert all("every node shares" in results[r] for r in (0, 1)), dict(results)
+        else:
+            assert dict(results) == {0: "resume", 1: "resume"}
+
+
+def test_a_small_dev_shm_is_one_line_not_a_bus_error(tmp_path, monkeypatch, capsys):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train_imagenet.shutil, "disk_usage", lambda p: usage(2**26, 0, 2**26))
+    with pytest.raises(common.UserError, match=r"--ipc=host or --shm-size=4g"):
+        train_imagenet.check_shared_memory(8, 512, 224)         # 2.3 GiB in 64 MiB
+    train_imagenet.check_shared_memory(1, 128, 32)               # the CPU study: 1.5 MB
+    train_imagenet.check_shared_memory(0, 4096, 224)             # no workers, no shared memory
