@@ -59,6 +59,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -654,20 +655,26 @@ class Run:
     progress: Progress
     resumed_with: dict = None      # arguments changed by --force-resume at this start
     eval_loaders: dict = dataclasses.field(default_factory=dict)   # id(split) -> loader
+    writer: object = dataclasses.field(default_factory=lambda: CheckpointWriter())  # last.pt
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
 
-    def checkpoint(self, final=False, **extra):
+    def checkpoint(self, final=False, states=None, args=None, **extra):
         """The checkpoint dict of the current weights (common.make_checkpoint's format): raw and
         EMA weights; final=True: only the weights every analysis uses (the EMA's, or the raw
-        ones without EMA), half the size."""
-        model, ema = self.model, self.ema.state_dict() if self.ema is not None else None
+        ones without EMA), half the size. states: {'model', 'ema'} state dicts to store instead
+        of the live modules' (a snapshot); args: the arguments to record (default: run.args)."""
+        if states is not None:
+            model, ema = states["model"], states["ema"]
+        else:
+            model, ema = self.model, self.ema.state_dict() if self.ema is not None else None
         if final and self.ema is not None:
             model, ema, extra["weights"] = self.ema, None, "ema"
         return common.make_checkpoint(
-            model, self.model_args, ema=ema, args=vars(self.args), dataset=self.data["spec"],
-            classes=list(self.data["classes"]), run_id=self.progress.run_id, **extra)
+            model, self.model_args, ema=ema, args=args if args is not None else vars(self.args),
+            dataset=self.data["spec"], classes=list(self.data["classes"]),
+            run_id=self.progress.run_id, **extra)
 
     def evaluate(self, split):
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
@@ -805,19 +812,85 @@ def shared_decision(run):
     return ("start", "resume", "finished")[state]
 
 
-def save_last(run):
-    """Write last.pt (rank 0) with everything a bitwise resume needs."""
+def snapshot(obj):
+    """A copy of a (nested) state dict with every tensor copied to the CPU, detached from the
+    live training state: what a background write may take its time over."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class CheckpointWriter:
+    """Writes last.pt in a background thread from a snapshot, so that training goes on while
+    rank 0 hashes, serializes and fsyncs it (a 307 MB ResNet-50 last.pt held every rank at a
+    barrier at each epoch end). One write at a time; a failed write (a full disk) raises its
+    one-line error at the next save or at the end of training; the previous last.pt stays
+    intact (common.atomic_write)."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def start(self, write):
+        self.wait()
+
+        def job():
+            try:
+                write()
+            except BaseException as e:   # raised in the main thread by wait()
+                self.error = e
+        self.thread = threading.Thread(target=job, name="write last.pt")
+        self.thread.start()
+
+    def wait(self):
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self):
+        """wait() on the way out of training, whatever raised: the error of a write is
+        printed, not raised over the exception that is ending the run."""
+        try:
+            self.wait()
+        except BaseException as e:
+            print(f"note: the last background write of last.pt failed: {common.user_message(e)}",
+                  file=sys.stderr, flush=True)
+
+
+def save_last(run, background=False):
+    """Write last.pt (rank 0) with everything a bitwise resume needs; background=True: from a
+    snapshot, in run.writer's thread, while training goes on (other ranks never wait for it)."""
     broadcast_buffers(run.model, *([run.ema] if run.ema is not None else []))
     rngs = gather_rng_states(run.dist)
     p = run.progress
     if run.dist.is_main:
+        run.writer.wait()
         state = {k: v for k, v in dataclasses.asdict(p).items() if k != "saved_step"}
-        common.save_checkpoint(run.path("last.pt"), run.checkpoint(
-            optimizer=run.opt.state_dict(),
-            scaler=run.scaler.state_dict() if run.scaler else None,
-            train_state=state, rng=rngs, world_size=run.dist.world))
-    p.saved_step = p.step
-    if run.dist.world > 1:
+        parts = snapshot({"model": run.model.state_dict(),
+                          "ema": run.ema.state_dict() if run.ema is not None else None,
+                          "optimizer": run.opt.state_dict(),
+                          "scaler": run.scaler.state_dict() if run.scaler else None})
+        args, step = dict(vars(run.args)), p.step
+
+        def write():
+            common.save_checkpoint(run.path("last.pt"), run.checkpoint(
+                states=parts, args=args, optimizer=parts["optimizer"], scaler=parts["scaler"],
+                train_state=state, rng=rngs, world_size=run.dist.world))
+            p.saved_step = step
+        if background:
+            run.writer.start(write)
+        else:
+            write()
+    else:
+        p.saved_step = p.step
+    if not background and run.dist.world > 1:   # a save before exiting: every rank waits
         torch.distributed.barrier()
 
 
@@ -866,6 +939,7 @@ def nan_error(run, step, steps_per_epoch):
 def finish(run, results_extra):
     """Test-set evaluation of the final raw and EMA weights; final.pt and results.json."""
     p, test = run.progress, run.data.get("test")
+    run.writer.wait()          # the last epoch end's last.pt, before final.pt replaces it
     t = run.evaluate(test) if test is not None else None
     last = p.history[-1] if p.history else {}
     shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
@@ -1019,6 +1093,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
                                        steps_per_epoch * per_device, dist, args.seed, workers)
         undo.callback(stop_workers, loader)
         undo.callback(lambda: [stop_workers(l) for l in run.eval_loaders.values()])
+        undo.callback(run.writer.close)
         if dist.is_main:
             history = []  # what each --force-resume changed, so the file never misstates a run
             if os.path.exists(run.path("args.json")) and p.step:
@@ -1067,6 +1142,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
             for b in range(first, steps_per_epoch):
                 step = p.step
                 if step == args.debug_kill_at_step:
+                    run.writer.wait()   # so that a test knows which last.pt the kill leaves
                     os.kill(os.getpid(), signal.SIGKILL)
                 t0 = time.perf_counter()
                 batches = [to_device(*next(batches_of_epoch), device, channels_last)
@@ -1097,6 +1173,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
                 signum, due = (int(v) for v in ctl.tolist())
                 dt = time.perf_counter() - t_interval
                 if first_bad < no_bad_step:
+                    run.writer.wait()
                     raise nan_error(run, first_bad, steps_per_epoch)
                 p.step_seconds += dt
                 p.train_seconds += time.perf_counter() - t_run
@@ -1113,7 +1190,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
                     end_epoch(run, lr)
                     net.train()
                 if epoch_end or due or signum:
-                    save_last(run)
+                    save_last(run, background=not signum)
                     last_ckpt = time.perf_counter()
                 if signum:
                     if dist.is_main:
