@@ -754,8 +754,10 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
                    help="feature extraction batch size")
-    p.add_argument("--workers", type=common.nonnegative_int, default=4,
-                   help="data loader workers")
+    p.add_argument("--workers", type=common.nonnegative_int, default=None,
+                   help="data loader workers (default: common.default_workers, the rule of "
+                        "every script: on a GPU the cores this process may use less one, on "
+                        "the CPU one)")
     p.add_argument("--folds", default=None, metavar="K", type=common.int_at_least(
                        3, "each fold is tested once, the next one picks lambda, the rest train"),
                    help="score by stratified K-fold cross-validation over all the images of "
@@ -819,6 +821,9 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise common.UserError(f"two --data specs share the short name ({names}); "
                                f"give their folders different names")
+    # A fixed 4 made PyTorch warn on 2 cores and fought the extraction for them.
+    workers = args.workers if args.workers is not None else \
+        common.default_workers(device.type)[0]
     for name in args.checkpoint:
         model, network = common.load_pretrained(name)
         model.to(device)
@@ -831,7 +836,7 @@ def main(argv=None):
                   f"{resolution}px")
             splits = [cached_features(model, network, data, s, layer=layer,
                                       resolution=resolution, cache_dir=cache, device=device,
-                                      batch_size=args.batch_size, workers=args.workers)
+                                      batch_size=args.batch_size, workers=workers)
                       for s in ("train", "val", "test")]
             train, val, test = check_splits(*splits)
             results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,
