@@ -245,11 +245,13 @@ def unique_labels(labels):
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="checkpoint paths or torchvision:ARCH:WEIGHTS (one or more)")
+                   help="checkpoint paths (or run folders: their final.pt) or "
+                        "torchvision:ARCH:WEIGHTS (one or more)")
     p.add_argument("--data", required=True,
                    help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder for cka.npz and cka.json")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="the images compared on")
     p.add_argument("--layers", default="all",
                    help="all, or a comma list such as block16,pool,logits")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
@@ -257,7 +259,7 @@ def main(argv=None):
     p.add_argument("--passes", type=common.positive_int, default=1,
                    help="passes over the images (see above)")
     p.add_argument("--max-images", type=common.positive_int, default=None,
-                   help="seeded random subset of the split (at least 4)")
+                   help="seeded random subset of the split (at least 4; default: all of it)")
     p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoints' training resolution, "
                         "else 224)")
@@ -269,6 +271,7 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     args = p.parse_args(argv)
 
+    args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     if args.batch_size < 4:
         raise common.UserError("--batch-size must be at least 4 (the unbiased HSIC estimator "
                                "needs 4 images per batch)")

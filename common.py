@@ -1243,8 +1243,34 @@ def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
     return model
 
 
+def checkpoint_name(name):
+    """One --checkpoint value as load_pretrained takes it, checked before any long work: a run
+    folder of train_imagenet.py means its final.pt (what every analysis reads); a missing file
+    is a one-line UserError here, not after the first network's features."""
+    if name.startswith("torchvision:"):
+        return name
+    if os.path.isdir(name):
+        final = os.path.join(name, "final.pt")
+        if os.path.isfile(final):
+            return final
+        if os.path.isfile(os.path.join(name, "last.pt")):
+            raise UserError(f"{name} is a run folder whose training has not finished (last.pt "
+                            f"but no final.pt); rerun its training command to finish it")
+        raise UserError(f"{name} is a folder without final.pt, not a finished run of "
+                        f"train_imagenet.py; pass a checkpoint file")
+    if not os.path.exists(name):
+        raise UserError(f"checkpoint not found: {name}")
+    return name
+
+
+def checkpoint_names(names):
+    """checkpoint_name() of each of a script's --checkpoint values."""
+    return [checkpoint_name(n) for n in names]
+
+
 def load_pretrained(name, map_location="cpu"):
-    """A model to extract features from, by checkpoint path or 'torchvision:ARCH[:WEIGHTS]'.
+    """A model to extract features from, by checkpoint path (or run folder: its final.pt) or
+    'torchvision:ARCH[:WEIGHTS]'.
 
     Returns (model, network) with network = network_identity(...), the block every results
     file starts with."""
@@ -1266,6 +1292,7 @@ def load_pretrained(name, map_location="cpu"):
             raise UserError(f"cannot load torchvision weights {w} (download failed or no cache in "
                             f"{torch.hub.get_dir()}): {str(e).splitlines()[0]}")
         return model, torchvision_identity(name, arch, w.name)
+    name = checkpoint_name(name)
     ck = load_checkpoint(name, map_location=map_location)
     return model_from_checkpoint(ck, path=name), network_identity(name, ck)
 
@@ -1425,17 +1452,52 @@ def resolve_device(name="auto"):
 #   resolution = common.input_resolution(args.resolution, network)
 #   common.make_out_dir(args.out)
 
+class HelpFormatter(argparse.RawTextHelpFormatter):
+    """The module docstring's layout kept (RawTextHelpFormatter), and every option's help ending
+    with its default, "(default: 256)", as ArgumentDefaultsHelpFormatter does, except where the
+    help says it already: in words, for a default chosen at run time (None: "the data preset's").
+    A switch (store_true) is off unless given, which needs no saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or not action.option_strings or d is None or d is False
+                or d is argparse.SUPPRESS or isinstance(action, argparse._StoreConstAction)):
+            return text
+        value = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {value.replace('%', '%%')})".lstrip()
+
+
 def argument_parser(doc):
-    """The scripts' ArgumentParser: the module docstring as --help (layout kept), and a bad
-    argument as ONE line `error: ...` with exit status 2, like every other bad input (argparse's
-    own message starts with the whole usage text)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    """The scripts' ArgumentParser: the module docstring as --help (layout kept), every option's
+    default in its help (HelpFormatter), and a bad argument as ONE line `error: ...` with exit
+    status 2, like every other bad input (argparse's own message starts with the whole usage
+    text)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
     def error(message):
         print(f"error: {message} (see {p.prog} --help)", file=sys.stderr)
         sys.exit(2)
     p.error = error
     return p
+
+
+def refuse_unused(parser, args, used, why):
+    """parser.error (one line, exit 2) naming the first option given a value other than its
+    default that is not in `used` (dest names): a flag a script would ignore in this mode is
+    refused, not dropped in silence. `why` ends the message. An option given at its default
+    value changes nothing and passes.
+
+        common.refuse_unused(p, args, EVALUATE_USES, "with --evaluate (it trains nothing)")
+    """
+    for a in parser._actions:
+        if (a.option_strings and a.dest not in used and a.default is not argparse.SUPPRESS
+                and getattr(args, a.dest, a.default) != a.default):
+            value = getattr(args, a.dest)
+            flag = next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+            if isinstance(a, argparse.BooleanOptionalAction) and value is False:
+                flag = next(o for o in a.option_strings if o.startswith("--no-"))
+            parser.error(f"{flag} is not used {why}")
 
 
 def _number(text, kind):

@@ -60,6 +60,9 @@ import common  # for the command-line part only: the method below needs torch an
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
+# What --features reads; the other flags go with --checkpoint and are refused with it.
+FEATURES_USE = {"features", "data", "out", "lambdas", "standardize", "metric", "rtol", "max_iter",
+                "device", "folds", "seed", "overwrite"}
 SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
                    "test_accuracy",
                    "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
@@ -729,13 +732,15 @@ def main(argv=None):
     p = common.argument_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
-                     help="checkpoint paths and/or torchvision:ARCH[:WEIGHTS] names")
+                     help="checkpoint paths (or run folders: their final.pt) and/or "
+                          "torchvision:ARCH[:WEIGHTS] names; this or --features is required")
     src.add_argument("--features", nargs="+", metavar="FILE.npz",
                      help="probe features you already have (arrays train_x, train_y, test_x, "
-                          "test_y[, val_x, val_y])")
-    p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
+                          "test_y[, val_x, val_y]); this or --checkpoint is required")
+    p.add_argument("--data", nargs="+", metavar="SPEC",
+                   help="dataset specs (required with --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
+    p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits")
     p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoint's training resolution, "
                         "else 224)")
@@ -762,7 +767,8 @@ def main(argv=None):
                        3, "each fold is tested once, the next one picks lambda, the rest train"),
                    help="score by stratified K-fold cross-validation over all the images of "
                         "train, val and test pooled (fold i tests, fold i+1 picks lambda); for "
-                        "small data sets, whose one test split has a large sampling error")
+                        "small data sets, whose one test split has a large sampling error "
+                        "(default: the train/val/test splits)")
     p.add_argument("--seed", type=common.seed, default=0,
                    help="seed of the --folds assignment and of the val hold-out for --features "
                         "files without val")
@@ -770,6 +776,13 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace results of another "
                    "checkpoint or setting in the same folder (default: refused)")
     args = p.parse_args(argv)
+    if args.features:   # a flag of the other mode would be ignored: refused instead
+        common.refuse_unused(p, args, FEATURES_USE, "with --features (it extracts no features: "
+                             "it goes with --checkpoint)")
+    else:
+        common.refuse_unused(p, args, set(vars(args)) - {"metric"}, "with --checkpoint: each "
+                             "dataset has its metric (top1, or mean_per_class for pets, "
+                             "flowers, aircraft, caltech101); --metric goes with --features")
 
     lambdas = parse_lambdas(args.lambdas)
     device = common.resolve_device(args.device)
@@ -808,9 +821,8 @@ def main(argv=None):
     cache = args.cache or os.path.join(args.out, "cache")
     common.make_shared_dir(cache, "--cache")
     labels = {}
-    for name in args.checkpoint:   # check cheap things before any long work
-        if not name.startswith("torchvision:") and not os.path.exists(name):
-            raise common.UserError(f"checkpoint not found: {name}")
+    args.checkpoint = common.checkpoint_names(args.checkpoint)  # cheap checks before long work
+    for name in args.checkpoint:
         label = None if name.startswith("torchvision:") else common.checkpoint_label(name)
         if label is not None and label in labels:
             raise common.UserError(f"checkpoints {labels[label]} and {name} share the label "

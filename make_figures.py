@@ -78,7 +78,7 @@ def parse_args():
     p.add_argument("--runs", required=True, help="folder searched recursively for results")
     p.add_argument("--out", default=None, help="output folder (default: --runs)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
-    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--dpi", type=int, default=150, help="figure resolution, dots per inch")
     return p.parse_args()
 
 
