@@ -11,6 +11,8 @@ size and the number of (checkpoint, layer) combinations, never on the number of 
     python cka_analysis.py --checkpoint runs/softmax_s0/final.pt runs/softmax_s1/final.pt \\
         runs/sigmoid_s0/final.pt --data imagenet:/data/imagenet --split test --out results/cka
     python cka_analysis.py --checkpoint a.pt b.pt --data digits --out /tmp/cka --layers pool,logits
+    python cka_analysis.py --checkpoint paper:softmax/seed0 paper:softmax/seed1 \\
+        paper:sigmoid/seed0 --data imagenet:/data/imagenet --out results/cka_paper
     python cka_analysis.py --checkpoint torchvision:resnet50:IMAGENET1K_V1 b.pt --data digits \\
         --resolution 224 --max-images 500 --out /tmp/cka
 
@@ -245,8 +247,9 @@ def unique_labels(labels):
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="checkpoint paths (or run folders: their final.pt) or "
-                        "torchvision:ARCH:WEIGHTS (one or more)")
+                   help="checkpoint paths (or run folders: their final.pt), "
+                        "torchvision:ARCH:WEIGHTS and/or paper:OBJECTIVE/seedK or paper:all "
+                        "(the paper's networks, downloaded once); one or more")
     p.add_argument("--data", required=True,
                    help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder for cka.npz and cka.json")

@@ -13,7 +13,7 @@ For each checkpoint and layer (default: the penultimate `pool` features):
 
     python class_separation.py --checkpoint runs/*/final.pt --data imagenet:/data/imagenet \\
         --split train --max-per-class 50 --out results/separation
-    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \
+    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \\
         --layers block8,pool
 
 Output DIR/class_separation.json: common.result_header first (kind "class_separation",
@@ -169,8 +169,9 @@ def analyse(name, data, args, device):
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="checkpoint paths (or run folders: their final.pt) or "
-                        "torchvision:ARCH:WEIGHTS")
+                   help="checkpoint paths (or run folders: their final.pt), "
+                        "torchvision:ARCH:WEIGHTS and/or paper:OBJECTIVE/seedK or paper:all "
+                        "(the paper's networks, downloaded once)")
     p.add_argument("--data", required=True,
                    help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder")

@@ -1243,11 +1243,41 @@ def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
     return model
 
 
+# The paper's 72 released networks by name: paper:OBJECTIVE/seedK, the bucket's folders
+# <objective>/seed<k> (import_tf_checkpoint.fetch_released downloads, converts and caches one).
+PAPER_SEEDS = 8
+
+
+def paper_network(name):
+    """(objective, seed) of 'paper:OBJECTIVE/seedK'; anything else is a one-line UserError.
+
+        paper_network("paper:logit_penalty/seed7")   # ('logit_penalty', 7)
+    """
+    m = re.fullmatch(r"paper:(\w+)/seed(\d+)", name)
+    if not m or m.group(1) not in OBJECTIVES or int(m.group(2)) >= PAPER_SEEDS:
+        raise UserError(f"unknown network {name!r}: the paper's are paper:OBJECTIVE/seedK, "
+                        f"OBJECTIVE one of {', '.join(OBJECTIVES)}, K 0 to {PAPER_SEEDS - 1}, "
+                        f"or paper:all for all {len(OBJECTIVES) * PAPER_SEEDS}")
+    return m.group(1), int(m.group(2))
+
+
+def paper_names():
+    """The names of the paper's 72 networks (9 objectives x 8 seeds), what paper:all means."""
+    return [f"paper:{o}/seed{k}" for o in OBJECTIVES for k in range(PAPER_SEEDS)]
+
+
 def checkpoint_name(name):
     """One --checkpoint value as load_pretrained takes it, checked before any long work: a run
     folder of train_imagenet.py means its final.pt (what every analysis reads); a missing file
-    is a one-line UserError here, not after the first network's features."""
+    or an unknown paper:... name is a one-line UserError here, not after the first network's
+    features. Nothing is downloaded yet."""
     if name.startswith("torchvision:"):
+        return name
+    if name == "paper:all":
+        raise UserError(f"paper:all names {len(paper_names())} networks and this script takes "
+                        f"one: give paper:OBJECTIVE/seedK")
+    if name.startswith("paper:"):
+        paper_network(name)
         return name
     if os.path.isdir(name):
         final = os.path.join(name, "final.pt")
@@ -1264,16 +1294,21 @@ def checkpoint_name(name):
 
 
 def checkpoint_names(names):
-    """checkpoint_name() of each of a script's --checkpoint values."""
-    return [checkpoint_name(n) for n in names]
+    """checkpoint_name() of each of a script's --checkpoint values, paper:all expanded to the
+    paper's 72 networks (paper_names())."""
+    return [checkpoint_name(n) for name in names
+            for n in (paper_names() if name == "paper:all" else [name])]
 
 
 def load_pretrained(name, map_location="cpu"):
-    """A model to extract features from, by checkpoint path (or run folder: its final.pt) or
-    'torchvision:ARCH[:WEIGHTS]'.
+    """A model to extract features from, by checkpoint path (or run folder: its final.pt),
+    'torchvision:ARCH[:WEIGHTS]' or 'paper:OBJECTIVE/seedK' (the paper's networks: downloaded
+    and converted on first use, then loaded from torch's hub cache).
 
     Returns (model, network) with network = network_identity(...), the block every results
     file starts with."""
+    if name.startswith("paper:"):
+        return _load_paper_network(name, map_location)
     if name.startswith("torchvision:"):
         parts = name.split(":")
         arch = parts[1] if len(parts) > 1 else ""
@@ -1297,13 +1332,30 @@ def load_pretrained(name, map_location="cpu"):
     return model_from_checkpoint(ck, path=name), network_identity(name, ck)
 
 
+def _load_paper_network(name, map_location):
+    """load_pretrained of paper:OBJECTIVE/seedK. Its identity is that of the converted checkpoint
+    (label OBJECTIVE_sK and run id as import_tf_checkpoint.py gives it, so results join those
+    of a network converted by hand), with checkpoint_path the name: the same on every machine."""
+    objective, seed = paper_network(name)
+    import import_tf_checkpoint     # here, not at the top: it imports this module
+    path = import_tf_checkpoint.fetch_released(objective, seed)
+    try:
+        ck = load_checkpoint(path, map_location=map_location)
+    except UserError as e:          # a damaged cache: say which file, and how to get it again
+        reason = str(e).split(path, 1)[-1].split(";")[0].strip()
+        raise UserError(f"{name}: the cached {path} {reason}; delete it and rerun to download "
+                        f"the network again") from None
+    return model_from_checkpoint(ck, path=name), {**network_identity(path, ck),
+                                                  "checkpoint_path": name}
+
+
 # ----------------------------------------------------------------------------------------------
 # Identity: one block, the same in every results file, says which network a result belongs to.
 #
 #   run_id           uuid4 hex written by training into last.pt/final.pt (None: older
 #                    checkpoints, torchvision weights, --from-scratch)
 #   checkpoint       the short label (checkpoint_label): 'runs/softmax_s0/final.pt' -> softmax_s0
-#   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS name) as given
+#   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS or paper:OBJECTIVE/seedK name) as given
 #   checkpoint_hash  file_hash of the file (torchvision:ARCH:WEIGHTS for published weights,
 #                    None without weights)
 #   objective, hparams, seed, arch, resolution (training input side), small_input, stem_pool
@@ -1385,7 +1437,11 @@ def result_header(network, data, kind):
 
 def checkpoint_label(path):
     """A checkpoint's short name: the file name without extension, or its folder's name for
-    final/last/best.pt ('runs/softmax_s0/final.pt' -> 'softmax_s0')."""
+    final/last/best.pt ('runs/softmax_s0/final.pt' -> 'softmax_s0'); a paper network's is the
+    importer's file name ('paper:softmax/seed0' -> 'softmax_s0')."""
+    if path.startswith("paper:"):
+        objective, seed = paper_network(path)
+        return f"{objective}_s{seed}"
     label = os.path.splitext(os.path.basename(path))[0]
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return parent if label in ("final", "last", "best") and parent else label

@@ -50,8 +50,9 @@ NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkp
 def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", help="a checkpoint of train_imagenet.py (or its run folder: "
-                   "its final.pt) or torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:"
-                   "IMAGENET1K_V2); required unless --from-scratch")
+                   "its final.pt), torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:"
+                   "IMAGENET1K_V2) or paper:OBJECTIVE/seedK (the paper's networks, downloaded "
+                   "once); required unless --from-scratch")
     p.add_argument("--from-scratch", action="store_true",
                    help="random initialization instead of a checkpoint (the baseline)")
     p.add_argument("--data", required=True, help="dataset spec (see README), e.g. digits@5-9")

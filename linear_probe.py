@@ -25,6 +25,8 @@ Examples:
   python linear_probe.py --checkpoint runs/*/final.pt --data cifar10:/data/cifar cifar100:/data/cifar \\
       --out runs/probe --layer pool --device cuda
   python linear_probe.py --checkpoint torchvision:resnet50:IMAGENET1K_V2 --data dtd:/data/dtd --out probe
+  python linear_probe.py --checkpoint paper:all --data cifar10:/data/cifar --out runs/probe_paper
+      # the paper's 72 ResNet-50s, downloaded and converted on first use (import_tf_checkpoint.py)
   python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
   python linear_probe.py --checkpoint runs/*/final.pt --data npz:data/clothing --folds 5 --out probe
 
@@ -732,8 +734,10 @@ def main(argv=None):
     p = common.argument_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
-                     help="checkpoint paths (or run folders: their final.pt) and/or "
-                          "torchvision:ARCH[:WEIGHTS] names; this or --features is required")
+                     help="checkpoint paths (or run folders: their final.pt), "
+                          "torchvision:ARCH[:WEIGHTS] names and/or the paper's networks, "
+                          "paper:OBJECTIVE/seedK or paper:all (all 72, downloaded once); "
+                          "this or --features is required")
     src.add_argument("--features", nargs="+", metavar="FILE.npz",
                      help="probe features you already have (arrays train_x, train_y, test_x, "
                           "test_y[, val_x, val_y]); this or --checkpoint is required")

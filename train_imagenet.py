@@ -13,12 +13,14 @@ Evaluate a checkpoint without training (this project's, an imported one of the p
 torchvision's published weights) on the dataset's TEST split; writes OUT/results.json (kind
 "evaluate": top1, top5, mean_per_class). --eval-preprocessing tf scores the imported networks
 as the authors did (import_tf_checkpoint.tf_eval_transform):
-  python train_imagenet.py --evaluate runs/digits_softmax_s0/final.pt --data digits@0-4 \
+  python train_imagenet.py --evaluate runs/digits_softmax_s0/final.pt --data digits@0-4 \\
       --out runs/eval/digits_softmax_s0
-  torchrun --nproc_per_node=8 train_imagenet.py --evaluate runs/tf/softmax_s0.pt \
+  torchrun --nproc_per_node=8 train_imagenet.py --evaluate runs/tf/softmax_s0.pt \\
       --eval-preprocessing tf --data imagenet:/data/imagenet --out runs/eval/softmax_s0
-  python train_imagenet.py --evaluate torchvision:resnet50:IMAGENET1K_V1 \
+  python train_imagenet.py --evaluate torchvision:resnet50:IMAGENET1K_V1 \\
       --data imagenet:/data/imagenet --out runs/eval/torchvision_resnet50
+  python train_imagenet.py --evaluate paper:sigmoid/seed0 --eval-preprocessing tf \\
+      --data imagenet:/data/imagenet --out runs/eval/sigmoid_s0   # downloaded on first use
 
 Rerunning the same command resumes from OUT/last.pt (mid-epoch, bitwise on the CPU with
 --deterministic); SIGTERM or SIGUSR1 writes last.pt and exits (status 128 + signal). Changing
@@ -193,8 +195,8 @@ def parse_args(argv=None):
                         "(default: the data preset's)")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
     p.add_argument("--evaluate", metavar="CKPT", help="evaluate CKPT (a checkpoint path or "
-                   "torchvision:ARCH[:WEIGHTS]) on --data's test split instead of training; "
-                   "training flags are then refused (default: train)")
+                   "torchvision:ARCH[:WEIGHTS] or paper:OBJECTIVE/seedK) on --data's test "
+                   "split instead of training; training flags are then refused (default: train)")
     p.add_argument("--eval-preprocessing", choices=("torchvision", "tf"), default="torchvision",
                    help="with --evaluate: torchvision (this project's: antialiased bicubic, "
                    "uint8) or tf (the released TF models': crop 0.875, TF1 resize_bicubic)")
