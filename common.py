@@ -12,6 +12,7 @@ Every script imports this file; scripts talk to each other only through checkpoi
 """
 import argparse
 import contextlib
+import csv
 import errno
 import fcntl
 import glob
@@ -1119,15 +1120,30 @@ def pct(x):
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def hparam_columns(hparams):
+    """An objective's hyperparameters as CSV columns: one per hyperparameter of any objective, in
+    OBJECTIVES' order (None, an empty cell, where this objective has none), then any other.
+
+        hparam_columns({"tau": 0.05, "normalize_features": False})["tau"]   # 0.05
+    """
+    names = dict.fromkeys(k for hp in OBJECTIVES.values() for k in hp)
+    return {**{k: (hparams or {}).get(k) for k in names},
+            **{k: v for k, v in sorted((hparams or {}).items()) if k not in names}}
+
+
 def write_csv(path, rows):
-    """A list of dicts as a CSV file (columns in first-seen order; floats to 6 digits)."""
+    """A list of dicts as a CSV file (columns in first-seen order; floats to 6 digits; None
+    empty). A field with a comma or a quote is quoted (csv module): dataset specs such as
+    npz:DIR@5-9,per_class=2000 used to split into two columns."""
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    lines = [",".join(cols)] + [",".join("" if r.get(c) is None else
-                                          (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
-                                          for c in cols) for r in rows]
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows(["" if r.get(c) is None else (f"{r[c]:.6g}" if isinstance(r[c], float)
+                                              else str(r[c])) for c in cols] for r in rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def save_npz(path, **arrays):

@@ -35,7 +35,8 @@ OUT/<checkpoint>/<dataset_name>+<layer>/): common.result_header first (kind "lin
 network: the checkpoint's identity, dataset: the probed spec, dataset_name), then layer,
 resolution, metric, test_accuracy, best_lambda, val_curve (lambda -> val metric), the whole
 path, sizes and timings; and probe.npz (W, b on the raw features: logits = x @ W + b).
-OUT/summary.csv has one row per pair found under OUT.
+OUT/summary.csv has one row per pair found under OUT: the network's identity, its objective's
+hyperparameters (a column each), then the probe's numbers.
 --features FILE.npz writes OUT/<file name>/features/.
 Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoint's content hash,
 dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
@@ -644,11 +645,13 @@ def pair_dir(out, label, dataset, layer, folds=None):
 
 
 def summary_row(r):
-    """One summary.csv row: the identity's fields, then the probe's."""
+    """One summary.csv row: the identity's fields and the objective's hyperparameters (a column
+    each, common.hparam_columns: empty where the objective has none), then the probe's."""
     net = r.get("network") or {}
     row = {c: net.get(c) for c in ("run_id", "checkpoint", "checkpoint_path", "objective", "seed",
                                    "arch")}
-    return {**row, **{c: r.get(c) for c in SUMMARY_COLUMNS}}
+    return {**row, **common.hparam_columns(net.get("hparams")),
+            **{c: r.get(c) for c in SUMMARY_COLUMNS}}
 
 
 def write_summary(out):

@@ -669,6 +669,22 @@ def test_unused_flags_are_refused(capsys):
                                             f"{os.path.basename(sys.argv[0])} --help)\n"
 
 
+def test_write_csv_quotes_what_needs_it(tmp_path):
+    """A dataset spec holds commas (npz:DIR@5-9,per_class=2000): quoted, it stays one column."""
+    import csv
+    rows = [{"dataset": "cifar10@5-9,per_class_2000", "acc": 0.1234567, "note": 'say "hi"'},
+            {"dataset": "digits", "acc": None, "extra": True}]
+    common.write_csv(str(tmp_path / "t.csv"), rows)
+    text = (tmp_path / "t.csv").read_text()
+    assert text.splitlines()[0] == "dataset,acc,note,extra"
+    assert list(csv.DictReader(open(tmp_path / "t.csv"))) == [
+        {"dataset": "cifar10@5-9,per_class_2000", "acc": "0.123457", "note": 'say "hi"',
+         "extra": ""}, {"dataset": "digits", "acc": "", "note": "", "extra": "True"}]
+    assert common.hparam_columns({"tau": 0.05, "normalize_features": False, "new": 1}) == {
+        "alpha": None, "lambda_": None, "dropout": None, "beta": None, "tau": 0.05,
+        "normalize_features": False, "kappa": None, "m": None, "loss_scale": None, "new": 1}
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "x.json"
     common.save_json(path, {"a": 1})

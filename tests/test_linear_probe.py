@@ -398,6 +398,16 @@ def test_flags_of_the_other_mode_are_refused(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")       # refused before anything is written
 
 
+def test_summary_rows_carry_the_objectives_hyperparameters():
+    net = {"run_id": "r", "checkpoint": "cos_s0", "objective": "cosine_softmax", "seed": 0,
+           "arch": "resnet18", "hparams": {"tau": 0.05, "normalize_features": True}}
+    row = lp.summary_row({"network": net, "dataset_name": "digits@5-9", "test_accuracy": 0.9})
+    assert list(row)[:8] == ["run_id", "checkpoint", "checkpoint_path", "objective", "seed",
+                             "arch", "alpha", "lambda_"]
+    assert (row["tau"], row["normalize_features"], row["alpha"], row["test_accuracy"]) == \
+        (0.05, True, None, 0.9)
+
+
 def test_command_line_error_exit_status(tmp_path):
     x, _ = blobs(300, 8, 3, seed=5)
     path = write_features(tmp_path / "f.npz", train_y=np.zeros(200, dtype=np.int64))
