@@ -128,7 +128,9 @@ def add_training_args(parser, **defaults):
                    help="GLOBAL batch size (all processes together); must divide by the world "
                         "size" + preset("batch_size"))
     g.add_argument("--micro-batch", type=pos_int, help="per-device images per forward/backward; "
-                   "gradients accumulate to the per-device batch (default: no accumulation)")
+                   "gradients accumulate to the per-device batch (default: on a GPU the largest "
+                   "divisor of the per-device batch up to 256 images of 224 px, scaled by "
+                   "pixels; on the CPU the whole batch, no accumulation)")
     g.add_argument("--lr", type=pos_float, help="learning rate per 256 images, scaled linearly "
                    "to the global batch" + preset("lr"))
     g.add_argument("--warmup-epochs", type=nonneg_float,
