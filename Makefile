@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the whole study on the built-in digits data) and `make test`.
-# Both create .venv from requirements.txt the first time. `make cifar10-small` runs the small
-# real-data replication of results/cifar10_small/report.md (78 minutes on a 2-core CPU).
+# Both create .venv from requirements.txt (the runtime packages) the first time; `make test` adds
+# requirements-test.txt (pytest). `make cifar10-small` runs the small real-data replication of
+# results/cifar10_small/report.md (78 minutes on a 2-core CPU).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +11,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# The test tools (pytest) on top of the runtime packages: `make demo` never installs them.
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
 venv: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed

@@ -11,6 +11,8 @@ size and the number of (checkpoint, layer) combinations, never on the number of 
     python cka_analysis.py --checkpoint runs/softmax_s0/final.pt runs/softmax_s1/final.pt \\
         runs/sigmoid_s0/final.pt --data imagenet:/data/imagenet --split test --out results/cka
     python cka_analysis.py --checkpoint a.pt b.pt --data digits --out /tmp/cka --layers pool,logits
+    python cka_analysis.py --checkpoint paper:softmax/seed0 paper:softmax/seed1 \\
+        paper:sigmoid/seed0 --data imagenet:/data/imagenet --out results/cka_paper
     python cka_analysis.py --checkpoint torchvision:resnet50:IMAGENET1K_V1 b.pt --data digits \\
         --resolution 224 --max-images 500 --out /tmp/cka
 
@@ -245,11 +247,14 @@ def unique_labels(labels):
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="checkpoint paths or torchvision:ARCH:WEIGHTS (one or more)")
+                   help="checkpoint paths (or run folders: their final.pt), "
+                        "torchvision:ARCH:WEIGHTS and/or paper:OBJECTIVE/seedK or paper:all "
+                        "(the paper's networks, downloaded once); one or more")
     p.add_argument("--data", required=True,
                    help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder for cka.npz and cka.json")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="the images compared on")
     p.add_argument("--layers", default="all",
                    help="all, or a comma list such as block16,pool,logits")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
@@ -257,7 +262,7 @@ def main(argv=None):
     p.add_argument("--passes", type=common.positive_int, default=1,
                    help="passes over the images (see above)")
     p.add_argument("--max-images", type=common.positive_int, default=None,
-                   help="seeded random subset of the split (at least 4)")
+                   help="seeded random subset of the split (at least 4; default: all of it)")
     p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoints' training resolution, "
                         "else 224)")
@@ -269,6 +274,7 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     args = p.parse_args(argv)
 
+    args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     if args.batch_size < 4:
         raise common.UserError("--batch-size must be at least 4 (the unbiased HSIC estimator "
                                "needs 4 images per batch)")

@@ -13,7 +13,7 @@ For each checkpoint and layer (default: the penultimate `pool` features):
 
     python class_separation.py --checkpoint runs/*/final.pt --data imagenet:/data/imagenet \\
         --split train --max-per-class 50 --out results/separation
-    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \
+    python class_separation.py --checkpoint a.pt b.pt --data digits --out /tmp/sep \\
         --layers block8,pool
 
 Output DIR/class_separation.json: common.result_header first (kind "class_separation",
@@ -169,31 +169,33 @@ def analyse(name, data, args, device):
 def main(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="checkpoint paths or torchvision:ARCH:WEIGHTS")
+                   help="checkpoint paths (or run folders: their final.pt), "
+                        "torchvision:ARCH:WEIGHTS and/or paper:OBJECTIVE/seedK or paper:all "
+                        "(the paper's networks, downloaded once)")
     p.add_argument("--data", required=True,
                    help="dataset spec (digits, npz:DIR, imagenet:DIR, ...)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--layers", default="pool", help="pool (default), all, or a comma list")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="the images measured")
+    p.add_argument("--layers", default="pool", help="pool, all, or a comma list")
     p.add_argument("--max-per-class", default=None, type=common.int_at_least(
                        2, "one image per class gives R^2 = 1 whatever the features"),
                    help="at most this many images per class (seeded random choice; >= 2: with "
-                   "one image per class R^2 is 1 whatever the features)")
-    p.add_argument("--batch-size", type=common.positive_int, default=256)
+                   "one image per class R^2 is 1 whatever the features; default: all)")
+    p.add_argument("--batch-size", type=common.positive_int, default=256,
+                   help="feature extraction batch size")
     p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: each checkpoint's training resolution, "
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--workers", type=common.nonnegative_int, default=0,
+                   help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     args = p.parse_args(argv)
 
-    missing = [c for c in args.checkpoint if not c.startswith("torchvision:")
-               and not os.path.exists(c)]
-    if missing:
-        raise common.UserError(f"checkpoint not found: {missing[0]}")
+    args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
     common.make_out_dir(args.out)

@@ -12,6 +12,7 @@ Every script imports this file; scripts talk to each other only through checkpoi
 """
 import argparse
 import contextlib
+import csv
 import errno
 import fcntl
 import glob
@@ -1119,15 +1120,30 @@ def pct(x):
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def hparam_columns(hparams):
+    """An objective's hyperparameters as CSV columns: one per hyperparameter of any objective, in
+    OBJECTIVES' order (None, an empty cell, where this objective has none), then any other.
+
+        hparam_columns({"tau": 0.05, "normalize_features": False})["tau"]   # 0.05
+    """
+    names = dict.fromkeys(k for hp in OBJECTIVES.values() for k in hp)
+    return {**{k: (hparams or {}).get(k) for k in names},
+            **{k: v for k, v in sorted((hparams or {}).items()) if k not in names}}
+
+
 def write_csv(path, rows):
-    """A list of dicts as a CSV file (columns in first-seen order; floats to 6 digits)."""
+    """A list of dicts as a CSV file (columns in first-seen order; floats to 6 digits; None
+    empty). A field with a comma or a quote is quoted (csv module): dataset specs such as
+    npz:DIR@5-9,per_class=2000 used to split into two columns."""
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    lines = [",".join(cols)] + [",".join("" if r.get(c) is None else
-                                          (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
-                                          for c in cols) for r in rows]
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows(["" if r.get(c) is None else (f"{r[c]:.6g}" if isinstance(r[c], float)
+                                              else str(r[c])) for c in cols] for r in rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def save_npz(path, **arrays):
@@ -1243,11 +1259,72 @@ def model_from_checkpoint(ck, use_ema=True, path="checkpoint"):
     return model
 
 
+# The paper's 72 released networks by name: paper:OBJECTIVE/seedK, the bucket's folders
+# <objective>/seed<k> (import_tf_checkpoint.fetch_released downloads, converts and caches one).
+PAPER_SEEDS = 8
+
+
+def paper_network(name):
+    """(objective, seed) of 'paper:OBJECTIVE/seedK'; anything else is a one-line UserError.
+
+        paper_network("paper:logit_penalty/seed7")   # ('logit_penalty', 7)
+    """
+    m = re.fullmatch(r"paper:(\w+)/seed(\d+)", name)
+    if not m or m.group(1) not in OBJECTIVES or int(m.group(2)) >= PAPER_SEEDS:
+        raise UserError(f"unknown network {name!r}: the paper's are paper:OBJECTIVE/seedK, "
+                        f"OBJECTIVE one of {', '.join(OBJECTIVES)}, K 0 to {PAPER_SEEDS - 1}, "
+                        f"or paper:all for all {len(OBJECTIVES) * PAPER_SEEDS}")
+    return m.group(1), int(m.group(2))
+
+
+def paper_names():
+    """The names of the paper's 72 networks (9 objectives x 8 seeds), what paper:all means."""
+    return [f"paper:{o}/seed{k}" for o in OBJECTIVES for k in range(PAPER_SEEDS)]
+
+
+def checkpoint_name(name):
+    """One --checkpoint value as load_pretrained takes it, checked before any long work: a run
+    folder of train_imagenet.py means its final.pt (what every analysis reads); a missing file
+    or an unknown paper:... name is a one-line UserError here, not after the first network's
+    features. Nothing is downloaded yet."""
+    if name.startswith("torchvision:"):
+        return name
+    if name == "paper:all":
+        raise UserError(f"paper:all names {len(paper_names())} networks and this script takes "
+                        f"one: give paper:OBJECTIVE/seedK")
+    if name.startswith("paper:"):
+        paper_network(name)
+        return name
+    if os.path.isdir(name):
+        final = os.path.join(name, "final.pt")
+        if os.path.isfile(final):
+            return final
+        if os.path.isfile(os.path.join(name, "last.pt")):
+            raise UserError(f"{name} is a run folder whose training has not finished (last.pt "
+                            f"but no final.pt); rerun its training command to finish it")
+        raise UserError(f"{name} is a folder without final.pt, not a finished run of "
+                        f"train_imagenet.py; pass a checkpoint file")
+    if not os.path.exists(name):
+        raise UserError(f"checkpoint not found: {name}")
+    return name
+
+
+def checkpoint_names(names):
+    """checkpoint_name() of each of a script's --checkpoint values, paper:all expanded to the
+    paper's 72 networks (paper_names())."""
+    return [checkpoint_name(n) for name in names
+            for n in (paper_names() if name == "paper:all" else [name])]
+
+
 def load_pretrained(name, map_location="cpu"):
-    """A model to extract features from, by checkpoint path or 'torchvision:ARCH[:WEIGHTS]'.
+    """A model to extract features from, by checkpoint path (or run folder: its final.pt),
+    'torchvision:ARCH[:WEIGHTS]' or 'paper:OBJECTIVE/seedK' (the paper's networks: downloaded
+    and converted on first use, then loaded from torch's hub cache).
 
     Returns (model, network) with network = network_identity(...), the block every results
     file starts with."""
+    if name.startswith("paper:"):
+        return _load_paper_network(name, map_location)
     if name.startswith("torchvision:"):
         parts = name.split(":")
         arch = parts[1] if len(parts) > 1 else ""
@@ -1266,8 +1343,26 @@ def load_pretrained(name, map_location="cpu"):
             raise UserError(f"cannot load torchvision weights {w} (download failed or no cache in "
                             f"{torch.hub.get_dir()}): {str(e).splitlines()[0]}")
         return model, torchvision_identity(name, arch, w.name)
+    name = checkpoint_name(name)
     ck = load_checkpoint(name, map_location=map_location)
     return model_from_checkpoint(ck, path=name), network_identity(name, ck)
+
+
+def _load_paper_network(name, map_location):
+    """load_pretrained of paper:OBJECTIVE/seedK. Its identity is that of the converted checkpoint
+    (label OBJECTIVE_sK and run id as import_tf_checkpoint.py gives it, so results join those
+    of a network converted by hand), with checkpoint_path the name: the same on every machine."""
+    objective, seed = paper_network(name)
+    import import_tf_checkpoint     # here, not at the top: it imports this module
+    path = import_tf_checkpoint.fetch_released(objective, seed)
+    try:
+        ck = load_checkpoint(path, map_location=map_location)
+    except UserError as e:          # a damaged cache: say which file, and how to get it again
+        reason = str(e).split(path, 1)[-1].split(";")[0].strip()
+        raise UserError(f"{name}: the cached {path} {reason}; delete it and rerun to download "
+                        f"the network again") from None
+    return model_from_checkpoint(ck, path=name), {**network_identity(path, ck),
+                                                  "checkpoint_path": name}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1276,7 +1371,7 @@ def load_pretrained(name, map_location="cpu"):
 #   run_id           uuid4 hex written by training into last.pt/final.pt (None: older
 #                    checkpoints, torchvision weights, --from-scratch)
 #   checkpoint       the short label (checkpoint_label): 'runs/softmax_s0/final.pt' -> softmax_s0
-#   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS name) as given
+#   checkpoint_path  the path (or torchvision:ARCH:WEIGHTS or paper:OBJECTIVE/seedK name) as given
 #   checkpoint_hash  file_hash of the file (torchvision:ARCH:WEIGHTS for published weights,
 #                    None without weights)
 #   objective, hparams, seed, arch, resolution (training input side), small_input, stem_pool
@@ -1358,7 +1453,11 @@ def result_header(network, data, kind):
 
 def checkpoint_label(path):
     """A checkpoint's short name: the file name without extension, or its folder's name for
-    final/last/best.pt ('runs/softmax_s0/final.pt' -> 'softmax_s0')."""
+    final/last/best.pt ('runs/softmax_s0/final.pt' -> 'softmax_s0'); a paper network's is the
+    importer's file name ('paper:softmax/seed0' -> 'softmax_s0')."""
+    if path.startswith("paper:"):
+        objective, seed = paper_network(path)
+        return f"{objective}_s{seed}"
     label = os.path.splitext(os.path.basename(path))[0]
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return parent if label in ("final", "last", "best") and parent else label
@@ -1425,17 +1524,52 @@ def resolve_device(name="auto"):
 #   resolution = common.input_resolution(args.resolution, network)
 #   common.make_out_dir(args.out)
 
+class HelpFormatter(argparse.RawTextHelpFormatter):
+    """The module docstring's layout kept (RawTextHelpFormatter), and every option's help ending
+    with its default, "(default: 256)", as ArgumentDefaultsHelpFormatter does, except where the
+    help says it already: in words, for a default chosen at run time (None: "the data preset's").
+    A switch (store_true) is off unless given, which needs no saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or not action.option_strings or d is None or d is False
+                or d is argparse.SUPPRESS or isinstance(action, argparse._StoreConstAction)):
+            return text
+        value = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {value.replace('%', '%%')})".lstrip()
+
+
 def argument_parser(doc):
-    """The scripts' ArgumentParser: the module docstring as --help (layout kept), and a bad
-    argument as ONE line `error: ...` with exit status 2, like every other bad input (argparse's
-    own message starts with the whole usage text)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    """The scripts' ArgumentParser: the module docstring as --help (layout kept), every option's
+    default in its help (HelpFormatter), and a bad argument as ONE line `error: ...` with exit
+    status 2, like every other bad input (argparse's own message starts with the whole usage
+    text)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
     def error(message):
         print(f"error: {message} (see {p.prog} --help)", file=sys.stderr)
         sys.exit(2)
     p.error = error
     return p
+
+
+def refuse_unused(parser, args, used, why):
+    """parser.error (one line, exit 2) naming the first option given a value other than its
+    default that is not in `used` (dest names): a flag a script would ignore in this mode is
+    refused, not dropped in silence. `why` ends the message. An option given at its default
+    value changes nothing and passes.
+
+        common.refuse_unused(p, args, EVALUATE_USES, "with --evaluate (it trains nothing)")
+    """
+    for a in parser._actions:
+        if (a.option_strings and a.dest not in used and a.default is not argparse.SUPPRESS
+                and getattr(args, a.dest, a.default) != a.default):
+            value = getattr(args, a.dest)
+            flag = next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+            if isinstance(a, argparse.BooleanOptionalAction) and value is False:
+                flag = next(o for o in a.option_strings if o.startswith("--no-"))
+            parser.error(f"{flag} is not used {why}")
 
 
 def _number(text, kind):

@@ -49,8 +49,10 @@ NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkp
 
 def parse_args(argv=None):
     p = common.argument_parser(__doc__)
-    p.add_argument("--checkpoint", help="a checkpoint of train_imagenet.py, or "
-                   "torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:IMAGENET1K_V2)")
+    p.add_argument("--checkpoint", help="a checkpoint of train_imagenet.py (or its run folder: "
+                   "its final.pt), torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet50:"
+                   "IMAGENET1K_V2) or paper:OBJECTIVE/seedK (the paper's networks, downloaded "
+                   "once); required unless --from-scratch")
     p.add_argument("--from-scratch", action="store_true",
                    help="random initialization instead of a checkpoint (the baseline)")
     p.add_argument("--data", required=True, help="dataset spec (see README), e.g. digits@5-9")
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=common.ARCHS,
                    help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --from-scratch: the 3x3 stride-1 stem for tiny images")
+                   help="with --from-scratch: the 3x3 stride-1 stem for tiny images (default: "
+                        "off; with --checkpoint the checkpoint's)")
     p.add_argument("--resolution", type=common.resolution,
                    help="default: the checkpoint's training resolution, else 224")
     p.add_argument("--augment", choices=("paper", "small"),
@@ -75,9 +78,23 @@ def parse_args(argv=None):
                    help="keep the fine-tuned model, OUT/final/final.pt (default: its scores only)")
     train_imagenet.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0,
                                      ema_epochs=0.0, log_every=100)
+    # The grid sets the rate and the decay of every run: --lr and --weight-decay (shared with
+    # train_imagenet.py) are refused, not dropped in silence (--lr 0.05 --lrs 0.1 trained at
+    # 0.1). Kept as hidden flags so that argparse does not take --lr for an abbreviation of --lrs.
+    grid_flags = {"lr": "--lrs", "weight_decay": "--wds"}
+    for action in p._actions:
+        if action.dest in grid_flags:
+            action.default, action.help = None, argparse.SUPPRESS
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.from_scratch:
         p.error("give exactly one of --checkpoint or --from-scratch")
+    if args.checkpoint:
+        args.checkpoint = common.checkpoint_name(args.checkpoint)   # a run folder: its final.pt
+    for dest, grid in grid_flags.items():
+        if getattr(args, dest) is not None:
+            flag = "--" + dest.replace("_", "-")
+            p.error(f"{flag} is not used by finetune.py: its grid {grid} gives the values to "
+                    f"try (e.g. {grid} {getattr(args, dest):g})")
     return args
 
 

@@ -13,6 +13,13 @@ every analysis script, loads:
         --out sigmoid_s2.pt --keep-background
     python linear_probe.py --checkpoint runs/tf/*.pt --data cifar10:/data --out runs/probe
 
+Or not at all: every script that takes a checkpoint takes the released networks by name,
+--checkpoint paper:OBJECTIVE/seedK (or paper:all, the 72), downloaded and converted on first use
+(fetch_released below; PAPER_CHECKPOINTS_URL for a mirror) and then loaded from torch's hub cache
+(TORCH_HOME/hub/checkpoints/loss_functions_transfer/OBJECTIVE_sK.pt):
+
+    python linear_probe.py --checkpoint paper:all --data cifar10:/data --out runs/probe
+
 What is imported (as the official load_model.py restores it for evaluation): for every variable
 of the eval graph its <name>/ExponentialMovingAverage shadow, BN moving statistics included;
 raw weights, Momentum slots and global_step in the same file are never read. TF1 auto-names
@@ -33,10 +40,20 @@ The reader needs numpy and the standard library only (read_index, read_tensors):
 file is a LevelDB-style table of BundleEntryProto records, the data file raw little-endian
 tensors checked with masked crc32c.
 """
+import base64
+import errno
 import functools
+import hashlib
+import http.client
 import math
 import os
 import re
+import shutil
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.request
 import uuid
 
 import numpy as np
@@ -48,6 +65,9 @@ import common
 # Reading a TF checkpoint (TensorBundle format): numpy and the standard library only
 
 BUCKET = "gs://gresearch/loss_functions_transfer/checkpoints"   # <objective>/seed<k>/model.ckpt
+RELEASED_URL = "https://storage.googleapis.com/gresearch/loss_functions_transfer/checkpoints"
+RELEASED_FILES = ("model.ckpt.index", "model.ckpt.data-00000-of-00001")
+DOWNLOAD_TIMEOUT = 60      # seconds without a byte before a download is given up
 TABLE_MAGIC = 0xDB4775248B80FB57           # LevelDB table footer magic, also TF's
 FOOTER_LEN = 48                            # two block handles padded to 40 bytes + magic
 DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?",
@@ -398,6 +418,130 @@ def released_run_id(objective, seed, prefix):
     return uuid.uuid5(uuid.NAMESPACE_URL, name).hex
 
 
+# ----------------------------------------------------------------------------------------------
+# The paper's networks by name (common.load_pretrained's paper:OBJECTIVE/seedK): downloaded once,
+# converted, cached under torch's hub cache
+
+def released_cache_path(objective, seed):
+    """Where a converted released network is kept: torch's hub cache beside torchvision's
+    weights (TORCH_HOME/hub/checkpoints/; ~/.cache/torch by default), as OBJECTIVE_sK.pt."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", "loss_functions_transfer",
+                        f"{objective}_s{seed}.pt")
+
+
+def fetch_released(objective, seed, log=print):
+    """The path of released network OBJECTIVE/seedK as a checkpoint of this project: from the
+    cache, or else downloaded from RELEASED_URL (the environment's PAPER_CHECKPOINTS_URL for a
+    mirror), converted (convert(): EMA weights, 1000 classes) and cached. The two TF files go to
+    a temporary folder and are deleted once converted (200 MB); the cache gets the .pt only when
+    it is whole (common.save_checkpoint: written beside, then renamed). Nothing half-written is
+    ever converted or loaded: each file is checked against the size and hash the server gives,
+    the conversion checks every tensor's crc32c, and the .pt carries its weights' checksum.
+
+        path = fetch_released("softmax", 0)   # ~/.cache/torch/hub/checkpoints/.../softmax_s0.pt
+    """
+    path = released_cache_path(objective, seed)
+    if os.path.isfile(path):
+        return path
+    name = f"paper:{objective}/seed{seed}"
+    base = (os.environ.get("PAPER_CHECKPOINTS_URL") or RELEASED_URL).rstrip("/")
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=folder, prefix=".download-")
+    except OSError as e:
+        raise common.UserError(f"{name}: cannot write the cache folder {folder} "
+                               f"({e.strerror or e}); set TORCH_HOME to a writable place") from None
+    try:
+        prefix = os.path.join(tmp, objective, f"seed{seed}", "model.ckpt")
+        os.makedirs(os.path.dirname(prefix))
+        for f in RELEASED_FILES:
+            download(f"{base}/{objective}/seed{seed}/{f}",
+                     os.path.join(os.path.dirname(prefix), f), name, log)
+        try:
+            ck = convert(prefix, objective, seed)
+        except common.UserError as e:     # the files' URL, not the deleted temporary path
+            text = str(e).replace(prefix, f"{base}/{objective}/seed{seed}/model.ckpt")
+            raise common.UserError(f"{name}: {text} (nothing was cached)") from None
+        common.save_checkpoint(path, ck)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"{name}: converted, cached as {path}", flush=True)
+    return path
+
+
+def download(url, dst, name, log=print):
+    """url -> dst with torch's downloader (torch.hub.download_url_to_file: a progress bar on a
+    terminal, plain lines in a log; it renames its partial file onto dst when the stream ends),
+    then checked against the server's Content-Length and, from Google Cloud Storage, the MD5 or
+    CRC32C of its x-goog-hash header: a connection closed mid-body ends the stream without an
+    error. Any failure is a one-line UserError naming `name` and the URL."""
+    why = None
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        size, hashes = _head(url)
+        log(f"{name}: downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""),
+            flush=True)
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)   # torch's downloader sets none
+        torch.hub.download_url_to_file(url, dst, progress=sys.stderr.isatty())
+    except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code} {e.reason}" + (": not on the server" if e.code == 404 else "")
+    except urllib.error.URLError as e:
+        why = f"{e.reason}; check the network, or PAPER_CHECKPOINTS_URL"
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise common.UserError(f"{name}: no space left on the device for {dst}; free some "
+                                   f"space or set TORCH_HOME elsewhere") from None
+        why = f"{e.strerror or e or type(e).__name__}; check the network, or PAPER_CHECKPOINTS_URL"
+    except (http.client.HTTPException, ValueError) as e:
+        why = f"{type(e).__name__}: {e}"
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    if why is None:
+        got = os.path.getsize(dst)
+        if size is not None and got != size:
+            why = f"the connection closed after {got:,} of {size:,} bytes"
+        elif not _hash_matches(dst, hashes):
+            why = "its content does not match the hash the server gives"
+    if why is not None:
+        if os.path.exists(dst):
+            os.remove(dst)
+        raise common.UserError(f"{name}: cannot download {url} ({why}); nothing was cached, "
+                               f"rerun to try again")
+
+
+def _head(url):
+    """(size or None, {hash kind: base64 digest}) from a HEAD request; a server that does not
+    answer HEAD (405, 501) gives (None, {}): the download is then checked by its content only."""
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "torch.hub"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as r:
+            size = r.headers.get("Content-Length")
+            hashes = dict(h.strip().split("=", 1) for v in r.headers.get_all("x-goog-hash") or []
+                          for h in v.split(",") if "=" in h)
+    except urllib.error.HTTPError as e:
+        if e.code in (405, 501):
+            return None, {}
+        raise
+    return (int(size) if size and size.isdigit() else None), hashes
+
+
+def _hash_matches(path, hashes):
+    """Whether the file matches the MD5 or else CRC32C of an x-goog-hash header ({kind: base64
+    digest}); True when the server gives neither (the size and crc32c of every tensor remain)."""
+    if "md5" in hashes:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return base64.b64encode(h.digest()).decode() == hashes["md5"]
+    if "crc32c" in hashes:
+        with open(path, "rb") as f:
+            crc = crc32c(f.read())
+        return base64.b64encode(crc.to_bytes(4, "big")).decode() == hashes["crc32c"]
+    return True
+
+
 def find_checkpoints(folder):
     """Every PREFIX with a PREFIX.index under `folder`, sorted."""
     found = []
@@ -460,7 +604,8 @@ def main(argv=None):
     if re.match(r"(gs|https?)://", args.checkpoint):
         raise common.UserError(f"download {args.checkpoint} first (e.g. gsutil -m cp -r "
                                f"gs://gresearch/loss_functions_transfer/checkpoints .), then pass "
-                               f"the local path")
+                               f"the local path; or give the scripts --checkpoint "
+                               f"paper:OBJECTIVE/seedK, which downloads and converts by itself")
     args.checkpoint = re.sub(r"\.(index|data-\d{5}-of-\d{5})$", "", args.checkpoint)
     if os.path.isdir(args.checkpoint):
         if args.objective is not None or args.seed is not None:

@@ -25,6 +25,8 @@ Examples:
   python linear_probe.py --checkpoint runs/*/final.pt --data cifar10:/data/cifar cifar100:/data/cifar \\
       --out runs/probe --layer pool --device cuda
   python linear_probe.py --checkpoint torchvision:resnet50:IMAGENET1K_V2 --data dtd:/data/dtd --out probe
+  python linear_probe.py --checkpoint paper:all --data cifar10:/data/cifar --out runs/probe_paper
+      # the paper's 72 ResNet-50s, downloaded and converted on first use (import_tf_checkpoint.py)
   python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
   python linear_probe.py --checkpoint runs/*/final.pt --data npz:data/clothing --folds 5 --out probe
 
@@ -33,7 +35,8 @@ OUT/<checkpoint>/<dataset_name>+<layer>/): common.result_header first (kind "lin
 network: the checkpoint's identity, dataset: the probed spec, dataset_name), then layer,
 resolution, metric, test_accuracy, best_lambda, val_curve (lambda -> val metric), the whole
 path, sizes and timings; and probe.npz (W, b on the raw features: logits = x @ W + b).
-OUT/summary.csv has one row per pair found under OUT.
+OUT/summary.csv has one row per pair found under OUT: the network's identity, its objective's
+hyperparameters (a column each), then the probe's numbers.
 --features FILE.npz writes OUT/<file name>/features/.
 Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoint's content hash,
 dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
@@ -60,6 +63,9 @@ import common  # for the command-line part only: the method below needs torch an
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
+# What --features reads; the other flags go with --checkpoint and are refused with it.
+FEATURES_USE = {"features", "data", "out", "lambdas", "standardize", "metric", "rtol", "max_iter",
+                "device", "folds", "seed", "overwrite"}
 SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
                    "test_accuracy",
                    "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
@@ -639,11 +645,13 @@ def pair_dir(out, label, dataset, layer, folds=None):
 
 
 def summary_row(r):
-    """One summary.csv row: the identity's fields, then the probe's."""
+    """One summary.csv row: the identity's fields and the objective's hyperparameters (a column
+    each, common.hparam_columns: empty where the objective has none), then the probe's."""
     net = r.get("network") or {}
     row = {c: net.get(c) for c in ("run_id", "checkpoint", "checkpoint_path", "objective", "seed",
                                    "arch")}
-    return {**row, **{c: r.get(c) for c in SUMMARY_COLUMNS}}
+    return {**row, **common.hparam_columns(net.get("hparams")),
+            **{c: r.get(c) for c in SUMMARY_COLUMNS}}
 
 
 def write_summary(out):
@@ -729,13 +737,17 @@ def main(argv=None):
     p = common.argument_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
-                     help="checkpoint paths and/or torchvision:ARCH[:WEIGHTS] names")
+                     help="checkpoint paths (or run folders: their final.pt), "
+                          "torchvision:ARCH[:WEIGHTS] names and/or the paper's networks, "
+                          "paper:OBJECTIVE/seedK or paper:all (all 72, downloaded once); "
+                          "this or --features is required")
     src.add_argument("--features", nargs="+", metavar="FILE.npz",
                      help="probe features you already have (arrays train_x, train_y, test_x, "
-                          "test_y[, val_x, val_y])")
-    p.add_argument("--data", nargs="+", metavar="SPEC", help="dataset specs (with --checkpoint)")
+                          "test_y[, val_x, val_y]); this or --checkpoint is required")
+    p.add_argument("--data", nargs="+", metavar="SPEC",
+                   help="dataset specs (required with --checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits (default pool)")
+    p.add_argument("--layer", default="pool", help="block1..blockN, pool or logits")
     p.add_argument("--resolution", type=common.resolution, default=None,
                    help="input side length (default: the checkpoint's training resolution, "
                         "else 224)")
@@ -754,13 +766,16 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
                    help="feature extraction batch size")
-    p.add_argument("--workers", type=common.nonnegative_int, default=4,
-                   help="data loader workers")
+    p.add_argument("--workers", type=common.nonnegative_int, default=None,
+                   help="data loader workers (default: common.default_workers, the rule of "
+                        "every script: on a GPU the cores this process may use less one, on "
+                        "the CPU one)")
     p.add_argument("--folds", default=None, metavar="K", type=common.int_at_least(
                        3, "each fold is tested once, the next one picks lambda, the rest train"),
                    help="score by stratified K-fold cross-validation over all the images of "
                         "train, val and test pooled (fold i tests, fold i+1 picks lambda); for "
-                        "small data sets, whose one test split has a large sampling error")
+                        "small data sets, whose one test split has a large sampling error "
+                        "(default: the train/val/test splits)")
     p.add_argument("--seed", type=common.seed, default=0,
                    help="seed of the --folds assignment and of the val hold-out for --features "
                         "files without val")
@@ -768,6 +783,13 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace results of another "
                    "checkpoint or setting in the same folder (default: refused)")
     args = p.parse_args(argv)
+    if args.features:   # a flag of the other mode would be ignored: refused instead
+        common.refuse_unused(p, args, FEATURES_USE, "with --features (it extracts no features: "
+                             "it goes with --checkpoint)")
+    else:
+        common.refuse_unused(p, args, set(vars(args)) - {"metric"}, "with --checkpoint: each "
+                             "dataset has its metric (top1, or mean_per_class for pets, "
+                             "flowers, aircraft, caltech101); --metric goes with --features")
 
     lambdas = parse_lambdas(args.lambdas)
     device = common.resolve_device(args.device)
@@ -806,9 +828,8 @@ def main(argv=None):
     cache = args.cache or os.path.join(args.out, "cache")
     common.make_shared_dir(cache, "--cache")
     labels = {}
-    for name in args.checkpoint:   # check cheap things before any long work
-        if not name.startswith("torchvision:") and not os.path.exists(name):
-            raise common.UserError(f"checkpoint not found: {name}")
+    args.checkpoint = common.checkpoint_names(args.checkpoint)  # cheap checks before long work
+    for name in args.checkpoint:
         label = None if name.startswith("torchvision:") else common.checkpoint_label(name)
         if label is not None and label in labels:
             raise common.UserError(f"checkpoints {labels[label]} and {name} share the label "
@@ -819,6 +840,9 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise common.UserError(f"two --data specs share the short name ({names}); "
                                f"give their folders different names")
+    # A fixed 4 made PyTorch warn on 2 cores and fought the extraction for them.
+    workers = args.workers if args.workers is not None else \
+        common.default_workers(device.type)[0]
     for name in args.checkpoint:
         model, network = common.load_pretrained(name)
         model.to(device)
@@ -831,7 +855,7 @@ def main(argv=None):
                   f"{resolution}px")
             splits = [cached_features(model, network, data, s, layer=layer,
                                       resolution=resolution, cache_dir=cache, device=device,
-                                      batch_size=args.batch_size, workers=args.workers)
+                                      batch_size=args.batch_size, workers=workers)
                       for s in ("train", "val", "test")]
             train, val, test = check_splits(*splits)
             results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,

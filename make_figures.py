@@ -18,6 +18,17 @@ train_imagenet.py --evaluate on its training data. It writes to --out, as PNG an
                             by fixed rules stated in the report), the table, rank correlations,
                             CKA and sweep summaries, and a note for every piece that was missing
                             or skipped (never a crash).
+  results.csv               one row per network: identity (run_id, checkpoint, objective, seed,
+                            arch, dataset, trained_here, in_comparison: in the table's variant),
+                            the objectives' hyperparameters (a column each, empty where an
+                            objective has none), training lr/epochs/batch_size, source top1 and
+                            where it came from, every transfer result (linear:<dataset>,
+                            linear:<dataset>:<layer>, finetune:<dataset>, the :mean over
+                            datasets), and the pool layer's r2, sparsity, dim and dead.
+  objectives.csv            the table of report.md, one row per objective and quantity (the
+                            column names of results.csv): n, mean, se, diff_vs_softmax, p (Welch
+                            against softmax), the paper's claim and the verdict; also sparsity,
+                            dim and dead. Accuracies in percent in both files, as in report.md.
 
 Examples:
   python make_figures.py --runs results/demo --out results/demo
@@ -78,7 +89,7 @@ def parse_args():
     p.add_argument("--runs", required=True, help="folder searched recursively for results")
     p.add_argument("--out", default=None, help="output folder (default: --runs)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
-    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--dpi", type=int, default=150, help="figure resolution, dots per inch")
     return p.parse_args()
 
 
@@ -142,7 +153,8 @@ def make_network(identity):
             "dataset_name": identity.get("dataset_name"), "epochs": None,
             "top1": None, "linear": {}, "finetune": {}, "layers": {}, "r2": None,
             "sparsity": None,
-            "dim": None, "sources": {}, "orphan": False}
+            "dim": None, "dead": None, "lr": None, "batch_size": None, "sources": {},
+            "orphan": False}
 
 
 def network_of(identity, rel, nets, notes):
@@ -180,7 +192,8 @@ def training_networks(found, runs, notes):
                          f"seen (a copied run folder?); skipped.")
             continue
         net = nets[identity["run_id"]] = make_network(identity)
-        net["epochs"] = r.get("epochs")
+        net["epochs"], net["lr"], net["batch_size"] = (r.get(k) for k in ("epochs", "lr",
+                                                                            "batch_size"))
         top1 = r.get("top1")
         if finite(top1):
             net["top1"] = 100 * float(top1)   # accuracies are fractions in every results file
@@ -280,7 +293,7 @@ def attach_class_separation(found, nets, runs, notes):
             net = network_of(identity, rel, nets, notes)
             if net is not None:
                 net["r2"] = float(pool["r2"])
-                for name in ("sparsity", "dim"):
+                for name in ("sparsity", "dim", "dead"):   # dead: class_separation.py's newer
                     net[name] = float(pool[name]) if finite(pool.get(name)) else None
     if missing_pool:
         notes.append(f"Class separation: {missing_pool} entr{'y' if missing_pool == 1 else 'ies'} "
@@ -1553,6 +1566,99 @@ def section_sweeps(by_obj, groups, report):
     return lines
 
 
+# ----------------------------------------------------------------------------------------------
+# Machine-readable results: results.csv (a row per network), objectives.csv (the table)
+
+def hparam_names(nets):
+    """The hyperparameter columns (common.hparam_columns) of all these networks."""
+    names = {}
+    for n in nets:
+        names.update(common.hparam_columns(n["hparams"]))
+    return list(names) or list(common.hparam_columns({}))
+
+
+def csv_value(v):
+    """A cell: None, NaN and inf as an empty cell (write_csv writes floats to 6 digits)."""
+    return v if v is None or isinstance(v, (bool, str)) or finite(v) else None
+
+
+def transfer_keys(nets):
+    """(column key, quantity) of every transfer result: linear:<d>, linear:<d>:<layer>,
+    finetune:<d>, and kind:mean where a kind has several datasets (as the table's)."""
+    keys = []
+    for kind in ("linear", "finetune"):
+        datasets = sorted({d for n in nets for d in n[kind]})
+        keys += [(f"{kind}:{d}", lambda n, k=kind, d=d: n[k].get(d)) for d in datasets]
+        if kind == "linear":
+            keys += [(f"linear:{d}:{layer}", lambda n, dl=(d, layer): n["layers"].get(dl))
+                     for d, layer in sorted({dl for n in nets for dl in n["layers"]})]
+        if len(datasets) > 1:
+            keys.append((f"{kind}:mean", lambda n, k=kind: mean_of(n[k])))
+    return keys
+
+
+SEPARATION = (("sparsity", "Sparsity (pool, fraction of zeros)"),
+              ("dim", "Participation-ratio dimensionality (pool)"),
+              ("dead", "Dead units (pool, fraction of channels zero on every image)"))
+
+
+def results_rows(nets, groups):
+    """results.csv: one row per network, in the report's objective order, then seed."""
+    in_table = {id(n) for g in groups.values() for n in g}
+    hps, keys = hparam_names(nets), transfer_keys(nets)
+    extra = [k for k, _ in SEPARATION if k != "dead" or any(n["dead"] is not None for n in nets)]
+    order = {o: i for i, o in enumerate(list(common.OBJECTIVES))}
+    rows = []
+    for n in sorted(nets, key=lambda n: (order.get(n["objective"], len(order)), n["objective"],
+                                         variant_of(n["hparams"]), str(n["seed"]).zfill(12),
+                                         str(n["label"]))):
+        row = {"run_id": n["run_id"], "checkpoint": n["label"], "objective": n["objective"],
+               "seed": n["seed"], "arch": n["arch"], "dataset": n["dataset_name"],
+               "trained_here": not n["orphan"], "in_comparison": id(n) in in_table}
+        row.update({h: n["hparams"].get(h) for h in hps})
+        row.update({"epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
+                    "top1": n["top1"], "top1_from": None if n["top1"] is None else
+                    n["sources"].get("top1", "training")})
+        row.update({k: q(n) for k, q in keys})
+        row.update({"r2": n["r2"], **{k: n[k] for k in extra}})
+        rows.append({k: csv_value(v) for k, v in row.items()})
+    return rows
+
+
+def objectives_rows(groups):
+    """objectives.csv: the report's table (columns()/table_cells()) in long form, one row per
+    objective and quantity, plus the pool layer's sparsity, dimensionality and dead units
+    (no claim of the paper: no verdict)."""
+    nets = [n for g in groups.values() for n in g]
+    cols = columns(groups) + [(k, name, None, lambda n, k=k: n[k], 3, "")
+                              for k, name in SEPARATION if values(nets, lambda n, k=k: n[k])]
+    cells = table_cells(groups, cols)
+    hps = hparam_names(nets)
+    rows = []
+    for obj, members in groups.items():
+        hp = members[0]["hparams"]
+        for key, name, claim, _, _, unit in cols:
+            c = cells[obj][key]
+            row = {"objective": obj, **{h: hp.get(h) for h in hps}, "quantity": key,
+                   "name": name, "unit": unit, "n": c["n"], "mean": c["mean"], "se": c["se"],
+                   "diff_vs_softmax": c["diff"], "p": c["p"],
+                   "paper_claim": claim_words(claim, unit) if claim else None,
+                   "verdict": (c["verdict"] or None) if claim else None}
+            rows.append({k: csv_value(v) for k, v in row.items()})
+    return rows
+
+
+def write_tables(out, nets, groups):
+    """results.csv and objectives.csv beside report.md; the paths written."""
+    written = []
+    for name, rows in (("results.csv", results_rows(nets, groups)),
+                       ("objectives.csv", objectives_rows(groups) if groups else [])):
+        if rows:
+            common.write_csv(os.path.join(out, name), rows)
+            written.append(name)
+    return written
+
+
 def main():
     args = parse_args()
     runs = args.runs
@@ -1605,8 +1711,9 @@ def main():
         common.atomic_write(report, lambda f: f.write(text.encode()))
     except OSError as e:
         raise common.UserError(f"cannot write {report}: {e.strerror or e}")
-    print(f"wrote {report} and {len(figures)} figure(s) ({', '.join(formats)}) to {out}; "
-          f"{len(notes)} note(s) in the report")
+    tables = write_tables(out, nets, groups)
+    print(f"wrote {report}, {' and '.join(tables) or 'no table'} and {len(figures)} figure(s) "
+          f"({', '.join(formats)}) to {out}; {len(notes)} note(s) in the report")
 
 
 if __name__ == "__main__":

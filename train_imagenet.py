@@ -13,12 +13,14 @@ Evaluate a checkpoint without training (this project's, an imported one of the p
 torchvision's published weights) on the dataset's TEST split; writes OUT/results.json (kind
 "evaluate": top1, top5, mean_per_class). --eval-preprocessing tf scores the imported networks
 as the authors did (import_tf_checkpoint.tf_eval_transform):
-  python train_imagenet.py --evaluate runs/digits_softmax_s0/final.pt --data digits@0-4 \
+  python train_imagenet.py --evaluate runs/digits_softmax_s0/final.pt --data digits@0-4 \\
       --out runs/eval/digits_softmax_s0
-  torchrun --nproc_per_node=8 train_imagenet.py --evaluate runs/tf/softmax_s0.pt \
+  torchrun --nproc_per_node=8 train_imagenet.py --evaluate runs/tf/softmax_s0.pt \\
       --eval-preprocessing tf --data imagenet:/data/imagenet --out runs/eval/softmax_s0
-  python train_imagenet.py --evaluate torchvision:resnet50:IMAGENET1K_V1 \
+  python train_imagenet.py --evaluate torchvision:resnet50:IMAGENET1K_V1 \\
       --data imagenet:/data/imagenet --out runs/eval/torchvision_resnet50
+  python train_imagenet.py --evaluate paper:sigmoid/seed0 --eval-preprocessing tf \\
+      --data imagenet:/data/imagenet --out runs/eval/sigmoid_s0   # downloaded on first use
 
 Rerunning the same command resumes from OUT/last.pt (mid-epoch, bitwise on the CPU with
 --deterministic); SIGTERM or SIGUSR1 writes last.pt and exits (status 128 + signal). Changing
@@ -101,38 +103,55 @@ NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device",
                           "debug_nan_at_step",
                           "debug_kill_at_step", "evaluate", "eval_preprocessing"}
 NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
+# What --evaluate reads (evaluate_checkpoint); any other flag given with it is refused.
+EVALUATE_USES = {"evaluate", "data", "out", "download", "eval_preprocessing", "resolution",
+                 "precision", "channels_last", "workers", "eval_batch_size", "device"}
 
 
 def add_training_args(parser, **defaults):
     """Add the flags train() reads. A default of None means: chosen by the script's data preset
-    or by the device (see the script's help). `defaults` override these defaults. Each number's
-    valid range is its argparse type (common.positive_int & co.)."""
+    or by the device (see the script's help, which says it in words). `defaults` override these
+    defaults, and --help shows them (common.HelpFormatter). Each number's valid range is its
+    argparse type (common.positive_int & co.)."""
     pos_int, pos_float = common.positive_int, common.positive_float
     nonneg_int, nonneg_float = common.nonnegative_int, common.nonnegative_float
+    words = {"epochs": "the data preset's", "batch_size": "the data preset's",
+             "lr": "the data preset's, or the objective's (squared_error), see above",
+             "warmup_epochs": "the data preset's", "ema_epochs": "the data preset's",
+             "workers": "common.default_workers: on a GPU the cores this process may use "
+                        "less one, on the CPU one"}
+
+    def preset(dest):   # a given default is shown by the formatter; else these words
+        return "" if dest in defaults else f" (default: {words[dest]})"
     g = parser.add_argument_group("training (shared with finetune.py)")
-    g.add_argument("--epochs", type=pos_int, help="training epochs")
+    g.add_argument("--epochs", type=pos_int, help="training epochs" + preset("epochs"))
     g.add_argument("--batch-size", type=pos_int,
-                   help="GLOBAL batch size (all processes together); must divide by the world size")
+                   help="GLOBAL batch size (all processes together); must divide by the world "
+                        "size" + preset("batch_size"))
     g.add_argument("--micro-batch", type=pos_int, help="per-device images per forward/backward; "
-                   "gradients accumulate to the per-device batch (default: no accumulation)")
+                   "gradients accumulate to the per-device batch (default: on a GPU the largest "
+                   "divisor of the per-device batch up to 256 images of 224 px, scaled by "
+                   "pixels; on the CPU the whole batch, no accumulation)")
     g.add_argument("--lr", type=pos_float, help="learning rate per 256 images, scaled linearly "
-                   "to the global batch")
+                   "to the global batch" + preset("lr"))
     g.add_argument("--warmup-epochs", type=nonneg_float,
-                   help="linear warmup, then cosine decay per step")
+                   help="linear warmup, then cosine decay per step" + preset("warmup_epochs"))
     g.add_argument("--momentum", type=common.fraction_below_one, default=0.9,
                    help="SGD momentum, in [0, 1)")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov momentum")
     g.add_argument("--weight-decay", type=nonneg_float, default=8e-5,
                    help="on conv and linear weights only (common.param_groups)")
     g.add_argument("--ema-epochs", type=nonneg_float, help="time constant of the exponential "
-                   "moving average of the weights, in epochs (0: no EMA)")
+                   "moving average of the weights, in epochs (0: no EMA)" + preset("ema_epochs"))
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast precision; auto: bf16 on GPU, fp32 on CPU; fp16 uses GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for GPU, off for CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for GPU, off for CPU)")
-    g.add_argument("--workers", type=nonneg_int, help="data loading processes per device")
+    g.add_argument("--workers", type=nonneg_int,
+                   help="data loading processes per device" + preset("workers"))
     g.add_argument("--threads", type=pos_int, help="CPU threads of the training step (default: "
                    "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
     g.add_argument("--eval-batch-size", type=pos_int, default=256, help="per device")
@@ -142,7 +161,8 @@ def add_training_args(parser, **defaults):
                    help="also write last.pt this often (checked at log steps; 0: every log step)")
     g.add_argument("--steps", type=pos_int, help="a budget of optimizer steps: the cosine "
                    "schedule ends there and the last epoch is cut (default: whole --epochs)")
-    g.add_argument("--seed", type=common.seed, default=0)
+    g.add_argument("--seed", type=common.seed, default=0,
+                   help="seed of the initialization, data order and augmentation")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bitwise-reproducible runs on the CPU)")
     g.add_argument("--force-resume", action="store_true",
@@ -162,20 +182,24 @@ def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--data", required=True, help="dataset spec: digits, digits@0-4, "
                    "npz:DIR[@0-4], imagenet:DIR, folder:DIR, cifar10:ROOT, ... (see README)")
-    p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES))
+    p.add_argument("--objective", default="softmax", choices=list(common.OBJECTIVES),
+                   help="the training objective (SPEC.md)")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--arch", choices=common.ARCHS, help="default: from the data preset")
     p.add_argument("--resolution", type=common.resolution,
-                   help="training and evaluation side in pixels")
-    p.add_argument("--augment", choices=("paper", "small"), help="train augmentation style")
+                   help="training and evaluation side in pixels (default: the data preset's; "
+                        "with --evaluate the checkpoint's training resolution, else 224)")
+    p.add_argument("--augment", choices=("paper", "small"),
+                   help="train augmentation style (default: the data preset's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips in training")
+                   help="random horizontal flips in training (default: the data preset's)")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="3x3 stride-1 stem without max-pool, for images of 32 px or less")
+                   help="3x3 stride-1 stem without max-pool, for images of 32 px or less "
+                        "(default: the data preset's)")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
     p.add_argument("--evaluate", metavar="CKPT", help="evaluate CKPT (a checkpoint path or "
-                   "torchvision:ARCH[:WEIGHTS]) on --data's test split instead of training; "
-                   "training flags are then ignored")
+                   "torchvision:ARCH[:WEIGHTS] or paper:OBJECTIVE/seedK) on --data's test "
+                   "split instead of training; training flags are then refused (default: train)")
     p.add_argument("--eval-preprocessing", choices=("torchvision", "tf"), default="torchvision",
                    help="with --evaluate: torchvision (this project's: antialiased bicubic, "
                    "uint8) or tf (the released TF models': crop 0.875, TF1 resize_bicubic)")
@@ -184,19 +208,34 @@ def parse_args(argv=None):
                    help="also keep the weights every this many epochs as "
                    "OUT/snapshots/epochNNN.pt (a normal checkpoint every script reads; 0: none)")
     h = p.add_argument_group("objective hyperparameters (defaults: SPEC.md)")
-    h.add_argument("--alpha", type=float, help="label_smoothing")
-    h.add_argument("--lambda", dest="lambda_", type=float, help="extra_final_layer_l2")
-    h.add_argument("--dropout", type=float, help="dropout: drop rate on the pooled features")
-    h.add_argument("--beta", type=float, help="logit_penalty")
-    h.add_argument("--tau", type=float, help="logit_normalization, cosine_softmax")
+    spec = {k: v for hp in common.OBJECTIVES.values() for k, v in hp.items()}
+
+    def default(key):   # SPEC.md's value, from common.OBJECTIVES
+        return f" (default: {spec[key]})"
+    h.add_argument("--alpha", type=float, help="label_smoothing" + default("alpha"))
+    h.add_argument("--lambda", dest="lambda_", type=float,
+                   help="extra_final_layer_l2" + default("lambda_"))
+    h.add_argument("--dropout", type=float,
+                   help="dropout: drop rate on the pooled features" + default("dropout"))
+    h.add_argument("--beta", type=float, help="logit_penalty" + default("beta"))
+    h.add_argument("--tau", type=float, help="logit_normalization, cosine_softmax (default: "
+                   f"{common.OBJECTIVES['logit_normalization']['tau']} and "
+                   f"{common.OBJECTIVES['cosine_softmax']['tau']})")
     h.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=None,
                    help="cosine_softmax: normalize x too (--no-normalize-features: the released "
-                   "code's variant)")
-    h.add_argument("--kappa", type=float, help="squared_error")
-    h.add_argument("--m", type=float, help="squared_error: target M")
-    h.add_argument("--loss-scale", type=float, help="squared_error: s")
+                   "code's variant)" + default("normalize_features"))
+    h.add_argument("--kappa", type=float, help="squared_error" + default("kappa"))
+    h.add_argument("--m", type=float, help="squared_error: target M" + default("m"))
+    h.add_argument("--loss-scale", type=float, help="squared_error: s" + default("loss_scale"))
     add_training_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.evaluate:
+        common.refuse_unused(p, args, EVALUATE_USES, "with --evaluate, which scores a trained "
+                             "network (drop it, or train without --evaluate)")
+    else:
+        common.refuse_unused(p, args, set(vars(args)) - {"eval_preprocessing"},
+                             "in training (it goes with --evaluate)")
+    return args
 
 
 def preset_name(spec, image_size=None):

@@ -1,4 +1,5 @@
 """Tests of common.py: objectives, model, param groups, datasets, transforms, features, checkpoints."""
+import argparse
 import json
 import math
 import os
@@ -628,6 +629,62 @@ def test_checkpoint_errors(tmp_path):
             common.load_pretrained(bad)
 
 
+def test_a_run_folder_means_its_final_pt(tmp_path):
+    """--checkpoint runs/softmax_s3 is runs/softmax_s3/final.pt, the same network and identity
+    (it used to say "corrupt or truncated ... re-run the training")."""
+    _, ck = small_checkpoint()
+    run = tmp_path / "softmax_s3"
+    common.save_checkpoint(str(run / "final.pt"), ck)
+    assert common.checkpoint_names([str(run), "torchvision:resnet18"]) == \
+        [str(run / "final.pt"), "torchvision:resnet18"]
+    assert common.load_pretrained(str(run))[1] == common.load_pretrained(str(run / "final.pt"))[1]
+    os.rename(run / "final.pt", run / "last.pt")
+    with pytest.raises(common.UserError, match="softmax_s3 is a run folder whose training has "
+                                               "not finished .last.pt but no final.pt.; rerun"):
+        common.load_pretrained(str(run))
+    os.remove(run / "last.pt")
+    with pytest.raises(common.UserError, match="is a folder without final.pt"):
+        common.checkpoint_name(str(run))
+    with pytest.raises(common.UserError, match="checkpoint not found: .*nope.pt"):
+        common.checkpoint_names([str(tmp_path / "nope.pt")])
+
+
+def test_unused_flags_are_refused(capsys):
+    """refuse_unused: a flag given a value other than its default, that this mode does not
+    read, is one line; the same flag at its default passes (it changes nothing)."""
+    def parse(argv):
+        p = common.argument_parser("doc")
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True)
+        p.add_argument("--n", type=int, default=3)
+        args = p.parse_args(argv)
+        common.refuse_unused(p, args, {"n"}, "here (use --n)")
+        return args
+    assert parse(["--n", "4", "--fast"]).n == 4
+    for argv, flag in ((["--lr", "0.1"], "--lr"), (["--no-fast"], "--no-fast")):
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: {flag} is not used here (use --n) (see " \
+                                            f"{os.path.basename(sys.argv[0])} --help)\n"
+
+
+def test_write_csv_quotes_what_needs_it(tmp_path):
+    """A dataset spec holds commas (npz:DIR@5-9,per_class=2000): quoted, it stays one column."""
+    import csv
+    rows = [{"dataset": "cifar10@5-9,per_class_2000", "acc": 0.1234567, "note": 'say "hi"'},
+            {"dataset": "digits", "acc": None, "extra": True}]
+    common.write_csv(str(tmp_path / "t.csv"), rows)
+    text = (tmp_path / "t.csv").read_text()
+    assert text.splitlines()[0] == "dataset,acc,note,extra"
+    assert list(csv.DictReader(open(tmp_path / "t.csv"))) == [
+        {"dataset": "cifar10@5-9,per_class_2000", "acc": "0.123457", "note": 'say "hi"',
+         "extra": ""}, {"dataset": "digits", "acc": "", "note": "", "extra": "True"}]
+    assert common.hparam_columns({"tau": 0.05, "normalize_features": False, "new": 1}) == {
+        "alpha": None, "lambda_": None, "dropout": None, "beta": None, "tau": 0.05,
+        "normalize_features": False, "kappa": None, "m": None, "loss_scale": None, "new": 1}
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "x.json"
     common.save_json(path, {"a": 1})
@@ -845,3 +902,44 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert common.default_workers("cuda")[0] == 1   # never 0: the GPU would wait on decoding
     assert common.default_workers("cpu")[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Every script's --help: each option's default is shown (issue 27)
+
+SCRIPTS = ("train_imagenet", "finetune", "linear_probe", "cka_analysis", "class_separation",
+           "import_tf_checkpoint", "make_figures")
+
+
+def script_parser(name, monkeypatch):
+    """The ArgumentParser that script `name` builds, caught while it prints its --help."""
+    import importlib
+    module = importlib.import_module(name)
+    made, real = [], common.argument_parser
+    monkeypatch.setattr(common, "argument_parser", lambda doc: made.append(real(doc)) or made[-1])
+    monkeypatch.setattr(sys, "argv", [name + ".py", "--help"])
+    entry = getattr(module, "parse_args", None) or module.main
+    with pytest.raises(SystemExit) as e:
+        entry() if entry.__code__.co_argcount == 0 else entry(["--help"])
+    assert e.value.code == 0 and len(made) == 1
+    return made[0]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_shows_every_default(name, monkeypatch, capsys):
+    """An option that is not a plain switch says its default: the value (HelpFormatter adds it)
+    or, for one chosen at run time, in words; one without (one of --checkpoint or --features)
+    says when it is required."""
+    p = script_parser(name, monkeypatch)
+    shown = capsys.readouterr().out
+    formatter = p._get_formatter()
+    silent = []
+    for a in p._actions:
+        if (not a.option_strings or a.required or a.help == argparse.SUPPRESS
+                or isinstance(a, (argparse._StoreConstAction, argparse._HelpAction))):
+            continue
+        text = formatter._expand_help(a) if a.help else ""
+        if "default" not in text and "required" not in text:
+            silent.append(a.option_strings[0])
+    assert not silent, f"{name}.py --help does not say the default of {silent}"
+    assert "default" in shown

@@ -119,6 +119,11 @@ def test_bad_inputs_one_line(source, tmp_path):
         (["--checkpoint", source, "--momentum", "-1"], "must be in [0, 1)"),
         (["--checkpoint", source, "--workers", "-1"], "must be >= 0"),
         (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        # the grid gives the rate and the decay: the shared training flags are refused, not
+        # dropped (--lr 0.05 --lrs 0.1 used to train at 0.1 without a word)
+        (["--checkpoint", source, "--lr", "0.05", "--lrs", "0.1"],
+         "--lr is not used by finetune.py: its grid --lrs gives the values to try"),
+        (["--checkpoint", source, "--weight-decay", "1e-3"], "its grid --wds gives"),
         # the checkpoint is the problem, not the learning rate its nan loss used to blame
         (["--checkpoint", non_finite_copy(source, tmp_path / "nan.pt", "layer1.0.conv1.weight")],
          "nan.pt holds non-finite weights (model tensor layer1.0.conv1.weight has NaN)"),

@@ -4,16 +4,23 @@ against TensorFlow's own outputs, TF's eval preprocessing, and the one-line erro
 No TensorFlow here: tests/fixtures/ holds what TF wrote (see tests/fixtures/make_tf_fixtures.py,
 which also gives the seeded recipe of the synthetic ResNet-50 weights), and write_bundle() below
 writes TF's format for the cases TF was not run for."""
+import base64
+import http.server
 import importlib.util
 import json
 import os
+import shutil
+import socket
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+import class_separation
 import common
 import import_tf_checkpoint as itc
+from conftest import one_line_error
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 _spec = importlib.util.spec_from_file_location("make_tf_fixtures",
@@ -342,3 +349,183 @@ def test_prefix_may_be_given_as_a_file_name(tf_tree, tmp_path):
     index = str(tf_tree / "softmax" / "seed3" / "model.ckpt.index")
     itc.main(["--checkpoint", index, "--out", str(tmp_path / "s.pt")])
     assert common.load_checkpoint(str(tmp_path / "s.pt"))["args"]["seed"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's networks by name: --checkpoint paper:OBJECTIVE/seedK, downloaded once from a local
+# stand-in for the bucket, converted, cached (issue 27)
+
+class Bucket:
+    """An HTTP server on 127.0.0.1 serving a folder in the bucket's layout (<objective>/seed<k>/
+    model.ckpt.*) under /ckpts, as GCS does: Content-Length on HEAD and GET, and the
+    x-goog-hash header that `hashes` gives for a URL path. `cut` holds URL paths whose GET closes
+    the connection halfway through the body; `requests` logs every (method, path)."""
+
+    def __init__(self, root):
+        self.root, self.cut, self.hashes, self.requests = root, set(), {}, []
+        bucket = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 30                # a stuck client cannot hold the server
+
+            def do_HEAD(self):
+                self.respond(body=False)
+
+            def do_GET(self):
+                self.respond(body=True)
+
+            def respond(self, body):
+                bucket.requests.append((self.command, self.path))
+                rel = self.path.removeprefix("/ckpts/")
+                path = os.path.join(bucket.root, rel)
+                if rel == self.path or not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                size = os.path.getsize(path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                if self.path in bucket.hashes:
+                    self.send_header("x-goog-hash", bucket.hashes[self.path])
+                self.end_headers()
+                if body:
+                    with open(path, "rb") as f:
+                        n = size // 2 if self.path in bucket.cut else size
+                        self.wfile.write(f.read(n))      # then the connection closes (HTTP/1.0)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/ckpts"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """A Bucket over an empty folder (tests put files in .root), PAPER_CHECKPOINTS_URL pointing
+    at it and torch's cache (TORCH_HOME) in tmp_path. Connecting anywhere but 127.0.0.1 fails
+    the test; the server stops with the test."""
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        assert address[0] == "127.0.0.1", f"a test tried to reach {address}"
+        return real_connect(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    b = Bucket(str(tmp_path / "bucket"))
+    monkeypatch.setenv("PAPER_CHECKPOINTS_URL", b.url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(itc, "DOWNLOAD_TIMEOUT", 20)
+    yield b
+    b.stop()
+
+
+def cache_folder(tmp_path):
+    return tmp_path / "torch_home" / "hub" / "checkpoints" / "loss_functions_transfer"
+
+
+def test_paper_names():
+    names = common.checkpoint_names(["paper:all"])
+    assert len(names) == 72 == len(set(names)) and names[0] == "paper:softmax/seed0"
+    assert names[-1] == "paper:squared_error/seed7" and common.paper_network(names[9]) == \
+        ("label_smoothing", 1)
+    assert common.checkpoint_label("paper:cosine_softmax/seed4") == "cosine_softmax_s4"
+    for bad in ("paper:softmax/seed8", "paper:nope/seed0", "paper:softmax", "paper:"):
+        with pytest.raises(common.UserError, match="the paper's are paper:OBJECTIVE/seedK"):
+            common.checkpoint_names([bad])
+    with pytest.raises(common.UserError, match="paper:all names 72 networks and this script "
+                                               "takes one"):
+        common.checkpoint_name("paper:all")
+
+
+def test_paper_network_downloaded_converted_cached(tf_tree, bucket, tmp_path, capsys):
+    """First use: both files fetched (HEAD, then GET), converted to TF's outputs, cached under
+    TORCH_HOME; later uses load the cache without a request. The identity is the importer's
+    (label, run id), with the name as checkpoint_path; a script takes the name too."""
+    bucket.root = str(tf_tree)
+    prefix = "/ckpts/softmax/seed3/model.ckpt"
+    data = tf_tree / "softmax" / "seed3" / "model.ckpt.data-00000-of-00001"
+    crc = itc.crc32c(data.read_bytes()).to_bytes(4, "big")   # checked as GCS gives it
+    bucket.hashes[prefix + ".data-00000-of-00001"] = f"crc32c={base64.b64encode(crc).decode()}"
+    model, info = common.load_pretrained("paper:softmax/seed3")
+    assert bucket.requests == [(m, prefix + ext) for ext in (".index", ".data-00000-of-00001")
+                               for m in ("HEAD", "GET")]
+    out = capsys.readouterr().out
+    assert f"paper:softmax/seed3: downloading {bucket.url}/softmax/seed3/model.ckpt.index" in out
+    cached = cache_folder(tmp_path) / "softmax_s3.pt"
+    assert f"converted, cached as {cached}" in out
+    assert os.listdir(cache_folder(tmp_path)) == ["softmax_s3.pt"]    # no temporary left
+    assert (info["checkpoint"], info["checkpoint_path"], info["objective"], info["seed"]) == \
+        ("softmax_s3", "paper:softmax/seed3", "softmax", 3)
+    assert info["run_id"] == itc.released_run_id("softmax", 3, "x")
+    assert info["checkpoint_hash"] == common.file_hash(str(cached))
+    # the same weights as converting the files by hand
+    by_hand = itc.convert(str(tf_tree / "softmax" / "seed3" / "model.ckpt"))
+    assert common.load_checkpoint(str(cached))["checksum"] == by_hand["checksum"]
+    ref = dict(np.load(os.path.join(FIX, "resnet50_outputs.npz")))
+    got = scripts_outputs(model, gen.images(gen.BATCHES["a"]))
+    assert rel_err(got["logits"], ref["dense_a_logits"][:, 1:]) < 1e-4
+    assert rel_err(got["pool"], ref["a_pool"]) < 1e-4
+
+    bucket.requests.clear()                                  # later uses: the cache only
+    assert common.load_pretrained("paper:softmax/seed3")[1] == info
+    out = tmp_path / "sep"
+    class_separation.main(["--checkpoint", "paper:softmax/seed3", "--data", "digits@0-4",
+                           "--max-per-class", "2", "--resolution", "32", "--out", str(out)])
+    assert bucket.requests == []
+    with open(out / "class_separation.json") as f:
+        assert json.load(f)["networks"] == [info]
+
+
+def test_paper_network_failures_are_one_line_and_cache_nothing(bucket, tmp_path, capsys):
+    """A file missing on the server (404), a download cut off mid-body, files that are not a
+    released ResNet-50 (TF's own tiny checkpoint) and a damaged cache: one line each, exit 2,
+    and nothing half-written is kept or loaded."""
+    def fails(name):
+        return one_line_error(capsys, lambda: common.load_pretrained(name))
+    folder = cache_folder(tmp_path)
+    for objective in ("softmax", "sigmoid"):     # TF's tiny checkpoint, under two names
+        os.makedirs(os.path.join(bucket.root, objective, "seed1"))
+        for ext in (".index", ".data-00000-of-00001"):
+            shutil.copy(os.path.join(FIX, "tiny.ckpt" + ext),
+                        os.path.join(bucket.root, objective, "seed1", "model.ckpt" + ext))
+    err = fails("paper:softmax/seed0")
+    assert err == (f"error: paper:softmax/seed0: cannot download {bucket.url}/softmax/seed0/"
+                   f"model.ckpt.index (HTTP 404 Not Found: not on the server); nothing was "
+                   f"cached, rerun to try again")
+    bucket.cut.add("/ckpts/sigmoid/seed1/model.ckpt.data-00000-of-00001")
+    size = os.path.getsize(os.path.join(FIX, "tiny.ckpt.data-00000-of-00001"))
+    err = fails("paper:sigmoid/seed1")
+    assert (f"model.ckpt.data-00000-of-00001 (the connection closed after {size // 2:,} of "
+            f"{size:,} bytes); nothing was cached" in err)
+    index = "/ckpts/softmax/seed1/model.ckpt.index"   # bytes that differ from the server's
+    bucket.hashes[index] = f"crc32c=AAAAAA==, md5={base64.b64encode(bytes(16)).decode()}"
+    err = fails("paper:softmax/seed1")
+    assert "model.ckpt.index (its content does not match the hash the server gives)" in err
+    del bucket.hashes[index]
+    err = fails("paper:softmax/seed1")        # downloaded whole, but not a ResNet-50
+    assert err.startswith(f"error: paper:softmax/seed1: {bucket.url}/softmax/seed1/model.ckpt: "
+                          f"tensor(s) ") and err.endswith("(nothing was cached)")
+    assert os.listdir(folder) == []           # no .pt, no temporary folder, no partial file
+    # a damaged cache: truncated, or a flipped bit in a weight (the checkpoint's checksum)
+    model = common.build_model("softmax", 5, arch="resnet18")
+    ck = common.make_checkpoint(model, {"objective": "softmax", "hparams": {}, "arch": "resnet18",
+                                        "num_classes": 5, "small_input": True})
+    cached = str(folder / "softmax_s2.pt")
+    common.save_checkpoint(cached, ck)
+    raw = bytearray(open(cached, "rb").read())
+    open(cached, "wb").write(raw[:len(raw) // 2])
+    err = fails("paper:softmax/seed2")
+    assert err.startswith(f"error: paper:softmax/seed2: the cached {cached} is corrupt or "
+                          f"truncated") and err.endswith("; delete it and rerun to download the "
+                                                         "network again")
+    torch.save({**ck, "model": {**ck["model"], "fc.bias": ck["model"]["fc.bias"] + 1}}, cached)
+    err = fails("paper:softmax/seed2")
+    assert f"the cached {cached} is corrupt: its weights do not match the checksum" in err
+    assert bucket.requests[-1][1] == "/ckpts/softmax/seed1/model.ckpt.data-00000-of-00001"

@@ -382,6 +382,32 @@ def test_bad_arguments_one_line_error(tmp_path, monkeypatch):
         pytest.skip("torchvision weights were downloadable here")
 
 
+def test_flags_of_the_other_mode_are_refused(tmp_path, capsys):
+    """--metric is for --features (a dataset has its own metric); --layer, --workers & co. go
+    with --checkpoint: given in the other mode, each is one line, not silently ignored."""
+    ckpt = tmp_path / "a.pt"
+    save_small_checkpoint(ckpt)
+    err = one_line_error(capsys, lambda: lp.main(probe_args(ckpt, tmp_path / "o", "--metric",
+                                                            "mean_per_class")))
+    assert "--metric is not used with --checkpoint" in err
+    path = write_features(tmp_path / "f.npz")
+    for flag, value in (("--layer", "block3"), ("--workers", "7"), ("--batch-size", "3")):
+        err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out",
+                                                      str(tmp_path / "o"), flag, value]))
+        assert f"error: {flag} is not used with --features" in err
+    assert not os.path.exists(tmp_path / "o")       # refused before anything is written
+
+
+def test_summary_rows_carry_the_objectives_hyperparameters():
+    net = {"run_id": "r", "checkpoint": "cos_s0", "objective": "cosine_softmax", "seed": 0,
+           "arch": "resnet18", "hparams": {"tau": 0.05, "normalize_features": True}}
+    row = lp.summary_row({"network": net, "dataset_name": "digits@5-9", "test_accuracy": 0.9})
+    assert list(row)[:8] == ["run_id", "checkpoint", "checkpoint_path", "objective", "seed",
+                             "arch", "alpha", "lambda_"]
+    assert (row["tau"], row["normalize_features"], row["alpha"], row["test_accuracy"]) == \
+        (0.05, True, None, 0.9)
+
+
 def test_command_line_error_exit_status(tmp_path):
     x, _ = blobs(300, 8, 3, seed=5)
     path = write_features(tmp_path / "f.npz", train_y=np.zeros(200, dtype=np.int64))

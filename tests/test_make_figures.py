@@ -1,4 +1,5 @@
 """make_figures.py on synthetic runs folders written in the formats of the other scripts' issues."""
+import csv
 import json
 import math
 import os
@@ -204,6 +205,74 @@ def test_full_study(tmp_path, monkeypatch):
     assert len(notes) == 1 and "3 hyperparameter setting(s)" in notes[0] and "tau=0.04" in notes[0]
 
 
+def test_results_and_objectives_csv(tmp_path, monkeypatch):
+    """results.csv: a row per network (the sweep's too), identity, hyperparameters, every metric
+    on the report's scale; objectives.csv: the report's table, one row per objective and
+    quantity, the same means, standard errors and p-values; dead units where measured."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    nets = make_runs(str(runs), sweep=(0.02,))
+    sep = runs / "separation" / "class_separation.json"
+    d = json.loads(sep.read_text())
+    for r in d["results"]:                  # class_separation.py now also writes dead units
+        r["layers"]["pool"]["dead"] = 0.25 if r["checkpoint"].startswith("softmax") else 0.5
+    sep.write_text(json.dumps(d))
+    report = run_figures(monkeypatch, runs, out, "--formats", "png")
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(nets) == 20
+    assert list(rows[0])[:8] == ["run_id", "checkpoint", "objective", "seed", "arch", "dataset",
+                                 "trained_here", "in_comparison"]
+    assert list(rows[0])[8:17] == ["alpha", "lambda_", "dropout", "beta", "tau",
+                                   "normalize_features", "kappa", "m", "loss_scale"]
+    # in the report's objective order, a sweep's values beside its objective's table variant
+    assert [r["objective"] for r in rows[::2]] == [
+        o for o in OBJECTIVES for _ in range(2 if o == "logit_normalization" else 1)]
+    assert [r["tau"] for r in rows if r["objective"] == "logit_normalization"] == \
+        ["0.02", "0.02", "0.04", "0.04"]
+    by_label = {r["checkpoint"]: r for r in rows}
+    for n in nets:
+        r = by_label[n["label"]]
+        assert r["run_id"] == f"id-{n['label']}" and r["seed"] == str(n["seed"])
+        assert float(r["top1"]) == pytest.approx(100 * n["top1"], abs=1e-4)
+        assert float(r["linear:digits@5-9"]) == pytest.approx(100 * n["linear"], abs=1e-4)
+        assert float(r["linear:flowers102"]) == pytest.approx(100 * n["linear"] - 10, abs=1e-4)
+        assert float(r["finetune:digits@5-9"]) == pytest.approx(100 * n["finetune"], abs=1e-4)
+        assert float(r["r2"]) == pytest.approx(n["r2"], abs=1e-6)
+        assert (r["sparsity"], r["dim"], r["top1_from"], r["epochs"]) == ("0.4", "12", "training",
+                                                                         "3")
+        assert r["in_comparison"] == str(n["tau"] is None)
+    assert by_label["softmax_s0"]["tau"] == "" and by_label["softmax_s0"]["dead"] == "0.25"
+    assert by_label["logit_normalization_tau0.02_s1"]["tau"] == "0.02"
+    assert by_label["cosine_softmax_s0"]["normalize_features"] == "True"
+    assert by_label["label_smoothing_s1"]["alpha"] == "0.1"
+
+    table = list(csv.DictReader(open(out / "objectives.csv")))
+    cells = {(r["objective"], r["quantity"]): r for r in table}
+    header, md = table_rows(report)
+    quantities = ["top1", "r2", "linear:digits@5-9", "linear:flowers102", "linear:mean",
+                  "finetune:digits@5-9", "sparsity", "dim", "dead"]
+    assert len(table) == len(OBJECTIVES) * len(quantities)
+    assert [r["quantity"] for r in table[:len(quantities)]] == quantities
+    from scipy import stats
+    top1 = {o: [100 * n["top1"] for n in nets if n["objective"] == o and n["tau"] is None]
+            for o in ("softmax", "sigmoid")}
+    c = cells[("sigmoid", "top1")]
+    assert float(c["mean"]) == pytest.approx(np.mean(top1["sigmoid"]), rel=1e-5)
+    assert float(c["se"]) == pytest.approx(np.std(top1["sigmoid"], ddof=1) / np.sqrt(2), rel=1e-5)
+    p = stats.ttest_ind(top1["sigmoid"], top1["softmax"], equal_var=False).pvalue
+    assert float(c["p"]) == pytest.approx(p, rel=1e-5) and c["n"] == "2"
+    assert (c["unit"], c["paper_claim"], c["verdict"]) == ("%", "better (higher)", "agrees")
+    col = header.index("Source top-1 (%) [paper: better (higher)]")
+    assert md["Sigmoid"][col].startswith(f"{float(c['mean']):.2f} ± {float(c['se']):.2f}")
+    assert cells[("squared_error", "linear:mean")]["verdict"] == "opposite"
+    soft = cells[("softmax", "top1")]
+    assert soft["p"] == soft["diff_vs_softmax"] == soft["verdict"] == ""
+    assert cells[("logit_normalization", "top1")]["tau"] == "0.04"      # the table's variant
+    dead = cells[("sigmoid", "dead")]
+    assert (dead["mean"], dead["paper_claim"], dead["verdict"]) == ("0.5", "", "")
+    assert float(cells[("sigmoid", "dead")]["p"]) < 0.05   # constant 0.25 vs 0.5: still a p
+
+
 def test_one_objective_one_seed_no_cka(tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "figs"
     make_runs(str(runs), objectives=["softmax"], seeds=(0,), cka=False, cs=False, finetune=False)
@@ -215,6 +284,11 @@ def test_one_objective_one_seed_no_cka(tmp_path, monkeypatch):
     _, rows = table_rows(report)
     assert list(rows) == ["Softmax"]
     assert "(n=1)" in rows["Softmax"][2]
+    rows = list(csv.DictReader(open(out / "results.csv")))    # no class separation: no dead
+    assert len(rows) == 1 and rows[0]["r2"] == "" and "dead" not in rows[0]
+    table = list(csv.DictReader(open(out / "objectives.csv")))
+    assert [r["quantity"] for r in table] == ["top1", "linear:digits@5-9", "linear:flowers102",
+                                              "linear:mean"]
     notes = report.split("## Notes")[1]
     assert "CKA (figure 3) skipped" in notes
     assert "Class separation (figure 4) skipped" in notes

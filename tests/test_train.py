@@ -521,6 +521,24 @@ def test_evaluate_bad_inputs_give_one_line_errors(tmp_path):
         assert r.stderr.strip().count("\n") == 0 and r.stdout == ""
 
 
+def test_flags_evaluate_does_not_use_are_refused(capsys):
+    """--evaluate scores a trained network: a training flag with it, or --eval-preprocessing
+    without it, would be ignored, so each is one line (issue 27)."""
+    base = ["--evaluate", "x.pt", "--data", "digits", "--out", "o"]
+    for extra, flag in ((["--epochs", "3"], "--epochs"), (["--no-nesterov"], "--no-nesterov"),
+                        (["--tau", "0.1"], "--tau"), (["--seed", "1"], "--seed")):
+        err = one_line_error(capsys, lambda: train_imagenet.parse_args([*base, *extra]))
+        assert f"error: {flag} is not used with --evaluate" in err
+    err = one_line_error(capsys, lambda: train_imagenet.parse_args(
+        ["--data", "digits", "--out", "o", "--eval-preprocessing", "tf"]))
+    assert "--eval-preprocessing is not used in training (it goes with --evaluate)" in err
+    # what --evaluate reads, and a training flag at its default value, pass
+    args = train_imagenet.parse_args([*base, "--eval-preprocessing", "tf", "--workers", "0",
+                                      "--eval-batch-size", "8", "--resolution", "16",
+                                      "--momentum", "0.9"])
+    assert args.eval_preprocessing == "tf" and args.workers == 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--eval-batch-size", "0"], "must be > 0"), (["--momentum", "-1"], r"in \[0, 1\)"),
     (["--warmup-epochs", "inf"], "not a finite number"), (["--seed", str(2 ** 64)], "2\\*\\*63"),
