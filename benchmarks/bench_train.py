@@ -158,19 +158,25 @@ def loader(a):
     n = len(data["train"]) // a.batch_size * a.batch_size
     if n == 0:
         sys.exit(f"error: --batch-size {a.batch_size} is larger than the training set")
+    if n // a.batch_size < 5 + a.steps:
+        sys.exit(f"error: {n // a.batch_size} batches of {a.batch_size}; the loader benchmark "
+                 f"needs 5 + --steps ({5 + a.steps})")
     batches, _ = ti.train_loader(data["train"], transform, a.batch_size, n, dist, 0, a.workers)
     seen, start = 0, None
-    for i, (images, labels) in enumerate(batches):
-        ti.to_device(images, labels, dist.device)
-        if i == 4:
-            start, seen = time.perf_counter(), 0
-        elif start is not None:
-            seen += images.shape[0]
-        if start is not None and seen >= a.steps * a.batch_size:
-            break
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+    try:
+        for i, (images, labels) in enumerate(batches):
+            ti.to_device(images, labels, dist.device)
+            if i == 4:
+                start, seen = time.perf_counter(), 0
+            elif start is not None:
+                seen += images.shape[0]
+            if start is not None and seen >= a.steps * a.batch_size:
+                break
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - start)
+    finally:
+        ti.stop_workers(batches)   # they ignore SIGTERM: left to the interpreter's exit, a hang
 
 
 def gpu(a):

@@ -702,3 +702,17 @@ def test_a_small_dev_shm_is_one_line_not_a_bus_error(tmp_path, monkeypatch, caps
         train_imagenet.check_shared_memory(8, 512, 224)         # 2.3 GiB in 64 MiB
     train_imagenet.check_shared_memory(1, 128, 32)               # the CPU study: 1.5 MB
     train_imagenet.check_shared_memory(0, 4096, 224)             # no workers, no shared memory
+
+
+def test_the_prepared_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --smoke: every measurement of the GPU check, tiny, on the CPU, so
+    that the one prepared GPU run does not fail on a code path no test ran."""
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--smoke",
+                        "--jpeg", str(tmp_path / "none"), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(out))
+    assert res["resume"]["ok"] and res["real_loop_images_per_second"] > 0
+    assert res["model_step_images_per_second"] > 0 and res["input_pipeline_images_per_second"] > 0
