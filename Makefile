@@ -49,9 +49,10 @@ cifar10-coarse: $(VENV)/.installed
 
 # The paper's protocol on the same study (results/cifar10_coarse/README.md, "The paper's
 # protocol"): all nine objectives at one learning rate, the rate as a factor. Resumable.
+# `make cifar10-coarse-one-rate ARGS=--dry-run` prints every command it would run.
 cifar10-coarse-one-rate: $(VENV)/.installed
-	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py train
-	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py analyze
-	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py report
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py train $(ARGS)
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py analyze $(ARGS)
+	SHARED=$(SHARED) $(PY) results/cifar10_coarse/one_rate.py report $(ARGS)
 
 .PHONY: venv test demo cifar10-small cifar10-coarse cifar10-coarse-one-rate
