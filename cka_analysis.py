@@ -43,7 +43,6 @@ import time
 import numpy as np
 import torch
 
-import common  # for the command-line part only: the method below needs torch and numpy alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +181,12 @@ class MinibatchCKA:
 
 # ----------------------------------------------------------------------------------------------
 # Models and data
+
+try:
+    import common   # the kit's shared code, beside this file: the part below needs it
+except ImportError:  # this file copied alone: the method above still works (it needs no common)
+    common = None
+
 
 def load_models(names, resolution, device):
     """([(model, network)] for each checkpoint, all on `device`; one common input resolution)."""
@@ -351,4 +356,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if common is None:
+        import sys
+        print("error: the script needs common.py from the kit beside it; the method works "
+              "alone: import it", file=sys.stderr)
+        raise SystemExit(2)
     common.run_main(main)

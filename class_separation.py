@@ -34,7 +34,6 @@ import time
 import numpy as np
 import torch
 
-import common  # for the command-line part only: the method below needs torch and numpy alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +113,12 @@ def participation_ratio(features):
 
 # ----------------------------------------------------------------------------------------------
 # The command-line part
+
+try:
+    import common   # the kit's shared code, beside this file: the part below needs it
+except ImportError:  # this file copied alone: the method above still works (it needs no common)
+    common = None
+
 
 def per_class_subset(split, max_per_class, seed=0):
     """A Split view with at most max_per_class images of each class (seeded, in data order)."""
@@ -227,4 +232,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if common is None:
+        import sys
+        print("error: the script needs common.py from the kit beside it; the method works "
+              "alone: import it", file=sys.stderr)
+        raise SystemExit(2)
     common.run_main(main)

@@ -58,7 +58,6 @@ import time
 import numpy as np
 import torch
 
-import common  # for the command-line part only: the method below needs torch and numpy alone
 
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
@@ -492,6 +491,12 @@ def score(pred, labels, metric, num_classes):
 # ----------------------------------------------------------------------------------------------
 # Inputs: lambdas, user features, checkpoint features with a cache
 
+try:
+    import common   # the kit's shared code, beside this file: the part below needs it
+except ImportError:  # this file copied alone: the method above still works (it needs no common)
+    common = None
+
+
 def parse_lambdas(text):
     """'1e-6:1e5:45' (log-spaced, inclusive) or '0.1,1,10' -> sorted unique positive floats."""
     try:
@@ -872,4 +877,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if common is None:
+        import sys
+        print("error: the script needs common.py from the kit beside it; the method works "
+              "alone: import it", file=sys.stderr)
+        raise SystemExit(2)
     common.run_main(main)

@@ -943,3 +943,31 @@ def test_help_shows_every_default(name, monkeypatch, capsys):
             silent.append(a.option_strings[0])
     assert not silent, f"{name}.py --help does not say the default of {silent}"
     assert "default" in shown
+
+
+@pytest.mark.parametrize("name, code", [
+    ("cka_analysis", "import numpy as np, cka_analysis as m\n"
+                     "x = np.random.default_rng(0).normal(size=(50, 8))\n"
+                     "assert abs(m.linear_cka(x, x) - 1) < 1e-9"),
+    ("class_separation", "import numpy as np, class_separation as m\n"
+                         "r = np.random.default_rng(0); x = r.normal(size=(60, 5)); y = r.integers(0, 3, 60)\n"
+                         "assert -1 < m.class_separation(x, y) < 1 and m.dead_fraction(np.abs(x)) == 0"),
+    ("linear_probe", "import numpy as np, linear_probe as m\n"
+                     "r = np.random.default_rng(0)\n"
+                     "def part(n): y = r.integers(0, 3, n); return (r.normal(size=(n, 4)) + y[:, None]).astype(np.float32), y\n"
+                     "res, W, b = m.run_probe(part(90), part(30), part(30), num_classes=3, metric='top1', "
+                     "lambdas=[1e-3, 1e-1], log=lambda *a: None)\n"
+                     "assert res['test_accuracy'] > 0.5"),
+])
+def test_the_analysis_files_import_and_run_alone(tmp_path, name, code):
+    """A researcher copies one analysis file into another project: its method must import and
+    run with torch and numpy only, without common.py; the script itself says what it needs."""
+    import shutil
+    shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: the script needs common.py")
