@@ -90,10 +90,9 @@ PRESETS = {
 # faster in the first epoch than softmax at the preset's 0.1 (train top-1 0.53 vs 0.42 after
 # 100 steps), so the small preset uses it too.
 OBJECTIVE_LR = {"digits": {"squared_error": 5e-5}, "small": {"squared_error": 5e-5}}
-OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in common.OBJECTIVES
-    "alpha": "alpha", "lambda_": "lambda_", "dropout": "dropout", "beta": "beta", "tau": "tau",
-    "normalize_features": "normalize_features", "kappa": "kappa", "m": "m",
-    "loss_scale": "loss_scale"}
+# The objectives' hyperparameters, each its own flag of the same name (common.OBJECTIVES)
+OBJECTIVE_HPARAMS = ("alpha", "lambda_", "dropout", "beta", "tau", "normalize_features", "kappa",
+                     "m", "loss_scale")
 # Arguments that cannot change what a run computes. Every other argument is compared on resume
 # and a changed one is refused unless --force-resume (so a new flag is compared by default); the
 # architecture, input stem and objective are refused even then (the weights would not fit).
@@ -263,8 +262,7 @@ def apply_preset(args, image_size=None, device=None):
 
 
 def objective_overrides(args):
-    return {hp: getattr(args, flag) for flag, hp in OBJECTIVE_FLAGS.items()
-            if getattr(args, flag) is not None}
+    return {hp: getattr(args, hp) for hp in OBJECTIVE_HPARAMS if getattr(args, hp) is not None}
 
 
 # ==============================================================================================
