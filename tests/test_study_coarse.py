@@ -134,10 +134,14 @@ def test_one_rate_trains_the_cka_set_first_and_reuses_committed_networks():
     nets = one_rate.networks()
     assert nets[:len(one_rate.CKA_SET)] == one_rate.CKA_SET
     assert {n.objective for n in one_rate.CKA_SET} == set(one_rate.SPEC_NETS)   # all nine
-    arm_a = [n for n in nets if n.folder == "lr0.1"]
+    arm_a = [n for n in nets if n.folder == "lr0.1" and not n.rerun]
     assert len(arm_a) == 9 * 3
+    reruns = [n for n in nets if n.rerun]       # last: the reused ones again, for dead units
+    assert nets[-len(reruns):] == reruns and len(reruns) == 7
+    assert all("/reruns/" in n.out and one_rate.reused_source(n) is None for n in reruns)
     assert {n.folder for n in nets} == {"lr0.1", "lr0.4", "lr1.6", "lr0.1_wd0.00128"}
     reused = [n for n in nets if one_rate.reused_source(n)]
+    assert {(n.folder, n.name) for n in reused} == {(n.folder, n.name) for n in reruns}
     # committed networks with this exact recipe are copied, except where weights are needed
     assert {f"{n.folder}/{n.name}" for n in reused} == {
         "lr0.1/squared_error_s1", "lr0.1/squared_error_s2", "lr0.1/cosine_softmax_t0.05_s1",
@@ -181,8 +185,9 @@ def fake_one_rate_network(base, name, top1, probes, r2, sparsity=0.5, dead=0.1):
     write(os.path.join(base, "train", name, "results.json"), {"top1": top1, "val_top1": top1})
     for (t, (_, _, folder)), acc in zip(study.TARGETS.items(), probes):
         write(os.path.join(base, "probe", name, folder, "results.json"), {"test_accuracy": acc})
-    write(os.path.join(base, "separation", name, "class_separation.json"), {"results": [
-        {"layers": {"pool": {"r2": r2, "sparsity": sparsity, "dead": dead, "dim": 10.0}}}]})
+    pool = {"r2": r2, "sparsity": sparsity, "dim": 10.0, **({} if dead is None else {"dead": dead})}
+    write(os.path.join(base, "separation", name, "class_separation.json"),
+          {"results": [{"layers": {"pool": pool}}]})
 
 
 def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
@@ -232,3 +237,24 @@ def test_ols_slope_equals_the_simple_fit_and_adjusts_for_a_covariate():
     adjusted = report.ols(y2, [x, z])
     assert adjusted["low"] < 0 < adjusted["high"]
     assert report.ols(y[:2], [x[:2]]) is None  # no degrees of freedom left
+
+
+def test_a_rerun_lends_its_dead_units_only_when_it_reproduced_the_reused_record(tmp_path,
+                                                                               monkeypatch):
+    one_rate = load_one_rate()
+    import one_rate_report as report
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))
+    monkeypatch.setattr(report, "one_rate", one_rate)
+    net = one_rate.Net("softmax", 1.6, 0)
+    rerun = one_rate.Net("softmax", 1.6, 0, rerun=True)
+    fake_one_rate_network(net.base, net.name, 0.85, [0.5, 0.5, 0.5, 0.5], 0.6, 0.97, dead=None)
+    fake_one_rate_network(rerun.base, rerun.name, 0.85, [0.5] * 4, 0.6, 0.97, dead=0.9)
+    for base in (net.base, rerun.base):
+        path = os.path.join(base, "train", net.name, "results.json")
+        json.dump({"top1": 0.85, "val_top1": 0.85, "test_loss": 0.4}, open(path, "w"))
+    assert one_rate.rerun_matches(rerun)
+    assert report.configurations()[("softmax", 1.6, one_rate.WD)][0]["dead"] == 0.9
+    json.dump({"top1": 0.85, "val_top1": 0.85, "test_loss": 0.41},
+              open(os.path.join(rerun.out, "results.json"), "w"))
+    assert not one_rate.rerun_matches(rerun)
+    assert "dead" not in report.configurations()[("softmax", 1.6, one_rate.WD)][0]

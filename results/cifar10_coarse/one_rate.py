@@ -63,10 +63,15 @@ class Net:
     lr: float
     seed: int
     wd: float = WD
+    rerun: bool = False     # a reused network trained again for its weights (README, "Order" 5)
 
     @property
     def folder(self):       # one make_figures.py runs folder per rate (and weight decay)
         return f"lr{self.lr:g}" + ("" if self.wd == WD else f"_wd{self.wd:g}")
+
+    @property
+    def base(self):         # where its train/, probe/, separation/ live
+        return os.path.join(OUT, "reruns" if self.rerun else "", self.folder)
 
     @property
     def name(self):
@@ -74,7 +79,7 @@ class Net:
 
     @property
     def out(self):
-        return os.path.join(OUT, self.folder, "train", self.name)
+        return os.path.join(self.base, "train", self.name)
 
     def command(self):
         flags = SPEC_NETS[self.objective][1] + ([] if self.wd == WD else
@@ -94,7 +99,10 @@ def networks():
              *(Net(o, lr, s) for lr in (0.4, 1.6) for s in (0, 1) for o in ARM_B),  # arm B
              *(Net("softmax", 1.6, s) for s in (2, 3)),    # committed already: reused, free
              *(Net("softmax", 0.1, s, wd=16 * WD) for s in (0, 1))]          # arm C
-    return list(dict.fromkeys(order))
+    order = list(dict.fromkeys(order))
+    # 5: the reused networks again, for the weights their dead units need (class separation
+    # only); each must reproduce its committed training record (rerun_matches)
+    return order + [dataclasses.replace(n, rerun=True) for n in order if reused_source(n)]
 
 
 def needs_weights(net):
@@ -104,7 +112,18 @@ def needs_weights(net):
 def reused_source(net):
     """The committed folder a network is copied from, or None (it trains)."""
     key = REUSED.get((net.folder, net.name))
-    return None if key is None or needs_weights(net) else key
+    return None if key is None or needs_weights(net) or net.rerun else key
+
+
+def rerun_matches(net):
+    """Whether a rerun reproduced its reused record (source test loss and top-1 exactly), or
+    None while either is missing."""
+    mine = os.path.join(net.out, "results.json")
+    theirs = os.path.join(OUT, net.folder, "train", net.name, "results.json")
+    if not (os.path.exists(mine) and os.path.exists(theirs)):
+        return None
+    a, b = (json.load(open(p)) for p in (mine, theirs))
+    return (a["test_loss"], a["top1"]) == (b["test_loss"], b["top1"])
 
 
 def status(net):
@@ -191,9 +210,9 @@ def analyze(dry_run):
     exists is skipped. A network trained elsewhere keeps its committed results."""
     nets = trained_weights()
     print(f"{len(nets)} networks with weights here", flush=True)
-    for folder in dict.fromkeys(n.folder for n in nets):
-        study.probe_and_separate({n.name: c for n, c in nets.items() if n.folder == folder},
-                                 os.path.join(OUT, folder), study.TARGETS, dry_run)
+    for base in dict.fromkeys(n.base for n in nets):
+        study.probe_and_separate({n.name: c for n, c in nets.items() if n.base == base}, base,
+                                 () if "reruns" in base else study.TARGETS, dry_run)
     target = study.TARGETS["coarse_to_fine"][2]
     for net in (n for n in CKA_SET if n.seed == 0 and n in nets):
         study.finetune(nets[net], os.path.join(OUT, net.folder, "finetune", net.name, target),

@@ -67,14 +67,24 @@ def network_numbers(base, name):
 
 
 def configurations():
-    """{(objective, lr, wd): [numbers of each seed that finished training]} in network order."""
-    out = {}
+    """{(objective, lr, wd): [numbers of each seed that finished training]} in network order. A
+    reused network's dead-unit fraction comes from its rerun (one_rate.py, order 5), when the
+    rerun reproduced its training record exactly."""
+    out, reruns = {}, {}
     for net in one_rate.networks():
-        nums = network_numbers(os.path.join(one_rate.OUT, net.folder), net.name)
+        nums = network_numbers(net.base, net.name)
+        if net.rerun:
+            if nums is not None and one_rate.rerun_matches(net) and "dead" in nums:
+                reruns[(net.folder, net.name)] = nums["dead"]
+            continue
         out.setdefault((net.objective, net.lr, net.wd), [])
         if nums is not None:
-            out[(net.objective, net.lr, net.wd)].append(nums)
-    return out
+            out[(net.objective, net.lr, net.wd)].append((net, nums))
+    for seeds in out.values():
+        for net, nums in seeds:
+            if "dead" not in nums and (net.folder, net.name) in reruns:
+                nums["dead"] = reruns[(net.folder, net.name)]
+    return {k: [nums for _, nums in v] for k, v in out.items()}
 
 
 def vals(seeds, key):
