@@ -119,10 +119,13 @@ TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind ->
 
 def read_results(runs, notes):
     """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
-    identity block (common.result_header). Files without one get a note each."""
+    identity block (common.result_header). Files without one get a note each, and so does every
+    run that failed (demo.sh's FAILED file: a network, or one of its results, is missing)."""
     found = {k: [] for k in KINDS}
     for root, dirs, files in os.walk(runs):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "FAILED" in files and "results.json" not in files:  # beside results.json: stale
+            notes.append(failure_note(os.path.join(root, "FAILED"), runs))
         for name in sorted(f for f in files if f in RESULT_FILES):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, runs)
@@ -140,6 +143,20 @@ def read_results(runs, notes):
                 notes.append(f"`{rel}`: no identity block (written before results carried one, "
                              f"issue 12); skipped: rerun the step that wrote it.")
     return found
+
+
+def failure_note(path, runs):
+    """The note for a FAILED file: what is missing (a network when its training failed) and why
+    (the file's first line: exit status, error, log)."""
+    rel = os.path.relpath(os.path.dirname(path), runs)
+    try:
+        with open(path, errors="replace") as f:
+            why = f.readline().strip() or "no message"
+    except OSError as e:
+        why = f"FAILED is unreadable ({e.strerror or e})"
+    what = ("this network is missing from every result" if rel.split(os.sep)[0] == "train"
+            else "its results are missing")
+    return f"`{rel}` failed, so {what}: {why}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,13 @@ epochs, batch size, lr, objective and the like on resume is refused unless --for
 
 Presets by dataset (every value can be overridden on the command line):
   imagenet and other image folders: resnet50, 224 px, paper augmentation, 90 epochs, global batch
-      4096, lr 0.1 per 256 with 5 warmup epochs, EMA time constant 1 epoch
+      4096, lr 0.1 per 256 with 5 warmup epochs, EMA time constant 1 epoch; squared_error: no
+      rate of its own, and at SPEC.md's s = 10 it diverged on small data at every lr from 0.8
+      down to 0.005 per 256. Recommended: --loss-scale 0.005 (s x lr = 5e-4 per 256, the product
+      that trained on digits and CIFAR-10, while lr and weight decay stay the other
+      objectives'), or --lr 5e-5 at s = 10. This is extrapolated from those small-data
+      measurements (BENCHMARKS.md, results/cifar10_coarse/README.md), not measured on ImageNet;
+      a run that diverges stops with a one-line nan/inf error naming the step
   npz:DIR, cifar10, cifar100: resnet50 with the small-input stem, 32 px, 'small' augmentation
       (crop with padding, flip), 30 epochs, batch 512, lr 0.1 per 256, 2 warmup epochs;
       squared_error: lr 5e-5 per 256
@@ -91,8 +97,14 @@ PRESETS = {
 # with nan/inf within the first epoch at every lr from 0.8 down to 0.005 per 256, and trains
 # well (test top-1 > 0.97) at 5e-5. On CIFAR-10 (ResNet-18, 32 px, batch 128) 5e-5 trains
 # faster in the first epoch than softmax at the preset's 0.1 (train top-1 0.53 vs 0.42 after
-# 100 steps), so the small preset uses it too.
+# 100 steps), so the small preset uses it too. The imagenet preset has no measured rate; the
+# loss scale s only rescales the gradient, so what matters is s x lr: 10 x 5e-5 = 5e-4 per 256
+# trained on digits and on CIFAR-10 (small preset), and so did s = 0.005 at lr 0.05, 0.1 and
+# 0.2 (2.5e-4 to 1e-3: val top-1 80.4, 80.7, 79.7, as good as softmax's best; the CIFAR-10
+# coarse study, results/cifar10_coarse/README.md), while 10 x 0.005 = 0.05 diverged on digits.
+# nan_error recommends that product (extrapolated: never measured with 1,000 classes).
 OBJECTIVE_LR = {"digits": {"squared_error": 5e-5}, "small": {"squared_error": 5e-5}}
+SQUARED_ERROR_STEP = 5e-4   # s x lr per 256 that trained squared_error on small data
 OBJECTIVE_FLAGS = {  # command-line flag -> objective hyperparameter name in common.OBJECTIVES
     "alpha": "alpha", "lambda_": "lambda_", "dropout": "dropout", "beta": "beta", "tau": "tau",
     "normalize_features": "normalize_features", "kappa": "kappa", "m": "m",
@@ -1003,7 +1015,14 @@ def progress_line(run, lr, loss, steps_per_epoch, total_steps):
 def nan_error(run, step, steps_per_epoch):
     """The UserError for a non-finite loss at `step`, saying what last.pt still holds."""
     last, p = run.path("last.pt"), run.progress
-    lower = "a lower --lr" + (" (or --precision fp32)" if run.amp_dtype is not None else "")
+    lower = "a lower --lr"
+    s = run.model_args["hparams"].get("loss_scale") if \
+        run.model_args["objective"] == "squared_error" else None
+    if s and s * run.args.lr > SQUARED_ERROR_STEP:   # a value, from the small-data measurements
+        lower = (f"--lr {SQUARED_ERROR_STEP / s:.3g} (squared_error trained on digits and CIFAR-10 "
+                 f"at loss scale x lr = {SQUARED_ERROR_STEP:g} per 256; or, in a new --out, "
+                 f"--loss-scale {SQUARED_ERROR_STEP / run.args.lr:.3g})")
+    lower += " (or --precision fp32)" if run.amp_dtype is not None else ""
     kept = (f"{last} (step {p.saved_step}) is intact: rerun with {lower} and --force-resume to "
             f"continue from it, or use a new --out" if p.saved_step is not None else
             f"no checkpoint had been written yet: rerun with {lower}")

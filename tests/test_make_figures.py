@@ -351,6 +351,24 @@ def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
     assert (out / "fig4_class_separation.png").exists()
 
 
+def test_failed_runs_are_named_in_the_notes(tmp_path, monkeypatch):
+    """demo.sh's FAILED files: a failed training is a missing network, a failed fine-tune a
+    missing result; a FAILED beside a results.json is stale (the run finished since)."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0,), cka=False)
+    why = "exit 2: error: the loss became nan/inf at step 4 (epoch 1) (log: logs/x.log)"
+    for folder in ("train/squared_error_s0", "finetune/sigmoid_s0/flowers102",
+                   "train/softmax_s0"):                                 # the last one: stale
+        os.makedirs(runs / folder, exist_ok=True)
+        (runs / folder / "FAILED").write_text(why + "\n")
+    notes = run_figures(monkeypatch, runs, out, "--formats", "png").split("## Notes")[1]
+    assert f"- `train/squared_error_s0` failed, so this network is missing from every result: " \
+           f"{why}\n" in notes
+    assert f"- `finetune/sigmoid_s0/flowers102` failed, so its results are missing: {why}\n" \
+           in notes
+    assert "softmax_s0`" not in notes
+
+
 def test_torchvision_and_scratch_results(tmp_path, monkeypatch):
     """Published weights (no run id) get a note; --from-scratch fine-tunes are listed apart."""
     runs, out = tmp_path / "runs", tmp_path / "out"
