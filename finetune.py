@@ -22,8 +22,8 @@ What it does (SPEC.md, "Transfer evaluation"):
 Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1e-5, 1e-4}
 (log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
 grid point is read back, not recomputed. Each run starts with a line 'grid point i of N' (or
-'the final run') and the ETA of the whole fine-tuning. A finished run's resume state (last.pt) is deleted,
-and so are the models (only scores are used): --keep-model keeps the final one,
+'the final run') and the ETA of the whole fine-tuning. A finished run's resume state (last.pt)
+is deleted, and so are the models (only scores are used): --keep-model keeps the final one,
 OUT/final/final.pt (the demo's 18 would take 0.8 GB). Writes OUT/results.json: result_header
 first (kind "finetune", network: the source's identity, dataset: the target spec,
 dataset_name), then metric, test_accuracy, best_lr, best_wd, grid (each pair -> val metric),

@@ -17,7 +17,8 @@ train_imagenet.py --evaluate on its training data. It writes to --out, as PNG an
   report.md                 a verdict per claim of SPEC.md (holds / does not hold / cannot tell,
                             by fixed rules stated in the report), the table, rank correlations,
                             CKA and sweep summaries, and a note for every piece that was missing
-                            or skipped (never a crash).
+                            or skipped (never a crash), and for every run that demo.sh
+                            recorded as failed (a FAILED file in its folder).
   results.csv               one row per network: identity (run_id, checkpoint, objective, seed,
                             arch, dataset, trained_here, in_comparison: in the table's variant),
                             the objectives' hyperparameters (a column each, empty where an
