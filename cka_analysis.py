@@ -301,6 +301,8 @@ def main(argv=None):
 
     acc = MinibatchCKA()
     start = time.time()
+    # images through every network, over all passes: a line every common.PROGRESS_SECONDS
+    tick = common.Ticker(f"  features of {len(models)} network(s)", n_per_pass * len(views))
     for p_i, view in enumerate(views):
         loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                     args.crop_fraction)
@@ -318,9 +320,7 @@ def main(argv=None):
             finally:
                 feats.close()  # a generator left open inside extract_features would keep
                 # torch's inference mode switched on for the rest of the thread
-            if (b + 1) % 20 == 0:
-                print(f"  pass {p_i + 1} batch {b + 1}/{len(loader)} ({time.time() - start:.0f} s)",
-                      flush=True)
+            tick(p_i * n_per_pass + min(n_per_pass, (b + 1) * args.batch_size))
     M, L = len(models), len(layers)
     try:
         cka = acc.cka().reshape(M, L, M, L).transpose(0, 2, 1, 3)

@@ -156,7 +156,8 @@ def analyse(name, data, args, device):
     check_memory(model, layers, resolution, len(view), network["checkpoint"])
     loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
                                 args.crop_fraction)
-    feats, labels = common.collect_features(model, loader, layers, device)
+    tick = common.Ticker(f"  {network['checkpoint']}: features", len(view))
+    feats, labels = common.collect_features(model, loader, layers, device, progress=tick)
     results = {}
     for layer in layers:
         try:

@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -925,13 +926,72 @@ def extract_features(model, loader, layers, device="cpu", dtype=None):
         model.train(was_training)
 
 
-def collect_features(model, loader, layers, device="cpu"):
-    """extract_features gathered into numpy: ({layer: float32 (N, D)}, labels int64 (N,))."""
-    chunks, labels = {l: [] for l in layers}, []
+# Progress of long loops, as plain lines that stay readable in a log file (no bar redrawn with
+# carriage returns): torchvision's MetricLogger and timm print such interval lines with an ETA.
+PROGRESS_SECONDS = 10.0   # a Ticker's default interval; tests set 0 to see every line
+
+
+def duration(seconds):
+    """A time span for a human: '42s', '7m05s', '3h02m', '2d04h' ('?' when not finite).
+
+    >>> duration(425), duration(10920), duration(3.4)
+    ('7m05s', '3h02m', '3s')
+    """
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class Ticker:
+    """Progress lines of a loop over `total` items: calling it with the number done prints
+    '<what>: <done>/<total> <unit> (<pct>%), <rate> <unit>/s, eta <time>' at most every
+    `seconds` (default PROGRESS_SECONDS; 0: every call), and once it has printed, a last line
+    when done reaches total. A loop shorter than `seconds` prints nothing.
+
+    >>> tick = Ticker("  features", 5000)   # doctest: +SKIP
+    >>> tick(1280)                          # '  features: 1280/5000 images (26%), ... eta 31s'
+    """
+
+    def __init__(self, what, total, unit="images", seconds=None, log=None):
+        self.what, self.total, self.unit = what, total, unit
+        self.log = log or (lambda text: print(text, flush=True))
+        self.seconds = PROGRESS_SECONDS if seconds is None else seconds
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def __call__(self, done):
+        now = time.monotonic()
+        end = done >= self.total
+        if not (now - self.last >= self.seconds or (end and self.printed)):
+            return
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        pct = 100 * done / max(self.total, 1)
+        self.log(f"{self.what}: {done}/{self.total} {self.unit} ({pct:.0f}%), "
+                 f"{rate:.0f} {self.unit}/s, " +
+                 (f"done in {duration(elapsed)}" if end else f"eta {duration(eta)}"))
+        self.last, self.printed = now, True
+
+
+def collect_features(model, loader, layers, device="cpu", progress=None):
+    """extract_features gathered into numpy: ({layer: float32 (N, D)}, labels int64 (N,)).
+    progress: called with the number of images done after each batch (e.g. a Ticker)."""
+    chunks, labels, done = {l: [] for l in layers}, [], 0
     for feats, y in extract_features(model, loader, layers, device):
         for l in layers:
             chunks[l].append(feats[l].cpu().numpy().astype(np.float32, copy=False))
         labels.append(np.asarray(y))
+        done += len(labels[-1])
+        if progress is not None:
+            progress(done)
     return ({l: np.concatenate(c) for l, c in chunks.items()},
             np.concatenate(labels).astype(np.int64))
 

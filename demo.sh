@@ -33,6 +33,10 @@
 #                            are ignored
 #   EVAL_ARGS                extra flags for --evaluate (e.g. --eval-preprocessing tf)
 # Every step resumes or skips what is already done, so an interrupted demo continues on rerun.
+# A network that fails (e.g. a loss that turns nan/inf: exit 2, one line) does not stop the
+# study: its folder gets a file FAILED (the error and the log), the console a line, the later
+# steps go on without it and report.md names it. At the end every failure is listed and the
+# demo exits 1; a rerun tries the failed ones again.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -67,23 +71,45 @@ stamp() { echo "== $(date +%H:%M:%S) $*"; }
 start=$(date +%s)
 mkdir -p "$RUNS/logs"
 
-# Run "$@" in the background with its output in a log file, at most $JOBS at a time; `finish`
-# waits for all and stops the demo if any failed. Each job gets 1 CPU thread when JOBS > 1.
-failed=0
+# A failure, in DIR/FAILED and on the console: the exit status, the error (the log's last
+# "error: " line, else its last line) and the log. Arguments: status dir log.
+record_failure() {
+    local why
+    why=$(grep -E "^error: " "$3" | tail -n 1 || true)
+    [ -n "$why" ] || why=$(grep -v "^[[:space:]]*$" "$3" | tail -n 1 || true)
+    mkdir -p "$2"
+    echo "exit $1: ${why:-no output} (log: $3)" >"$2/FAILED"
+    echo "FAILED: $2: exit $1: ${why:-no output} (log: $3)" >&2
+}
+# Run "$@" for the network folder DIR in the background with its output in a log file, at most
+# $JOBS at a time; `finish` waits for all. Each job gets 1 CPU thread when JOBS > 1.
 job() {
-    local log=$1; shift
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
+    local dir=$1 log=$2; shift 2
+    rm -f "$dir/FAILED"   # tried again
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     if [ "$JOBS" -gt 1 ]; then
-        ( export OMP_NUM_THREADS=1; "$@" >"$log" 2>&1 || { echo "FAILED: see $log" >&2
-          tail -n 3 "$log" >&2; exit 1; } ) &
+        ( export OMP_NUM_THREADS=1; "$@" >"$log" 2>&1 || record_failure $? "$dir" "$log" ) &
     else
-        "$@" >"$log" 2>&1 || { echo "FAILED: see $log" >&2; tail -n 3 "$log" >&2; exit 1; }
+        "$@" >"$log" 2>&1 || record_failure $? "$dir" "$log"
     fi
 }
 finish() {
-    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
-    wait || failed=1
-    [ "$failed" -eq 0 ] || { echo "demo stopped: $1 failed (logs in $RUNS/logs)" >&2; exit 1; }
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || true; done
+    wait || true
+}
+# A step over all networks (probe, CKA, ...) in the foreground: a failure is a line and the
+# demo goes on. Arguments: name command...
+step_failures=()
+step() {
+    local name=$1; shift
+    "$@" || { local status=$?; echo "FAILED: $name (exit $status, its error above)" >&2
+              step_failures+=("$name (exit $status)"); }
+}
+# The networks whose results file exists: the others failed and later steps skip them.
+# Arguments: checkpoint results.json checkpoint results.json ...
+keep_done() {
+    checkpoints=()
+    while [ $# -gt 0 ]; do [ -f "$2" ] && checkpoints+=("$1"); shift 2; done
 }
 
 # a checkpoint's short name, as common.checkpoint_label: runs/x/final.pt -> x, tf/a_s0.pt -> a_s0
@@ -100,64 +126,89 @@ if [ -n "${CHECKPOINTS:-}" ]; then
         [ -f "$ckpt" ] || { echo "error: CHECKPOINTS: $ckpt is not a file" >&2; exit 2; }
     done
     stamp "1/6 evaluating ${#checkpoints[@]} given checkpoints on $DATA (no training)"
+    pairs=()
     for ckpt in "${checkpoints[@]}"; do
         label=$(label_of "$ckpt")
         dir=$RUNS/evaluate/$label
+        pairs+=("$ckpt" "$dir/results.json")
         [ -f "$dir/results.json" ] && continue
-        job "$RUNS/logs/evaluate_${label}.log" run train_imagenet.py --evaluate "$ckpt" \
+        job "$dir" "$RUNS/logs/evaluate_${label}.log" run train_imagenet.py --evaluate "$ckpt" \
             --data "$DATA" --out "$dir" ${EVAL_ARGS:-}
     done
-    finish evaluation
+    finish
+    keep_done "${pairs[@]}"
     grep -h "^evaluate:" "$RUNS"/logs/evaluate_*.log 2>/dev/null | sed 's/^/   /' || true
 else
     stamp "1/6 training: ${OBJECTIVES// /, } x seeds ${SEEDS// /, } on $DATA ($JOBS at a time)"
+    pairs=()
     for objective in $OBJECTIVES; do
         for seed in $SEEDS; do
             dir=$RUNS/train/${objective}_s${seed}
-            checkpoints+=("$dir/final.pt")
+            pairs+=("$dir/final.pt" "$dir/results.json")
             [ -f "$dir/final.pt" ] && [ -f "$dir/results.json" ] && continue
-            job "$RUNS/logs/train_${objective}_s${seed}.log" run train_imagenet.py \
+            job "$dir" "$RUNS/logs/train_${objective}_s${seed}.log" run train_imagenet.py \
                 --data "$DATA" --objective "$objective" --seed "$seed" --out "$dir" \
                 "${train_flags[@]}" ${TRAIN_ARGS:-}
         done
     done
-    finish training
+    finish
+    keep_done "${pairs[@]}"
     grep -h "^done:" "$RUNS"/logs/train_*.log 2>/dev/null | sed 's/^/   /' || true
 fi
 
-stamp "2/6 linear probe on $TARGETS"
-# shellcheck disable=SC2086
-"$PYTHON" linear_probe.py --checkpoint "${checkpoints[@]}" --data $TARGETS --out "$RUNS/probe" \
-    ${PROBE_ARGS:-}
-
-if [ -n "$FT_TARGETS" ]; then
-    stamp "3/6 fine-tuning on $FT_TARGETS ($JOBS at a time)"
-    for target in $FT_TARGETS; do
-        name=$("$PYTHON" -c "import common, sys; print(common.dataset_label(sys.argv[1]))" "$target")
-        for ckpt in "${checkpoints[@]}"; do
-            label=$(label_of "$ckpt")
-            dir=$RUNS/finetune/$label/$name
-            [ -f "$dir/results.json" ] && continue
-            job "$RUNS/logs/finetune_${label}_${name}.log" run finetune.py --checkpoint "$ckpt" \
-                --data "$target" --out "$dir" ${FT_ARGS:-}
-        done
-    done
-    finish fine-tuning
-    grep -h "^finetune: .* -> " "$RUNS"/logs/finetune_*.log 2>/dev/null | sed 's/^/   /' || true
+if [ "${#checkpoints[@]}" -eq 0 ]; then
+    stamp "2/6 to 5/6 skipped: no network finished"
 else
-    stamp "3/6 fine-tuning skipped (FT_TARGETS is empty)"
+    stamp "2/6 linear probe on $TARGETS"
+    # shellcheck disable=SC2086
+    step "linear probe" "$PYTHON" linear_probe.py --checkpoint "${checkpoints[@]}" \
+        --data $TARGETS --out "$RUNS/probe" ${PROBE_ARGS:-}
+
+    if [ -n "$FT_TARGETS" ]; then
+        stamp "3/6 fine-tuning on $FT_TARGETS ($JOBS at a time)"
+        for target in $FT_TARGETS; do
+            name=$("$PYTHON" -c "import common, sys; print(common.dataset_label(sys.argv[1]))" \
+                   "$target")
+            for ckpt in "${checkpoints[@]}"; do
+                label=$(label_of "$ckpt")
+                dir=$RUNS/finetune/$label/$name
+                [ -f "$dir/results.json" ] && continue
+                job "$dir" "$RUNS/logs/finetune_${label}_${name}.log" run finetune.py \
+                    --checkpoint "$ckpt" --data "$target" --out "$dir" ${FT_ARGS:-}
+            done
+        done
+        finish
+        grep -h "^finetune: .* -> " "$RUNS"/logs/finetune_*.log 2>/dev/null | sed 's/^/   /' || true
+    else
+        stamp "3/6 fine-tuning skipped (FT_TARGETS is empty)"
+    fi
+
+    stamp "4/6 CKA between all networks on $DATA"
+    # shellcheck disable=SC2086
+    step "CKA" "$PYTHON" cka_analysis.py --checkpoint "${checkpoints[@]}" --data "$DATA" \
+        --out "$RUNS/cka" ${CKA_ARGS:-}
+
+    stamp "5/6 class separation on $DATA"
+    # shellcheck disable=SC2086
+    step "class separation" "$PYTHON" class_separation.py --checkpoint "${checkpoints[@]}" \
+        --data "$DATA" --out "$RUNS/class_separation" ${SEP_ARGS:-}
 fi
 
-stamp "4/6 CKA between all networks on $DATA"
-# shellcheck disable=SC2086
-"$PYTHON" cka_analysis.py --checkpoint "${checkpoints[@]}" --data "$DATA" --out "$RUNS/cka" \
-    ${CKA_ARGS:-}
-
-stamp "5/6 class separation on $DATA"
-# shellcheck disable=SC2086
-"$PYTHON" class_separation.py --checkpoint "${checkpoints[@]}" --data "$DATA" \
-    --out "$RUNS/class_separation" ${SEP_ARGS:-}
-
 stamp "6/6 figures and report"
-"$PYTHON" make_figures.py --runs "$RUNS" --out "$OUT"
+step "figures and report" "$PYTHON" make_figures.py --runs "$RUNS" --out "$OUT"
+
+# Every failure, this run's and any left from an earlier one (a FAILED beside a results.json is
+# stale: that network finished since); make_figures.py's report names the same networks.
+failures=()
+while IFS= read -r f; do
+    dir=$(dirname "$f")
+    [ -f "$dir/results.json" ] || failures+=("${dir#"$RUNS"/}: $(head -n 1 "$f")")
+done < <(find "$RUNS" -name FAILED -type f | sort)
+failures+=("${step_failures[@]/#/step: }")
+if [ "${#failures[@]}" -gt 0 ]; then
+    for f in "${failures[@]}"; do echo "   $f" >&2; done
+    stamp "done in $(( $(date +%s) - start )) s with ${#failures[@]} failure(s), listed above" \
+          "(the notes of $OUT/report.md name the failed networks)" >&2
+    exit 1
+fi
 stamp "done in $(( $(date +%s) - start )) s: $OUT/report.md"

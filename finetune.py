@@ -21,8 +21,9 @@ What it does (SPEC.md, "Transfer evaluation"):
      on train+val (OUT/final/) and evaluated once on test.
 Default grid: lr per 256 images in {0.003, 0.01, 0.03, 0.1} x weight decay in {1e-5, 1e-4}
 (log-spaced, 8 runs). Every run is resumable after a kill (rerun the same command); a finished
-grid point is read back, not recomputed. A finished run's resume state (last.pt) is deleted,
-and so are the models (only scores are used): --keep-model keeps the final one,
+grid point is read back, not recomputed. Each run starts with a line 'grid point i of N' (or
+'the final run') and the ETA of the whole fine-tuning. A finished run's resume state (last.pt)
+is deleted, and so are the models (only scores are used): --keep-model keeps the final one,
 OUT/final/final.pt (the demo's 18 would take 0.8 GB). Writes OUT/results.json: result_header
 first (kind "finetune", network: the source's identity, dataset: the target spec,
 dataset_name), then metric, test_accuracy, best_lr, best_wd, grid (each pair -> val metric),
@@ -166,7 +167,7 @@ def train_one(source, network, data, run, dist):
         if done.get("grid_key") == key:
             if dist.is_main:
                 print(f"finetune: {run.out} already finished, read back")
-            return done
+            return {**done, "read_back": True}   # no training time: left out of the ETA
         before = done.get("grid_key") or {}
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {key.get(k)!r}"
                          for k in sorted(set(before) | set(key)) if before.get(k) != key.get(k))
@@ -195,6 +196,24 @@ def val_score(results, metric):
     return value
 
 
+def timed(took, fn, *args):
+    """fn(*args), its wall time appended to `took` unless the run was read back."""
+    t = time.time()
+    r = fn(*args)
+    if not r.get("read_back"):
+        took.append(time.time() - t)
+    return r
+
+
+def eta_text(took, runs_left):
+    """'eta 12m30s (3 runs left)' at the mean time of the runs trained so far (the final run,
+    on train+val, takes about as long as a grid point); no estimate before the first."""
+    left = f"{runs_left} run{'s' if runs_left != 1 else ''} left"
+    if not took:
+        return f"eta known after the first run ({left})"
+    return f"eta {common.duration(sum(took) / len(took) * runs_left)} ({left})"
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
@@ -219,20 +238,25 @@ def main(argv=None):
                      "num_classes": data["num_classes"], "classes": data["classes"],
                      "metric": data["metric"], "spec": data["spec"], "name": data["name"]}
         grid, scores = {}, {}
-        for lr in args.lrs:
-            for wd in args.wds:
-                r = train_one(source, network, selection, run_args(args, lr, wd, "grid"), dist)
-                scores[(lr, wd)] = val_score(r, data["metric"])
-                grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
+        points = [(lr, wd) for lr in args.lrs for wd in args.wds]
+        took = []   # seconds of each run trained here (read-back ones take none): the ETA's rate
+        for i, (lr, wd) in enumerate(points, 1):
+            if dist.is_main:
+                print(f"finetune: grid point {i} of {len(points)}: lr {lr:g}, wd {wd:g} | "
+                      f"{eta_text(took, len(points) - i + 2)}", flush=True)
+            r = timed(took, train_one, source, network, selection,
+                      run_args(args, lr, wd, "grid"), dist)
+            scores[(lr, wd)] = val_score(r, data["metric"])
+            grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
         if dist.is_main:
             print(f"finetune: best on val lr={best_lr:g} wd={best_wd:g} "
                   f"({data['metric']} {common.pct(scores[(best_lr, best_wd)])}); retraining on "
-                  f"train+val")
+                  f"train+val (the final run) | {eta_text(took, 1)}", flush=True)
         final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
                       "val": None, "test": data["test"]}
         final = run_args(args, best_lr, best_wd, "final")
-        r = train_one(source, network, final_data, final, dist)
+        r = timed(took, train_one, source, network, final_data, final, dist)
         test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
         results = {**common.result_header(network, data, "finetune"),   # the source network
                    "metric": data["metric"], "test_accuracy": test_acc,

@@ -30,6 +30,9 @@ Examples:
   python linear_probe.py --features feats.npz --out runs/probe --metric mean_per_class
   python linear_probe.py --checkpoint runs/*/final.pt --data npz:data/clothing --folds 5 --out probe
 
+Prints a line 'pair i of N (eta ...)' as each (checkpoint, dataset) pair starts, feature
+extraction's progress every 10 s, and the pair's result; --verbose adds a line per lambda.
+
 Outputs, per pair: OUT/<checkpoint>/<dataset_name>/results.json (for --layer other than pool:
 OUT/<checkpoint>/<dataset_name>+<layer>/): common.result_header first (kind "linear_probe",
 network: the checkpoint's identity, dataset: the probed spec, dataset_name), then layer,
@@ -64,7 +67,7 @@ ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead
 CACHE_VERSION = 1
 # What --features reads; the other flags go with --checkpoint and are refused with it.
 FEATURES_USE = {"features", "data", "out", "lambdas", "standardize", "metric", "rtol", "max_iter",
-                "device", "folds", "seed", "overwrite"}
+                "device", "folds", "seed", "overwrite", "verbose"}
 SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
                    "test_accuracy",
                    "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
@@ -187,13 +190,15 @@ def fold_of(y, folds, seed=0):
     return fold
 
 
-def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, **probe_options):
+def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, path_log=print,
+              **probe_options):
     """k-fold cross-validation of the whole protocol over (x, y): fold i is the test set, fold
     i+1 (mod k) the validation set that picks lambda, the other k-2 folds the training set; the
     refit uses k-1 folds. Every example is predicted exactly once, and the metric is computed
     over all predictions pooled (for a small data set the one fixed test split's sampling error
     is the biggest error of all: about 2.5 points on 372 images). Returns (results, W, b) with
-    W (k, D, K), b (k, K): fold i's probe on the raw features."""
+    W (k, D, K), b (k, K): fold i's probe on the raw features. log: the fold lines; path_log:
+    each fold's lambda lines (run_probe's log)."""
     fold = fold_of(y, folds, seed)
     pred = torch.empty(len(y), dtype=torch.int64)
     per_fold, Ws, bs = [], [], []
@@ -204,7 +209,8 @@ def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, **probe_op
             log(f"  fold {i + 1}/{folds}: {int(train.sum())} train, {int(val.sum())} val, "
                 f"{int(test.sum())} test")
         r, W, b = run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
-                            num_classes=num_classes, metric=metric, log=log, **probe_options)
+                            num_classes=num_classes, metric=metric, log=path_log,
+                            **probe_options)
         pred[torch.as_tensor(test)] = predict(torch.as_tensor(x[test]), W, b).cpu()
         per_fold.append({k: r[k] for k in ("test_accuracy", "test_top1", "test_mean_per_class",
                                            "best_lambda", "best_val", "n_train", "n_val",
@@ -630,7 +636,9 @@ def cached_features(model, network, data, split, *, layer, resolution, cache_dir
         log(f"  feature cache {path} is stale or corrupt ({why}); rebuilding it")
     t = time.time()
     loader = common.eval_loader(view, resolution, batch_size=batch_size, workers=workers)
-    feats, y = common.collect_features(model, loader, [layer], device)
+    tick = common.Ticker(f"  extracting {split} {layer} features", len(view),
+                         log=None if log is print else log)   # None: print and flush
+    feats, y = common.collect_features(model, loader, [layer], device, progress=tick)
     x = feats[layer]
     if not np.isfinite(x).all():
         raise common.UserError(f"{network['checkpoint']}: the {layer} features of {data['spec']} "
@@ -728,14 +736,25 @@ def pooled(train, val, test, folds):
     return x, y
 
 
-def probe(train, val, test, *, folds, seed, num_classes, metric, lambdas, opts):
-    """run_probe on the splits, or with --folds run_kfold on their union."""
+def probe(train, val, test, *, folds, seed, num_classes, metric, lambdas, opts, verbose=False):
+    """run_probe on the splits, or with --folds run_kfold on their union; a line per lambda
+    only when verbose (45 per pair by default)."""
+    path_log = print if verbose else None
     if folds:
         x, y = pooled(train, val, test, folds)
         return run_kfold(x, y, folds=folds, seed=seed, num_classes=num_classes, metric=metric,
-                         lambdas=lambdas, **opts)
+                         lambdas=lambdas, path_log=path_log, **opts)
     return run_probe(train, val, test, num_classes=num_classes, metric=metric, lambdas=lambdas,
-                     **opts)
+                     log=path_log, **opts)
+
+
+def pair_eta(started, done, total):
+    """'pair 3 of 8 (eta 12m30s)': the pairs left, this one included, at the mean wall time of
+    those done in this process (checkpoint loading and feature extraction included)."""
+    if not done:
+        return f"pair 1 of {total}"
+    per_pair = (time.time() - started) / done
+    return f"pair {done + 1} of {total} (eta {common.duration(per_pair * (total - done))})"
 
 
 def main(argv=None):
@@ -787,6 +806,8 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     p.add_argument("--overwrite", action="store_true", help="replace results of another "
                    "checkpoint or setting in the same folder (default: refused)")
+    p.add_argument("--verbose", action="store_true", help="also a line per lambda of the path "
+                   "(val metric, objective, iterations; default: a line per pair)")
     args = p.parse_args(argv)
     if args.features:   # a flag of the other mode would be ignored: refused instead
         common.refuse_unused(p, args, FEATURES_USE, "with --features (it extracts no features: "
@@ -809,14 +830,17 @@ def main(argv=None):
         stems = [os.path.splitext(os.path.basename(f))[0] for f in args.features]
         if len(set(stems)) != len(stems):
             raise common.UserError(f"two --features files share a name ({stems}); rename one")
-        for path, stem in zip(args.features, stems):
+        started = time.time()
+        for i, (path, stem) in enumerate(zip(args.features, stems)):
             t0 = time.time()
             train, val, test = load_feature_file(path, args.seed)
             K = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
-            print(f"{stem}: {len(train[0])} train, {len(val[0])} val, {len(test[0])} test, "
-                  f"{train[0].shape[1]} dims, {K} classes")
+            print(f"{pair_eta(started, i, len(stems))}: {stem}: {len(train[0])} train, "
+                  f"{len(val[0])} val, {len(test[0])} test, {train[0].shape[1]} dims, {K} "
+                  f"classes", flush=True)
             results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,
-                                  num_classes=K, metric=args.metric, lambdas=lambdas, opts=opts)
+                                  num_classes=K, metric=args.metric, lambdas=lambdas, opts=opts,
+                                  verbose=args.verbose)
             # no network: the features came from elsewhere; dataset_name is the file's stem
             results = {**common.result_header(None, None, "linear_probe"),
                        "dataset_name": stem, "features": path, "layer": None,
@@ -848,6 +872,7 @@ def main(argv=None):
     # A fixed 4 made PyTorch warn on 2 cores and fought the extraction for them.
     workers = args.workers if args.workers is not None else \
         common.default_workers(device.type)[0]
+    started, done, total = time.time(), 0, len(args.checkpoint) * len(datasets)
     for name in args.checkpoint:
         model, network = common.load_pretrained(name)
         model.to(device)
@@ -856,8 +881,8 @@ def main(argv=None):
         resolution = common.input_resolution(args.resolution, network)
         for data in datasets:
             t0 = time.time()
-            print(f"{network['checkpoint']} on {data['spec']}: {layer} features at "
-                  f"{resolution}px")
+            print(f"{pair_eta(started, done, total)}: {network['checkpoint']} on "
+                  f"{data['spec']}: {layer} features at {resolution}px", flush=True)
             splits = [cached_features(model, network, data, s, layer=layer,
                                       resolution=resolution, cache_dir=cache, device=device,
                                       batch_size=args.batch_size, workers=workers)
@@ -865,15 +890,16 @@ def main(argv=None):
             train, val, test = check_splits(*splits)
             results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,
                                   num_classes=data["num_classes"], metric=data["metric"],
-                                  lambdas=lambdas, opts=opts)
+                                  lambdas=lambdas, opts=opts, verbose=args.verbose)
             results = {**common.result_header(network, data, "linear_probe"), "layer": layer,
                        "resolution": resolution, **results, "seconds": time.time() - t0}
             out_dir = pair_dir(args.out, network["checkpoint"], data["name"], layer, args.folds)
             refuse_other_result(out_dir, results, args.overwrite)
             save_pair(out_dir, results, W, b)
             write_summary(args.out)
+            done += 1
             print(f"{network['checkpoint']} on {data['name']}: {outcome(results)} "
-                  f"({results['seconds']:.1f}s) -> {out_dir}/results.json")
+                  f"({results['seconds']:.1f}s) -> {out_dir}/results.json", flush=True)
 
 
 if __name__ == "__main__":

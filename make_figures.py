@@ -17,7 +17,8 @@ train_imagenet.py --evaluate on its training data. It writes to --out, as PNG an
   report.md                 a verdict per claim of SPEC.md (holds / does not hold / cannot tell,
                             by fixed rules stated in the report), the table, rank correlations,
                             CKA and sweep summaries, and a note for every piece that was missing
-                            or skipped (never a crash).
+                            or skipped (never a crash), and for every run that demo.sh
+                            recorded as failed (a FAILED file in its folder).
   results.csv               one row per network: identity (run_id, checkpoint, objective, seed,
                             arch, dataset, trained_here, in_comparison: in the table's variant),
                             the objectives' hyperparameters (a column each, empty where an
@@ -57,6 +58,9 @@ except ImportError:  # scipy comes with scikit-learn, but the figures do not nee
 
 ALPHA = 0.05
 FT_MARGIN = 1.0   # points: fine-tuning accuracies closer than this to softmax's are "no different"
+# A transfer-accuracy axis spans at least this many points, and fine-tuning's at least the
+# linear probe's: autoscaled to a 2-point span, one seed's noise filled the whole panel.
+MIN_ACCURACY_SPAN = 10.0
 CKA_MARGIN = 0.01   # a CKA difference smaller than this is no difference, however significant
 NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
          "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
@@ -119,10 +123,13 @@ TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind ->
 
 def read_results(runs, notes):
     """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
-    identity block (common.result_header). Files without one get a note each."""
+    identity block (common.result_header). Files without one get a note each, and so does every
+    run that failed (demo.sh's FAILED file: a network, or one of its results, is missing)."""
     found = {k: [] for k in KINDS}
     for root, dirs, files in os.walk(runs):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "FAILED" in files and "results.json" not in files:  # beside results.json: stale
+            notes.append(failure_note(os.path.join(root, "FAILED"), runs))
         for name in sorted(f for f in files if f in RESULT_FILES):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, runs)
@@ -140,6 +147,20 @@ def read_results(runs, notes):
                 notes.append(f"`{rel}`: no identity block (written before results carried one, "
                              f"issue 12); skipped: rerun the step that wrote it.")
     return found
+
+
+def failure_note(path, runs):
+    """The note for a FAILED file: what is missing (a network when its training failed) and why
+    (the file's first line: exit status, error, log)."""
+    rel = os.path.relpath(os.path.dirname(path), runs)
+    try:
+        with open(path, errors="replace") as f:
+            why = f.readline().strip() or "no message"
+    except OSError as e:
+        why = f"FAILED is unreadable ({e.strerror or e})"
+    what = ("this network is missing from every result" if rel.split(os.sep)[0] == "train"
+            else "its results are missing")
+    return f"`{rel}` failed, so {what}: {why}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,10 +534,46 @@ class Report:
         plt.close(fig)
 
 
-def legend_right(fig, objectives, report):
+def legend_right(fig, objectives, report, keys=()):
+    """The objectives' colours and markers; `keys`, what the marks mean, below them."""
     handles = [plt.Line2D([], [], color=report.colours[o], marker=marker_of(o, report.order),
                           linestyle="", markersize=8, label=display(o)) for o in objectives]
+    if keys:   # after a blank line
+        handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
     fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
+
+
+def mean_keys(ax):
+    """Legend entries of scatter_means' marks: a translucent dot per network (seed), the mean
+    with standard-error bars. The bars' handle is an errorbar at NaN: drawn nowhere."""
+    one = plt.Line2D([], [], color="0.3", alpha=0.35, marker="o", markersize=5, linestyle="",
+                     label="one network (a seed)")
+    mean = ax.errorbar([math.nan], [math.nan], xerr=[1], yerr=[1], color="0.3", marker="o",
+                       markersize=7, capsize=3, linestyle="", label="mean ± s.e. over seeds")
+    return [one, mean]
+
+
+def widen(ax, span, low=0.0, high=100.0):
+    """Widen the y axis to at least `span` about its centre, inside [low, high] (accuracy in %)
+    unless what is drawn already goes past it."""
+    a, b = ax.get_ylim()
+    if b - a >= span:
+        return
+    lo, hi = min(low, a), max(high, b)
+    start = min(max((a + b) / 2 - span / 2, lo), hi - span)
+    ax.set_ylim(start, start + span)
+
+
+def widen_transfer(axes):
+    """{kind: ax} of transfer accuracies: each spans MIN_ACCURACY_SPAN at least, fine-tuning at
+    least what the linear probe spans."""
+    if "linear" in axes:
+        widen(axes["linear"], MIN_ACCURACY_SPAN)
+    if "finetune" in axes:
+        span = MIN_ACCURACY_SPAN
+        if "linear" in axes:
+            span = max(span, -np.subtract(*axes["linear"].get_ylim()))
+        widen(axes["finetune"], span)
 
 
 def marker_of(obj, order):
@@ -560,7 +617,8 @@ def fig_transfer(groups, report):
         ax.set_xlabel("source-task top-1 accuracy (%)")
         ax.set_ylabel(f"{KIND_NAMES[kind].lower()} accuracy, mean over datasets (%)")
         ax.set_title(f"{KIND_NAMES[kind]} transfer (paper: {claim_text(CLAIMS[kind])})")
-    legend_right(fig, [o for o in groups if o in drawn], report)
+    widen_transfer(dict(zip(kinds, axes[0])))
+    legend_right(fig, [o for o in groups if o in drawn], report, mean_keys(axes[0, 0]))
     fig.suptitle("Source accuracy against transfer accuracy (mean ± standard error over seeds)")
     report.save_fig(fig, "fig1_top1_vs_transfer")
 
@@ -569,7 +627,11 @@ def fig_table(groups, cols, cells, report):
     """The per-objective table as a figure: blue cells above softmax, red below, pale where the
     difference is not significant; the paper's claim under each column header."""
     objs = list(groups)
-    fig, ax = plt.subplots(figsize=(1.45 * len(cols) + 2.8, 0.75 * len(objs) + 2.4),
+    headers = [header_text(h, unit) + f"\npaper: {claim_words(claim, unit)}"
+               for _, h, claim, _, _, unit in cols]
+    # a column as wide as its longest header line (about 0.075 inch a character at 8 pt)
+    width = max([1.45] + [0.075 * len(line) for h in headers for line in h.splitlines()])
+    fig, ax = plt.subplots(figsize=(width * len(cols) + 2.8, 0.75 * len(objs) + 2.4),
                            layout="constrained")
     colour = np.full((len(objs), len(cols)), np.nan)
     for j, (key, *_rest) in enumerate(cols):
@@ -587,11 +649,7 @@ def fig_table(groups, cols, cells, report):
                 text += f"\n{c['verdict']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
     ax.set_xticks(range(len(cols)))
-    # let dataset labels such as cifar10@5-9,per_class_2000 wrap at '@' and ',', not mid-word
-    ax.set_xticklabels([textwrap.fill(re.sub(r"([@,])", r"\1 ", h).replace("@ ", " @") +
-                                      (" (%)" if unit else ""), 17) +
-                        f"\npaper: {claim_words(claim, unit)}"
-                        for _, h, claim, _, _, unit in cols], fontsize=8)
+    ax.set_xticklabels(headers, fontsize=8)
     ax.xaxis.tick_top()
     ax.set_yticks(range(len(objs)))
     ax.set_yticklabels([f"{display(o)} (n={len(groups[o])}" +
@@ -606,6 +664,18 @@ def fig_table(groups, cols, cells, report):
         "Blue: above softmax, red: below, shade scaled per column; pale: not significant.",
         int(14 * len(cols) + 30)), fontsize=8)
     report.save_fig(fig, "fig2_table")
+
+
+def header_text(header, unit, width=17):
+    r"""A table column's header wrapped at spaces and, in dataset labels such as
+    cifar10@5-9,per_class=2000, before '@' and after ','; never inside a word or at a hyphen
+    (a longer word keeps its line), and '(%)' stays with the word before it.
+
+    >>> header_text("Linear probe fashion_mnist@per_class=300", "%")
+    'Linear probe\nfashion_mnist\n@per_class=300\xa0(%)'
+    """
+    text = re.sub(r"([@,])", r"\1 ", header).replace("@ ", " @") + ("\xa0(%)" if unit else "")
+    return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 def load_cka(found, runs, notes):
@@ -729,14 +799,16 @@ def fig_cka(c, idx, s, report):
         im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=min(vmin, 0.999), vmax=1)
         ax.set_title(f"layer {layers[l]}")
         ax.set_xticks(range(len(objs)))
-        ax.set_xticklabels([display(o) for o in objs], rotation=60, ha="right", fontsize=8)
+        ax.set_xticklabels([display(o) for o in objs], rotation=60, ha="right", fontsize=9)
         ax.set_yticks(range(len(objs)))
-        ax.set_yticklabels([display(o) for o in objs], fontsize=8)
-        if len(objs) <= 10:
+        ax.set_yticklabels([display(o) for o in objs], fontsize=9)
+        if len(objs) <= 10:   # a cell is about 0.5 inch: '0.93' at 11 pt (9 pt from 7 up) fits
+            size = 11 if len(objs) <= 6 else 9.5
             for a in range(len(objs)):
                 for b in range(len(objs)):
                     if np.isfinite(mat[a, b]):
-                        ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=7,
+                        ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center",
+                                fontsize=size,
                                 color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
     for ax in list(axes.flat)[len(picks):]:
         ax.set_visible(False)
@@ -751,10 +823,12 @@ def fig_class_separation(groups, report):
     if not any(n["r2"] is not None for n in nets):
         report.notes.append("Figure 4 skipped: no class-separation R^2 (pool layer) found.")
         return
-    panels = [(q, label) for q, label in (
-        (lambda n: n["top1"], "source-task top-1 accuracy (%)"),
-        (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)"),
-        (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)"))
+    panels = [(q, label, kind) for q, label, kind in (
+        (lambda n: n["top1"], "source-task top-1 accuracy (%)", "top1"),
+        (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)",
+         "linear"),
+        (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)",
+         "finetune"))
         if any(n["r2"] is not None and finite(q(n)) for n in nets)]
     if not panels:
         report.notes.append("Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of "
@@ -763,7 +837,7 @@ def fig_class_separation(groups, report):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.5, 4.6),
                              layout="constrained", squeeze=False)
     drawn = set()
-    for ax, (q, label) in zip(axes[0], panels):
+    for ax, (q, label, _) in zip(axes[0], panels):
         drawn.update(scatter_means(ax, groups, lambda n: n["r2"], q, report))
         pairs = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
                  for g in groups.values()]
@@ -773,7 +847,8 @@ def fig_class_separation(groups, report):
         ax.set_ylabel(label)
         ax.set_title(f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
                      "Spearman ρ: n/a (fewer than 3 objectives)", fontsize=10)
-    legend_right(fig, [o for o in groups if o in drawn], report)
+    widen_transfer({kind: ax for ax, (_, _, kind) in zip(axes[0], panels)})
+    legend_right(fig, [o for o in groups if o in drawn], report, mean_keys(axes[0, 0]))
     fig.suptitle("Class separation of the penultimate layer (mean ± standard error over seeds)")
     report.save_fig(fig, "fig4_class_separation")
 
@@ -887,6 +962,18 @@ def slope_fit(points):
     return {"n": n, "slope": b / 10, "low": (b - t * se) / 10, "high": (b + t * se) / 10, "p": p}
 
 
+def fit_band(points, fit, x):
+    """The least-squares line of slope_fit at x and its 95% confidence band for the mean:
+    (mean, low, high). The band's half-width is t se(b) sqrt(Sxx/n + (x - mean x)^2), and
+    t se(b) is half slope_fit's interval (per +0.1 R^2, so 10 x per unit R^2)."""
+    px, py = np.array(points, dtype=float).T
+    d = np.asarray(x, dtype=float) - px.mean()
+    mean = py.mean() + 10 * fit["slope"] * d    # the line passes through the points' mean
+    half = 5 * (fit["high"] - fit["low"]) * np.sqrt(((px - px.mean()) ** 2).sum() / len(px)
+                                                    + d ** 2)
+    return mean, mean - half, mean + half
+
+
 def slope_verdict(fit):
     """Rule 1 on a slope_fit."""
     if fit is None:
@@ -948,18 +1035,25 @@ def fig_slopes(nets, targets, fits, report):
                            s=28, alpha=0.8, linewidths=0)
                 drawn.append(obj)
         fit = fits[target]
-        if fit is not None:   # the least-squares line passes through the points' mean
-            xs, ys = np.array(slope_points(nets, target)).T
-            grid = np.linspace(xs.min(), xs.max(), 2)
-            ax.plot(grid, ys.mean() + 10 * fit["slope"] * (grid - xs.mean()), color="0.3",
-                    linestyle="--")
+        if fit is not None:
+            xs = np.array(slope_points(nets, target))[:, 0]
+            grid = np.linspace(xs.min(), xs.max(), 60)
+            mean, low, high = fit_band(slope_points(nets, target), fit, grid)
+            ax.fill_between(grid, low, high, color="0.3", alpha=0.15, linewidth=0)
+            ax.plot(grid, mean, color="0.3", linestyle="--")
         ax.set_title(f"{target}\nslope {slope_text(fit)} per +0.1 R^2\n"
                      f"({slope_verdict(fit)})", fontsize=9)
         ax.set_xlabel("class separation R^2 (pool)")
         ax.set_ylabel("linear-probe accuracy (%)")
         ax.grid(alpha=0.3)
-    legend_right(fig, [o for o in report.order if o in set(drawn)], report)
-    fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares")
+    keys = [plt.Line2D([], [], color="0.3", marker="o", markersize=5, linestyle="",
+                       label="one network"),
+            plt.Line2D([], [], color="0.3", linestyle="--", label="least-squares fit"),
+            matplotlib.patches.Patch(color="0.3", alpha=0.15, linewidth=0,
+                                     label="95% confidence band\nof the fitted mean")]
+    legend_right(fig, [o for o in report.order if o in set(drawn)], report, keys)
+    fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares "
+                 "with the 95% confidence band of its mean")
     report.save_fig(fig, "fig6_r2_vs_linear")
 
 

@@ -28,7 +28,13 @@ epochs, batch size, lr, objective and the like on resume is refused unless --for
 
 Presets by dataset (every value can be overridden on the command line):
   imagenet and other image folders: resnet50, 224 px, paper augmentation, 90 epochs, global batch
-      4096, lr 0.1 per 256 with 5 warmup epochs, EMA time constant 1 epoch
+      4096, lr 0.1 per 256 with 5 warmup epochs, EMA time constant 1 epoch; squared_error: no
+      rate of its own, and at SPEC.md's s = 10 it diverged on small data at every lr from 0.8
+      down to 0.005 per 256. Recommended: --loss-scale 0.005 (s x lr = 5e-4 per 256, the product
+      that trained on digits and CIFAR-10, while lr and weight decay stay the other
+      objectives'), or --lr 5e-5 at s = 10. This is extrapolated from those small-data
+      measurements (BENCHMARKS.md, results/cifar10_coarse/README.md), not measured on ImageNet;
+      a run that diverges stops with a one-line nan/inf error naming the step
   npz:DIR, cifar10, cifar100: resnet50 with the small-input stem, 32 px, 'small' augmentation
       (crop with padding, flip), 30 epochs, batch 512, lr 0.1 per 256, 2 warmup epochs;
       squared_error: lr 5e-5 per 256
@@ -39,6 +45,9 @@ Presets by dataset (every value can be overridden on the command line):
 Everything else is SPEC.md's recipe: SGD Nesterov 0.9, weight decay 8e-5 on conv and linear
 weights, cosine decay per step, bf16 autocast and torch.compile on GPU, fp32 on CPU.
 
+Prints a line per epoch and, within an epoch, every --progress-seconds (default 30) a line
+with the step in the epoch, img/s, loss, lr and the ETA of the epoch and of the run, e.g.
+  epoch 3/90 step 600/1251 (48%) | 2950 img/s | loss 3.1024 (epoch 3.2113) | lr 1.6 | eta ...
 Writes OUT/args.json, OUT/log.jsonl (every --log-every steps: loss, lr, images/s, share of time
 waiting for data), OUT/summary.csv (a row per epoch: raw and EMA weights on the val split),
 OUT/last.pt (every epoch and every --ckpt-minutes), and at the end OUT/final.pt (load it with
@@ -88,15 +97,22 @@ PRESETS = {
 # with nan/inf within the first epoch at every lr from 0.8 down to 0.005 per 256, and trains
 # well (test top-1 > 0.97) at 5e-5. On CIFAR-10 (ResNet-18, 32 px, batch 128) 5e-5 trains
 # faster in the first epoch than softmax at the preset's 0.1 (train top-1 0.53 vs 0.42 after
-# 100 steps), so the small preset uses it too.
+# 100 steps), so the small preset uses it too. The imagenet preset has no measured rate; the
+# loss scale s only rescales the gradient, so what matters is s x lr: 10 x 5e-5 = 5e-4 per 256
+# trained on digits and on CIFAR-10 (small preset), and so did s = 0.005 at lr 0.05, 0.1 and
+# 0.2 (2.5e-4 to 1e-3: val top-1 80.4, 80.7, 79.7, as good as softmax's best; the CIFAR-10
+# coarse study, results/cifar10_coarse/README.md), while 10 x 0.005 = 0.05 diverged on digits.
+# nan_error recommends that product (extrapolated: never measured with 1,000 classes).
 OBJECTIVE_LR = {"digits": {"squared_error": 5e-5}, "small": {"squared_error": 5e-5}}
+SQUARED_ERROR_STEP = 5e-4   # s x lr per 256 that trained squared_error on small data
 # The objectives' hyperparameters, each its own flag of the same name (common.OBJECTIVES)
 OBJECTIVE_HPARAMS = ("alpha", "lambda_", "dropout", "beta", "tau", "normalize_features", "kappa",
                      "m", "loss_scale")
 # Arguments that cannot change what a run computes. Every other argument is compared on resume
 # and a changed one is refused unless --force-resume (so a new flag is compared by default); the
 # architecture, input stem and objective are refused even then (the weights would not fit).
-NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device", "log_every", "ckpt_minutes",
+NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device", "log_every",
+                          "ckpt_minutes", "progress_seconds",
                           "eval_batch_size", "force_resume", "download", "snapshot_every",
                           "compile", "channels_last", "deterministic", "keep_resume_state",
                           "debug_nan_at_step",
@@ -156,6 +172,10 @@ def add_training_args(parser, **defaults):
     g.add_argument("--eval-batch-size", type=pos_int, default=256, help="per device")
     g.add_argument("--log-every", type=pos_int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
+    g.add_argument("--progress-seconds", type=nonneg_float, default=30.0,
+                   help="within an epoch, a progress line (step i/N, img/s, loss, lr, eta of "
+                        "the epoch and of the run) at most this often, at log steps only "
+                        "(0: at every log step)")
     g.add_argument("--ckpt-minutes", type=nonneg_float, default=10.0,
                    help="also write last.pt this often (checked at log steps; 0: every log step)")
     g.add_argument("--steps", type=pos_int, help="a budget of optimizer steps: the cosine "
@@ -691,6 +711,8 @@ class Run:
     channels_last: bool
     progress: Progress
     resumed_with: dict = None      # arguments changed by --force-resume at this start
+    shown: tuple = None            # (time.perf_counter(), step, step_seconds) at the last
+    #                                progress line, or where this process started training
     eval_loaders: dict = dataclasses.field(default_factory=dict)   # id(split) -> loader
     writer: object = dataclasses.field(default_factory=lambda: CheckpointWriter())  # last.pt
 
@@ -962,10 +984,43 @@ def end_epoch(run, lr):
                                    run.checkpoint(epoch=p.epoch, step=p.step))
 
 
+def progress_line(run, lr, loss, steps_per_epoch, total_steps):
+    """At a log step within an epoch, at most every --progress-seconds: one line with the step
+    in the epoch, img/s, loss and lr, and the ETA of the epoch and of the run. The rate is that
+    of the steps since the last line (log intervals only: evaluation and checkpoint writes do not
+    slow it); the run's ETA adds the epoch ends still to come at the mean cost of those done
+    (evaluation, last.pt). Only host numbers: no device read beyond the log step's own."""
+    p, args, now = run.progress, run.args, time.perf_counter()
+    t, step, seconds = run.shown
+    if now - t < args.progress_seconds or p.step <= step:
+        return
+    run.shown = (now, p.step, p.step_seconds)
+    per_step = (p.step_seconds - seconds) / (p.step - step)
+    B = args.batch_size
+    in_epoch = p.images_in_epoch // B
+    epoch_steps = min(steps_per_epoch, total_steps - p.epoch * steps_per_epoch)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    epoch_end_cost = (p.train_seconds - p.step_seconds) / p.epoch if p.epoch else 0.0
+    eta_epoch = (epoch_steps - in_epoch) * per_step
+    eta_run = (total_steps - p.step) * per_step + (epochs - p.epoch) * max(epoch_end_cost, 0.0)
+    mean = p.epoch_sums[0] / p.epoch_sums[2] if p.epoch_sums[2] else math.nan
+    print(f"epoch {p.epoch + 1}/{epochs} step {in_epoch}/{epoch_steps} "
+          f"({100 * in_epoch / epoch_steps:.0f}%) | {B / max(per_step, 1e-9):.0f} img/s | loss "
+          f"{loss:.4f} (epoch {mean:.4f}) | lr {lr:.4g} | eta epoch "
+          f"{common.duration(eta_epoch)}, run {common.duration(eta_run)}", flush=True)
+
+
 def nan_error(run, step, steps_per_epoch):
     """The UserError for a non-finite loss at `step`, saying what last.pt still holds."""
     last, p = run.path("last.pt"), run.progress
-    lower = "a lower --lr" + (" (or --precision fp32)" if run.amp_dtype is not None else "")
+    lower = "a lower --lr"
+    s = run.model_args["hparams"].get("loss_scale") if \
+        run.model_args["objective"] == "squared_error" else None
+    if s and s * run.args.lr > SQUARED_ERROR_STEP:   # a value, from the small-data measurements
+        lower = (f"--lr {SQUARED_ERROR_STEP / s:.3g} (squared_error trained on digits and CIFAR-10 "
+                 f"at loss scale x lr = {SQUARED_ERROR_STEP:g} per 256; or, in a new --out, "
+                 f"--loss-scale {SQUARED_ERROR_STEP / run.args.lr:.3g})")
+    lower += " (or --precision fp32)" if run.amp_dtype is not None else ""
     kept = (f"{last} (step {p.saved_step}) is intact: rerun with {lower} and --force-resume to "
             f"continue from it, or use a new --out" if p.saved_step is not None else
             f"no checkpoint had been written yet: rerun with {lower}")
@@ -1170,6 +1225,7 @@ def train(model, model_args, data, args, dist, results_extra=None):
         no_bad_step = 2 ** 62
         bad = torch.full((), no_bad_step, dtype=torch.int64, device=device)
         t_interval = t_run = last_ckpt = time.perf_counter()
+        run.shown = (t_run, p.step, p.step_seconds)   # progress lines measure from here
         wait = 0.0
         net.train()
         while p.step < total_steps:
@@ -1223,6 +1279,8 @@ def train(model, model_args, data, args, dist, results_extra=None):
                         "lr": lr, "images_per_second": g_sums[2] / dt, "data_wait": wait / dt,
                         "time": time.time()})
                 sums.zero_()
+                if dist.is_main and not epoch_end:   # the epoch's own line ends an epoch
+                    progress_line(run, lr, g_sums[0] / g_sums[2], steps_per_epoch, total_steps)
                 if epoch_end:
                     end_epoch(run, lr)
                     net.train()

@@ -169,11 +169,17 @@ def ckpts(tmp_path_factory):
     return a, b, c
 
 
-def test_script_identical_networks_give_one_at_every_layer(ckpts, tmp_path):
+def test_script_identical_networks_give_one_at_every_layer(ckpts, tmp_path, monkeypatch,
+                                                          capsys):
     a, b, c = ckpts
     out = tmp_path / "cka"
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0)   # a progress line at every batch
     main(["--checkpoint", a, b, c, "--data", "digits", "--out", str(out), "--split", "train",
           "--max-images", "100", "--batch-size", "40", "--passes", "2", "--device", "cpu"])
+    ticks = [l for l in capsys.readouterr().out.splitlines() if "features of 3 network" in l]
+    assert [l.split(": ")[1].split(" (")[0] for l in ticks] == [
+        f"{n}/200 images" for n in (40, 80, 100, 140, 180, 200)]   # both passes
+    assert " eta " in ticks[0] and "done in" in ticks[-1]
     with np.load(out / "cka.npz") as z:
         cka, layers = z["cka"], list(z["layers"])
         assert list(z["checkpoints"]) == ["softmax_s0", "softmax_s0_copy", "sigmoid_s1"]

@@ -96,7 +96,7 @@ def test_dead_units_are_channels_zero_on_every_image_not_zeros_in_general():
     assert dead_fraction(np.eye(4)) == 0.0       # every channel fires once: sparse, none dead
 
 
-def test_script_writes_records_per_checkpoint(tmp_path):
+def test_script_writes_records_per_checkpoint(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model = common.build_model("label_smoothing", 10, arch="resnet18", small_input=True)
     ck = common.make_checkpoint(model, {"objective": "label_smoothing", "arch": "resnet18",
@@ -106,8 +106,13 @@ def test_script_writes_records_per_checkpoint(tmp_path):
     path = tmp_path / "ls_s4.pt"
     common.save_checkpoint(str(path), ck)
     out = tmp_path / "sep"
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0)   # a progress line at every batch
     main(["--checkpoint", str(path), "--data", "digits", "--out", str(out), "--max-per-class", "15",
-          "--layers", "block8,pool,logits", "--device", "cpu"])
+          "--layers", "block8,pool,logits", "--device", "cpu", "--batch-size", "64"])
+    ticks = [l for l in capsys.readouterr().out.splitlines() if "ls_s4: features" in l]
+    assert [l.split(": ")[2].split(" (")[0] for l in ticks] == ["64/150 images", "128/150 images",
+                                                               "150/150 images"]
+    assert " eta " in ticks[0] and "done in" in ticks[-1]
     report = json.loads((out / "class_separation.json").read_text())
     assert list(report)[:4] == ["kind", "networks", "dataset", "dataset_name"]
     assert len(report["networks"]) == len(report["results"]) == 1

@@ -945,6 +945,7 @@ def test_help_shows_every_default(name, monkeypatch, capsys):
     assert "default" in shown
 
 
+<<<<<<< HEAD
 @pytest.mark.parametrize("name, code", [
     ("cka_analysis", "import numpy as np, cka_analysis as m\n"
                      "x = np.random.default_rng(0).normal(size=(50, 8))\n"
@@ -971,3 +972,24 @@ def test_the_analysis_files_import_and_run_alone(tmp_path, name, code):
     r = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: the script needs common.py")
+=======
+# ---------------------------------------------------------------------------------------------
+# Progress lines of long loops (issue 27)
+
+def test_duration_and_ticker_lines(monkeypatch):
+    d = common.duration
+    assert [d(3.4), d(425), d(10920), d(200000), d(math.inf)] == ["3s", "7m05s", "3h02m",
+                                                                  "2d07h", "?"]
+    clock = iter([0.0, 4.0, 11.0, 12.0, 30.0])      # time.monotonic() at start and each call
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    lines = []
+    tick = common.Ticker("  features", 1000, log=lines.append, seconds=10)
+    for done in (100, 400, 500, 1000):   # 4 s: too soon; 11 s: a line; 12 s: too soon; the end
+        tick(done)
+    assert lines == ["  features: 400/1000 images (40%), 36 images/s, eta 16s",
+                     "  features: 1000/1000 images (100%), 33 images/s, done in 30s"]
+    monkeypatch.setattr(common.time, "monotonic", lambda: 1.0)
+    quiet = common.Ticker("x", 10, log=lines.append, seconds=10)
+    quiet(10)                            # a loop shorter than the interval says nothing
+    assert len(lines) == 2
+>>>>>>> 3af871caefd693fe1ee8db60057452919fe6943e

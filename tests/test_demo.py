@@ -51,6 +51,38 @@ def test_demo_smallest_setting(tmp_path):
     assert "train:" not in again.stdout
 
 
+def test_a_failed_network_does_not_stop_the_demo(tmp_path):
+    """squared_error at the other objectives' rate (LR=0.8) diverges: exit 2 with one line. The
+    demo records it (FAILED in its folder, a console line), trains, probes, fine-tunes and
+    reports the other network, names the failed one in report.md, and exits 1 at the end."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SEEDS": "0",
+           "OBJECTIVES": "squared_error softmax", "EPOCHS": "1", "LR": "0.8", "JOBS": "2",
+           "FT_ARGS": "--lrs 0.1 --wds 1e-4 --epochs 1 --batch-size 64",
+           "PROBE_ARGS": "--lambdas 1e-4,1e-2,1", "CKA_ARGS": "--split test --max-images 96"}
+    r = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = out / "runs"
+    failed = (runs / "train" / "squared_error_s0" / "FAILED").read_text().strip()
+    assert failed.startswith("exit 2: error: the loss became nan/inf at step ") and \
+        failed.endswith("(log: " + str(runs / "logs" / "train_squared_error_s0.log") + ")")
+    assert "rerun with --lr 5e-05 (squared_error trained on digits and CIFAR-10" in failed
+    assert f"FAILED: {runs}/train/squared_error_s0: {failed}" in r.stderr
+    for step in ("probe", "finetune"):     # the later steps went on without it
+        assert (runs / step / "softmax_s0" / "digits@5-9" / "results.json").is_file()
+        assert not (runs / step / "squared_error_s0").exists()
+    for step in ("cka/cka.json", "class_separation/class_separation.json"):
+        assert "squared_error" not in (runs / step).read_text()
+    report = (out / "report.md").read_text()
+    assert ("- `train/squared_error_s0` failed, so this network is missing from every result: "
+            + failed) in report
+    assert "| Softmax | 1 (0) |" in report
+    tail = r.stderr.strip().splitlines()[-2:]
+    assert tail[0] == "   train/squared_error_s0: " + failed
+    assert "with 1 failure(s), listed above" in tail[1]
+
+
 def test_demo_analyses_given_checkpoints_without_training(tmp_path):
     """CHECKPOINTS= (e.g. the paper's imported networks): no training; each network is scored
     with train_imagenet.py --evaluate (its source top-1), then probed, compared and reported,

@@ -2,6 +2,7 @@
 resume after a kill, finished grid points read back, one-line errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def source(tmp_path_factory):
     return str(out / "final.pt")
 
 
-def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch):
+def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch, capsys):
     fits, test_reads = [], []
     real_train, real_load = train_imagenet.train, common.load_dataset
 
@@ -45,6 +46,11 @@ def test_end_to_end_selects_on_val_and_tests_once(source, tmp_path, monkeypatch)
                        "--lrs", "0.1", "0.4", "--workers", "0", "--keep-model", *FT])
     # three runs: two grid points without the test split, then the final one with it
     assert fits == [False, False, True]
+    log = capsys.readouterr().out   # a counter and an ETA before each run
+    assert "grid point 1 of 2: lr 0.1, wd 0.0001 | eta known after the first run (3 runs left)" \
+        in log
+    assert re.search(r"grid point 2 of 2: lr 0.4, wd 0.0001 \| eta \d\S* \(2 runs left\)", log)
+    assert re.search(r"\(the final run\) \| eta \d\S* \(1 run left\)", log)
     test_idx = set(real_load("digits@5-9")["test"].indices.tolist())
     phases = {phase for i, phase in test_reads if i in test_idx}
     assert phases == {3}  # test images are read only during the final run

@@ -3,6 +3,7 @@ end-to-end path from a checkpoint on digits@5-9, the feature cache, the metric, 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -226,6 +227,30 @@ class Counter:
 def probe_args(ckpt, out, *extra):
     return ["--checkpoint", str(ckpt), "--data", "digits@5-9", "--out", str(out), "--workers", "0",
             "--device", "cpu", *extra]
+
+
+def test_progress_a_pair_counter_with_eta_and_lambda_lines_only_when_verbose(tmp_path,
+                                                                              monkeypatch, capsys):
+    ckpts = []
+    for seed in (0, 1):
+        ckpts.append(tmp_path / f"s{seed}" / "final.pt")
+        ckpts[-1].parent.mkdir()
+        save_small_checkpoint(ckpts[-1], seed=seed)
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0)   # a progress line at every batch
+    argv = ["--checkpoint", *map(str, ckpts), "--data", "digits@5-9", "--out",
+            str(tmp_path / "o"), "--workers", "0", "--device", "cpu", "--batch-size", "100",
+            "--lambdas", "1e-3:1e1:3"]
+    lp.main(argv)
+    log = capsys.readouterr().out
+    assert re.search(r"^pair 1 of 2: s0 on digits@5-9", log, re.M), log
+    assert re.search(r"^pair 2 of 2 \(eta \d\S*\): s1 on digits@5-9", log, re.M), log
+    assert re.search(r"extracting train pool features: 100/\d+ images \(\d+%\), \d+ images/s, "
+                     r"eta \d", log), log
+    assert re.search(r"extracting test pool features: (\d+)/\1 images \(100%\), .* done in", log)
+    assert "  lambda " not in log                         # the path only with --verbose
+    lp.main([*argv, "--verbose"])                         # the same pairs, from the cache
+    log = capsys.readouterr().out
+    assert log.count("  lambda ") == 6 and "extracting" not in log
 
 
 def test_end_to_end_from_checkpoint_and_cache(tmp_path, monkeypatch, capsys):

@@ -205,6 +205,68 @@ def test_full_study(tmp_path, monkeypatch):
     assert len(notes) == 1 and "3 hyperparameter setting(s)" in notes[0] and "tau=0.04" in notes[0]
 
 
+def capture_figures(monkeypatch):
+    """{name: figure} of every figure make_figures saves (closed, but its artists readable)."""
+    figs, real = {}, make_figures.Report.save_fig
+
+    def save(self, fig, name):
+        figs[name] = fig
+        return real(self, fig, name)
+    monkeypatch.setattr(make_figures.Report, "save_fig", save)
+    return figs
+
+
+def test_figures_axes_legends_band_and_headers(tmp_path, monkeypatch):
+    """Fine-tuning's axis spans at least the linear probe's (and 10 points), never a zoom onto
+    seed noise; the legends say what the per-seed dots, the means, the fitted line and its band
+    are; figure 6's band is the 95% band of the fitted mean; CKA cell text is readable; table
+    headers never break a dataset name."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs))
+    figs = capture_figures(monkeypatch)
+    run_figures(monkeypatch, runs, out, "--formats", "png")
+    span = lambda ax: ax.get_ylim()[1] - ax.get_ylim()[0]
+    for name in ("fig1_top1_vs_transfer", "fig4_class_separation"):
+        fig = figs[name]
+        *_, linear, finetune = [ax for ax in fig.axes if ax.get_visible()]
+        assert "linear" in linear.get_ylabel() and "fine-tune" in finetune.get_ylabel()
+        assert span(finetune) >= max(span(linear), make_figures.MIN_ACCURACY_SPAN) - 1e-9
+        assert 0 <= finetune.get_ylim()[0] and finetune.get_ylim()[1] <= 100
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert labels[-2:] == ["one network (a seed)", "mean ± s.e. over seeds"], labels
+    labels = [t.get_text() for t in figs["fig6_r2_vs_linear"].legends[0].get_texts()]
+    assert labels[-3:] == ["one network", "least-squares fit",
+                           "95% confidence band\nof the fitted mean"]
+    cells = [t for ax in figs["fig3_cka_matrices"].axes for t in ax.texts]
+    assert cells and min(t.get_fontsize() for t in cells) >= 9
+
+    # the band against its textbook formula: t s sqrt(1/n + (x - mean x)^2 / Sxx)
+    from scipy import stats
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.2, 0.6, 9)
+    y = 60 - 20 * x + rng.normal(0, 1, 9)
+    points = list(zip(x, y))
+    grid = np.linspace(0, 1, 5)
+    mean, low, high = make_figures.fit_band(points, make_figures.slope_fit(points), grid)
+    ref = stats.linregress(x, y)
+    s = math.sqrt(((y - ref.intercept - ref.slope * x) ** 2).sum() / 7)
+    half = stats.t.ppf(0.975, 7) * s * np.sqrt(1 / 9 + (grid - x.mean()) ** 2 /
+                                               ((x - x.mean()) ** 2).sum())
+    np.testing.assert_allclose(mean, ref.intercept + ref.slope * grid, rtol=1e-9)
+    np.testing.assert_allclose(high - mean, half, rtol=1e-9)
+    np.testing.assert_allclose(mean - low, half, rtol=1e-9)
+
+    h = make_figures.header_text
+    assert h("Linear probe clothing_small (5-fold)", "%") == \
+        "Linear probe\nclothing_small\n(5-fold)\xa0(%)"       # not at the hyphen, '(%)' kept
+    assert h("Fine-tune cifar10@5-9,per_class=2000", "%") == \
+        "Fine-tune cifar10\n@5-9,\nper_class=2000\xa0(%)"
+    long = h("Linear probe a_dataset_name_longer_than_a_line", "")
+    assert long.splitlines() == ["Linear probe", "a_dataset_name_longer_than_a_line"]
+    ticks = [t.get_text() for t in figs["fig2_table"].axes[0].get_xticklabels()]
+    assert "Linear probe\nflowers102 mean\nper-class\xa0(%)\npaper: worse (lower)" in ticks
+
+
 def test_results_and_objectives_csv(tmp_path, monkeypatch):
     """results.csv: a row per network (the sweep's too), identity, hyperparameters, every metric
     on the report's scale; objectives.csv: the report's table, one row per objective and
@@ -349,6 +411,24 @@ def test_missing_fields_and_broken_files_become_notes(tmp_path, monkeypatch):
     s1 = 100 * fake_numbers("softmax", 1)["linear"]
     assert soft.startswith(f"{(50 + s1) / 2:.2f} ± {abs(s1 - 50) / 2:.2f}")
     assert (out / "fig4_class_separation.png").exists()
+
+
+def test_failed_runs_are_named_in_the_notes(tmp_path, monkeypatch):
+    """demo.sh's FAILED files: a failed training is a missing network, a failed fine-tune a
+    missing result; a FAILED beside a results.json is stale (the run finished since)."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0,), cka=False)
+    why = "exit 2: error: the loss became nan/inf at step 4 (epoch 1) (log: logs/x.log)"
+    for folder in ("train/squared_error_s0", "finetune/sigmoid_s0/flowers102",
+                   "train/softmax_s0"):                                 # the last one: stale
+        os.makedirs(runs / folder, exist_ok=True)
+        (runs / folder / "FAILED").write_text(why + "\n")
+    notes = run_figures(monkeypatch, runs, out, "--formats", "png").split("## Notes")[1]
+    assert f"- `train/squared_error_s0` failed, so this network is missing from every result: " \
+           f"{why}\n" in notes
+    assert f"- `finetune/sigmoid_s0/flowers102` failed, so its results are missing: {why}\n" \
+           in notes
+    assert "softmax_s0`" not in notes
 
 
 def test_torchvision_and_scratch_results(tmp_path, monkeypatch):

@@ -204,6 +204,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(out, "final.pt"))
 
 
+def test_progress_lines_with_eta_come_at_log_steps_within_an_epoch(tmp_path, capsys):
+    train(tmp_path, "p", "--progress-seconds", "0", "--log-every", "4")
+    lines = [l for l in capsys.readouterr().out.splitlines() if " eta " in l]
+    # 18 steps per epoch: log steps 4, 8, 12, 16 within it; step 18 gets the epoch's own line
+    assert [l.split(" | ")[0] for l in lines] == [
+        f"epoch 1/1 step {s}/18 ({100 * s / 18:.0f}%)" for s in (4, 8, 12, 16)]
+    for line in lines:
+        assert __import__("re").fullmatch(r"[^|]+\| \d+ img/s \| loss \d+\.\d{4} \(epoch "
+                                          r"\d+\.\d{4}\) \| lr \S+ \| eta epoch \d\S*, run "
+                                          r"\d\S*", line), line
+    # not a result: a finished run is read back whatever the interval (never refused)
+    train(tmp_path, "p", "--progress-seconds", "5")
+    assert "already finished" in capsys.readouterr().out
+    train(tmp_path, "q")     # the default, 30 s: a run of a few seconds prints none
+    assert " eta " not in capsys.readouterr().out
+
+
 def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # dropout exercises the RNG restore; one loader worker exercises per-image seeding
     base = ["--data", "digits@0-4", "--objective", "dropout", "--batch-size", "64",
