@@ -24,6 +24,7 @@ import pickle
 import platform
 import re
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -998,10 +999,15 @@ _HELD = {}  # real path of a folder -> fd of its .lock, for the folders this pro
 def hold_folder(folder):
     """Take OUT/.lock for `folder` (creating the folder) until release_folder() or the process
     ends; a second process on the same folder gets a one-line UserError instead of silently
-    mixing its files with the first one's. The lock is the kernel's (flock), so a killed process
-    never leaves it stuck. Taking a folder this process holds already is a no-op. Temporary files
-    of atomic_write that a killed writer left behind are removed (nobody else writes here).
-    Returns whether this call took the lock."""
+    mixing its files with the first one's. Taking a folder this process holds already is a no-op.
+    Temporary files of atomic_write that a killed writer left behind are removed (nobody else
+    writes here). Returns whether this call took the lock.
+
+    The lock is a POSIX record lock (fcntl), which belongs to this process alone: the kernel drops
+    it the moment the process dies, even by SIGKILL, and forked DataLoader workers do not inherit
+    it. (A flock was shared with the workers, which outlive a killed process by up to 5 s: a
+    requeued job's immediate rerun was refused, issue 25.) Its catch: closing ANY descriptor of
+    the file releases it, so nothing else in this process may open a .lock file."""
     key = os.path.realpath(folder)
     if key in _HELD:
         return False
@@ -1009,23 +1015,80 @@ def hold_folder(folder):
         raise UserError(f"output folder {folder} exists and is a file; choose another")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
                         f"folder") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
-                        f"another output folder") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    _HELD[key] = _take_lock(os.path.join(folder, ".lock"), folder)
     for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
         os.remove(stale)
-    _HELD[key] = fd
     return True
+
+
+def _take_lock(path, what):
+    """Open `path` and take its POSIX record lock for this process; write 'pid N on HOST' into it
+    for the people who look. Returns the descriptor (closing it releases the lock). A lock held
+    by another process is a one-line UserError naming that process, which the kernel says holds
+    it (so a live one); so is a disk that cannot take the few bytes, with no empty file left."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write into {os.path.dirname(path) or '.'}: {e.strerror or e}; "
+                        f"choose another output folder") from None
+    for _ in range(3):  # a holder that exits between the two calls below: try again
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise UserError(f"cannot lock {path}: {e.strerror or e}; choose another output "
+                                f"folder") from None
+            holder = _lock_holder(fd)
+            if holder is not None:
+                os.close(fd)
+                raise UserError(f"{what} is in use by {holder}: wait for it to finish, or choose "
+                                f"another output folder") from None
+    else:
+        os.close(fd)
+        raise UserError(f"{what} is in use by processes that come and go; retry, or choose "
+                        f"another output folder")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still held: nobody can have taken it meanwhile
+        os.close(fd)
+        raise write_error(path, e) from None
+    return fd
+
+
+def _lock_holder(fd):
+    """'pid N' (with the host it wrote) of the process holding the lock on fd's file, asked of
+    the kernel (F_GETLK), so the process is alive; None when nobody holds it any more. Where the
+    kernel cannot say (not 64-bit Linux; a network file system), what the holder wrote."""
+    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    if not (sys.platform.startswith("linux") and struct.calcsize("P") == 8):
+        return text or "another process"
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return text or "another process"
+    if kind == fcntl.F_UNLCK:
+        return None
+    if pid <= 0:
+        return text or "another process"
+    return text if text.startswith(f"pid {pid} ") else f"pid {pid}"
+
+
+def write_error(path, e):
+    """The one-line UserError for an OSError from writing `path`: a full disk (or quota) says so,
+    anything else names the system's reason."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot write {path}: no space left on the device; free some space or "
+                         f"choose another output folder")
+    return UserError(f"cannot write {path}: {e.strerror or e}; choose another output folder")
 
 
 def release_folder(folder):

@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, read_only
+from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, one_line_error, read_only
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: each loss against values worked out by hand with plain Python math, per example.
@@ -777,3 +777,47 @@ def test_one_writer_per_folder(tmp_path):
     common.make_out_dir(out)
     assert not os.path.exists(os.path.join(out, ".last.pt.abc.tmp"))
     common.release_folder(out)
+
+
+def test_the_lock_dies_with_its_process_not_with_its_forked_children(tmp_path):
+    """A killed run's DataLoader workers outlive it by up to 5 s. The lock is the process's own
+    (a POSIX record lock), so its immediate rerun gets the folder while the children still run,
+    and the busy message names only the live holder (issue 25)."""
+    out = str(tmp_path / "out")
+    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.make_out_dir(sys.argv[2]); child = os.fork()\n"
+            "if child == 0: time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, out], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        busy = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+                "common.run_main(lambda: common.make_out_dir(sys.argv[2]))")
+        r = subprocess.run([sys.executable, "-c", busy, ROOT, out], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and f"is in use by pid {holder.pid} on " in r.stderr, r.stderr
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)                    # the forked child still runs, with the lock's fd
+        assert common.hold_folder(out)       # ... and the folder is free at once
+        common.release_folder(out)
+    finally:
+        holder.kill()
+        os.kill(child, 9)
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line_and_leaves_no_file(tmp_path, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, lambda: common.make_out_dir(str(out)))
+    assert f"cannot write {out}/.lock: no space left on the device" in err
+    assert os.listdir(out) == []             # no empty .lock left behind
+    monkeypatch.undo()
+    common.make_out_dir(str(out))            # space again: taken as usual
+    common.release_folder(str(out))

@@ -512,6 +512,41 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
         first.communicate()
 
 
+def test_a_run_killed_by_sigkill_reruns_at_once_and_resumes(tmp_path):
+    """A preempted job is requeued at once. The killed run's loader worker outlives it for up to
+    5 s; with a flock the worker kept the folder busy and the rerun was refused (issue 25)."""
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "4",
+           "--workers", "1", "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "first.log", "w") as log:   # not a pipe: the workers keep it open
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        for pid in workers:  # kept alive past any timing of the rerun: the worst case, always
+            os.kill(int(pid), signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        killed = time.time()
+        again = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        assert time.time() - killed < 0.5
+        stdout, stderr = again.communicate(timeout=300)
+    finally:
+        first.kill()
+        for pid in workers:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert workers, "the run had no loader worker: the case is not exercised"
+    assert again.returncode == 0 and "resumed at step" in stdout, stdout + stderr
+    assert json.load(open(os.path.join(out, "results.json")))["steps"] == 4 * 18
+
+
 
 def test_a_finished_run_keeps_only_its_final_weights_and_is_read_back(tmp_path):
     out, first = train(tmp_path, "done")
