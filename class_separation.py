@@ -188,6 +188,9 @@ def main(argv=None):
     p.add_argument("--workers", type=common.nonnegative_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--download", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of other checkpoints or settings in --out, or write "
+                   "into a folder that holds results of another kind (default: refused)")
     args = p.parse_args(argv)
 
     missing = [c for c in args.checkpoint if not c.startswith("torchvision:")
@@ -196,7 +199,7 @@ def main(argv=None):
         raise common.UserError(f"checkpoint not found: {missing[0]}")
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
-    common.make_out_dir(args.out)
+    common.make_out_dir(args.out, "class_separation", args.overwrite)
     networks, results, start = [], [], time.time()
     for name in args.checkpoint:
         network, res = analyse(name, data, args, device)
@@ -208,6 +211,16 @@ def main(argv=None):
         print(f"{network['checkpoint']} ({network['objective']}, seed {network['seed']}): {vals}",
               flush=True)
 
+    # refused only now: the networks' identities are known once each one is loaded
+    def per_network(r):  # resolution and layers of each network, as class_separation.json has
+        return [(x.get("resolution"), list(x.get("layers") or {})) if isinstance(x, dict)
+                else None for x in r.get("results") or []]
+    common.refuse_replacing(
+        os.path.join(args.out, "class_separation.json"),
+        {**common.result_header(networks, data, "class_separation"), "split": args.split,
+         "max_per_class": args.max_per_class, "results": results},
+        ("split", "max_per_class", ("resolution and layers", per_network)), args.overwrite,
+        "the class separation")
     layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
     nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
     table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],

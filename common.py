@@ -1024,6 +1024,42 @@ def hold_folder(folder):
     return True
 
 
+@contextlib.contextmanager
+def locked_file(path):
+    """One writer at a time for the output FILE `path` (as hold_folder is per folder, with the
+    same lock): .NAME.lock beside it, held for the with block, then removed. A second process
+    gets a one-line UserError naming the first. Temporary files of atomic_write that a killed
+    writer of `path` left are removed.
+
+        with common.locked_file("runs/tf/softmax_s0.pt"):
+            common.save_checkpoint("runs/tf/softmax_s0.pt", ck)
+    """
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
+                        f"file") from None
+    lock = os.path.join(folder, f".{os.path.basename(path)}.lock")
+    while True:
+        fd = _take_lock(lock, path)
+        try:  # the lock file still the one locked: a holder removes it when done, and a
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:   # process that opened it just
+                break                                          # before holds a dead copy
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    for stale in glob.glob(os.path.join(glob.escape(folder),
+                                        f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        os.remove(stale)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # while still held (see above)
+        os.close(fd)
+
+
 def _take_lock(path, what):
     """Open `path` and take its POSIX record lock for this process; write 'pid N on HOST' into it
     for the people who look. Returns the descriptor (closing it releases the lock). A lock held
@@ -1106,6 +1142,119 @@ def locked(folder):
     finally:
         if took:
             release_folder(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# What may share an output folder (issue 25): one kind of result per folder, and a finished result
+# replaced only by the same computation, unless --overwrite. Every script asks here.
+#
+#   common.make_out_dir(args.out, "cka", args.overwrite)      # another kind there: refused
+#   common.refuse_replacing(os.path.join(args.out, "cka.json"), new, ("split",), args.overwrite)
+
+FOLDER_KINDS = {"train": "training", "evaluate": "evaluation (train_imagenet.py --evaluate)",
+                "finetune": "fine-tuning", "linear_probe": "linear-probe",
+                "cka": "CKA", "class_separation": "class-separation", "figures": "figures"}
+
+
+def folder_kinds(folder):
+    """{kind: the file that shows it} for the results `folder` itself holds (not its subfolders;
+    FOLDER_KINDS): results.json by its kind (a fine-tune's grid run is training); training's
+    last.pt, final.pt, log.jsonl, args.json or summary.csv (its first column: epoch); a
+    fine-tune's grid/ or final/; the linear probe's summary.csv (first column: run_id) or cache/;
+    cka.json/.npz; class_separation.json/.npz; make_figures.py's report.md."""
+    found = {}
+
+    def there(name):
+        return os.path.lexists(os.path.join(folder, name))
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            kind = json.load(f).get("kind")
+        kind = {"finetune_run": "train"}.get(kind, kind)
+        if kind in FOLDER_KINDS:
+            found[kind] = f"results.json of kind {kind}"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass  # none, or unreadable: the script that reads it says so
+    try:
+        with open(os.path.join(folder, "summary.csv")) as f:
+            first = f.readline()
+        kind = "train" if first.startswith("epoch,") else \
+            "linear_probe" if first.startswith("run_id,") else None
+        if kind:
+            found.setdefault(kind, "summary.csv")
+    except (OSError, ValueError):
+        pass
+    for kind, names in (("train", ("last.pt", "final.pt", "log.jsonl", "args.json")),
+                        ("finetune", ("grid", "final")), ("linear_probe", ("cache",)),
+                        ("cka", ("cka.json", "cka.npz")),
+                        ("class_separation", ("class_separation.json", "class_separation.npz")),
+                        ("figures", ("report.md",))):
+        for name in names:
+            is_dir = name in ("grid", "final", "cache")
+            if there(name) and os.path.isdir(os.path.join(folder, name)) == is_dir:
+                found.setdefault(kind, name + ("/" if is_dir else ""))
+    return found
+
+
+def claim_folder(folder, kind, overwrite=False):
+    """hold_folder(folder) for results of `kind` (a FOLDER_KINDS key), refused with one line
+    before any work when the folder holds results of another kind, which the new ones would be
+    mixed with or replace (a fine-tune over a training run's results.json, a probe's summary.csv
+    over a training run's), unless `overwrite` (--overwrite). Returns whether this call took the
+    lock."""
+    took = hold_folder(folder)
+    other = {k: v for k, v in folder_kinds(folder).items() if k != kind}
+    if other and not overwrite:
+        if took:
+            release_folder(folder)
+        k, shown_by = next(iter(other.items()))
+        raise UserError(f"{folder} holds results of another kind ({FOLDER_KINDS[k]}: "
+                        f"{shown_by}); {FOLDER_KINDS[kind]} results need a folder of their own: "
+                        f"choose another --out, or add --overwrite to write there anyway")
+    return took
+
+
+@contextlib.contextmanager
+def claimed(folder, kind, overwrite=False):
+    """claim_folder() for the duration of a with block."""
+    took = claim_folder(folder, kind, overwrite)
+    try:
+        yield
+    finally:
+        if took:
+            release_folder(folder)
+
+
+def refuse_replacing(path, new, fields=(), overwrite=False, what="the result", flag="--out"):
+    """Refuse (one-line UserError) to replace the finished result at `path` (a results file)
+    with `new` when `new` is not the same computation: other network(s) (their checkpoint
+    hashes), another dataset, or another value of one of `fields` (a name, or (name, function of
+    the results dict)). The same computation rerun may replace its own file; `overwrite` allows
+    anything. Returns whether there was another computation's result (then overwritten)."""
+    if not os.path.isfile(path):
+        return False
+    old = read_json(path)
+    old = old if isinstance(old, dict) else {}
+
+    def hashes(r):
+        nets = r.get("networks") if "networks" in r else [r.get("network")]
+        return [n.get("checkpoint_hash") if isinstance(n, dict) else None
+                for n in (nets if isinstance(nets, list) else [nets])]
+    diff, a, b = [], hashes(old), hashes(new)
+    if len(a) != len(b):
+        diff.append(("networks", len(a), len(b)))
+    elif a != b:
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        diff.append(("checkpoint_hash" + (f" of network {i + 1}" if len(a) > 1 else ""),
+                     a[i], b[i]))
+    for field in ("dataset", *fields):
+        name, get = field if isinstance(field, tuple) else (field, lambda r, k=field: r.get(k))
+        if get(old) != get(new):
+            diff.append((name, get(old), get(new)))
+    if diff and not overwrite:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
+        raise UserError(f"{path} holds {what} of another checkpoint or setting ({text}); use "
+                        f"another {flag}, or --overwrite to replace it")
+    return bool(diff)
 
 
 def save_json(path, obj):
@@ -1493,10 +1642,11 @@ def input_resolution(requested, network):
     return int(requested or network.get("resolution") or 224)
 
 
-def make_out_dir(path):
+def make_out_dir(path, kind=None, overwrite=False):
     """Create the output folder and hold it for this process (hold_folder: one writer per
-    folder) before any long computation, so a bad or busy --out fails early."""
-    hold_folder(path)
+    folder) before any long computation, so a bad or busy --out fails early; with `kind`, for
+    results of that kind only (claim_folder: another kind there is refused unless overwrite)."""
+    claim_folder(path, kind, overwrite) if kind else hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")
 

@@ -663,24 +663,24 @@ def write_summary(out):
 
 def refuse_other_result(out_dir, results, overwrite):
     """A pair's results.json may be replaced only by the same computation (the same checkpoint
-    file, data, layer, resolution and solver settings) or with --overwrite: two checkpoints with
-    one label, or a rerun with other settings, replaced results without a word."""
-    path = os.path.join(out_dir, "results.json")
-    if overwrite or not os.path.exists(path):
-        return
-    old = common.read_json(path)
-    keys = ("dataset", "layer", "resolution", "metric", "standardize", "rtol", "folds",
-            "fold_seed")
-    diff = [(k, old.get(k), results.get(k)) for k in keys if old.get(k) != results.get(k)]
-    hashes = [(n or {}).get("checkpoint_hash") for n in (old.get("network"), results["network"])]
-    if hashes[0] != hashes[1]:
-        diff.insert(0, ("checkpoint_hash", *hashes))
-    if sorted(old.get("val_curve", {})) != sorted(results["val_curve"]):
-        diff.append(("lambdas", len(old.get("val_curve", {})), len(results["val_curve"])))
-    if diff:
-        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
-        raise common.UserError(f"{path} holds the probe of another checkpoint or setting "
-                               f"({text}); use another --out, or --overwrite to replace it")
+    file or features file, data, layer, resolution and solver settings) or with --overwrite: two
+    checkpoints with one label, or a rerun with other settings, replaced results without a word
+    (common.refuse_replacing, the rule of every script)."""
+    keys = ("features", "layer", "resolution", "metric", "standardize", "rtol", "folds",
+            "fold_seed", ("lambdas", lambda_grid))
+    common.refuse_replacing(os.path.join(out_dir, "results.json"), results, keys, overwrite,
+                            "the probe")
+
+
+def lambda_grid(results):
+    """A results file's lambda grid in a few words, exact: '45 values, 1e-06 to 100000 (#3fa2c1)'."""
+    grid = [str(k) for k in results.get("val_curve") or {}]
+    try:
+        grid.sort(key=float)
+    except ValueError:  # not written by this script: compared as text
+        grid.sort()
+    digest = hashlib.sha256(",".join(grid).encode()).hexdigest()[:6]
+    return f"{len(grid)} values, {grid[0]} to {grid[-1]} (#{digest})" if grid else "none"
 
 
 def save_pair(out_dir, results, W, b):
@@ -766,12 +766,13 @@ def main(argv=None):
                         "files without val")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     p.add_argument("--overwrite", action="store_true", help="replace results of another "
-                   "checkpoint or setting in the same folder (default: refused)")
+                   "checkpoint or setting in the same folder, or write into a folder that holds "
+                   "results of another kind (default: refused)")
     args = p.parse_args(argv)
 
     lambdas = parse_lambdas(args.lambdas)
     device = common.resolve_device(args.device)
-    common.make_out_dir(args.out)
+    common.make_out_dir(args.out, "linear_probe", args.overwrite)
     opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
                 max_iter=args.max_iter)
 
@@ -796,6 +797,7 @@ def main(argv=None):
                        "resolution": None, **results, "seconds": time.time() - t0}
             out_dir = os.path.join(args.out, safe_name(stem),
                                    "features" + (f"+{args.folds}fold" if args.folds else ""))
+            refuse_other_result(out_dir, results, args.overwrite)
             save_pair(out_dir, results, W, b)
             print(f"{stem}: {outcome(results)} -> {out_dir}/results.json")
         write_summary(args.out)

@@ -78,6 +78,8 @@ def parse_args():
     p.add_argument("--out", default=None, help="output folder (default: --runs)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
     p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--overwrite", action="store_true", help="write the report into a folder "
+                   "that holds results of another kind (default: refused)")
     return p.parse_args()
 
 
@@ -1494,14 +1496,14 @@ def main():
     runs = args.runs
     if not os.path.isdir(runs):
         raise common.UserError(f"--runs folder not found: {runs}")
-    out = args.out or runs
+    out = runs if args.out is None else args.out   # --out '' is an error, not --runs
     if not 20 <= args.dpi <= 1200:
         raise common.UserError(f"--dpi {args.dpi} is out of range; use 20-1200 (default 150)")
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
         raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "
                                f"comma-separated")
-    common.make_out_dir(out)
+    common.make_out_dir(out, "figures", args.overwrite)
 
     notes = []
     found, nets, scratch = load_networks(runs, notes)

@@ -177,6 +177,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-preprocessing", choices=("torchvision", "tf"), default="torchvision",
                    help="with --evaluate: torchvision (this project's: antialiased bicubic, "
                    "uint8) or tf (the released TF models': crop 0.875, TF1 resize_bicubic)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds results of another kind (a fine-tune, "
+                   "a probe, ...), or, with --evaluate, replace another checkpoint's or "
+                   "setting's evaluation (default: refused)")
     p.add_argument("--snapshot-every", type=common.nonnegative_int, default=0,
                    metavar="EPOCHS",
                    help="also keep the weights every this many epochs as "
@@ -1045,13 +1049,22 @@ def train(model, model_args, data, args, dist, results_extra=None):
 # ==============================================================================================
 # Evaluating a checkpoint (--evaluate) and main
 
-def evaluate_checkpoint(args, dist):
+def evaluate_checkpoint(args, dist, overwrite=False):
     """Score the checkpoint args.evaluate on the test split of args.data, every image once
     across ranks; rank 0 writes args.out/results.json (identity block, then top1, top5, ...).
+    Another kind of result in args.out, or the evaluation of another checkpoint, dataset,
+    resolution or preprocessing, is refused unless `overwrite` (common.claim_folder,
+    common.refuse_replacing).
 
     >>> r = evaluate_checkpoint(parse_args(["--evaluate", "runs/s0/final.pt", "--data",
     ...     "digits@0-4", "--out", "runs/eval_s0"]), Dist())   # doctest: +SKIP
     """
+    with common.claimed(args.out, "evaluate", overwrite) if dist.is_main else \
+            contextlib.nullcontext():
+        return _evaluate_checkpoint(args, dist, overwrite)
+
+
+def _evaluate_checkpoint(args, dist, overwrite):
     model, network = common.load_pretrained(args.evaluate)
     data = common.load_dataset(args.data, download=args.download)
     outputs = getattr(getattr(model, "fc", None), "out_features", None)
@@ -1062,10 +1075,12 @@ def evaluate_checkpoint(args, dist):
     if data.get("test") is None:
         raise common.UserError(f"{args.data} has no test split to evaluate on")
     saved = os.path.join(args.out, "results.json")
-    if os.path.isfile(saved) and common.read_json(saved).get("kind") != "evaluate":
-        raise common.UserError(f"{saved} holds results of another kind (a training run?); "
-                               f"choose another --out")
     resolution = common.input_resolution(args.resolution, network)
+    if dist.is_main:  # two checkpoints into one --out left only the second's result
+        common.refuse_replacing(saved, {"network": network, "dataset": data["spec"],
+                                        "resolution": resolution,
+                                        "preprocessing": args.eval_preprocessing},
+                                ("resolution", "preprocessing"), overwrite, "the evaluation")
     precision, autocast = amp_dtype(args.precision, dist.device)
     cuda = dist.device.type == "cuda"
     channels_last = cuda if args.channels_last is None else args.channels_last
@@ -1077,42 +1092,46 @@ def evaluate_checkpoint(args, dist):
         from import_tf_checkpoint import tf_eval_transform
         transform = tf_eval_transform(resolution)
     workers = args.workers if args.workers is not None else min(8, cpu_count()) if cuda else 1
-    with common.locked(args.out) if dist.is_main else contextlib.nullcontext():
-        t0 = time.perf_counter()
-        m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
-                     batch_size=args.eval_batch_size, workers=workers,
-                     channels_last=channels_last, transform=transform)["m"]
-        results = {**common.result_header(network, data, "evaluate"),
-                   "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
-                   "metric": data["metric"], "count": m["count"], "resolution": resolution,
-                   "preprocessing": args.eval_preprocessing, "split": "test",
-                   "precision": precision, "world_size": dist.world,
-                   "seconds": time.perf_counter() - t0, "versions": common.versions()}
-        if dist.is_main:
-            common.save_json(saved, results)
-            print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
-                  f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
-                  f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
-                  f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
+    t0 = time.perf_counter()
+    m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
+                 batch_size=args.eval_batch_size, workers=workers,
+                 channels_last=channels_last, transform=transform)["m"]
+    results = {**common.result_header(network, data, "evaluate"),
+               "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
+               "metric": data["metric"], "count": m["count"], "resolution": resolution,
+               "preprocessing": args.eval_preprocessing, "split": "test",
+               "precision": precision, "world_size": dist.world,
+               "seconds": time.perf_counter() - t0, "versions": common.versions()}
+    if dist.is_main:
+        common.save_json(saved, results)
+        print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
+              f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
+              f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
+              f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
     return results
 
 
 def main(argv=None):
     """Parse argv (default: sys.argv) and train (or --evaluate); returns the results dict."""
     args = parse_args(argv)
+    # not a run argument: kept out of args.json, the checkpoints and the resume comparison
+    overwrite = vars(args).pop("overwrite")
     dist = setup_distributed(args.device)
     try:
         if args.evaluate:
-            return evaluate_checkpoint(args, dist)
-        data = common.load_dataset(args.data, download=args.download)
-        apply_preset(args, data["image_size"], dist.device)
-        hp = common.objective_hparams(args.objective, **objective_overrides(args))
-        torch.manual_seed(args.seed)
-        model = common.build_model(args.objective, data["num_classes"], args.arch,
-                                   args.small_input, **hp)
-        model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
-                      "num_classes": data["num_classes"], "small_input": args.small_input}
-        return train(model, model_args, data, args, dist)
+            return evaluate_checkpoint(args, dist, overwrite)
+        # one kind of result per folder: before the data's scan, so a wrong --out fails at once
+        with common.claimed(args.out, "train", overwrite) if dist.is_main else \
+                contextlib.nullcontext():
+            data = common.load_dataset(args.data, download=args.download)
+            apply_preset(args, data["image_size"], dist.device)
+            hp = common.objective_hparams(args.objective, **objective_overrides(args))
+            torch.manual_seed(args.seed)
+            model = common.build_model(args.objective, data["num_classes"], args.arch,
+                                       args.small_input, **hp)
+            model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
+                          "num_classes": data["num_classes"], "small_input": args.small_input}
+            return train(model, model_args, data, args, dist)
     except common.UserError:
         if not dist.is_main:
             sys.exit(2)  # rank 0 prints the message

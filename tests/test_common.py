@@ -821,3 +821,67 @@ def test_a_full_disk_while_taking_the_lock_is_one_line_and_leaves_no_file(tmp_pa
     monkeypatch.undo()
     common.make_out_dir(str(out))            # space again: taken as usual
     common.release_folder(str(out))
+
+
+def test_one_kind_of_result_per_folder(tmp_path, capsys):
+    """A folder's kind is read from its own files; another kind there is refused with one line
+    before any work, unless --overwrite (issue 25: scripts replaced each other's results)."""
+    def folder(name, files, dirs=()):
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        for sub in dirs:
+            (d / sub).mkdir()
+        return str(d)
+    kinds = {
+        folder("train", {"results.json": '{"kind": "train"}', "final.pt": "",
+                         "summary.csv": "epoch,step\n"}): "train",
+        folder("killed", {"last.pt": "", "log.jsonl": ""}): "train",
+        folder("ft", {"results.json": '{"kind": "finetune"}'}, ["grid", "final"]): "finetune",
+        folder("ft_run", {"results.json": '{"kind": "finetune_run"}'}): "train",
+        folder("probe", {"summary.csv": "run_id,checkpoint\n"}, ["cache"]): "linear_probe",
+        folder("eval", {"results.json": '{"kind": "evaluate"}'}): "evaluate",
+        folder("cka", {"cka.json": "{}", "cka.npz": ""}): "cka",
+        folder("sep", {"class_separation.json": "{}"}): "class_separation",
+        folder("figs", {"report.md": "# Report"}, ["runs"]): "figures",
+    }
+    for path, kind in kinds.items():
+        assert set(common.folder_kinds(path)) == {kind}, path
+    assert common.folder_kinds(folder("empty", {"train.log": "", "results.json": "{bad"})) == {}
+    ft = str(tmp_path / "ft")
+    err = one_line_error(capsys, lambda: common.make_out_dir(ft, "train"))
+    assert err == (f"error: {ft} holds results of another kind (fine-tuning: results.json of "
+                   f"kind finetune); training results need a folder of their own: choose "
+                   f"another --out, or add --overwrite to write there anyway")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.run_main(lambda: common.make_out_dir(sys.argv[2]))")
+    r = subprocess.run([sys.executable, "-c", code, ROOT, ft], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr           # refused: the folder was released at once
+    common.make_out_dir(ft, "finetune")          # its own kind
+    common.release_folder(ft)
+    common.make_out_dir(ft, "train", overwrite=True)
+    common.release_folder(ft)
+
+
+def test_a_finished_result_is_replaced_only_by_the_same_computation(tmp_path, capsys):
+    net = {"checkpoint": "a", "checkpoint_hash": "h1"}
+    path = tmp_path / "results.json"
+    old = {"kind": "evaluate", "network": net, "dataset": "digits", "resolution": 8}
+    common.save_json(str(path), old)
+    assert not common.refuse_replacing(str(path), dict(old), ("resolution",))   # the same
+    other = {**old, "network": {**net, "checkpoint_hash": "h2"}}
+    err = one_line_error(capsys, lambda: common.refuse_replacing(str(path), other,
+                                                                 ("resolution",)))
+    assert f"{path} holds the result of another checkpoint or setting (checkpoint_hash: 'h1' " \
+           f"-> 'h2'); use another --out, or --overwrite to replace it" in err
+    with pytest.raises(common.UserError, match="dataset: 'digits' -> 'digits@0-4'; resolution"):
+        common.refuse_replacing(str(path), {**old, "dataset": "digits@0-4", "resolution": 16},
+                                ("resolution",))
+    assert common.refuse_replacing(str(path), other, overwrite=True)          # allowed
+    many = {"networks": [net, net]}
+    common.save_json(str(path), many)
+    with pytest.raises(common.UserError, match="checkpoint_hash of network 2: 'h1' -> 'h2'"):
+        common.refuse_replacing(str(path), {"networks": [net, other["network"]]})
+    with pytest.raises(common.UserError, match="networks: 2 -> 1"):
+        common.refuse_replacing(str(path), {"networks": [net]})

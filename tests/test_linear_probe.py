@@ -460,3 +460,29 @@ def test_results_of_another_checkpoint_or_setting_are_not_replaced(tmp_path):
     lp.main(probe_args(b, out, *lams, "--overwrite"))
     assert json.loads(results.read_text())["network"]["checkpoint_hash"] == \
         common.file_hash(str(b))
+
+
+def test_a_probe_into_a_training_folder_is_refused(tmp_path, capsys):
+    """The probe's summary.csv replaced a training run's (issue 25): refused before any work."""
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "summary.csv").write_text("epoch,step,lr\n1,18,0.1\n")
+    (run / "results.json").write_text(json.dumps({"kind": "train", "top1": 0.9}))
+    path = write_features(tmp_path / "f.npz")
+    argv = ["--features", path, "--out", str(run), "--lambdas", "1e-2,1"]
+    err = one_line_error(capsys, lambda: lp.main(argv))
+    assert "holds results of another kind (training: results.json of kind train); " \
+           "linear-probe results need a folder of their own" in err
+    assert (run / "summary.csv").read_text() == "epoch,step,lr\n1,18,0.1\n"
+    assert sorted(os.listdir(run)) == [".lock", "results.json", "summary.csv"]
+    # a features file probed again into its own folder: the same computation, replaced; another
+    # file with the same name: refused
+    out = tmp_path / "probe"
+    lp.main(["--features", path, "--out", str(out), "--lambdas", "1e-2,1"])
+    lp.main(["--features", path, "--out", str(out), "--lambdas", "1e-2,1"])
+    (tmp_path / "other").mkdir()
+    other = write_features(tmp_path / "other" / "f.npz")
+    err = one_line_error(capsys, lambda: lp.main(["--features", other, "--out", str(out),
+                                                  "--lambdas", "1e-2,1"]))
+    assert f"holds the probe of another checkpoint or setting (features: '{path}' -> " \
+           f"'{other}')" in err

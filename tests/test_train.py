@@ -430,7 +430,9 @@ def test_evaluate_scores_a_checkpoint_as_its_training_did(tmp_path):
     assert saved["mean_per_class"] == pytest.approx(trained["mean_per_class"])
     assert (saved["count"], saved["resolution"], saved["preprocessing"]) == \
         (trained["test_count"], 8, "torchvision")
-    tf = train_imagenet.main([*flags, "--eval-preprocessing", "tf"])   # rewrites its own file
+    with pytest.raises(common.UserError, match="preprocessing: 'torchvision' -> 'tf'"):
+        train_imagenet.main([*flags, "--eval-preprocessing", "tf"])   # another computation
+    tf = train_imagenet.main([*flags, "--eval-preprocessing", "tf", "--overwrite"])
     assert tf["preprocessing"] == "tf" and tf["count"] == saved["count"]
     assert 0 < tf["top1"] <= 1
     with pytest.raises(common.UserError, match="has 5 outputs but digits has 10 classes"):
@@ -595,3 +597,42 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys,
                                                               str(tmp_path / "ro" / "o")]))
     assert "cannot write into" in err and "Read-only file system" in err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def small_checkpoint(path, seed):
+    """A 5-class digits network without training (evaluations only compare files)."""
+    torch.manual_seed(seed)
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    common.save_checkpoint(str(path), common.make_checkpoint(
+        model, {"objective": "softmax", "hparams": {}, "arch": "resnet18", "num_classes": 5,
+                "small_input": True}, args={"resolution": 8, "seed": seed}, run_id=f"r{seed}"))
+    return str(path)
+
+
+def test_two_evaluations_of_different_checkpoints_do_not_share_a_folder(tmp_path, capsys):
+    a, b = small_checkpoint(tmp_path / "a.pt", 0), small_checkpoint(tmp_path / "b.pt", 1)
+    out = str(tmp_path / "eval")
+    flags = ["--data", "digits@0-4", "--out", out, "--eval-batch-size", "128"]
+    train_imagenet.main(["--evaluate", a, *flags])
+    train_imagenet.main(["--evaluate", a, *flags])       # the same one again: its own file
+    err = one_line_error(capsys, lambda: train_imagenet.main(["--evaluate", b, *flags]))
+    assert f"{out}/results.json holds the evaluation of another checkpoint or setting " \
+           f"(checkpoint_hash: '{common.file_hash(a)}' -> '{common.file_hash(b)}')" in err
+    assert json.load(open(os.path.join(out, "results.json")))["network"]["checkpoint"] == "a"
+    train_imagenet.main(["--evaluate", b, *flags, "--overwrite"])
+    assert json.load(open(os.path.join(out, "results.json")))["network"]["checkpoint"] == "b"
+
+
+def test_training_and_fine_tuning_do_not_share_a_folder(tmp_path, capsys):
+    """Training into a finished fine-tune's folder replaced its results.json (issue 25)."""
+    ft = tmp_path / "ft"
+    (ft / "grid").mkdir(parents=True)
+    (ft / "results.json").write_text(json.dumps({"kind": "finetune", "test_accuracy": 0.9}))
+    err = one_line_error(capsys, lambda: train(tmp_path, "ft"))
+    assert "ft holds results of another kind (fine-tuning: results.json of kind finetune); " \
+           "training results need a folder of their own" in err and "--overwrite" in err
+    assert json.loads((ft / "results.json").read_text())["kind"] == "finetune"   # untouched
+    assert sorted(os.listdir(ft)) == [".lock", "grid", "results.json"]   # nothing written
+    _, r = train(tmp_path, "ft", "--overwrite")                   # asked for: written
+    assert r["steps"] == 18 and json.loads((ft / "results.json").read_text())["kind"] == "train"
+    assert "overwrite" not in json.loads((ft / "args.json").read_text())  # not a run argument
