@@ -53,6 +53,14 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a disk error no code path above saw coming: still one line
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 def user_message(e):
@@ -938,10 +946,13 @@ def atomic_write(path, write):
         full = _disk_full(e, d)
         if os.path.exists(tmp):
             os.remove(tmp)
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
         if full:
-            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
             raise UserError(f"cannot write {path}: no space left on the device ({kept}); free "
                             f"some space or choose another output folder") from None
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # EIO, EROFS, EFBIG: as clear
+            raise UserError(f"cannot write {path}: {e.strerror or e} ({kept}); choose another "
+                            f"output folder") from None
         raise
     try:
         dfd = os.open(d, os.O_RDONLY)

@@ -599,8 +599,16 @@ def truncate_log(path, step):
 
 
 def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line more in log.jsonl. A full disk is one line (common.write_error), and a log it
+    left empty is removed (a torn last line is dropped by truncate_log on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.remove(path)
+        raise common.write_error(path, e) from None
 
 
 # ==============================================================================================

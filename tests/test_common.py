@@ -885,3 +885,74 @@ def test_a_finished_result_is_replaced_only_by_the_same_computation(tmp_path, ca
         common.refuse_replacing(str(path), {"networks": [net, other["network"]]})
     with pytest.raises(common.UserError, match="networks: 2 -> 1"):
         common.refuse_replacing(str(path), {"networks": [net]})
+
+
+def _small_checkpoint_file(path):
+    torch.manual_seed(0)
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    common.save_checkpoint(str(path), common.make_checkpoint(
+        model, {"objective": "softmax", "hparams": {}, "arch": "resnet18", "num_classes": 5,
+                "small_input": True}, args={"resolution": 8, "seed": 0}, run_id="r0"))
+    return str(path)
+
+
+@pytest.mark.parametrize("script", ["probe", "probe --features", "cka", "class separation",
+                                    "make_figures", "train", "finetune", "--evaluate"])
+def test_a_full_disk_is_one_line_in_every_script(script, tmp_path, capsys, monkeypatch):
+    """The first write of every script is the lock's pid: on a full disk it was a traceback and
+    left a 0-byte OUT/.lock, in all 8 scripts or modes (issue 25)."""
+    import errno
+    import cka_analysis
+    import class_separation
+    import finetune
+    import linear_probe
+    import make_figures
+    import train_imagenet
+    ckpt = _small_checkpoint_file(tmp_path / "s0.pt")
+    feats = tmp_path / "f.npz"
+    np.savez(feats, train_x=np.eye(4, dtype=np.float32).repeat(5, 0),
+             train_y=np.arange(20) % 2, test_x=np.eye(4, dtype=np.float32), test_y=np.arange(4) % 2)
+    (tmp_path / "runs").mkdir()
+    out = str(tmp_path / "out")
+    main = {"probe": lambda: linear_probe.main(["--checkpoint", ckpt, "--data", "digits@5-9",
+                                                "--out", out]),
+            "probe --features": lambda: linear_probe.main(["--features", str(feats), "--out",
+                                                           out]),
+            "cka": lambda: cka_analysis.main(["--checkpoint", ckpt, "--data", "digits", "--out",
+                                              out]),
+            "class separation": lambda: class_separation.main(["--checkpoint", ckpt, "--data",
+                                                               "digits", "--out", out]),
+            "make_figures": make_figures.main,
+            "train": lambda: train_imagenet.main(["--data", "digits@0-4", "--out", out]),
+            "finetune": lambda: finetune.main(["--checkpoint", ckpt, "--data", "digits@5-9",
+                                               "--out", out]),
+            "--evaluate": lambda: train_imagenet.main(["--evaluate", ckpt, "--data",
+                                                       "digits@0-4", "--out", out])}[script]
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", "--runs", str(tmp_path / "runs"),
+                                      "--out", out])
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    err = one_line_error(capsys, main)
+    assert f"error: cannot write {out}/.lock: no space left on the device" in err
+    assert not [f for f in os.listdir(out) if os.path.getsize(os.path.join(out, f)) == 0]
+
+
+def test_an_unforeseen_disk_error_is_still_one_line(tmp_path, capsys):
+    import errno
+
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    err = one_line_error(capsys, main)
+    assert err == (f"error: cannot write {tmp_path}/x: no space left on the device; free some "
+                   f"space or choose another output folder")
+
+    def broken(f):  # an I/O error of the disk while a result is written: named, old file kept
+        raise OSError(errno.EIO, "Input/output error")
+    common.save_json(str(tmp_path / "r.json"), {"a": 1})
+    err = one_line_error(capsys, lambda: common.atomic_write(str(tmp_path / "r.json"), broken))
+    assert "r.json: Input/output error (the previous file is unchanged)" in err
+    assert common.read_json(str(tmp_path / "r.json")) == {"a": 1}
+    with pytest.raises(ValueError):   # not a disk error: not hidden
+        common.run_main(lambda: (_ for _ in ()).throw(ValueError("a bug")))

@@ -636,3 +636,29 @@ def test_training_and_fine_tuning_do_not_share_a_folder(tmp_path, capsys):
     _, r = train(tmp_path, "ft", "--overwrite")                   # asked for: written
     assert r["steps"] == 18 and json.loads((ft / "results.json").read_text())["kind"] == "train"
     assert "overwrite" not in json.loads((ft / "args.json").read_text())  # not a run argument
+
+
+def test_a_full_disk_while_logging_is_one_line_and_leaves_no_empty_log(tmp_path, monkeypatch):
+    import errno
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            self.f.close()
+
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_imagenet, "open", Full, raising=False)
+    log = str(tmp_path / "log.jsonl")
+    with pytest.raises(common.UserError, match="log.jsonl: no space left on the device"):
+        train_imagenet.append_log(log, {"step": 1})
+    assert not os.path.exists(log)                   # not a 0-byte file
+    open(log, "w").write('{"step": 1}\n')
+    with pytest.raises(common.UserError, match="no space left"):
+        train_imagenet.append_log(log, {"step": 2})
+    assert open(log).read() == '{"step": 1}\n'       # the lines before are kept
