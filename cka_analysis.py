@@ -263,7 +263,7 @@ def main(argv=None):
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=0,
+    p.add_argument("--workers", type=common.worker_count, default=0,
                    help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")

@@ -185,7 +185,7 @@ def main(argv=None):
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=0)
+    p.add_argument("--workers", type=common.worker_count, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--download", action="store_true")
     p.add_argument("--overwrite", action="store_true",

@@ -207,7 +207,7 @@ def main(argv=None):
         if args.flip is None:
             args.flip = common.parse_spec(args.data)[0] != "digits"
         if args.workers is None:
-            args.workers = 1 if dist.device.type == "cpu" else 8
+            args.workers = 1 if dist.device.type == "cpu" else min(8, common.usable_cores())
         if args.steps is not None:
             per_epoch = len(data["train"]) // args.batch_size
             args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))

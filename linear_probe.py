@@ -58,6 +58,7 @@ import torch
 import common  # for the command-line part only: the method below needs torch and numpy alone
 
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
+MAX_LAMBDAS = 1000        # a longer path is a typo: 1e-6:1e5:1000000000 asked for 7.5 GB
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
 SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
@@ -494,12 +495,17 @@ def parse_lambdas(text):
             lo, hi, num = float(lo), float(hi), int(num)
             if num < 1 or lo <= 0 or hi < lo:
                 raise ValueError
-            values = np.logspace(math.log10(lo), math.log10(hi), num)
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
+            num = len(values)
     except ValueError:
         raise common.UserError(f"bad --lambdas {text!r}: write LOW:HIGH:COUNT (log-spaced, e.g. "
                                f"{DEFAULT_LAMBDAS}) or a list like 0.01,0.1,1")
+    if num > MAX_LAMBDAS:   # before the values are made
+        raise common.UserError(f"--lambdas {text!r} asks for {num:,} values; at most "
+                               f"{MAX_LAMBDAS:,} (the default path has 45)")
+    if ":" in text:
+        values = np.logspace(math.log10(lo), math.log10(hi), num)
     values = sorted({float(v) for v in values})
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise common.UserError(f"bad --lambdas {text!r}: values must be finite and > 0")
@@ -754,8 +760,9 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
                    help="feature extraction batch size")
-    p.add_argument("--workers", type=common.nonnegative_int, default=4,
-                   help="data loader workers")
+    p.add_argument("--workers", type=common.worker_count,
+                   default=min(4, common.usable_cores()),
+                   help="data loader workers (default: 4, at most the usable CPU cores)")
     p.add_argument("--folds", default=None, metavar="K", type=common.int_at_least(
                        3, "each fold is tested once, the next one picks lambda, the rest train"),
                    help="score by stratified K-fold cross-validation over all the images of "

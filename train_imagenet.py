@@ -130,9 +130,11 @@ def add_training_args(parser, **defaults):
                    help="torch.compile the model (default: on for GPU, off for CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for GPU, off for CPU)")
-    g.add_argument("--workers", type=nonneg_int, help="data loading processes per device")
-    g.add_argument("--threads", type=pos_int, help="CPU threads of the training step (default: "
-                   "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
+    g.add_argument("--workers", type=common.worker_count,
+                   help="data loading processes per device (at most the usable CPU cores)")
+    g.add_argument("--threads", type=common.thread_count, help="CPU threads of the training step "
+                   "(default: OMP_NUM_THREADS if set, else the cores left over by the loader "
+                   "workers; at most the usable CPU cores)")
     g.add_argument("--eval-batch-size", type=pos_int, default=256, help="per device")
     g.add_argument("--log-every", type=pos_int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")

@@ -273,3 +273,11 @@ def test_the_cka_of_other_networks_does_not_replace_a_finished_one(ckpts, tmp_pa
     assert open(os.path.join(out, "cka.json")).read() == before
     main(["--checkpoint", a, *flags, "--overwrite"])
     assert len(json.load(open(os.path.join(out, "cka.json")))["networks"]) == 1
+
+
+def test_too_many_workers_is_one_line(capsys):
+    import class_separation
+    for script in (main, class_separation.main):
+        err = one_line_error(capsys, lambda: script(["--checkpoint", "x.pt", "--data", "digits",
+                                                     "--out", "o", "--workers", "1000"]))
+        assert "'1000' is more than the" in err and "CPU cores this process may use" in err

@@ -486,3 +486,18 @@ def test_a_probe_into_a_training_folder_is_refused(tmp_path, capsys):
                                                   "--lambdas", "1e-2,1"]))
     assert f"holds the probe of another checkpoint or setting (features: '{path}' -> " \
            f"'{other}')" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lambdas", "1e-6:1e5:1000000000"],
+     "--lambdas '1e-6:1e5:1000000000' asks for 1,000,000,000 values; at most 1,000"),
+    (["--lambdas", ",".join(["1"] * 1001)], "asks for 1,001 values; at most 1,000"),
+    (["--workers", "1000"], "'1000' is more than the"),
+])
+def test_counts_have_an_upper_bound(tmp_path, capsys, flags, message):
+    """--lambdas ...:1000000000 asked for 7.5 GB; --workers 1000 forked until memory ran out."""
+    path = write_features(tmp_path / "f.npz")
+    err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out",
+                                                  str(tmp_path / "o"), *flags]))
+    assert message in err
+    assert lp.parse_lambdas("1e-6:1e5:1000") == sorted(set(lp.parse_lambdas("1e-6:1e5:1000")))

@@ -168,3 +168,21 @@ def test_one_rate_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
     third = one_rate.Net("softmax", 0.4, 1)
     os.makedirs(third.out)
     assert not one_rate.mark_diverged(third, 1)
+
+
+def test_bad_arguments_are_one_line_with_status_2(tmp_path):
+    """study.py printed argparse's usage block, exited 1 on its errors and took --jobs 0."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "results", "cifar10_coarse", "study.py")
+    for args, env, message in (
+            (["train", "--jobs", "0"], {}, "argument --jobs: '0' must be > 0"),
+            (["train", "--jobs", "-1"], {}, "argument --jobs: '-1' must be > 0"),
+            (["train"], {"JOBS": "two"}, "argument --jobs: 'two' is not an integer"),
+            (["trian"], {}, "invalid choice: 'trian'"),
+            (["lrs"], {"SHARED": str(tmp_path / "none")}, "data folder not found")):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                           env={**os.environ, **env}, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, \
+            r.stderr
+        assert r.stderr.count("\n") == 1 and r.stdout == ""
