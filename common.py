@@ -45,6 +45,10 @@ class UserError(ValueError):
 def run_main(main):
     """Run a script's main(): a UserError becomes one line `error: ...` and exit status 2, Ctrl-C
     one line and status 130 (every file this project writes is then complete or untouched)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' startup one
     try:
         main()
     except UserError as e:
@@ -57,6 +61,13 @@ def run_main(main):
         if e.errno not in DISK_ERRORS:
             raise
         print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # torch's words for a loader worker killed (OOM killer, kill -9)
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        print(f"error: a data-loading worker process died ({str(e).strip().rstrip('.')}), "
+              f"perhaps killed for lack of memory; rerun the same command to resume, with fewer "
+              f"--workers if it recurs", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1022,6 +1033,7 @@ def hold_folder(folder):
     key = os.path.realpath(folder)
     if key in _HELD:
         return False
+    check_out_path(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"output folder {folder} exists and is a file; choose another")
     try:
@@ -1046,6 +1058,7 @@ def locked_file(path):
             common.save_checkpoint("runs/tf/softmax_s0.pt", ck)
     """
     folder = os.path.dirname(path) or "."
+    check_out_path(path, "output file")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -1069,6 +1082,27 @@ def locked_file(path):
         with contextlib.suppress(OSError):
             os.remove(lock)  # while still held (see above)
         os.close(fd)
+
+
+def check_out_path(path, what="output folder"):
+    """A one-line UserError, said plainly, for an output path that cannot be one: empty
+    (--out ''), a symbolic link to nothing (itself or a folder above it), or below a file. The
+    system's own words were misleading: "No such file or directory: ''", "File exists" for the
+    link, "Not a directory"."""
+    if not path:
+        raise UserError(f"the {what} is an empty string; give a path, e.g. --out runs/x")
+    p = os.path.abspath(path)
+    while True:
+        if os.path.islink(p) and not os.path.exists(p):
+            where = f"{what} {path}" + ("" if p == os.path.abspath(path) else f": {p}")
+            raise UserError(f"{where} is a symbolic link to {os.readlink(p)}, which does not "
+                            f"exist; create that, or choose another {what}")
+        if os.path.exists(p):
+            break
+        p = os.path.dirname(p)
+    if p != os.path.abspath(path) and not os.path.isdir(p):
+        raise UserError(f"{what} {path} cannot be created: {p} is a file, not a folder; choose "
+                        f"another {what}")
 
 
 def _take_lock(path, what):
@@ -1243,7 +1277,12 @@ def refuse_replacing(path, new, fields=(), overwrite=False, what="the result", f
     anything. Returns whether there was another computation's result (then overwritten)."""
     if not os.path.isfile(path):
         return False
-    old = read_json(path)
+    try:
+        old = read_json(path)
+    except UserError:
+        if overwrite:  # unreadable: replaced as asked
+            return True
+        raise
     old = old if isinstance(old, dict) else {}
 
     def hashes(r):
@@ -1694,6 +1733,7 @@ def make_shared_dir(path, flag):
     """Create a folder that several runs may write into at once (linear_probe.py's --cache), so
     not held; a file in the way or an unwritable place fails here, before any long work, not
     after the first features are extracted."""
+    check_out_path(path, flag)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is a file; choose another folder")
     try:

@@ -50,7 +50,14 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import time
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -679,7 +686,8 @@ def refuse_other_result(out_dir, results, overwrite):
 
 
 def lambda_grid(results):
-    """A results file's lambda grid in a few words, exact: '45 values, 1e-06 to 100000 (#3fa2c1)'."""
+    """A results file's lambda grid in a few words, exact (a digest of all its values):
+    '45 values, 1e-06 to 100000 (#3fa2c1)'."""
     grid = [str(k) for k in results.get("val_curve") or {}]
     try:
         grid.sort(key=float)

@@ -60,6 +60,11 @@ import signal
 import sys
 import time
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -1084,6 +1089,12 @@ def _evaluate_checkpoint(args, dist, overwrite):
                                f"trained on (an imported model: import without --keep-background)")
     if data.get("test") is None:
         raise common.UserError(f"{args.data} has no test split to evaluate on")
+    trained_on = network.get("dataset_name")
+    if trained_on and same_classes(trained_on) != same_classes(data["name"]):
+        print(f"note: {args.evaluate} was trained on {trained_on}, and {data['name']} has other "
+              f"classes (as many: {outputs}): its outputs are scored as their labels by index, "
+              f"which says nothing of the network; evaluate on its training data",
+              file=sys.stderr)
     saved = os.path.join(args.out, "results.json")
     resolution = common.input_resolution(args.resolution, network)
     if dist.is_main:  # two checkpoints into one --out left only the second's result
@@ -1119,6 +1130,15 @@ def _evaluate_checkpoint(args, dist, overwrite):
               f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
               f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
     return results
+
+
+def same_classes(label):
+    """A dataset label without its per_class= and from= options, which choose images, not
+    classes: 'cifar10@0-4,per_class_500' -> 'cifar10@0-4'."""
+    base, _, subset = label.partition("@")
+    kept = [part for part in subset.split(",") if part and
+            not part.startswith(("per_class_", "from_"))]
+    return base + ("@" + ",".join(kept) if kept else "")
 
 
 def main(argv=None):

@@ -569,7 +569,8 @@ def test_command_line_helpers(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(common.UserError, match="exists and is a file"):
         common.make_out_dir(str(tmp_path / "file"))
-    with pytest.raises(common.UserError, match="cannot write into .*file/sub: Not a directory"):
+    with pytest.raises(common.UserError, match="file/sub cannot be created: .*file is a file, "
+                                               "not a folder"):
         common.make_out_dir(str(tmp_path / "file" / "sub"))  # --out under a plain file
     common.release_folder(str(tmp_path / "a" / "b"))
     # a folder several runs share (a cache): created, not held; refused as early
@@ -577,7 +578,8 @@ def test_command_line_helpers(tmp_path):
     common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
     with pytest.raises(common.UserError, match="--cache .*file exists and is a file"):
         common.make_shared_dir(str(tmp_path / "file"), "--cache")
-    with pytest.raises(common.UserError, match="cannot create the folder \\(Not a directory"):
+    with pytest.raises(common.UserError, match="--cache .*file/sub cannot be created: .*file "
+                                               "is a file, not a folder"):
         common.make_shared_dir(str(tmp_path / "file" / "sub"), "--cache")
 
 
@@ -956,3 +958,25 @@ def test_an_unforeseen_disk_error_is_still_one_line(tmp_path, capsys):
     assert common.read_json(str(tmp_path / "r.json")) == {"a": 1}
     with pytest.raises(ValueError):   # not a disk error: not hidden
         common.run_main(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_output_paths_that_cannot_be_one_are_said_plainly(tmp_path, capsys):
+    """--out '', a dangling symbolic link and a path below a file gave the system's misleading
+    words ("No such file or directory: ''", "File exists", "Not a directory"; issue 25)."""
+    (tmp_path / "afile").write_text("keep me")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    for path, message in (
+            ("", "the output folder is an empty string; give a path, e.g. --out runs/x"),
+            (tmp_path / "link", f"output folder {tmp_path}/link is a symbolic link to "
+                                f"{tmp_path}/nowhere, which does not exist; create that, or "
+                                f"choose another output folder"),
+            (tmp_path / "link" / "sub", f"output folder {tmp_path}/link/sub: {tmp_path}/link is "
+                                        f"a symbolic link to {tmp_path}/nowhere"),
+            (tmp_path / "afile" / "a" / "b", f"output folder {tmp_path}/afile/a/b cannot be "
+                                             f"created: {tmp_path}/afile is a file, not a folder")):
+        err = one_line_error(capsys, lambda: common.make_out_dir(str(path), "train"))
+        assert message in err, err
+    with pytest.raises(common.UserError, match="output file .*link is a symbolic link"):
+        with common.locked_file(str(tmp_path / "link")):
+            pass
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "afile").read_text() == "keep me"

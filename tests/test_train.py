@@ -594,7 +594,8 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys,
     (tmp_path / "afile").write_text("keep me")
     err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
                                                               str(tmp_path / "afile" / "sub")]))
-    assert "afile/sub: Not a directory" in err
+    assert f"output folder {tmp_path}/afile/sub cannot be created: {tmp_path}/afile is a file, " \
+           f"not a folder" in err
     read_only(monkeypatch, tmp_path / "ro")
     err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
                                                               str(tmp_path / "ro" / "o")]))
@@ -603,12 +604,13 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys,
 
 
 def small_checkpoint(path, seed):
-    """A 5-class digits network without training (evaluations only compare files)."""
+    """A 5-class digits@0-4 network without training (evaluations only compare files)."""
     torch.manual_seed(seed)
     model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
     common.save_checkpoint(str(path), common.make_checkpoint(
         model, {"objective": "softmax", "hparams": {}, "arch": "resnet18", "num_classes": 5,
-                "small_input": True}, args={"resolution": 8, "seed": seed}, run_id=f"r{seed}"))
+                "small_input": True}, args={"resolution": 8, "seed": seed}, run_id=f"r{seed}",
+        dataset="digits@0-4"))
     return str(path)
 
 
@@ -665,3 +667,55 @@ def test_a_full_disk_while_logging_is_one_line_and_leaves_no_empty_log(tmp_path,
     with pytest.raises(common.UserError, match="no space left"):
         train_imagenet.append_log(log, {"step": 2})
     assert open(log).read() == '{"step": 1}\n'       # the lines before are kept
+
+
+def test_evaluating_on_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
+    a = small_checkpoint(tmp_path / "a.pt", 0)
+    flags = ["--evaluate", a, "--out", str(tmp_path / "e"), "--eval-batch-size", "128"]
+    train_imagenet.main([*flags, "--data", "digits@5-9"])
+    err = capsys.readouterr().err
+    assert f"note: {a} was trained on digits@0-4, and digits@5-9 has other classes (as many: " \
+           f"5)" in err and err.count("\n") == 1
+    train_imagenet.main([*flags[:3], str(tmp_path / "f"), "--data", "digits@0-4,per_class=50"])
+    assert "note" not in capsys.readouterr().err      # the same classes, fewer images
+
+
+def _started(cmd, out=None):
+    """A script started as from a terminal (SIGINT at its default, not inherited ignored)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_while_the_script_imports_torch_is_one_line(tmp_path):
+    """Ctrl-C in the first 1-2 s, while torch loads, printed Python's traceback (issue 25)."""
+    proc = _started([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--out",
+                     str(tmp_path / "r")])
+    deadline = time.time() + 60
+    while time.time() < deadline:   # numpy being loaded: torch is next, for 1-2 s
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "numpy" in f.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.startswith("error: interrupted (Ctrl-C)"), stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_a_killed_loader_worker_is_one_line(tmp_path):
+    """A worker killed during training (the OOM killer, kill -9) was a traceback (issue 25)."""
+    out = str(tmp_path / "w")
+    proc = _started([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs",
+                     "50", "--workers", "1", "--out", out])
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    worker = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                            text=True).stdout.split()[0]
+    os.kill(int(worker), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and stderr.count("\n") == 1, stderr[-2000:]
+    assert stderr.startswith(f"error: a data-loading worker process died (DataLoader worker "
+                             f"(pid {worker})") and "rerun the same command to resume" in stderr
+    common.load_checkpoint(os.path.join(out, "last.pt"))   # intact: the rerun resumes from it
