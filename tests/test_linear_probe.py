@@ -418,11 +418,12 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkey
     (tmp_path / "afile").write_text("keep me")
     afile = str(tmp_path / "afile")
     for argv, message in (
-            (probe_args(ckpt, f"{afile}/sub"), f"cannot write into {afile}/sub: Not a directory"),
+            (probe_args(ckpt, f"{afile}/sub"), f"output folder {afile}/sub cannot be created: "
+                                               f"{afile} is a file, not a folder"),
             (probe_args(ckpt, tmp_path / "o", "--cache", afile), f"--cache {afile} exists and is "
                                                                  f"a file"),
-            (probe_args(ckpt, tmp_path / "o2", "--cache", f"{afile}/c"), "cannot create the "
-                                                                         "folder (Not a dir")):
+            (probe_args(ckpt, tmp_path / "o2", "--cache", f"{afile}/c"),
+             f"--cache {afile}/c cannot be created: {afile} is a file, not a folder")):
         assert message in one_line_error(capsys, lambda: lp.main(argv))
     read_only(monkeypatch, tmp_path / "ro")
     err = one_line_error(capsys, lambda: lp.main(probe_args(ckpt, tmp_path / "ro" / "o")))
