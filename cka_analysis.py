@@ -37,8 +37,14 @@ Importable:
     acc.cka()                           # (G, G) float64
 """
 import os
+import signal
 import sys
 import time
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -273,10 +279,13 @@ def main(argv=None):
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=0,
+    p.add_argument("--workers", type=common.worker_count, default=0,
                    help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the CKA of other checkpoints or settings in --out, or write into "
+                   "a folder that holds results of another kind (default: refused)")
     args = p.parse_args(argv)
 
     args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
@@ -293,8 +302,13 @@ def main(argv=None):
     networks = [net for _, net in loaded]
     labels = unique_labels([net["checkpoint"] for net in networks])
     views = pass_views(data[args.split], args.max_images, args.passes)
-    common.make_out_dir(args.out)
+    common.make_out_dir(args.out, "cka", args.overwrite)
     n_per_pass = len(views[0])
+    common.refuse_replacing(os.path.join(args.out, "cka.json"), {
+        **common.result_header(networks, data, "cka"), "split": args.split, "layers": layers,
+        "resolution": resolution, "n_images": n_per_pass, "passes": args.passes,
+        "batch_size": args.batch_size}, ("split", "layers", "resolution", "n_images", "passes",
+                                         "batch_size"), args.overwrite, "the CKA")
     print(f"CKA of {len(models)} checkpoints x {len(layers)} layers on {n_per_pass} images of "
           f"{args.data} {args.split} at {resolution} px, batch {args.batch_size}, "
           f"{args.passes} pass(es), {device}", flush=True)

@@ -29,7 +29,14 @@ Importable:
     class_separation(features, labels)   # R^2, float
 """
 import os
+import signal
+import sys
 import time
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -195,16 +202,19 @@ def main(argv=None):
                         "else 224)")
     p.add_argument("--crop-fraction", type=common.fraction, default=None,
                    help="eval center crop (default 0.875; 1 for in-memory images <= 64 px)")
-    p.add_argument("--workers", type=common.nonnegative_int, default=0,
-                   help="DataLoader worker processes")
+    p.add_argument("--workers", type=common.worker_count, default=0,
+                   help="DataLoader worker processes (at most the usable CPU cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of other checkpoints or settings in --out, or write "
+                   "into a folder that holds results of another kind (default: refused)")
     args = p.parse_args(argv)
 
     args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
-    common.make_out_dir(args.out)
+    common.make_out_dir(args.out, "class_separation", args.overwrite)
     networks, results, start = [], [], time.time()
     for name in args.checkpoint:
         network, res = analyse(name, data, args, device)
@@ -216,6 +226,16 @@ def main(argv=None):
         print(f"{network['checkpoint']} ({network['objective']}, seed {network['seed']}): {vals}",
               flush=True)
 
+    # refused only now: the networks' identities are known once each one is loaded
+    def per_network(r):  # resolution and layers of each network, as class_separation.json has
+        return [(x.get("resolution"), list(x.get("layers") or {})) if isinstance(x, dict)
+                else None for x in r.get("results") or []]
+    common.refuse_replacing(
+        os.path.join(args.out, "class_separation.json"),
+        {**common.result_header(networks, data, "class_separation"), "split": args.split,
+         "max_per_class": args.max_per_class, "results": results},
+        ("split", "max_per_class", ("resolution and layers", per_network)), args.overwrite,
+        "the class separation")
     layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
     nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
     table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],

@@ -25,6 +25,7 @@ import pickle
 import platform
 import re
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -46,6 +47,10 @@ class UserError(ValueError):
 def run_main(main):
     """Run a script's main(): a UserError becomes one line `error: ...` and exit status 2, Ctrl-C
     one line and status 130 (every file this project writes is then complete or untouched)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' startup one
     try:
         main()
     except UserError as e:
@@ -54,6 +59,21 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a disk error no code path above saw coming: still one line
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # torch's words for a loader worker killed (OOM killer, kill -9)
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        print(f"error: a data-loading worker process died ({str(e).strip().rstrip('.')}), "
+              f"perhaps killed for lack of memory; rerun the same command to resume, with fewer "
+              f"--workers if it recurs", file=sys.stderr)
+        sys.exit(2)
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 def user_message(e):
@@ -1050,10 +1070,13 @@ def atomic_write(path, write):
         full = _disk_full(e, d)
         if os.path.exists(tmp):
             os.remove(tmp)
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
         if full:
-            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing written"
             raise UserError(f"cannot write {path}: no space left on the device ({kept}); free "
                             f"some space or choose another output folder") from None
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # EIO, EROFS, EFBIG: as clear
+            raise UserError(f"cannot write {path}: {e.strerror or e} ({kept}); choose another "
+                            f"output folder") from None
         raise
     try:
         dfd = os.open(d, os.O_RDONLY)
@@ -1111,34 +1134,155 @@ _HELD = {}  # real path of a folder -> fd of its .lock, for the folders this pro
 def hold_folder(folder):
     """Take OUT/.lock for `folder` (creating the folder) until release_folder() or the process
     ends; a second process on the same folder gets a one-line UserError instead of silently
-    mixing its files with the first one's. The lock is the kernel's (flock), so a killed process
-    never leaves it stuck. Taking a folder this process holds already is a no-op. Temporary files
-    of atomic_write that a killed writer left behind are removed (nobody else writes here).
-    Returns whether this call took the lock."""
+    mixing its files with the first one's. Taking a folder this process holds already is a no-op.
+    Temporary files of atomic_write that a killed writer left behind are removed (nobody else
+    writes here). Returns whether this call took the lock.
+
+    The lock is a POSIX record lock (fcntl), which belongs to this process alone: the kernel drops
+    it the moment the process dies, even by SIGKILL, and forked DataLoader workers do not inherit
+    it. (A flock was shared with the workers, which outlive a killed process by up to 5 s: a
+    requeued job's immediate rerun was refused, issue 25.) Its catch: closing ANY descriptor of
+    the file releases it, so nothing else in this process may open a .lock file."""
     key = os.path.realpath(folder)
     if key in _HELD:
         return False
+    check_out_path(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"output folder {folder} exists and is a file; choose another")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
                         f"folder") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose "
-                        f"another output folder") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    _HELD[key] = _take_lock(os.path.join(folder, ".lock"), folder)
     for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
         os.remove(stale)
-    _HELD[key] = fd
     return True
+
+
+@contextlib.contextmanager
+def locked_file(path):
+    """One writer at a time for the output FILE `path` (as hold_folder is per folder, with the
+    same lock): .NAME.lock beside it, held for the with block, then removed. A second process
+    gets a one-line UserError naming the first. Temporary files of atomic_write that a killed
+    writer of `path` left are removed.
+
+        with common.locked_file("runs/tf/softmax_s0.pt"):
+            common.save_checkpoint("runs/tf/softmax_s0.pt", ck)
+    """
+    folder = os.path.dirname(path) or "."
+    check_out_path(path, "output file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}; choose another output "
+                        f"file") from None
+    lock = os.path.join(folder, f".{os.path.basename(path)}.lock")
+    while True:
+        fd = _take_lock(lock, path)
+        try:  # the lock file still the one locked: a holder removes it when done, and a
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:   # process that opened it just
+                break                                          # before holds a dead copy
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    for stale in glob.glob(os.path.join(glob.escape(folder),
+                                        f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        os.remove(stale)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # while still held (see above)
+        os.close(fd)
+
+
+def check_out_path(path, what="output folder"):
+    """A one-line UserError, said plainly, for an output path that cannot be one: empty
+    (--out ''), a symbolic link to nothing (itself or a folder above it), or below a file. The
+    system's own words were misleading: "No such file or directory: ''", "File exists" for the
+    link, "Not a directory"."""
+    if not path:
+        raise UserError(f"the {what} is an empty string; give a path, e.g. --out runs/x")
+    p = os.path.abspath(path)
+    while True:
+        if os.path.islink(p) and not os.path.exists(p):
+            where = f"{what} {path}" + ("" if p == os.path.abspath(path) else f": {p}")
+            raise UserError(f"{where} is a symbolic link to {os.readlink(p)}, which does not "
+                            f"exist; create that, or choose another {what}")
+        if os.path.exists(p):
+            break
+        p = os.path.dirname(p)
+    if p != os.path.abspath(path) and not os.path.isdir(p):
+        raise UserError(f"{what} {path} cannot be created: {p} is a file, not a folder; choose "
+                        f"another {what}")
+
+
+def _take_lock(path, what):
+    """Open `path` and take its POSIX record lock for this process; write 'pid N on HOST' into it
+    for the people who look. Returns the descriptor (closing it releases the lock). A lock held
+    by another process is a one-line UserError naming that process, which the kernel says holds
+    it (so a live one); so is a disk that cannot take the few bytes, with no empty file left."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot write into {os.path.dirname(path) or '.'}: {e.strerror or e}; "
+                        f"choose another output folder") from None
+    for _ in range(3):  # a holder that exits between the two calls below: try again
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise UserError(f"cannot lock {path}: {e.strerror or e}; choose another output "
+                                f"folder") from None
+            holder = _lock_holder(fd)
+            if holder is not None:
+                os.close(fd)
+                raise UserError(f"{what} is in use by {holder}: wait for it to finish, or choose "
+                                f"another output folder") from None
+    else:
+        os.close(fd)
+        raise UserError(f"{what} is in use by processes that come and go; retry, or choose "
+                        f"another output folder")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still held: nobody can have taken it meanwhile
+        os.close(fd)
+        raise write_error(path, e) from None
+    return fd
+
+
+def _lock_holder(fd):
+    """'pid N' (with the host it wrote) of the process holding the lock on fd's file, asked of
+    the kernel (F_GETLK), so the process is alive; None when nobody holds it any more. Where the
+    kernel cannot say (not 64-bit Linux; a network file system), what the holder wrote."""
+    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    if not (sys.platform.startswith("linux") and struct.calcsize("P") == 8):
+        return text or "another process"
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return text or "another process"
+    if kind == fcntl.F_UNLCK:
+        return None
+    if pid <= 0:
+        return text or "another process"
+    return text if text.startswith(f"pid {pid} ") else f"pid {pid}"
+
+
+def write_error(path, e):
+    """The one-line UserError for an OSError from writing `path`: a full disk (or quota) says so,
+    anything else names the system's reason."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot write {path}: no space left on the device; free some space or "
+                         f"choose another output folder")
+    return UserError(f"cannot write {path}: {e.strerror or e}; choose another output folder")
 
 
 def release_folder(folder):
@@ -1156,6 +1300,124 @@ def locked(folder):
     finally:
         if took:
             release_folder(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# What may share an output folder (issue 25): one kind of result per folder, and a finished result
+# replaced only by the same computation, unless --overwrite. Every script asks here.
+#
+#   common.make_out_dir(args.out, "cka", args.overwrite)      # another kind there: refused
+#   common.refuse_replacing(os.path.join(args.out, "cka.json"), new, ("split",), args.overwrite)
+
+FOLDER_KINDS = {"train": "training", "evaluate": "evaluation (train_imagenet.py --evaluate)",
+                "finetune": "fine-tuning", "linear_probe": "linear-probe",
+                "cka": "CKA", "class_separation": "class-separation", "figures": "figures"}
+
+
+def folder_kinds(folder):
+    """{kind: the file that shows it} for the results `folder` itself holds (not its subfolders;
+    FOLDER_KINDS): results.json by its kind (a fine-tune's grid run is training); training's
+    last.pt, final.pt, log.jsonl, args.json or summary.csv (its first column: epoch); a
+    fine-tune's grid/ or final/; the linear probe's summary.csv (first column: run_id) or cache/;
+    cka.json/.npz; class_separation.json/.npz; make_figures.py's report.md."""
+    found = {}
+
+    def there(name):
+        return os.path.lexists(os.path.join(folder, name))
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            kind = json.load(f).get("kind")
+        kind = {"finetune_run": "train"}.get(kind, kind)
+        if kind in FOLDER_KINDS:
+            found[kind] = f"results.json of kind {kind}"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass  # none, or unreadable: the script that reads it says so
+    try:
+        with open(os.path.join(folder, "summary.csv")) as f:
+            first = f.readline()
+        kind = "train" if first.startswith("epoch,") else \
+            "linear_probe" if first.startswith("run_id,") else None
+        if kind:
+            found.setdefault(kind, "summary.csv")
+    except (OSError, ValueError):
+        pass
+    for kind, names in (("train", ("last.pt", "final.pt", "log.jsonl", "args.json")),
+                        ("finetune", ("grid", "final")), ("linear_probe", ("cache",)),
+                        ("cka", ("cka.json", "cka.npz")),
+                        ("class_separation", ("class_separation.json", "class_separation.npz")),
+                        ("figures", ("report.md",))):
+        for name in names:
+            is_dir = name in ("grid", "final", "cache")
+            if there(name) and os.path.isdir(os.path.join(folder, name)) == is_dir:
+                found.setdefault(kind, name + ("/" if is_dir else ""))
+    return found
+
+
+def claim_folder(folder, kind, overwrite=False):
+    """hold_folder(folder) for results of `kind` (a FOLDER_KINDS key), refused with one line
+    before any work when the folder holds results of another kind, which the new ones would be
+    mixed with or replace (a fine-tune over a training run's results.json, a probe's summary.csv
+    over a training run's), unless `overwrite` (--overwrite). Returns whether this call took the
+    lock."""
+    took = hold_folder(folder)
+    other = {k: v for k, v in folder_kinds(folder).items() if k != kind}
+    if other and not overwrite:
+        if took:
+            release_folder(folder)
+        k, shown_by = next(iter(other.items()))
+        raise UserError(f"{folder} holds results of another kind ({FOLDER_KINDS[k]}: "
+                        f"{shown_by}); {FOLDER_KINDS[kind]} results need a folder of their own: "
+                        f"choose another --out, or add --overwrite to write there anyway")
+    return took
+
+
+@contextlib.contextmanager
+def claimed(folder, kind, overwrite=False):
+    """claim_folder() for the duration of a with block."""
+    took = claim_folder(folder, kind, overwrite)
+    try:
+        yield
+    finally:
+        if took:
+            release_folder(folder)
+
+
+def refuse_replacing(path, new, fields=(), overwrite=False, what="the result", flag="--out"):
+    """Refuse (one-line UserError) to replace the finished result at `path` (a results file)
+    with `new` when `new` is not the same computation: other network(s) (their checkpoint
+    hashes), another dataset, or another value of one of `fields` (a name, or (name, function of
+    the results dict)). The same computation rerun may replace its own file; `overwrite` allows
+    anything. Returns whether there was another computation's result (then overwritten)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        old = read_json(path)
+    except UserError:
+        if overwrite:  # unreadable: replaced as asked
+            return True
+        raise
+    old = old if isinstance(old, dict) else {}
+
+    def hashes(r):
+        nets = r.get("networks") if "networks" in r else [r.get("network")]
+        return [n.get("checkpoint_hash") if isinstance(n, dict) else None
+                for n in (nets if isinstance(nets, list) else [nets])]
+    diff, a, b = [], hashes(old), hashes(new)
+    if len(a) != len(b):
+        diff.append(("networks", len(a), len(b)))
+    elif a != b:
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        diff.append(("checkpoint_hash" + (f" of network {i + 1}" if len(a) > 1 else ""),
+                     a[i], b[i]))
+    for field in ("dataset", *fields):
+        name, get = field if isinstance(field, tuple) else (field, lambda r, k=field: r.get(k))
+        if get(old) != get(new):
+            diff.append((name, get(old), get(new)))
+    if diff and not overwrite:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
+        raise UserError(f"{path} holds {what} of another checkpoint or setting ({text}); use "
+                        f"another {flag}, or --overwrite to replace it")
+    return bool(diff)
 
 
 def save_json(path, obj):
@@ -1685,6 +1947,34 @@ def fraction_below_one(text):
     return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def usable_cores():
+    """The CPU cores this process may run on (its affinity mask, as taskset or a batch system
+    set it), the bound of --threads and --workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _core_count(text, low):
+    v = _checked(text, int, lambda v: v >= low, f">= {low}")
+    cores = usable_cores()
+    if v > cores:  # 1,000,000 threads crashed libgomp; 1,000 workers forked until out of memory
+        raise argparse.ArgumentTypeError(f"{text!r} is more than the {cores} CPU cores this "
+                                         f"process may use; give at most {cores}")
+    return v
+
+
+def thread_count(text):
+    """argparse type: a number of CPU threads, in [1, usable_cores()]."""
+    return _core_count(text, 1)
+
+
+def worker_count(text):
+    """argparse type: a number of data-loading processes, in [0, usable_cores()]."""
+    return _core_count(text, 0)
+
+
 def int_at_least(low, why):
     """argparse type factory: an integer >= low; `why` ends the message (why less is wrong)."""
     def check(text):
@@ -1706,10 +1996,11 @@ def input_resolution(requested, network):
     return int(requested or network.get("resolution") or 224)
 
 
-def make_out_dir(path):
+def make_out_dir(path, kind=None, overwrite=False):
     """Create the output folder and hold it for this process (hold_folder: one writer per
-    folder) before any long computation, so a bad or busy --out fails early."""
-    hold_folder(path)
+    folder) before any long computation, so a bad or busy --out fails early; with `kind`, for
+    results of that kind only (claim_folder: another kind there is refused unless overwrite)."""
+    claim_folder(path, kind, overwrite) if kind else hold_folder(path)
     if not os.access(path, os.W_OK):
         raise UserError(f"output folder {path} is not writable")
 
@@ -1718,6 +2009,7 @@ def make_shared_dir(path, flag):
     """Create a folder that several runs may write into at once (linear_probe.py's --cache), so
     not held; a file in the way or an unwritable place fails here, before any long work, not
     after the first features are extracted."""
+    check_out_path(path, flag)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is a file; choose another folder")
     try:

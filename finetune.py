@@ -32,7 +32,15 @@ seconds, sizes.
 import argparse
 import math
 import os
+import shutil
+import signal
+import sys
 import time
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import torch
 import torch.nn as nn
@@ -77,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
     p.add_argument("--keep-model", action="store_true",
                    help="keep the fine-tuned model, OUT/final/final.pt (default: its scores only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds results of another kind, or replace "
+                   "the fine-tuning of another network or dataset there (default: refused)")
     train_imagenet.add_training_args(p, epochs=10, batch_size=128, warmup_epochs=1.0,
                                      ema_epochs=0.0, log_every=100)
     # The grid sets the rate and the decay of every run: --lr and --weight-decay (shared with
@@ -153,11 +164,11 @@ def grid_key(run, network):
     return {**key, "checkpoint_hash": network["checkpoint_hash"] or "scratch"}
 
 
-def train_one(source, network, data, run, dist):
+def train_one(source, network, data, run, dist, overwrite=False):
     """One fine-tuning run (train_imagenet.train: resumable) into run.out; a finished run with
-    the same grid key is read back. A finished run's resume state (last.pt) is deleted, and a
-    grid point's final.pt too (only its val score is used): a ResNet-50's last.pt is about
-    300 MB."""
+    the same grid key is read back, one with another is refused (deleted with `overwrite`). A
+    finished run's resume state (last.pt) is deleted, and a grid point's final.pt too (only its
+    val score is used): a ResNet-50's last.pt is about 300 MB."""
     key = grid_key(run, network)
     results_path = os.path.join(run.out, "results.json")
     keep_model = run.stage == "final" and run.keep_model
@@ -171,8 +182,11 @@ def train_one(source, network, data, run, dist):
         before = done.get("grid_key") or {}
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {key.get(k)!r}"
                          for k in sorted(set(before) | set(key)) if before.get(k) != key.get(k))
-        raise common.UserError(f"{run.out} holds a finished run with other arguments ({diff}); "
-                               f"rerun with the original ones or use another --out")
+        if not overwrite:
+            raise common.UserError(f"{run.out} holds a finished run with other arguments "
+                                   f"({diff}); rerun with the original ones, use another --out, "
+                                   f"or --overwrite to replace it")
+        shutil.rmtree(run.out)  # --overwrite: another network's run, replaced
     model = with_fresh_head(source, network, data["num_classes"], run.seed)
     model_args = {"objective": "softmax", "hparams": {}, "arch": network["arch"],
                   "num_classes": data["num_classes"], "small_input": network["small_input"],
@@ -216,14 +230,20 @@ def eta_text(took, runs_left):
 
 def main(argv=None):
     args = parse_args(argv)
+    # not a run argument: kept out of the runs' arguments, their grid keys and checkpoints
+    overwrite = vars(args).pop("overwrite")
     start = time.time()
     check_grid(args)
     dist = train_imagenet.setup_distributed(args.device)
     try:
-        if dist.is_main:
-            common.make_out_dir(args.out)  # one fine-tuning per folder at a time
+        if dist.is_main:  # one fine-tuning per folder at a time, and nothing else there
+            common.make_out_dir(args.out, "finetune", overwrite)
         source, network = source_model(args)
         data = common.load_dataset(args.data, download=args.download)
+        if dist.is_main:  # another source or target: refused before any training
+            common.refuse_replacing(os.path.join(args.out, "results.json"),
+                                    common.result_header(network, data, "finetune"),
+                                    overwrite=overwrite, what="the fine-tuning")
         args.resolution = common.input_resolution(args.resolution, network)
         tiny = data["image_size"] is not None and data["image_size"] <= 64
         args.augment = args.augment or ("small" if tiny else "paper")
@@ -245,7 +265,7 @@ def main(argv=None):
                 print(f"finetune: grid point {i} of {len(points)}: lr {lr:g}, wd {wd:g} | "
                       f"{eta_text(took, len(points) - i + 2)}", flush=True)
             r = timed(took, train_one, source, network, selection,
-                      run_args(args, lr, wd, "grid"), dist)
+                      run_args(args, lr, wd, "grid"), dist, overwrite)
             scores[(lr, wd)] = val_score(r, data["metric"])
             grid[f"lr={lr:g},wd={wd:g}"] = scores[(lr, wd)]
         best_lr, best_wd = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
@@ -256,7 +276,7 @@ def main(argv=None):
         final_data = {**selection, "train": common.concat_splits(data["train"], data["val"]),
                       "val": None, "test": data["test"]}
         final = run_args(args, best_lr, best_wd, "final")
-        r = timed(took, train_one, source, network, final_data, final, dist)
+        r = timed(took, train_one, source, network, final_data, final, dist, overwrite)
         test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
         results = {**common.result_header(network, data, "finetune"),   # the source network
                    "metric": data["metric"], "test_accuracy": test_acc,

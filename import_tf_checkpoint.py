@@ -49,12 +49,18 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 import uuid
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -600,6 +606,8 @@ def main(argv=None):
     p.add_argument("--seed", type=common.seed, default=None, help="default: the seed<k> folder")
     p.add_argument("--keep-background", action="store_true",
                    help="keep TF's 1001 outputs (class 0 = unused background); default 1000")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output file that holds another network (default: refused)")
     args = p.parse_args(argv)
     if re.match(r"(gs|https?)://", args.checkpoint):
         raise common.UserError(f"download {args.checkpoint} first (e.g. gsutil -m cp -r "
@@ -632,10 +640,40 @@ def main(argv=None):
             raise common.UserError(f"--out {args.out} is a folder; give a .pt file name")
         jobs = [(args.checkpoint, args.out)]
     for prefix, out in jobs:
-        ck = convert(prefix, args.objective, args.seed, args.keep_background)
-        common.save_checkpoint(out, ck)
+        with common.locked_file(out):  # one writer per file, as per folder elsewhere
+            ck = convert(prefix, args.objective, args.seed, args.keep_background)
+            if same_network(out, ck, args.overwrite):
+                print(f"{prefix} -> {out}: already imported (the same weights)", flush=True)
+                continue
+            common.save_checkpoint(out, ck)
         print(f"{prefix} -> {out} ({ck['objective']}, seed {ck['args']['seed']}, "
               f"{ck['num_classes']} classes)", flush=True)
+
+
+def same_network(out, ck, overwrite=False):
+    """Whether `out` holds the network of checkpoint dict `ck` already (the same weights). Any
+    other content, another network or not a checkpoint, is refused with one line unless
+    `overwrite` (the rule of every script's outputs: two imports of different networks to one
+    .pt left only the second)."""
+    if not os.path.lexists(out):
+        return False
+    try:
+        old = torch.load(out, map_location="cpu", weights_only=True)
+    except Exception:
+        old = None
+    if isinstance(old, dict) and old.get("checksum") == ck["checksum"]:
+        return True
+    if overwrite:
+        return False
+    if isinstance(old, dict) and "objective" in old:
+        tf, run = (old.get(k) if isinstance(old.get(k), dict) else {}
+                   for k in ("tf_checkpoint", "args"))
+        what = (f"another network ({old['objective']}, seed {run.get('seed')}, "
+                f"{old.get('num_classes')} classes, from {tf.get('prefix', 'elsewhere')})")
+    else:
+        what = "a file that is not a checkpoint of this project"
+    raise common.UserError(f"{out} holds {what}; use another --out, or --overwrite to replace "
+                           f"it")
 
 
 if __name__ == "__main__":

@@ -56,13 +56,21 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import time
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
 
 
 DEFAULT_LAMBDAS = "1e-6:1e5:45"
+MAX_LAMBDAS = 1000        # a longer path is a typo: 1e-6:1e5:1000000000 asked for 7.5 GB
 ROTATE_MAX_DIM = 4096     # above this feature dimension, scale features instead of rotating them
 CACHE_VERSION = 1
 # What --features reads; the other flags go with --checkpoint and are refused with it.
@@ -511,12 +519,17 @@ def parse_lambdas(text):
             lo, hi, num = float(lo), float(hi), int(num)
             if num < 1 or lo <= 0 or hi < lo:
                 raise ValueError
-            values = np.logspace(math.log10(lo), math.log10(hi), num)
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
+            num = len(values)
     except ValueError:
         raise common.UserError(f"bad --lambdas {text!r}: write LOW:HIGH:COUNT (log-spaced, e.g. "
                                f"{DEFAULT_LAMBDAS}) or a list like 0.01,0.1,1")
+    if num > MAX_LAMBDAS:   # before the values are made
+        raise common.UserError(f"--lambdas {text!r} asks for {num:,} values; at most "
+                               f"{MAX_LAMBDAS:,} (the default path has 45)")
+    if ":" in text:
+        values = np.logspace(math.log10(lo), math.log10(hi), num)
     values = sorted({float(v) for v in values})
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise common.UserError(f"bad --lambdas {text!r}: values must be finite and > 0")
@@ -684,24 +697,25 @@ def write_summary(out):
 
 def refuse_other_result(out_dir, results, overwrite):
     """A pair's results.json may be replaced only by the same computation (the same checkpoint
-    file, data, layer, resolution and solver settings) or with --overwrite: two checkpoints with
-    one label, or a rerun with other settings, replaced results without a word."""
-    path = os.path.join(out_dir, "results.json")
-    if overwrite or not os.path.exists(path):
-        return
-    old = common.read_json(path)
-    keys = ("dataset", "layer", "resolution", "metric", "standardize", "rtol", "folds",
-            "fold_seed")
-    diff = [(k, old.get(k), results.get(k)) for k in keys if old.get(k) != results.get(k)]
-    hashes = [(n or {}).get("checkpoint_hash") for n in (old.get("network"), results["network"])]
-    if hashes[0] != hashes[1]:
-        diff.insert(0, ("checkpoint_hash", *hashes))
-    if sorted(old.get("val_curve", {})) != sorted(results["val_curve"]):
-        diff.append(("lambdas", len(old.get("val_curve", {})), len(results["val_curve"])))
-    if diff:
-        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
-        raise common.UserError(f"{path} holds the probe of another checkpoint or setting "
-                               f"({text}); use another --out, or --overwrite to replace it")
+    file or features file, data, layer, resolution and solver settings) or with --overwrite: two
+    checkpoints with one label, or a rerun with other settings, replaced results without a word
+    (common.refuse_replacing, the rule of every script)."""
+    keys = ("features", "layer", "resolution", "metric", "standardize", "rtol", "folds",
+            "fold_seed", ("lambdas", lambda_grid))
+    common.refuse_replacing(os.path.join(out_dir, "results.json"), results, keys, overwrite,
+                            "the probe")
+
+
+def lambda_grid(results):
+    """A results file's lambda grid in a few words, exact (a digest of all its values):
+    '45 values, 1e-06 to 100000 (#3fa2c1)'."""
+    grid = [str(k) for k in results.get("val_curve") or {}]
+    try:
+        grid.sort(key=float)
+    except ValueError:  # not written by this script: compared as text
+        grid.sort()
+    digest = hashlib.sha256(",".join(grid).encode()).hexdigest()[:6]
+    return f"{len(grid)} values, {grid[0]} to {grid[-1]} (#{digest})" if grid else "none"
 
 
 def save_pair(out_dir, results, W, b):
@@ -790,7 +804,7 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
                    help="feature extraction batch size")
-    p.add_argument("--workers", type=common.nonnegative_int, default=None,
+    p.add_argument("--workers", type=common.worker_count, default=None,
                    help="data loader workers (default: common.default_workers, the rule of "
                         "every script: on a GPU the cores this process may use less one, on "
                         "the CPU one)")
@@ -805,7 +819,8 @@ def main(argv=None):
                         "files without val")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     p.add_argument("--overwrite", action="store_true", help="replace results of another "
-                   "checkpoint or setting in the same folder (default: refused)")
+                   "checkpoint or setting in the same folder, or write into a folder that holds "
+                   "results of another kind (default: refused)")
     p.add_argument("--verbose", action="store_true", help="also a line per lambda of the path "
                    "(val metric, objective, iterations; default: a line per pair)")
     args = p.parse_args(argv)
@@ -819,7 +834,7 @@ def main(argv=None):
 
     lambdas = parse_lambdas(args.lambdas)
     device = common.resolve_device(args.device)
-    common.make_out_dir(args.out)
+    common.make_out_dir(args.out, "linear_probe", args.overwrite)
     opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
                 max_iter=args.max_iter)
 
@@ -847,6 +862,7 @@ def main(argv=None):
                        "resolution": None, **results, "seconds": time.time() - t0}
             out_dir = os.path.join(args.out, safe_name(stem),
                                    "features" + (f"+{args.folds}fold" if args.folds else ""))
+            refuse_other_result(out_dir, results, args.overwrite)
             save_pair(out_dir, results, W, b)
             print(f"{stem}: {outcome(results)} -> {out_dir}/results.json")
         write_summary(args.out)

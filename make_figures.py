@@ -6,7 +6,9 @@ class_separation.json. Each starts with the identity block of common.result_head
 network(s). Results are joined per network on the run id that training (or
 import_tf_checkpoint.py) wrote into the checkpoint; a file without an identity block, or a network
 without a run id (older checkpoints, torchvision weights), gets one note in the report and is
-left out. A network without training results here (an imported one) takes its source top-1 from
+left out. Each file is checked whole before any of it is used: one with a field of the wrong type
+or an accuracy outside [0, 1] is one note and left out, whatever its name's order. A network
+without training results here (an imported one) takes its source top-1 from
 train_imagenet.py --evaluate on its training data. It writes to --out, as PNG and PDF:
   fig1_top1_vs_transfer     source top-1 against mean transfer accuracy, one point per objective
   fig2_table                per objective: mean +- standard error over seeds, Welch p vs softmax
@@ -40,8 +42,15 @@ import json
 import math
 import os
 import re
+import signal
+import sys
 import textwrap
 import warnings
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import matplotlib
@@ -94,6 +103,8 @@ def parse_args():
     p.add_argument("--out", default=None, help="output folder (default: --runs)")
     p.add_argument("--formats", default="png,pdf", help="comma-separated figure formats")
     p.add_argument("--dpi", type=int, default=150, help="figure resolution, dots per inch")
+    p.add_argument("--overwrite", action="store_true", help="write the report into a folder "
+                   "that holds results of another kind (default: refused)")
     return p.parse_args()
 
 
@@ -123,8 +134,10 @@ TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind ->
 
 def read_results(runs, notes):
     """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
-    identity block (common.result_header). Files without one get a note each, and so does every
-    run that failed (demo.sh's FAILED file: a network, or one of its results, is missing)."""
+    identity block (common.result_header), each checked whole (problem()) before any of it is
+    used. Files without an identity block, unreadable or malformed ones get a note each, and so
+    does every run that failed (demo.sh's FAILED file: a network, or one of its results, is
+    missing)."""
     found = {k: [] for k in KINDS}
     for root, dirs, files in os.walk(runs):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -136,13 +149,17 @@ def read_results(runs, notes):
             try:
                 with open(path) as f:
                     data = json.load(f)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:   # RecursionError: [[[[...]]]]
                 notes.append(f"`{rel}`: cannot be read as JSON ({type(e).__name__}: "
                              f"{str(e)[:80]}); skipped.")
                 continue
             kind = data.get("kind") if isinstance(data, dict) else None
             if kind in KINDS:
-                found[kind].append((path, data))
+                why = problem(kind, data)
+                if why:
+                    notes.append(f"`{rel}`: {why}; skipped.")
+                else:
+                    found[kind].append((path, data))
             elif kind != "finetune_run":   # a fine-tune grid point: finetune.py's own business
                 notes.append(f"`{rel}`: no identity block (written before results carried one, "
                              f"issue 12); skipped: rerun the step that wrote it.")
@@ -161,6 +178,94 @@ def failure_note(path, runs):
     what = ("this network is missing from every result" if rel.split(os.sep)[0] == "train"
             else "its results are missing")
     return f"`{rel}` failed, so {what}: {why}"
+
+
+# What each field read from a results file must be (None: absent is fine too): checked for a
+# whole file before any of it is used, so a damaged file is one note, never a traceback, and
+# never registers a run id that hides the good copy of the run (issue 25).
+SCALAR = (str, int, float, bool)
+IDENTITY_TYPES = {"run_id": str, "checkpoint": str, "checkpoint_path": str,
+                  "checkpoint_hash": str, "objective": str, "hparams": dict, "seed": int,
+                  "arch": str, "dataset": str, "dataset_name": str, "resolution": int,
+                  "small_input": bool, "stem_pool": str}
+FIELD_TYPES = {"dataset": str, "dataset_name": str, "layer": str, "folds": int, "metric": str,
+               "preprocessing": str, "split": str, "grid": dict, "fold_results": list,
+               "layers": list, "results": list}
+SCALAR_FIELDS = ("lr", "epochs", "steps", "batch_size", "train_images", "num_classes", "precision",
+                 "train_seconds", "count", "resolution", "n_images", "n_train", "n_val", "n_test",
+                 "best_lambda", "best_lr", "best_wd", "standardize", "max_per_class")
+ACCURACY = {"train": "top1", "evaluate": "top1", "linear_probe": "test_accuracy",
+            "finetune": "test_accuracy"}
+
+
+def type_name(v):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(v), "a number")
+
+
+def identity_problem(identity, where):
+    """Why a network identity block is unusable, or None."""
+    if not isinstance(identity, dict):
+        return f"{where} is {type_name(identity)}, not a network identity block"
+    for key, kind in IDENTITY_TYPES.items():
+        v = identity.get(key)
+        if v is not None and (not isinstance(v, kind) or kind is int and isinstance(v, bool)):
+            return f"{where}.{key} is {type_name(v)}"
+    if any(not isinstance(v, SCALAR) and v is not None for v in
+           (identity.get("hparams") or {}).values()):
+        return f"{where}.hparams holds a value that is not a number, string or boolean"
+    return None
+
+
+def problem(kind, r):
+    """Why results file content `r` of `kind` cannot be used, in a few words, or None: every
+    field this script reads is of the right type, the network identities are identity blocks,
+    and the accuracy is a number in [0, 1] (a 5.0 was shown as 500%)."""
+    for key, want in FIELD_TYPES.items():
+        v = r.get(key)
+        if kind == "class_separation" and key == "layers":
+            continue   # the networks' layers are inside "results"
+        if v is not None and not (isinstance(v, want) and not (want is int and
+                                                                 isinstance(v, bool))):
+            return f"{key} is {type_name(v)}"
+    for key in SCALAR_FIELDS:   # shown in the report, or compared: plain values
+        v = r.get(key)
+        if v is not None and not isinstance(v, SCALAR):
+            return f"{key} is {type_name(v)}, not a plain value"
+    if kind in ("cka", "class_separation"):
+        nets = r.get("networks")
+        if not isinstance(nets, list) or not nets:
+            return "networks is not a non-empty list of network identity blocks"
+        for i, identity in enumerate(nets):
+            why = identity_problem(identity, f"networks[{i}]")
+            if why:
+                return why
+        if kind == "cka" and any(not isinstance(l, str) for l in r.get("layers") or []):
+            return "layers holds a value that is not a layer name"
+    elif r.get("network") is not None or kind in ("train", "evaluate"):
+        why = identity_problem(r.get("network"), "network")
+        if why:
+            return why
+    if kind == "class_separation":
+        results = r.get("results") or []
+        if len(results) != len(r["networks"]):
+            return f"{len(r['networks'])} networks but {len(results)} results"
+        for i, res in enumerate(results):
+            layers = res.get("layers") if isinstance(res, dict) else None
+            if not isinstance(layers, dict) or any(
+                    not isinstance(v, dict) or any(x is not None and not isinstance(x, (int, float))
+                                                   for x in v.values()) for v in layers.values()):
+                return f"results[{i}] is not a result per layer of numbers"
+    for f in r.get("fold_results") or []:
+        if not isinstance(f, dict):
+            return "fold_results holds a value that is not an object"
+    if kind in ACCURACY:
+        key, v = ACCURACY[kind], r.get(ACCURACY[kind])
+        if not finite(v):
+            return f"{key} is missing or not a finite number ({v!r})"
+        if not 0 <= v <= 1:
+            return f"{key} is {v!r}, not an accuracy in [0, 1]"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1758,14 +1863,14 @@ def main():
     runs = args.runs
     if not os.path.isdir(runs):
         raise common.UserError(f"--runs folder not found: {runs}")
-    out = args.out or runs
+    out = runs if args.out is None else args.out   # --out '' is an error, not --runs
     if not 20 <= args.dpi <= 1200:
         raise common.UserError(f"--dpi {args.dpi} is out of range; use 20-1200 (default 150)")
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
         raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "
                                f"comma-separated")
-    common.make_out_dir(out)
+    common.make_out_dir(out, "figures", args.overwrite)
 
     notes = []
     found, nets, scratch = load_networks(runs, notes)

@@ -73,6 +73,11 @@ import sys
 import threading
 import time
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -165,10 +170,12 @@ def add_training_args(parser, **defaults):
                    help="torch.compile the model (default: on for GPU, off for CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for GPU, off for CPU)")
-    g.add_argument("--workers", type=nonneg_int,
-                   help="data loading processes per device" + preset("workers"))
-    g.add_argument("--threads", type=pos_int, help="CPU threads of the training step (default: "
-                   "OMP_NUM_THREADS if set, else the cores left over by the loader workers)")
+    g.add_argument("--workers", type=common.worker_count,
+                   help="data loading processes per device (at most the usable CPU cores)"
+                   + preset("workers"))
+    g.add_argument("--threads", type=common.thread_count, help="CPU threads of the training step "
+                   "(default: OMP_NUM_THREADS if set, else the cores left over by the loader "
+                   "workers; at most the usable CPU cores)")
     g.add_argument("--eval-batch-size", type=pos_int, default=256, help="per device")
     g.add_argument("--log-every", type=pos_int, default=50,
                    help="steps between reads of the loss (the only host syncs) and log.jsonl lines")
@@ -222,6 +229,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-preprocessing", choices=("torchvision", "tf"), default="torchvision",
                    help="with --evaluate: torchvision (this project's: antialiased bicubic, "
                    "uint8) or tf (the released TF models': crop 0.875, TF1 resize_bicubic)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds results of another kind (a fine-tune, "
+                   "a probe, ...), or, with --evaluate, replace another checkpoint's or "
+                   "setting's evaluation (default: refused)")
     p.add_argument("--snapshot-every", type=common.nonnegative_int, default=0,
                    metavar="EPOCHS",
                    help="also keep the weights every this many epochs as "
@@ -687,8 +698,16 @@ def truncate_log(path, step):
 
 
 def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line more in log.jsonl. A full disk is one line (common.write_error), and a log it
+    left empty is removed (a torn last line is dropped by truncate_log on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.remove(path)
+        raise common.write_error(path, e) from None
 
 
 # ==============================================================================================
@@ -1304,13 +1323,22 @@ def train(model, model_args, data, args, dist, results_extra=None):
 # ==============================================================================================
 # Evaluating a checkpoint (--evaluate) and main
 
-def evaluate_checkpoint(args, dist):
+def evaluate_checkpoint(args, dist, overwrite=False):
     """Score the checkpoint args.evaluate on the test split of args.data, every image once
     across ranks; rank 0 writes args.out/results.json (identity block, then top1, top5, ...).
+    Another kind of result in args.out, or the evaluation of another checkpoint, dataset,
+    resolution or preprocessing, is refused unless `overwrite` (common.claim_folder,
+    common.refuse_replacing).
 
     >>> r = evaluate_checkpoint(parse_args(["--evaluate", "runs/s0/final.pt", "--data",
     ...     "digits@0-4", "--out", "runs/eval_s0"]), Dist())   # doctest: +SKIP
     """
+    with common.claimed(args.out, "evaluate", overwrite) if dist.is_main else \
+            contextlib.nullcontext():
+        return _evaluate_checkpoint(args, dist, overwrite)
+
+
+def _evaluate_checkpoint(args, dist, overwrite):
     model, network = common.load_pretrained(args.evaluate)
     data = common.load_dataset(args.data, download=args.download)
     outputs = getattr(getattr(model, "fc", None), "out_features", None)
@@ -1320,11 +1348,19 @@ def evaluate_checkpoint(args, dist):
                                f"trained on (an imported model: import without --keep-background)")
     if data.get("test") is None:
         raise common.UserError(f"{args.data} has no test split to evaluate on")
+    trained_on = network.get("dataset_name")
+    if trained_on and same_classes(trained_on) != same_classes(data["name"]):
+        print(f"note: {args.evaluate} was trained on {trained_on}, and {data['name']} has other "
+              f"classes (as many: {outputs}): its outputs are scored as their labels by index, "
+              f"which says nothing of the network; evaluate on its training data",
+              file=sys.stderr)
     saved = os.path.join(args.out, "results.json")
-    if os.path.isfile(saved) and common.read_json(saved).get("kind") != "evaluate":
-        raise common.UserError(f"{saved} holds results of another kind (a training run?); "
-                               f"choose another --out")
     resolution = common.input_resolution(args.resolution, network)
+    if dist.is_main:  # two checkpoints into one --out left only the second's result
+        common.refuse_replacing(saved, {"network": network, "dataset": data["spec"],
+                                        "resolution": resolution,
+                                        "preprocessing": args.eval_preprocessing},
+                                ("resolution", "preprocessing"), overwrite, "the evaluation")
     precision, autocast = amp_dtype(args.precision, dist.device)
     cuda = dist.device.type == "cuda"
     channels_last = cuda if args.channels_last is None else args.channels_last
@@ -1337,42 +1373,55 @@ def evaluate_checkpoint(args, dist):
         transform = tf_eval_transform(resolution)
     workers = args.workers if args.workers is not None else common.default_workers(
         dist.device.type)[0]
-    with common.locked(args.out) if dist.is_main else contextlib.nullcontext():
-        t0 = time.perf_counter()
-        m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
-                     batch_size=args.eval_batch_size, workers=workers,
-                     channels_last=channels_last, transform=transform)["m"]
-        results = {**common.result_header(network, data, "evaluate"),
-                   "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
-                   "metric": data["metric"], "count": m["count"], "resolution": resolution,
-                   "preprocessing": args.eval_preprocessing, "split": "test",
-                   "precision": precision, "world_size": dist.world,
-                   "seconds": time.perf_counter() - t0, "versions": common.versions()}
-        if dist.is_main:
-            common.save_json(saved, results)
-            print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
-                  f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
-                  f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
-                  f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
+    t0 = time.perf_counter()
+    m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
+                 batch_size=args.eval_batch_size, workers=workers,
+                 channels_last=channels_last, transform=transform)["m"]
+    results = {**common.result_header(network, data, "evaluate"),
+               "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
+               "metric": data["metric"], "count": m["count"], "resolution": resolution,
+               "preprocessing": args.eval_preprocessing, "split": "test",
+               "precision": precision, "world_size": dist.world,
+               "seconds": time.perf_counter() - t0, "versions": common.versions()}
+    if dist.is_main:
+        common.save_json(saved, results)
+        print(f"evaluate: {network['checkpoint']} on {data['spec']} (test, "
+              f"{m['count']} images, {resolution} px, {args.eval_preprocessing} "
+              f"preprocessing): top1 {common.pct(m['top1'])} top5 {common.pct(m['top5'])} "
+              f"mean per class {common.pct(m['mean_per_class'])} -> {saved}", flush=True)
     return results
+
+
+def same_classes(label):
+    """A dataset label without its per_class= and from= options, which choose images, not
+    classes: 'cifar10@0-4,per_class_500' -> 'cifar10@0-4'."""
+    base, _, subset = label.partition("@")
+    kept = [part for part in subset.split(",") if part and
+            not part.startswith(("per_class_", "from_"))]
+    return base + ("@" + ",".join(kept) if kept else "")
 
 
 def main(argv=None):
     """Parse argv (default: sys.argv) and train (or --evaluate); returns the results dict."""
     args = parse_args(argv)
+    # not a run argument: kept out of args.json, the checkpoints and the resume comparison
+    overwrite = vars(args).pop("overwrite")
     dist = setup_distributed(args.device)
     try:
         if args.evaluate:
-            return evaluate_checkpoint(args, dist)
-        data = common.load_dataset(args.data, download=args.download)
-        apply_preset(args, data["image_size"], dist.device)
-        hp = common.objective_hparams(args.objective, **objective_overrides(args))
-        torch.manual_seed(args.seed)
-        model = common.build_model(args.objective, data["num_classes"], args.arch,
-                                   args.small_input, **hp)
-        model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
-                      "num_classes": data["num_classes"], "small_input": args.small_input}
-        return train(model, model_args, data, args, dist)
+            return evaluate_checkpoint(args, dist, overwrite)
+        # one kind of result per folder: before the data's scan, so a wrong --out fails at once
+        with common.claimed(args.out, "train", overwrite) if dist.is_main else \
+                contextlib.nullcontext():
+            data = common.load_dataset(args.data, download=args.download)
+            apply_preset(args, data["image_size"], dist.device)
+            hp = common.objective_hparams(args.objective, **objective_overrides(args))
+            torch.manual_seed(args.seed)
+            model = common.build_model(args.objective, data["num_classes"], args.arch,
+                                       args.small_input, **hp)
+            model_args = {"objective": args.objective, "hparams": hp, "arch": args.arch,
+                          "num_classes": data["num_classes"], "small_input": args.small_input}
+            return train(model, model_args, data, args, dist)
     except common.UserError:
         if not dist.is_main:
             sys.exit(2)  # rank 0 prints the message

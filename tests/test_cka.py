@@ -239,8 +239,8 @@ def test_script_errors(ckpts, tmp_path):
     huge["checksum"] = common.weights_checksum(huge)
     common.save_checkpoint(str(tmp_path / "huge.pt"), huge)
     with pytest.raises(common.UserError, match=r"huge\.pt: layer block5 has NaN"):
-        main(["--checkpoint", a, str(tmp_path / "huge.pt"), "--data", "digits", "--out", out,
-              "--max-images", "8", "--batch-size", "8"])
+        main(["--checkpoint", a, str(tmp_path / "huge.pt"), "--data", "digits", "--out",
+              str(tmp_path / "out2"), "--max-images", "8", "--batch-size", "8"])
     assert not torch.is_inference_mode_enabled()  # the feature generators were closed
     # a bad path: one line on stderr, exit status 2, nothing written
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cka_analysis.py"), "--checkpoint",
@@ -262,3 +262,28 @@ def test_unwritable_output_and_bad_numbers_are_one_line_errors(ckpts, tmp_path, 
     read_only(monkeypatch, tmp_path / "ro")
     err = one_line_error(capsys, lambda: main([*args, "--out", str(tmp_path / "ro" / "o")]))
     assert "cannot write into" in err and "Read-only file system" in err
+
+
+def test_the_cka_of_other_networks_does_not_replace_a_finished_one(ckpts, tmp_path):
+    a, _, c = ckpts
+    out = str(tmp_path / "cka")
+    flags = ["--data", "digits", "--out", out, "--max-images", "8", "--batch-size", "8",
+             "--layers", "pool", "--device", "cpu"]
+    main(["--checkpoint", a, c, *flags])
+    before = open(os.path.join(out, "cka.json")).read()
+    with pytest.raises(common.UserError, match=r"cka.json holds the CKA of another checkpoint or "
+                                               r"setting \(networks: 2 -> 1\); use another --out"):
+        main(["--checkpoint", a, *flags])
+    with pytest.raises(common.UserError, match=r"layers: \['pool'\] -> \['logits'\]"):
+        main(["--checkpoint", a, c, *flags[:-3], "logits", "--device", "cpu"])
+    assert open(os.path.join(out, "cka.json")).read() == before
+    main(["--checkpoint", a, *flags, "--overwrite"])
+    assert len(json.load(open(os.path.join(out, "cka.json")))["networks"]) == 1
+
+
+def test_too_many_workers_is_one_line(capsys):
+    import class_separation
+    for script in (main, class_separation.main):
+        err = one_line_error(capsys, lambda: script(["--checkpoint", "x.pt", "--data", "digits",
+                                                     "--out", "o", "--workers", "1000"]))
+        assert "'1000' is more than the" in err and "CPU cores this process may use" in err

@@ -170,3 +170,29 @@ def test_nan_weights_unwritable_output_and_bad_numbers_are_one_line_errors(tmp_p
     err = one_line_error(capsys, lambda: main(["--checkpoint", good, *args, "--out",
                                                str(tmp_path / "ro" / "o")]))
     assert "cannot write into" in err and "Read-only file system" in err
+
+
+def test_results_of_other_networks_or_settings_are_not_replaced(tmp_path, capsys):
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = common.build_model("softmax", 10, arch="resnet18", small_input=True)
+        paths.append(str(tmp_path / f"s{seed}.pt"))
+        common.save_checkpoint(paths[-1], common.make_checkpoint(
+            model, {"objective": "softmax", "arch": "resnet18", "hparams": {}, "num_classes": 10,
+                    "small_input": True}, args={"resolution": 8, "seed": seed}))
+    out = tmp_path / "sep"
+    flags = ["--data", "digits", "--out", str(out), "--max-per-class", "5", "--device", "cpu"]
+    main(["--checkpoint", paths[0], *flags])
+    main(["--checkpoint", paths[0], *flags])                     # the same: its own file
+    before = (out / "class_separation.json").read_text()
+    err = one_line_error(capsys, lambda: main(["--checkpoint", paths[1], *flags]))
+    assert "class_separation.json holds the class separation of another checkpoint or setting " \
+           f"(checkpoint_hash: '{common.file_hash(paths[0])}' -> " \
+           f"'{common.file_hash(paths[1])}')" in err
+    err = one_line_error(capsys, lambda: main(["--checkpoint", paths[0], *flags, "--layers",
+                                               "logits"]))
+    assert "resolution and layers: [(8, ['pool'])] -> [(8, ['logits'])]" in err
+    assert (out / "class_separation.json").read_text() == before
+    main(["--checkpoint", paths[1], *flags, "--overwrite"])
+    assert json.loads((out / "class_separation.json").read_text())["networks"][0]["seed"] == 1

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, read_only
+from conftest import ROOT, SHARED_DATA, full_disk, non_finite_copy, one_line_error, read_only
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: each loss against values worked out by hand with plain Python math, per example.
@@ -570,7 +570,8 @@ def test_command_line_helpers(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(common.UserError, match="exists and is a file"):
         common.make_out_dir(str(tmp_path / "file"))
-    with pytest.raises(common.UserError, match="cannot write into .*file/sub: Not a directory"):
+    with pytest.raises(common.UserError, match="file/sub cannot be created: .*file is a file, "
+                                               "not a folder"):
         common.make_out_dir(str(tmp_path / "file" / "sub"))  # --out under a plain file
     common.release_folder(str(tmp_path / "a" / "b"))
     # a folder several runs share (a cache): created, not held; refused as early
@@ -578,7 +579,8 @@ def test_command_line_helpers(tmp_path):
     common.make_shared_dir(str(tmp_path / "c" / "d"), "--cache")
     with pytest.raises(common.UserError, match="--cache .*file exists and is a file"):
         common.make_shared_dir(str(tmp_path / "file"), "--cache")
-    with pytest.raises(common.UserError, match="cannot create the folder \\(Not a directory"):
+    with pytest.raises(common.UserError, match="--cache .*file/sub cannot be created: .*file "
+                                               "is a file, not a folder"):
         common.make_shared_dir(str(tmp_path / "file" / "sub"), "--cache")
 
 
@@ -945,7 +947,6 @@ def test_help_shows_every_default(name, monkeypatch, capsys):
     assert "default" in shown
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize("name, code", [
     ("cka_analysis", "import numpy as np, cka_analysis as m\n"
                      "x = np.random.default_rng(0).normal(size=(50, 8))\n"
@@ -972,7 +973,8 @@ def test_the_analysis_files_import_and_run_alone(tmp_path, name, code):
     r = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: the script needs common.py")
-=======
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress lines of long loops (issue 27)
 
@@ -992,4 +994,204 @@ def test_duration_and_ticker_lines(monkeypatch):
     quiet = common.Ticker("x", 10, log=lines.append, seconds=10)
     quiet(10)                            # a loop shorter than the interval says nothing
     assert len(lines) == 2
->>>>>>> 3af871caefd693fe1ee8db60057452919fe6943e
+
+
+def test_the_lock_dies_with_its_process_not_with_its_forked_children(tmp_path):
+    """A killed run's DataLoader workers outlive it by up to 5 s. The lock is the process's own
+    (a POSIX record lock), so its immediate rerun gets the folder while the children still run,
+    and the busy message names only the live holder (issue 25)."""
+    out = str(tmp_path / "out")
+    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.make_out_dir(sys.argv[2]); child = os.fork()\n"
+            "if child == 0: time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, out], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        busy = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+                "common.run_main(lambda: common.make_out_dir(sys.argv[2]))")
+        r = subprocess.run([sys.executable, "-c", busy, ROOT, out], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and f"is in use by pid {holder.pid} on " in r.stderr, r.stderr
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)                    # the forked child still runs, with the lock's fd
+        assert common.hold_folder(out)       # ... and the folder is free at once
+        common.release_folder(out)
+    finally:
+        holder.kill()
+        os.kill(child, 9)
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line_and_leaves_no_file(tmp_path, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, lambda: common.make_out_dir(str(out)))
+    assert f"cannot write {out}/.lock: no space left on the device" in err
+    assert os.listdir(out) == []             # no empty .lock left behind
+    monkeypatch.undo()
+    common.make_out_dir(str(out))            # space again: taken as usual
+    common.release_folder(str(out))
+
+
+def test_one_kind_of_result_per_folder(tmp_path, capsys):
+    """A folder's kind is read from its own files; another kind there is refused with one line
+    before any work, unless --overwrite (issue 25: scripts replaced each other's results)."""
+    def folder(name, files, dirs=()):
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        for sub in dirs:
+            (d / sub).mkdir()
+        return str(d)
+    kinds = {
+        folder("train", {"results.json": '{"kind": "train"}', "final.pt": "",
+                         "summary.csv": "epoch,step\n"}): "train",
+        folder("killed", {"last.pt": "", "log.jsonl": ""}): "train",
+        folder("ft", {"results.json": '{"kind": "finetune"}'}, ["grid", "final"]): "finetune",
+        folder("ft_run", {"results.json": '{"kind": "finetune_run"}'}): "train",
+        folder("probe", {"summary.csv": "run_id,checkpoint\n"}, ["cache"]): "linear_probe",
+        folder("eval", {"results.json": '{"kind": "evaluate"}'}): "evaluate",
+        folder("cka", {"cka.json": "{}", "cka.npz": ""}): "cka",
+        folder("sep", {"class_separation.json": "{}"}): "class_separation",
+        folder("figs", {"report.md": "# Report"}, ["runs"]): "figures",
+    }
+    for path, kind in kinds.items():
+        assert set(common.folder_kinds(path)) == {kind}, path
+    assert common.folder_kinds(folder("empty", {"train.log": "", "results.json": "{bad"})) == {}
+    ft = str(tmp_path / "ft")
+    err = one_line_error(capsys, lambda: common.make_out_dir(ft, "train"))
+    assert err == (f"error: {ft} holds results of another kind (fine-tuning: results.json of "
+                   f"kind finetune); training results need a folder of their own: choose "
+                   f"another --out, or add --overwrite to write there anyway")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.run_main(lambda: common.make_out_dir(sys.argv[2]))")
+    r = subprocess.run([sys.executable, "-c", code, ROOT, ft], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr           # refused: the folder was released at once
+    common.make_out_dir(ft, "finetune")          # its own kind
+    common.release_folder(ft)
+    common.make_out_dir(ft, "train", overwrite=True)
+    common.release_folder(ft)
+
+
+def test_a_finished_result_is_replaced_only_by_the_same_computation(tmp_path, capsys):
+    net = {"checkpoint": "a", "checkpoint_hash": "h1"}
+    path = tmp_path / "results.json"
+    old = {"kind": "evaluate", "network": net, "dataset": "digits", "resolution": 8}
+    common.save_json(str(path), old)
+    assert not common.refuse_replacing(str(path), dict(old), ("resolution",))   # the same
+    other = {**old, "network": {**net, "checkpoint_hash": "h2"}}
+    err = one_line_error(capsys, lambda: common.refuse_replacing(str(path), other,
+                                                                 ("resolution",)))
+    assert f"{path} holds the result of another checkpoint or setting (checkpoint_hash: 'h1' " \
+           f"-> 'h2'); use another --out, or --overwrite to replace it" in err
+    with pytest.raises(common.UserError, match="dataset: 'digits' -> 'digits@0-4'; resolution"):
+        common.refuse_replacing(str(path), {**old, "dataset": "digits@0-4", "resolution": 16},
+                                ("resolution",))
+    assert common.refuse_replacing(str(path), other, overwrite=True)          # allowed
+    many = {"networks": [net, net]}
+    common.save_json(str(path), many)
+    with pytest.raises(common.UserError, match="checkpoint_hash of network 2: 'h1' -> 'h2'"):
+        common.refuse_replacing(str(path), {"networks": [net, other["network"]]})
+    with pytest.raises(common.UserError, match="networks: 2 -> 1"):
+        common.refuse_replacing(str(path), {"networks": [net]})
+
+
+def _small_checkpoint_file(path):
+    torch.manual_seed(0)
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    common.save_checkpoint(str(path), common.make_checkpoint(
+        model, {"objective": "softmax", "hparams": {}, "arch": "resnet18", "num_classes": 5,
+                "small_input": True}, args={"resolution": 8, "seed": 0}, run_id="r0"))
+    return str(path)
+
+
+@pytest.mark.parametrize("script", ["probe", "probe --features", "cka", "class separation",
+                                    "make_figures", "train", "finetune", "--evaluate"])
+def test_a_full_disk_is_one_line_in_every_script(script, tmp_path, capsys, monkeypatch):
+    """The first write of every script is the lock's pid: on a full disk it was a traceback and
+    left a 0-byte OUT/.lock, in all 8 scripts or modes (issue 25)."""
+    import errno
+    import cka_analysis
+    import class_separation
+    import finetune
+    import linear_probe
+    import make_figures
+    import train_imagenet
+    ckpt = _small_checkpoint_file(tmp_path / "s0.pt")
+    feats = tmp_path / "f.npz"
+    np.savez(feats, train_x=np.eye(4, dtype=np.float32).repeat(5, 0),
+             train_y=np.arange(20) % 2, test_x=np.eye(4, dtype=np.float32), test_y=np.arange(4) % 2)
+    (tmp_path / "runs").mkdir()
+    out = str(tmp_path / "out")
+    main = {"probe": lambda: linear_probe.main(["--checkpoint", ckpt, "--data", "digits@5-9",
+                                                "--out", out]),
+            "probe --features": lambda: linear_probe.main(["--features", str(feats), "--out",
+                                                           out]),
+            "cka": lambda: cka_analysis.main(["--checkpoint", ckpt, "--data", "digits", "--out",
+                                              out]),
+            "class separation": lambda: class_separation.main(["--checkpoint", ckpt, "--data",
+                                                               "digits", "--out", out]),
+            "make_figures": make_figures.main,
+            "train": lambda: train_imagenet.main(["--data", "digits@0-4", "--out", out]),
+            "finetune": lambda: finetune.main(["--checkpoint", ckpt, "--data", "digits@5-9",
+                                               "--out", out]),
+            "--evaluate": lambda: train_imagenet.main(["--evaluate", ckpt, "--data",
+                                                       "digits@0-4", "--out", out])}[script]
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", "--runs", str(tmp_path / "runs"),
+                                      "--out", out])
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    err = one_line_error(capsys, main)
+    assert f"error: cannot write {out}/.lock: no space left on the device" in err
+    assert not [f for f in os.listdir(out) if os.path.getsize(os.path.join(out, f)) == 0]
+
+
+def test_an_unforeseen_disk_error_is_still_one_line(tmp_path, capsys):
+    import errno
+
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    err = one_line_error(capsys, main)
+    assert err == (f"error: cannot write {tmp_path}/x: no space left on the device; free some "
+                   f"space or choose another output folder")
+
+    def broken(f):  # an I/O error of the disk while a result is written: named, old file kept
+        raise OSError(errno.EIO, "Input/output error")
+    common.save_json(str(tmp_path / "r.json"), {"a": 1})
+    err = one_line_error(capsys, lambda: common.atomic_write(str(tmp_path / "r.json"), broken))
+    assert "r.json: Input/output error (the previous file is unchanged)" in err
+    assert common.read_json(str(tmp_path / "r.json")) == {"a": 1}
+    with pytest.raises(ValueError):   # not a disk error: not hidden
+        common.run_main(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_output_paths_that_cannot_be_one_are_said_plainly(tmp_path, capsys):
+    """--out '', a dangling symbolic link and a path below a file gave the system's misleading
+    words ("No such file or directory: ''", "File exists", "Not a directory"; issue 25)."""
+    (tmp_path / "afile").write_text("keep me")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    for path, message in (
+            ("", "the output folder is an empty string; give a path, e.g. --out runs/x"),
+            (tmp_path / "link", f"output folder {tmp_path}/link is a symbolic link to "
+                                f"{tmp_path}/nowhere, which does not exist; create that, or "
+                                f"choose another output folder"),
+            (tmp_path / "link" / "sub", f"output folder {tmp_path}/link/sub: {tmp_path}/link is "
+                                        f"a symbolic link to {tmp_path}/nowhere"),
+            (tmp_path / "afile" / "a" / "b", f"output folder {tmp_path}/afile/a/b cannot be "
+                                             f"created: {tmp_path}/afile is a file, not a folder")):
+        err = one_line_error(capsys, lambda: common.make_out_dir(str(path), "train"))
+        assert message in err, err
+    with pytest.raises(common.UserError, match="output file .*link is a symbolic link"):
+        with common.locked_file(str(tmp_path / "link")):
+            pass
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "afile").read_text() == "keep me"

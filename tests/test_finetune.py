@@ -189,3 +189,24 @@ def test_no_model_is_kept_unless_asked(source, tmp_path):
     again = finetune.main(["--checkpoint", source, "--data", "digits@5-9", "--out", str(out),
                            "--lrs", "0.2", "--workers", "0", *FT])
     assert again["test_accuracy"] == r["test_accuracy"]  # read back, not retrained
+
+
+def test_a_fine_tune_shares_its_folder_with_nothing_else(source, tmp_path, capsys):
+    """Fine-tuning into a training run's folder replaced its results.json; a fine-tune of
+    another network into a fine-tune's folder its results (issue 25). Both refused at once."""
+    train_dir = os.path.dirname(source)
+    before = open(os.path.join(train_dir, "results.json")).read()
+    argv = ["--checkpoint", source, "--data", "digits@5-9", *FT]
+    err = one_line_error(capsys, lambda: finetune.main([*argv, "--out", train_dir]))
+    assert "holds results of another kind (training: results.json of kind train); " \
+           "fine-tuning results need a folder of their own" in err
+    assert open(os.path.join(train_dir, "results.json")).read() == before
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({
+        "kind": "finetune", "network": {"checkpoint": "other", "checkpoint_hash": "0" * 16},
+        "dataset": "digits@5-9", "test_accuracy": 0.5}))
+    err = one_line_error(capsys, lambda: finetune.main([*argv, "--out", str(out)]))
+    assert f"{out}/results.json holds the fine-tuning of another checkpoint or setting " \
+           f"(checkpoint_hash: '{'0' * 16}' -> '{common.file_hash(source)}')" in err
+    assert not (out / "grid").exists()                        # refused before any training

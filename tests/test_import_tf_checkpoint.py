@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 import class_separation
 import common
 import import_tf_checkpoint as itc
-from conftest import one_line_error
+from conftest import ROOT, one_line_error
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 _spec = importlib.util.spec_from_file_location("make_tf_fixtures",
@@ -529,3 +531,44 @@ def test_paper_network_failures_are_one_line_and_cache_nothing(bucket, tmp_path,
     err = fails("paper:softmax/seed2")
     assert f"the cached {cached} is corrupt: its weights do not match the checksum" in err
     assert bucket.requests[-1][1] == "/ckpts/softmax/seed1/model.ckpt.data-00000-of-00001"
+
+
+def test_an_output_file_holds_one_network(tf_tree, tmp_path, capsys):
+    """Two imports of different networks to one .pt left only the second, without a lock
+    (issue 25): the second is refused unless --overwrite; the same one again is a no-op."""
+    soft = str(tf_tree / "softmax" / "seed3" / "model.ckpt")
+    cos = str(tf_tree / "cosine_softmax" / "seed3" / "model.ckpt")
+    out = str(tmp_path / "net.pt")
+    itc.main(["--checkpoint", soft, "--out", out])
+    capsys.readouterr()
+    itc.main(["--checkpoint", soft, "--out", out])
+    assert "already imported" in capsys.readouterr().out
+    err = run_cli(["--checkpoint", cos, "--out", out], capsys)
+    assert f"{out} holds another network (softmax, seed 3, 1000 classes, from {soft}); use " \
+           f"another --out, or --overwrite to replace it" in err
+    err = run_cli(["--checkpoint", soft, "--out", out, "--keep-background"], capsys)
+    assert "holds another network (softmax, seed 3, 1000 classes" in err  # another computation
+    assert common.load_checkpoint(out)["objective"] == "softmax"
+    itc.main(["--checkpoint", cos, "--out", out, "--overwrite"])
+    assert common.load_checkpoint(out)["objective"] == "cosine_softmax"
+    assert sorted(os.listdir(tmp_path)) == ["net.pt"]          # no lock or temporary file left
+    (tmp_path / "notes.txt").write_text("keep me")
+    err = run_cli(["--checkpoint", soft, "--out", str(tmp_path / "notes.txt")], capsys)
+    assert "notes.txt holds a file that is not a checkpoint of this project" in err
+
+
+def test_an_output_file_being_written_is_refused(tf_tree, tmp_path, capsys):
+    out = str(tmp_path / "net.pt")
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
+            "with common.locked_file(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, ROOT, out], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = run_cli(["--checkpoint", str(tf_tree / "softmax" / "seed3" / "model.ckpt"),
+                       "--out", out], capsys)
+        assert f"{out} is in use by pid {holder.pid} on " in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not os.path.exists(out)

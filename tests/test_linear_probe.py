@@ -469,11 +469,12 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkey
     (tmp_path / "afile").write_text("keep me")
     afile = str(tmp_path / "afile")
     for argv, message in (
-            (probe_args(ckpt, f"{afile}/sub"), f"cannot write into {afile}/sub: Not a directory"),
+            (probe_args(ckpt, f"{afile}/sub"), f"output folder {afile}/sub cannot be created: "
+                                               f"{afile} is a file, not a folder"),
             (probe_args(ckpt, tmp_path / "o", "--cache", afile), f"--cache {afile} exists and is "
                                                                  f"a file"),
-            (probe_args(ckpt, tmp_path / "o2", "--cache", f"{afile}/c"), "cannot create the "
-                                                                         "folder (Not a dir")):
+            (probe_args(ckpt, tmp_path / "o2", "--cache", f"{afile}/c"),
+             f"--cache {afile}/c cannot be created: {afile} is a file, not a folder")):
         assert message in one_line_error(capsys, lambda: lp.main(argv))
     read_only(monkeypatch, tmp_path / "ro")
     err = one_line_error(capsys, lambda: lp.main(probe_args(ckpt, tmp_path / "ro" / "o")))
@@ -511,3 +512,44 @@ def test_results_of_another_checkpoint_or_setting_are_not_replaced(tmp_path):
     lp.main(probe_args(b, out, *lams, "--overwrite"))
     assert json.loads(results.read_text())["network"]["checkpoint_hash"] == \
         common.file_hash(str(b))
+
+
+def test_a_probe_into_a_training_folder_is_refused(tmp_path, capsys):
+    """The probe's summary.csv replaced a training run's (issue 25): refused before any work."""
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "summary.csv").write_text("epoch,step,lr\n1,18,0.1\n")
+    (run / "results.json").write_text(json.dumps({"kind": "train", "top1": 0.9}))
+    path = write_features(tmp_path / "f.npz")
+    argv = ["--features", path, "--out", str(run), "--lambdas", "1e-2,1"]
+    err = one_line_error(capsys, lambda: lp.main(argv))
+    assert "holds results of another kind (training: results.json of kind train); " \
+           "linear-probe results need a folder of their own" in err
+    assert (run / "summary.csv").read_text() == "epoch,step,lr\n1,18,0.1\n"
+    assert sorted(os.listdir(run)) == [".lock", "results.json", "summary.csv"]
+    # a features file probed again into its own folder: the same computation, replaced; another
+    # file with the same name: refused
+    out = tmp_path / "probe"
+    lp.main(["--features", path, "--out", str(out), "--lambdas", "1e-2,1"])
+    lp.main(["--features", path, "--out", str(out), "--lambdas", "1e-2,1"])
+    (tmp_path / "other").mkdir()
+    other = write_features(tmp_path / "other" / "f.npz")
+    err = one_line_error(capsys, lambda: lp.main(["--features", other, "--out", str(out),
+                                                  "--lambdas", "1e-2,1"]))
+    assert f"holds the probe of another checkpoint or setting (features: '{path}' -> " \
+           f"'{other}')" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lambdas", "1e-6:1e5:1000000000"],
+     "--lambdas '1e-6:1e5:1000000000' asks for 1,000,000,000 values; at most 1,000"),
+    (["--lambdas", ",".join(["1"] * 1001)], "asks for 1,001 values; at most 1,000"),
+    (["--workers", "1000"], "'1000' is more than the"),
+])
+def test_counts_have_an_upper_bound(tmp_path, capsys, flags, message):
+    """--lambdas ...:1000000000 asked for 7.5 GB; --workers 1000 forked until memory ran out."""
+    path = write_features(tmp_path / "f.npz")
+    err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out",
+                                                  str(tmp_path / "o"), *flags]))
+    assert message in err
+    assert lp.parse_lambdas("1e-6:1e5:1000") == sorted(set(lp.parse_lambdas("1e-6:1e5:1000")))

@@ -697,3 +697,49 @@ def test_welch_tost_and_holm_match_their_definitions():
     assert make_figures.tost_p([70.0, 70.1, 70.05], [70.2, 70.15, 70.25], 1.0) < 0.01
     assert make_figures.tost_p([70.0], [70.2, 70.1], 1.0) != make_figures.tost_p([70.0], [70.2, 70.1], 1.0)  # NaN: one value
     assert make_figures.holm([0.01, 0.04, 0.03, float("nan")])[:3] == [0.03, 0.06, 0.06]
+
+
+def test_each_file_is_checked_whole_before_any_of_it_is_used(tmp_path, monkeypatch):
+    """Nested fields of the wrong type, deep nesting and accuracies outside [0, 1] are one note
+    each, and a damaged copy of a run that sorts before the good one no longer hides it: its run
+    id was registered before the file was checked, and the report had 0 figures (issue 25)."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_runs(str(runs), objectives=["softmax", "sigmoid"], seeds=(0, 1), cka=False,
+              finetune=False)
+    good = json.loads((runs / "train" / "softmax_s0" / "results.json").read_text())
+    bad = {
+        "train/a_copy_of_softmax_s0/results.json": {**good, "top1": "0.9"},  # sorts first
+        "train/b_string_network/results.json": {**good, "network": "softmax_s0"},
+        "train/c_above_one/results.json": {**good, "top1": 5.0},
+        "train/d_list_hparams/results.json": {
+            **good, "network": {**good["network"], "run_id": "d", "hparams": {"tau": [1]}}},
+        "probe/e/results.json": {**json.loads((runs / "probe" / "softmax_s0" / "digits@5-9" /
+                                                "results.json").read_text()),
+                                 "test_accuracy": -0.1},
+        "separation2/class_separation.json": {**json.loads(
+            (runs / "separation" / "class_separation.json").read_text()), "results": "r"},
+        "separation3/class_separation.json": {**json.loads(
+            (runs / "separation" / "class_separation.json").read_text()),
+            "results": [{"layers": {"pool": {"r2": "high"}}}] * 4},
+    }
+    for rel, content in bad.items():
+        write_json(str(runs / rel), content)
+    (runs / "deep").mkdir()
+    (runs / "deep" / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    report = run_figures(monkeypatch, runs, out)
+    notes = report.split("## Notes")[1]
+    for rel, why in (
+            ("train/a_copy_of_softmax_s0", "top1 is missing or not a finite number ('0.9')"),
+            ("train/b_string_network", "network is a string, not a network identity block"),
+            ("train/c_above_one", "top1 is 5.0, not an accuracy in [0, 1]"),
+            ("train/d_list_hparams", "network.hparams holds a value that is not a number"),
+            ("probe/e", "test_accuracy is -0.1, not an accuracy in [0, 1]")):
+        assert f"`{rel}/results.json`: {why}" in notes, rel
+    assert "`separation2/class_separation.json`: results is a string; skipped." in notes
+    assert "`separation3/class_separation.json`: results[0] is not a result per layer" in notes
+    assert "`deep/results.json`: cannot be read as JSON (RecursionError" in notes
+    assert "500.00" not in report.split("## Notes")[0]                # not shown as 500%
+    _, rows = table_rows(report)
+    assert rows["Softmax"][1].startswith("2 (0, 1)")      # the good run is used
+    assert (out / "fig1_top1_vs_transfer.png").exists() and (out / "fig4_class_separation.png"
+                                                             ).exists()

@@ -258,3 +258,21 @@ def test_a_rerun_lends_its_dead_units_only_when_it_reproduced_the_reused_record(
               open(os.path.join(rerun.out, "results.json"), "w"))
     assert not one_rate.rerun_matches(rerun)
     assert "dead" not in report.configurations()[("softmax", 1.6, one_rate.WD)][0]
+
+
+def test_bad_arguments_are_one_line_with_status_2(tmp_path):
+    """study.py printed argparse's usage block, exited 1 on its errors and took --jobs 0."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "results", "cifar10_coarse", "study.py")
+    for args, env, message in (
+            (["train", "--jobs", "0"], {}, "argument --jobs: '0' must be > 0"),
+            (["train", "--jobs", "-1"], {}, "argument --jobs: '-1' must be > 0"),
+            (["train"], {"JOBS": "two"}, "argument --jobs: 'two' is not an integer"),
+            (["trian"], {}, "invalid choice: 'trian'"),
+            (["lrs"], {"SHARED": str(tmp_path / "none")}, "data folder not found")):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                           env={**os.environ, **env}, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, \
+            r.stderr
+        assert r.stderr.count("\n") == 1 and r.stdout == ""

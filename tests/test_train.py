@@ -516,7 +516,9 @@ def test_evaluate_scores_a_checkpoint_as_its_training_did(tmp_path):
     assert saved["mean_per_class"] == pytest.approx(trained["mean_per_class"])
     assert (saved["count"], saved["resolution"], saved["preprocessing"]) == \
         (trained["test_count"], 8, "torchvision")
-    tf = train_imagenet.main([*flags, "--eval-preprocessing", "tf"])   # rewrites its own file
+    with pytest.raises(common.UserError, match="preprocessing: 'torchvision' -> 'tf'"):
+        train_imagenet.main([*flags, "--eval-preprocessing", "tf"])   # another computation
+    tf = train_imagenet.main([*flags, "--eval-preprocessing", "tf", "--overwrite"])
     assert tf["preprocessing"] == "tf" and tf["count"] == saved["count"]
     assert 0 < tf["top1"] <= 1
     with pytest.raises(common.UserError, match="has 5 outputs but digits has 10 classes"):
@@ -563,6 +565,9 @@ def test_flags_evaluate_does_not_use_are_refused(capsys):
     (["--resolution", "0"], r"in \[1, 4096\]"), (["--resolution", "100000"], r"in \[1, 4096\]"),
     (["--log-every", "0"], "must be > 0"),
     (["--workers", "-1"], "must be >= 0"), (["--lr", "-0.1"], "must be > 0"),
+    (["--workers", "1000"], r"'1000' is more than the \d+ CPU cores this process may use"),
+    (["--threads", "1000000"], r"'1000000' is more than the \d+ CPU cores"),
+    (["--threads", "0"], "must be >= 1"),
     (["--objective", "dropout", "--dropout", "1.5"], r"dropout must be in \[0, 1\)"),
     (["--objective", "label_smoothing", "--alpha", "2"], r"alpha must be in \[0, 1\)"),
     (["--data", "digits@"], "empty class subset"),
@@ -616,6 +621,41 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
         first.communicate()
 
 
+def test_a_run_killed_by_sigkill_reruns_at_once_and_resumes(tmp_path):
+    """A preempted job is requeued at once. The killed run's loader worker outlives it for up to
+    5 s; with a flock the worker kept the folder busy and the rerun was refused (issue 25)."""
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs", "4",
+           "--workers", "1", "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "first.log", "w") as log:   # not a pipe: the workers keep it open
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        for pid in workers:  # kept alive past any timing of the rerun: the worst case, always
+            os.kill(int(pid), signal.SIGSTOP)
+        first.kill()
+        first.wait()
+        killed = time.time()
+        again = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        assert time.time() - killed < 0.5
+        stdout, stderr = again.communicate(timeout=300)
+    finally:
+        first.kill()
+        for pid in workers:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert workers, "the run had no loader worker: the case is not exercised"
+    assert again.returncode == 0 and "resumed at step" in stdout, stdout + stderr
+    assert json.load(open(os.path.join(out, "results.json")))["steps"] == 4 * 18
+
+
 
 def test_a_finished_run_keeps_only_its_final_weights_and_is_read_back(tmp_path):
     out, first = train(tmp_path, "done")
@@ -658,7 +698,8 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, capsys,
     (tmp_path / "afile").write_text("keep me")
     err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
                                                               str(tmp_path / "afile" / "sub")]))
-    assert "afile/sub: Not a directory" in err
+    assert f"output folder {tmp_path}/afile/sub cannot be created: {tmp_path}/afile is a file, " \
+           f"not a folder" in err
     read_only(monkeypatch, tmp_path / "ro")
     err = one_line_error(capsys, lambda: train_imagenet.main([*TINY, "--out",
                                                               str(tmp_path / "ro" / "o")]))
@@ -733,3 +774,121 @@ def test_the_prepared_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
     res = json.load(open(out))
     assert res["resume"]["ok"] and res["real_loop_images_per_second"] > 0
     assert res["model_step_images_per_second"] > 0 and res["input_pipeline_images_per_second"] > 0
+
+
+def small_checkpoint(path, seed):
+    """A 5-class digits@0-4 network without training (evaluations only compare files)."""
+    torch.manual_seed(seed)
+    model = common.build_model("softmax", 5, arch="resnet18", small_input=True)
+    common.save_checkpoint(str(path), common.make_checkpoint(
+        model, {"objective": "softmax", "hparams": {}, "arch": "resnet18", "num_classes": 5,
+                "small_input": True}, args={"resolution": 8, "seed": seed}, run_id=f"r{seed}",
+        dataset="digits@0-4"))
+    return str(path)
+
+
+def test_two_evaluations_of_different_checkpoints_do_not_share_a_folder(tmp_path, capsys):
+    a, b = small_checkpoint(tmp_path / "a.pt", 0), small_checkpoint(tmp_path / "b.pt", 1)
+    out = str(tmp_path / "eval")
+    flags = ["--data", "digits@0-4", "--out", out, "--eval-batch-size", "128"]
+    train_imagenet.main(["--evaluate", a, *flags])
+    train_imagenet.main(["--evaluate", a, *flags])       # the same one again: its own file
+    err = one_line_error(capsys, lambda: train_imagenet.main(["--evaluate", b, *flags]))
+    assert f"{out}/results.json holds the evaluation of another checkpoint or setting " \
+           f"(checkpoint_hash: '{common.file_hash(a)}' -> '{common.file_hash(b)}')" in err
+    assert json.load(open(os.path.join(out, "results.json")))["network"]["checkpoint"] == "a"
+    train_imagenet.main(["--evaluate", b, *flags, "--overwrite"])
+    assert json.load(open(os.path.join(out, "results.json")))["network"]["checkpoint"] == "b"
+
+
+def test_training_and_fine_tuning_do_not_share_a_folder(tmp_path, capsys):
+    """Training into a finished fine-tune's folder replaced its results.json (issue 25)."""
+    ft = tmp_path / "ft"
+    (ft / "grid").mkdir(parents=True)
+    (ft / "results.json").write_text(json.dumps({"kind": "finetune", "test_accuracy": 0.9}))
+    err = one_line_error(capsys, lambda: train(tmp_path, "ft"))
+    assert "ft holds results of another kind (fine-tuning: results.json of kind finetune); " \
+           "training results need a folder of their own" in err and "--overwrite" in err
+    assert json.loads((ft / "results.json").read_text())["kind"] == "finetune"   # untouched
+    assert sorted(os.listdir(ft)) == [".lock", "grid", "results.json"]   # nothing written
+    _, r = train(tmp_path, "ft", "--overwrite")                   # asked for: written
+    assert r["steps"] == 18 and json.loads((ft / "results.json").read_text())["kind"] == "train"
+    assert "overwrite" not in json.loads((ft / "args.json").read_text())  # not a run argument
+
+
+def test_a_full_disk_while_logging_is_one_line_and_leaves_no_empty_log(tmp_path, monkeypatch):
+    import errno
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            self.f.close()
+
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_imagenet, "open", Full, raising=False)
+    log = str(tmp_path / "log.jsonl")
+    with pytest.raises(common.UserError, match="log.jsonl: no space left on the device"):
+        train_imagenet.append_log(log, {"step": 1})
+    assert not os.path.exists(log)                   # not a 0-byte file
+    open(log, "w").write('{"step": 1}\n')
+    with pytest.raises(common.UserError, match="no space left"):
+        train_imagenet.append_log(log, {"step": 2})
+    assert open(log).read() == '{"step": 1}\n'       # the lines before are kept
+
+
+def test_evaluating_on_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
+    a = small_checkpoint(tmp_path / "a.pt", 0)
+    flags = ["--evaluate", a, "--out", str(tmp_path / "e"), "--eval-batch-size", "128"]
+    train_imagenet.main([*flags, "--data", "digits@5-9"])
+    err = capsys.readouterr().err
+    assert f"note: {a} was trained on digits@0-4, and digits@5-9 has other classes (as many: " \
+           f"5)" in err and err.count("\n") == 1
+    train_imagenet.main([*flags[:3], str(tmp_path / "f"), "--data", "digits@0-4,per_class=50"])
+    assert "note" not in capsys.readouterr().err      # the same classes, fewer images
+
+
+def _started(cmd, out=None):
+    """A script started as from a terminal (SIGINT at its default, not inherited ignored)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_while_the_script_imports_torch_is_one_line(tmp_path):
+    """Ctrl-C in the first 1-2 s, while torch loads, printed Python's traceback (issue 25)."""
+    proc = _started([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--out",
+                     str(tmp_path / "r")])
+    deadline = time.time() + 60
+    while time.time() < deadline:   # numpy being loaded: torch is next, for 1-2 s
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "numpy" in f.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.startswith("error: interrupted (Ctrl-C)"), stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_a_killed_loader_worker_is_one_line(tmp_path):
+    """A worker killed during training (the OOM killer, kill -9) was a traceback (issue 25)."""
+    out = str(tmp_path / "w")
+    proc = _started([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *TINY, "--epochs",
+                     "50", "--workers", "1", "--out", out])
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "last.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    worker = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                            text=True).stdout.split()[0]
+    os.kill(int(worker), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and stderr.count("\n") == 1, stderr[-2000:]
+    assert stderr.startswith(f"error: a data-loading worker process died (DataLoader worker "
+                             f"(pid {worker})") and "rerun the same command to resume" in stderr
+    common.load_checkpoint(os.path.join(out, "last.pt"))   # intact: the rerun resumes from it

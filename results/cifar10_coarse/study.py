@@ -29,16 +29,23 @@ and one loader worker each).
    probed on the three pool targets and class-separated into control/ (outside runs/, so no
    verdict of report.md sees it), then control/control.md: the table and the control's rule.
 """
-import argparse
 import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (1-2 s): one line and status 130, as later (common.run_main)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted (Ctrl-C) while starting",
+                                                   file=sys.stderr), os._exit(130)))
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402  (the scripts' argument parser and one-line errors)
 SHARED = os.environ.get("SHARED", "../shared/data")  # relative to the repository root
 SOURCE = f"npz:{SHARED}/cifar10@0+8,1+9,3+5,4+7,2+6,per_class=2000"
 TRAIN = ["--data", SOURCE, "--arch", "resnet18", "--no-small-input", "--batch-size", "128",
@@ -167,7 +174,7 @@ def run_all(commands, jobs, dry_run):
         for status, out in pool.map(one, todo):
             print(f"{'done' if status == 0 else f'FAILED ({status})'}: {out}", flush=True)
             if status:
-                sys.exit(f"error: a run failed; see {out}/train.log")
+                raise common.UserError(f"a run failed; see {out}/train.log")
 
 
 def train(jobs, dry_run, more=False):
@@ -211,7 +218,8 @@ def run_step(what, cmd, dry_run):
     """Run one analysis command from the repository root; stop the study on failure."""
     print(f"{what}: {' '.join(cmd)}", flush=True)
     if not dry_run and subprocess.run(cmd, cwd=ROOT).returncode:
-        sys.exit(f"error: {what} failed (command above); fix it and rerun `study.py analyze`")
+        raise common.UserError(f"{what} failed (command above); fix it and rerun "
+                               f"`study.py analyze`")
 
 
 def rel(path):
@@ -412,16 +420,17 @@ def print_lrs():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.argument_parser(__doc__)    # a bad argument: one line, exit status 2
     p.add_argument("stage", choices=("train", "lrs", "analyze", "report", "control"))
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
+    p.add_argument("--jobs", type=common.positive_int, default=os.environ.get("JOBS", "2"),
+                   help="training runs at a time (default: JOBS, else 2)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--more", action="store_true",
                    help="train: the second group too (rule 5 of README.md decides)")
     a = p.parse_args()
     if not os.path.isdir(os.path.join(ROOT, SHARED)):
-        sys.exit(f"error: data folder not found: {SHARED}; set SHARED=DIR (the .npz data sets)")
+        raise common.UserError(f"data folder not found: {SHARED}; set SHARED=DIR (the .npz data "
+                               f"sets)")
     if a.stage == "lrs":
         print_lrs()
     elif a.stage == "analyze":
@@ -435,4 +444,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
