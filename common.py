@@ -1947,18 +1947,9 @@ def fraction_below_one(text):
     return _checked(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def usable_cores():
-    """The CPU cores this process may run on (its affinity mask, as taskset or a batch system
-    set it), the bound of --threads and --workers."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _core_count(text, low):
     v = _checked(text, int, lambda v: v >= low, f">= {low}")
-    cores = usable_cores()
+    cores = cpu_cores()
     if v > cores:  # 1,000,000 threads crashed libgomp; 1,000 workers forked until out of memory
         raise argparse.ArgumentTypeError(f"{text!r} is more than the {cores} CPU cores this "
                                          f"process may use; give at most {cores}")
@@ -1966,12 +1957,12 @@ def _core_count(text, low):
 
 
 def thread_count(text):
-    """argparse type: a number of CPU threads, in [1, usable_cores()]."""
+    """argparse type: a number of CPU threads, in [1, cpu_cores()]."""
     return _core_count(text, 1)
 
 
 def worker_count(text):
-    """argparse type: a number of data-loading processes, in [0, usable_cores()]."""
+    """argparse type: a number of data-loading processes, in [0, cpu_cores()]."""
     return _core_count(text, 0)
 
 
