@@ -100,6 +100,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bool(args.checkpoint) == args.from_scratch:
         p.error("give exactly one of --checkpoint or --from-scratch")
+    common.resolve_device(args.device)   # cheap checks first: a bad --device before the files
     if args.checkpoint:
         args.checkpoint = common.checkpoint_name(args.checkpoint)   # a run folder: its final.pt
     for dest, grid in grid_flags.items():

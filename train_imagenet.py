@@ -125,7 +125,8 @@ NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device",
 NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 # What --evaluate reads (evaluate_checkpoint); any other flag given with it is refused.
 EVALUATE_USES = {"evaluate", "data", "out", "download", "eval_preprocessing", "resolution",
-                 "precision", "channels_last", "workers", "eval_batch_size", "device"}
+                 "precision", "channels_last", "workers", "eval_batch_size", "device",
+                 "overwrite"}
 
 
 def add_training_args(parser, **defaults):

@@ -416,7 +416,7 @@ def test_flags_of_the_other_mode_are_refused(tmp_path, capsys):
                                                             "mean_per_class")))
     assert "--metric is not used with --checkpoint" in err
     path = write_features(tmp_path / "f.npz")
-    for flag, value in (("--layer", "block3"), ("--workers", "7"), ("--batch-size", "3")):
+    for flag, value in (("--layer", "block3"), ("--workers", "1"), ("--batch-size", "3")):
         err = one_line_error(capsys, lambda: lp.main(["--features", path, "--out",
                                                       str(tmp_path / "o"), flag, value]))
         assert f"error: {flag} is not used with --features" in err
