@@ -436,7 +436,7 @@ def section_protocols(configs):
 
 def section_status(configs):
     n = sum(len(s) for s in configs.values())
-    planned = len(one_rate.networks())
+    planned = len([n for n in one_rate.networks() if not n.rerun])
     div = [f"{o} lr {lr:g}" + ("" if wd == one_rate.WD else f" wd {wd:g}") + f": {k} of {len(s)}"
            for (o, lr, wd), s in configs.items() if (k := sum(x["diverged"] for x in s))]
     return [f"Networks finished: {n} of {planned} planned. Diverged (kept, never dropped): "
