@@ -21,7 +21,6 @@ is diverged: a result, recorded in its folder as diverged.json, never dropped.
 ONE_RATE_DIR (default: one_rate/ beside this file) moves every output, e.g. to a clone that
 holds the checkpoints while the study runs.
 """
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -31,6 +30,7 @@ import subprocess
 import sys
 
 import study  # the first protocol's driver, beside this file: recipe, targets, probes
+from study import common  # noqa: E402  (study puts the repository root on sys.path)
 
 HERE, ROOT = study.HERE, study.ROOT
 OUT = os.path.abspath(os.environ.get("ONE_RATE_DIR", os.path.join(HERE, "one_rate")))
@@ -195,7 +195,7 @@ def train(jobs, dry_run):
         for net, what in zip(todo, pool.map(train_one, todo)):
             print(f"{what}: {net.folder}/{net.name}", flush=True)
             if what.startswith("FAILED"):
-                sys.exit(f"error: {net.folder}/{net.name} failed; see {net.out}/train.log")
+                raise common.UserError(f"{net.folder}/{net.name} failed; see {net.out}/train.log")
 
 
 def trained_weights():
@@ -231,14 +231,15 @@ def analyze(dry_run):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.argument_parser(__doc__)    # a bad argument: one line, exit status 2
     p.add_argument("stage", choices=("train", "analyze", "report"))
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--jobs", type=common.positive_int, default=os.environ.get("JOBS", "2"),
+                   help="training runs at a time (default: JOBS, else 2)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args()
     if not os.path.isdir(os.path.join(ROOT, study.SHARED)):
-        sys.exit(f"error: data folder not found: {study.SHARED}; set SHARED=DIR")
+        raise common.UserError(f"data folder not found: {study.SHARED}; set SHARED=DIR (the .npz "
+                               f"data sets)")
     if a.stage == "train":
         train(a.jobs, a.dry_run)
     elif a.stage == "analyze":
@@ -249,4 +250,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
