@@ -112,10 +112,16 @@ keep_done() {
     while [ $# -gt 0 ]; do [ -f "$2" ] && checkpoints+=("$1"); shift 2; done
 }
 
-# a checkpoint's short name, as common.checkpoint_label: runs/x/final.pt -> x, tf/a_s0.pt -> a_s0
-label_of() {
-    local base; base=$(basename "$1" .pt)
-    case $base in final|last|best) basename "$(dirname "$1")" ;; *) echo "$base" ;; esac
+# Each checkpoint's short name, into label_of[CHECKPOINT]: common.checkpoint_label's rule (one
+# rule; runs/x/final.pt -> x, tf/a_s0.pt -> a_s0), one interpreter start for all of them.
+declare -A label_of=()
+find_labels() {
+    local names ckpt i=0
+    mapfile -t names < <("$PYTHON" -c "import common, sys
+print(*map(common.checkpoint_label, sys.argv[1:]), sep='\\n')" "$@")
+    [ "${#names[@]}" -eq $# ] || { echo "error: could not name the checkpoints (see above)" >&2
+                                   exit 2; }
+    for ckpt in "$@"; do label_of[$ckpt]=${names[i]}; i=$((i + 1)); done
 }
 
 checkpoints=()
@@ -127,8 +133,9 @@ if [ -n "${CHECKPOINTS:-}" ]; then
     done
     stamp "1/6 evaluating ${#checkpoints[@]} given checkpoints on $DATA (no training)"
     pairs=()
+    find_labels "${checkpoints[@]}"
     for ckpt in "${checkpoints[@]}"; do
-        label=$(label_of "$ckpt")
+        label=${label_of[$ckpt]}
         dir=$RUNS/evaluate/$label
         pairs+=("$ckpt" "$dir/results.json")
         [ -f "$dir/results.json" ] && continue
@@ -159,6 +166,7 @@ fi
 if [ "${#checkpoints[@]}" -eq 0 ]; then
     stamp "2/6 to 5/6 skipped: no network finished"
 else
+    find_labels "${checkpoints[@]}"
     stamp "2/6 linear probe on $TARGETS"
     # shellcheck disable=SC2086
     step "linear probe" "$PYTHON" linear_probe.py --checkpoint "${checkpoints[@]}" \
@@ -170,7 +178,7 @@ else
             name=$("$PYTHON" -c "import common, sys; print(common.dataset_label(sys.argv[1]))" \
                    "$target")
             for ckpt in "${checkpoints[@]}"; do
-                label=$(label_of "$ckpt")
+                label=${label_of[$ckpt]}
                 dir=$RUNS/finetune/$label/$name
                 [ -f "$dir/results.json" ] && continue
                 job "$dir" "$RUNS/logs/finetune_${label}_${name}.log" run finetune.py \

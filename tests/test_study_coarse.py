@@ -5,6 +5,7 @@ replaced by recorders."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -217,9 +218,35 @@ def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
     assert report.dead_or_sparse(0.9, 0.85) == "dead units"
     assert report.dead_or_sparse(0.9, 0.1) == "sparse codes"
     assert report.dead_or_sparse(0.9, 0.4) == "both"
+    failed = one_rate.Net("softmax", 0.4, 0)
+    os.makedirs(failed.out)
+    open(os.path.join(failed.out, "FAILED"), "w").write("exit 1: error: boom (log: x.log)\n")
     report.write_report()
     text = open(os.path.join(str(tmp_path), "report.md")).read()
     assert "Networks finished: 27 of" in text and "**depends on the objective**" in text
+    assert "- `lr0.4/softmax_s0` failed: exit 1: error: boom (log: x.log)" in text  # named, why
+    assert "Missing, not trained yet (" in text and "`lr1.6/softmax_s1`" in text
+
+
+def test_a_study_goes_on_past_a_failed_network_and_lists_every_failure(tmp_path, capsys):
+    """Three runs, two fail: the third still runs; both failures are listed with their error
+    and log and recorded in FAILED (the report's source); the study exits 2. A rerun clears a
+    FAILED record before it tries again."""
+    fail = "import sys; print('step 1'); print('error: loss is nan/inf'); sys.exit(2)"
+    crash = "raise RuntimeError('oops')"
+    ok = "import os, sys; open(os.path.join(sys.argv[2], 'ran'), 'w')"
+    outs = [str(tmp_path / n) for n in ("a", "b", "c")]
+    cmds = [[sys.executable, "-c", code, "--out", out] for code, out in zip((fail, crash, ok), outs)]
+    with pytest.raises(study.common.UserError, match="2 of 3 runs failed"):
+        study.run_all(cmds, 1, False)
+    printed = capsys.readouterr().out
+    assert os.path.exists(os.path.join(outs[2], "ran")) and not os.path.exists(
+        os.path.join(outs[2], "FAILED"))
+    assert open(os.path.join(outs[0], "FAILED")).read().startswith("exit 2: error: loss is nan/inf")
+    assert "RuntimeError: oops" in open(os.path.join(outs[1], "FAILED")).read()
+    assert printed.count("train.log)") == 2 and "FAILED: " in printed
+    study.run_logged([sys.executable, "-c", "pass"], outs[0])
+    assert not os.path.exists(os.path.join(outs[0], "FAILED"))
 
 
 def test_ols_slope_equals_the_simple_fit_and_adjusts_for_a_covariate():
@@ -276,3 +303,19 @@ def test_bad_arguments_are_one_line_with_status_2(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, \
             r.stderr
         assert r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_one_rate_keeps_a_diverged_run_as_a_result_and_records_a_crash(tmp_path, monkeypatch):
+    one_rate = load_one_rate()
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))
+    code = {"squared_error": "import sys; print('error: the loss is nan/inf at step 3'); "
+                             "sys.exit(2)", "softmax": "raise MemoryError"}
+    monkeypatch.setattr(one_rate.Net, "command",
+                        lambda self: [sys.executable, "-c", code[self.objective]])
+    diverged, crashed = one_rate.Net("squared_error", 1.6, 0), one_rate.Net("softmax", 1.6, 0)
+    assert one_rate.train_one(diverged) == ("diverged: lr1.6/squared_error_s0", None)
+    assert one_rate.status(diverged) == "diverged"
+    assert not os.path.exists(os.path.join(diverged.out, "FAILED"))
+    what, failure = one_rate.train_one(crashed)
+    assert what == "FAILED: lr1.6/softmax_s0" and "MemoryError" in failure
+    assert one_rate.status(crashed) is None and os.path.exists(os.path.join(crashed.out, "FAILED"))

@@ -16,7 +16,10 @@ networks of the first protocol with exactly this recipe, seed and rate are reuse
 JSON files are copied, not retrained), except where their weights are needed (CKA set).
 
 A run that stops on a non-finite loss, or ends at a source val top-1 of at most DIVERGED_TOP1,
-is diverged: a result, recorded in its folder as diverged.json, never dropped.
+is diverged: a result, recorded in its folder as diverged.json, never dropped. Any other failure
+is recorded in its folder's FAILED file (the exit status, the error, the log) and the others go
+on; at the end every failure is listed with its log and the study exits 2, and the report names
+every network that is missing and why. A rerun tries the failed ones again.
 
 ONE_RATE_DIR (default: one_rate/ beside this file) moves every output, e.g. to a clone that
 holds the checkpoints while the study runs.
@@ -161,7 +164,7 @@ def mark_diverged(net, returncode):
             return False
         message = f"source val top-1 {top1} <= {DIVERGED_TOP1} after training (chance 0.2)"
     elif message is None:
-        return False            # another failure: the caller stops the study
+        return False            # another failure: recorded in FAILED by study.run_logged
     with open(os.path.join(net.out, "diverged.json"), "w") as f:
         json.dump({"diverged": True, "returncode": returncode, "message": message,
                    "command": net.command()}, f, indent=1)
@@ -169,13 +172,15 @@ def mark_diverged(net, returncode):
 
 
 def train_one(net):
-    os.makedirs(net.out, exist_ok=True)
-    with open(os.path.join(net.out, "train.log"), "a") as log:
-        r = subprocess.run(net.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if mark_diverged(net, r.returncode):
-        return "diverged"
-    return "done" if r.returncode == 0 else f"FAILED ({r.returncode})"
+    """Train one network: ('done' | 'diverged' | 'FAILED': FOLDER/NAME, failure record or None)."""
+    status, failure = study.run_logged(net.command(), net.out)
+    if mark_diverged(net, status):   # a result, not a failure
+        if failure:
+            os.remove(os.path.join(net.out, "FAILED"))
+        failure, what = None, "diverged"
+    else:
+        what = "FAILED" if failure else "done"
+    return f"{what}: {net.folder}/{net.name}", failure and f"{net.folder}/{net.name}: {failure}"
 
 
 def train(jobs, dry_run):
@@ -189,13 +194,8 @@ def train(jobs, dry_run):
             todo.append(net)
     for net in todo:
         print(" ".join(net.command()), flush=True)
-    if dry_run or not todo:
-        return
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for net, what in zip(todo, pool.map(train_one, todo)):
-            print(f"{what}: {net.folder}/{net.name}", flush=True)
-            if what.startswith("FAILED"):
-                raise common.UserError(f"{net.folder}/{net.name} failed; see {net.out}/train.log")
+    if not dry_run and todo:
+        study.run_parallel(todo, train_one, jobs)
 
 
 def trained_weights():

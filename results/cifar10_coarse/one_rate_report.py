@@ -440,7 +440,25 @@ def section_status(configs):
     div = [f"{o} lr {lr:g}" + ("" if wd == one_rate.WD else f" wd {wd:g}") + f": {k} of {len(s)}"
            for (o, lr, wd), s in configs.items() if (k := sum(x["diverged"] for x in s))]
     return [f"Networks finished: {n} of {planned} planned. Diverged (kept, never dropped): "
-            f"{'; '.join(div) if div else 'none'}.", ""]
+            f"{'; '.join(div) if div else 'none'}.", "", *missing_networks()]
+
+
+def missing_networks():
+    """Lines naming every planned network without a result, and why: its FAILED record (the
+    exit status, the error and the log), else that it is not trained yet."""
+    failed, waiting = [], []
+    for net in one_rate.networks():
+        if net.rerun or one_rate.status(net):
+            continue
+        path = os.path.join(net.out, "FAILED")
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                failed.append(f"- `{net.folder}/{net.name}` failed: {f.readline().strip()}")
+        else:
+            waiting.append(f"`{net.folder}/{net.name}`")
+    lines = [f"Missing, training failed ({len(failed)}; no verdict uses them):", *failed, ""]
+    return (lines if failed else []) + ([
+        f"Missing, not trained yet ({len(waiting)}): {', '.join(waiting)}.", ""] if waiting else [])
 
 
 def write_report():

@@ -15,7 +15,9 @@
    objectives (MORE_OBJECTIVES) get their own grids, starting nearer their likely choice (GRIDS).
 2. Every network of the study (NETWORKS) at 30 epochs with its chosen rate: runs/train/NAME_sSEED.
 Each run is train_imagenet.py; an interrupted study continues where it stopped (rerun the same
-command), finished runs are skipped. JOBS runs at a time (default 2: one per core, one thread
+command), finished runs are skipped. A failed run is recorded in its folder's FAILED file (exit
+status, error, log; the report names it) and the others go on; at the end every failure is
+listed with its log and the study exits 2. JOBS runs at a time (default 2: one per core, one thread
 and one loader worker each).
 3. analyze, for every finished network (run it any time; what is done is skipped):
    linear probes of the pool features on the three targets (TARGETS; the clothing photos by
@@ -153,9 +155,50 @@ def command(flags, lr, seed, epochs, out):
             "--seed", str(seed), "--epochs", str(epochs), "--out", os.path.relpath(out, ROOT)]
 
 
+def run_logged(cmd, out):
+    """Run a train_imagenet.py command with its output appended to OUT/train.log: (exit status,
+    None) or, for a failure, (status, its one-line record), the record also in OUT/FAILED (demo.sh's format: the exit status,
+    the log's last `error:` line, else its last line, and the log), which make_figures' report
+    names. A rerun removes the old FAILED first."""
+    os.makedirs(out, exist_ok=True)
+    log, failed = os.path.join(out, "train.log"), os.path.join(out, "FAILED")
+    if os.path.exists(failed):
+        os.remove(failed)
+    with open(log, "a") as f:
+        status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if status == 0:
+        return 0, None
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    why = next((line for line in reversed(lines) if line.startswith("error: ")),
+               lines[-1] if lines else "no output")
+    record = f"exit {status}: {why} (log: {rel(log)})"
+    with open(failed, "w") as f:
+        f.write(record + "\n")
+    return status, record
+
+
+def run_parallel(todo, one, jobs):
+    """one(item) -> (outcome, failure record or None) for every item, `jobs` at a time, each
+    outcome printed as it ends. A failure does not stop the others: at the end every failure is
+    listed with its log, and the study stops with status 2 (a rerun tries the failed ones
+    again and skips the finished)."""
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for outcome, failure in pool.map(one, todo):
+            print(outcome, flush=True)
+            if failure:
+                failures.append(failure)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} runs failed:", *failures, sep="\n  ", flush=True)
+        raise common.UserError(f"{len(failures)} of {len(todo)} runs failed (listed above, with "
+                               f"their logs); the others finished. Fix the cause and rerun")
+
+
 def run_all(commands, jobs, dry_run):
     """Run train_imagenet.py commands, `jobs` at a time, each with one CPU thread; log files
-    beside each run. Stops with the first failure's log tail."""
+    beside each run. A failed run is recorded (run_logged) and the others go on (run_parallel)."""
     todo = [(c, os.path.join(ROOT, c[c.index("--out") + 1])) for c in commands]
     todo = [(c, out) for c, out in todo if val_top1(out) is None]
     for c, _ in todo:
@@ -164,17 +207,10 @@ def run_all(commands, jobs, dry_run):
         return
 
     def one(item):
-        c, out = item
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "train.log"), "a") as log:
-            r = subprocess.run(c, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-        return r.returncode, out
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for status, out in pool.map(one, todo):
-            print(f"{'done' if status == 0 else f'FAILED ({status})'}: {out}", flush=True)
-            if status:
-                raise common.UserError(f"a run failed; see {out}/train.log")
+        _, failure = run_logged(*item)
+        return f"{'FAILED' if failure else 'done'}: {rel(item[1])}", failure and \
+            f"{rel(item[1])}: {failure}"
+    run_parallel(todo, one, jobs)
 
 
 def train(jobs, dry_run, more=False):
