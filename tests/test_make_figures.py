@@ -207,12 +207,12 @@ def test_full_study(tmp_path, monkeypatch):
 
 def capture_figures(monkeypatch):
     """{name: figure} of every figure make_figures saves (closed, but its artists readable)."""
-    figs, real = {}, make_figures.Report.save_fig
+    figs, real = {}, make_figures.Figures.save
 
     def save(self, fig, name):
         figs[name] = fig
         return real(self, fig, name)
-    monkeypatch.setattr(make_figures.Report, "save_fig", save)
+    monkeypatch.setattr(make_figures.Figures, "save", save)
     return figs
 
 
