@@ -276,3 +276,24 @@ def test_bad_arguments_are_one_line_with_status_2(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, \
             r.stderr
         assert r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_probe_folders_are_linear_probes_own():
+    """TARGETS' folders come from linear_probe.pair_dir, and they are the folders that
+    linear_probe.py wrote for the committed networks."""
+    for t, (_, _, folder) in study.TARGETS.items():
+        assert os.path.isfile(os.path.join(study.HERE, "runs", "probe", "softmax_s0", folder,
+                                           "results.json")), t
+
+
+def test_study_runs_as_a_script_from_anywhere(tmp_path):
+    """study.py finds the repository's modules (common, linear_probe, make_figures) by their
+    files, not by a sys.path entry: run as a script from another folder, it starts."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "results", "cifar10_coarse", "study.py")
+    r = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "control" in r.stdout, r.stderr[-500:]
+    with open(script) as f:
+        assert "sys.path.insert" not in f.read()
