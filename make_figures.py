@@ -537,6 +537,16 @@ def mean_of(d):
     return float(np.mean(list(d.values()))) if d else None
 
 
+# The accuracies that figures 1, 4 and the rank correlations set against top-1 or R^2, one number
+# per network: key -> (quantity, axis label, name, the paper's direction of R^2 against it).
+ACCURACIES = {
+    "top1": (lambda n: n["top1"], "source-task top-1 accuracy (%)", "source top-1", "positive"),
+    "linear": (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)",
+               "linear probe mean", "negative"),
+    "finetune": (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)",
+                 "fine-tune mean", "none")}
+
+
 def verdict(claim, diff, p):
     """The observed direction against softmax and whether it agrees with the paper's claim."""
     if not finite(diff):
@@ -615,7 +625,11 @@ def cell_text(c, digits, with_verdict=True, sep=", "):
 
 
 def mean_text(vals, digits):
-    """'70.12 ± 0.34' over seeds, '70.12' for one value, '-' for none."""
+    """Mean ± standard error over seeds, the mean alone for one value, '-' for none.
+
+    >>> mean_text([70.0, 70.5], 2), mean_text([0.31], 3), mean_text([], 2)
+    ('70.25 ± 0.25', '0.310', '-')
+    """
     m, se, n = mean_se(vals)
     return "-" if n == 0 else f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if finite(se) else "")
 
@@ -751,11 +765,10 @@ def fig_transfer(groups, figures):
     if not kinds:
         return ["Figure 1 skipped: it needs source top-1 and transfer results of the same "
                 "networks."]
-    fig_panels(figures, "fig1_top1_vs_transfer", groups, lambda n: n["top1"],
-               [(k, lambda n, k=k: mean_of(n[k]), "source-task top-1 accuracy (%)",
-                 f"{KIND_NAMES[k].lower()} accuracy, mean over datasets (%)",
-                 f"{KIND_NAMES[k]} transfer (paper: {claim_text(CLAIMS[k])})", {})
-                for k in kinds], (5.5, 4.8),
+    top1, top1_label = ACCURACIES["top1"][:2]
+    fig_panels(figures, "fig1_top1_vs_transfer", groups, top1,
+               [(k, ACCURACIES[k][0], top1_label, ACCURACIES[k][1], f"{KIND_NAMES[k]} transfer "
+                 f"(paper: {claim_text(CLAIMS[k])})", {}) for k in kinds], (5.5, 4.8),
                "Source accuracy against transfer accuracy (mean ± standard error over seeds)")
     return []
 
@@ -767,12 +780,7 @@ def fig_class_separation(groups, figures):
     if not any(n["r2"] is not None for n in nets):
         return ["Figure 4 skipped: no class-separation R^2 (pool layer) found."]
     panels = []
-    for kind, q, label in (
-            ("top1", lambda n: n["top1"], "source-task top-1 accuracy (%)"),
-            ("linear", lambda n: mean_of(n["linear"]),
-             "linear probe accuracy, mean over datasets (%)"),
-            ("finetune", lambda n: mean_of(n["finetune"]),
-             "fine-tune accuracy, mean over datasets (%)")):
+    for kind, (q, label, _, _) in ACCURACIES.items():
         if any(n["r2"] is not None and finite(q(n)) for n in nets):
             pairs = objective_means(groups, lambda n: n["r2"], q)
             rho = spearman(*zip(*pairs))[0] if len(pairs) >= 3 else math.nan
@@ -1011,11 +1019,11 @@ def find_sweeps(by_obj, groups):
 
 
 SWEEP_QUANTITIES = (("Class separation R^2 (pool)", "R^2 (unitless)", lambda n: n["r2"], 3),
-                    ("Source top-1", "top-1 accuracy (%)", lambda n: n["top1"], 2),
+                    ("Source top-1", "top-1 accuracy (%)", ACCURACIES["top1"][0], 2),
                     ("Linear probe mean", "accuracy, mean over datasets (%)",
-                     lambda n: mean_of(n["linear"]), 2),
+                     ACCURACIES["linear"][0], 2),
                     ("Fine-tune mean", "accuracy, mean over datasets (%)",
-                     lambda n: mean_of(n["finetune"]), 2))
+                     ACCURACIES["finetune"][0], 2))
 
 
 def fig_sweep(obj, key, points, figures):
@@ -1266,7 +1274,7 @@ def table_verdicts(groups, cols, cells):
         v = direction_verdict(cells, key, direction) if key in keys else None
         if v:
             out.append((claim, v))
-    corr = correlation_verdict(groups, lambda n: mean_of(n["linear"]), -1)
+    corr = correlation_verdict(groups, ACCURACIES["linear"][0], -1)
     if corr:
         out.append(("Higher R^2 goes with lower linear-probe transfer", corr))
     ft = finetune_verdict(groups, cells, cols)
@@ -1350,9 +1358,7 @@ def report_correlations(groups):
     nets = [n for g in groups.values() for n in g]
     lines = []
     rows = []
-    for label, q, claim in (("source top-1", lambda n: n["top1"], "positive"),
-                            ("linear probe mean", lambda n: mean_of(n["linear"]), "negative"),
-                            ("fine-tune mean", lambda n: mean_of(n["finetune"]), "none")):
+    for q, _, label, claim in ACCURACIES.values():
         per_obj = objective_means(groups, lambda n: n["r2"], q)
         per_net = [(n["r2"], q(n)) for n in nets if finite(n["r2"]) and finite(q(n))]
         if not per_obj:
