@@ -55,7 +55,11 @@ def repo_module(name):
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
         sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
+        try:
+            spec.loader.exec_module(sys.modules[name])
+        except BaseException:   # as `import` does: no half-loaded module left behind
+            del sys.modules[name]
+            raise
     return sys.modules[name]
 
 
@@ -82,8 +86,8 @@ def probe_target(spec, layer="pool", folds=None):
     """A transfer target: (dataset spec, its linear_probe.py flags, the folder that
     linear_probe.py writes a network's probe into under probe/NAME/: the last part of
     linear_probe.pair_dir, e.g. cifar10@from_test+block6)."""
-    flags = (["--layer", layer] if layer != "pool" else []) + (["--folds", str(folds)] if folds
-                                                               else [])
+    flags = ([] if layer == "pool" else ["--layer", layer]) + \
+        ([] if folds is None else ["--folds", str(folds)])
     folder = linear_probe.pair_dir("", "", common.dataset_label(spec), layer, folds)
     return spec, flags, os.path.basename(folder)
 
