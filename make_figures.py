@@ -45,6 +45,7 @@ import re
 import signal
 import sys
 import textwrap
+import typing
 import warnings
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -198,6 +199,11 @@ ACCURACY = {"train": "top1", "evaluate": "top1", "linear_probe": "test_accuracy"
             "finetune": "test_accuracy"}
 
 
+def of_type(v, want):
+    """isinstance(v, want), where a boolean is no int."""
+    return isinstance(v, want) and not (want is int and isinstance(v, bool))
+
+
 def type_name(v):
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(v), "a number")
@@ -209,7 +215,7 @@ def identity_problem(identity, where):
         return f"{where} is {type_name(identity)}, not a network identity block"
     for key, kind in IDENTITY_TYPES.items():
         v = identity.get(key)
-        if v is not None and (not isinstance(v, kind) or kind is int and isinstance(v, bool)):
+        if v is not None and not of_type(v, kind):
             return f"{where}.{key} is {type_name(v)}"
     if any(not isinstance(v, SCALAR) and v is not None for v in
            (identity.get("hparams") or {}).values()):
@@ -225,8 +231,7 @@ def problem(kind, r):
         v = r.get(key)
         if kind == "class_separation" and key == "layers":
             continue   # the networks' layers are inside "results"
-        if v is not None and not (isinstance(v, want) and not (want is int and
-                                                                 isinstance(v, bool))):
+        if v is not None and not of_type(v, want):
             return f"{key} is {type_name(v)}"
     for key in SCALAR_FIELDS:   # shown in the report, or compared: plain values
         v = r.get(key)
@@ -320,11 +325,7 @@ def training_networks(found, runs, notes):
         net = nets[identity["run_id"]] = make_network(identity)
         net["epochs"], net["lr"], net["batch_size"] = (r.get(k) for k in ("epochs", "lr",
                                                                             "batch_size"))
-        top1 = r.get("top1")
-        if finite(top1):
-            net["top1"] = 100 * float(top1)   # accuracies are fractions in every results file
-        else:
-            notes.append(f"`{rel}`: top1 is missing or not a finite number ({top1!r}).")
+        net["top1"] = 100 * float(r["top1"])   # a fraction in [0, 1] in every file (problem())
     return nets
 
 
@@ -342,9 +343,6 @@ def attach_evaluations(found, nets, runs, notes):
         if r.get("dataset_name") != net["dataset_name"]:
             notes.append(f"`{rel}`: evaluated on {r.get('dataset_name')}, not on the network's "
                          f"training data ({net['dataset_name']}); not a source top-1.")
-            continue
-        if not finite(r.get("top1")):
-            notes.append(f"`{rel}`: top1 is missing or not a finite number; skipped.")
             continue
         wanted = "tf" if (r.get("network") or {}).get("stem_pool") == "tf_same" else "torchvision"
         rank = (r.get("preprocessing") == wanted, os.path.getmtime(path))
@@ -366,10 +364,7 @@ def attach_transfer(found, nets, runs, notes, scratch):
         seen = {}
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
-            acc, dataset = r.get("test_accuracy"), target_of(r)
-            if not finite(acc):
-                notes.append(f"`{rel}`: test_accuracy missing or not finite ({acc!r}); skipped.")
-                continue
+            acc, dataset = r["test_accuracy"], target_of(r)   # finite, checked by problem()
             if (r.get("network") or {}).get("objective") == "scratch":
                 scratch.setdefault((field, dataset), []).append(float(acc))
                 continue
@@ -406,12 +401,7 @@ def attach_class_separation(found, nets, runs, notes):
     missing_pool = 0
     for path, d in by_data[chosen]:
         rel = os.path.relpath(path, runs)
-        identities, results = d.get("networks") or [], d.get("results") or []
-        if len(identities) != len(results):
-            notes.append(f"`{rel}`: {len(identities)} networks but {len(results)} results; "
-                         f"skipped.")
-            continue
-        for identity, res in zip(identities, results):
+        for identity, res in zip(d["networks"], d["results"]):   # as many, checked by problem()
             pool = (res.get("layers") or {}).get("pool") or {}
             if not finite(pool.get("r2")):
                 missing_pool += 1
@@ -547,6 +537,16 @@ def mean_of(d):
     return float(np.mean(list(d.values()))) if d else None
 
 
+# The accuracies that figures 1, 4 and the rank correlations set against top-1 or R^2, one number
+# per network: key -> (quantity, axis label, name, the paper's direction of R^2 against it).
+ACCURACIES = {
+    "top1": (lambda n: n["top1"], "source-task top-1 accuracy (%)", "source top-1", "positive"),
+    "linear": (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)",
+               "linear probe mean", "negative"),
+    "finetune": (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)",
+                 "fine-tune mean", "none")}
+
+
 def verdict(claim, diff, p):
     """The observed direction against softmax and whether it agrees with the paper's claim."""
     if not finite(diff):
@@ -560,9 +560,13 @@ def verdict(claim, diff, p):
     return "agrees" if claim == ("higher" if diff > 0 else "lower") else "opposite"
 
 
-def columns(groups):
-    """The table's columns: (key, header, claim, quantity, digits, unit)."""
-    nets = [n for g in groups.values() for n in g]
+def quantities(nets, layers=False, separation=False):
+    """The quantities with a value in `nets`, each (key, header, claim, quantity, digits, unit):
+    source top-1, R^2 (pool), every transfer target (linear:<dataset>, finetune:<dataset>, and
+    <kind>:mean over several), with `layers` the probes of other layers than pool
+    (linear:<dataset>:<layer>), with `separation` the pool layer's sparsity, dimensionality and
+    dead units (claim None: not a claim of the paper). One catalogue for the report's table,
+    results.csv and objectives.csv, so that their columns cannot drift apart."""
     cols = [("top1", "Source top-1", CLAIMS["top1"], lambda n: n["top1"], 2, "%"),
             ("r2", "Class separation R^2 (pool)", CLAIMS["r2"], lambda n: n["r2"], 3, "")]
     for kind in ("linear", "finetune"):
@@ -574,10 +578,21 @@ def columns(groups):
             per_class = " mean per-class" if metrics.get(d) == "mean_per_class" else ""
             cols.append((f"{kind}:{d}", f"{KIND_NAMES[kind]} {d}{per_class}", CLAIMS[kind],
                          lambda n, k=kind, d=d: n[k].get(d), 2, "%"))
+        if kind == "linear" and layers:
+            cols += [(f"linear:{d}:{layer}", f"Linear probe {d}: {layer}", None,
+                      lambda n, dl=(d, layer): n["layers"].get(dl), 2, "%")
+                     for d, layer in sorted({dl for n in nets for dl in n["layers"]})]
         if len(datasets) > 1:
             cols.append((f"{kind}:mean", f"{KIND_NAMES[kind]} mean over datasets", CLAIMS[kind],
                          lambda n, k=kind: mean_of(n[k]), 2, "%"))
+    if separation:
+        cols += [(k, name, None, lambda n, k=k: n[k], 3, "") for k, name in SEPARATION]
     return [c for c in cols if values(nets, c[3])]
+
+
+SEPARATION = (("sparsity", "Sparsity (pool, fraction of zeros)"),
+              ("dim", "Participation-ratio dimensionality (pool)"),
+              ("dead", "Dead units (pool, fraction of channels zero on every image)"))
 
 
 def table_cells(groups, cols):
@@ -609,24 +624,42 @@ def cell_text(c, digits, with_verdict=True, sep=", "):
     return s
 
 
+def mean_text(vals, digits):
+    """Mean ± standard error over seeds, the mean alone for one value, '-' for none.
+
+    >>> mean_text([70.0, 70.5], 2), mean_text([0.31], 3), mean_text([], 2)
+    ('70.25 ± 0.25', '0.310', '-')
+    """
+    m, se, n = mean_se(vals)
+    return "-" if n == 0 else f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if finite(se) else "")
+
+
 # ----------------------------------------------------------------------------------------------
-# Figures
+# What each report section gives back, and the figures they draw
+
+class Section(typing.NamedTuple):
+    """A report section: its lines of report.md, its verdicts on the paper's claims
+    ([(claim, (verdict, evidence))]) and its notes on what was missing or skipped."""
+    lines: list
+    verdicts: tuple = ()
+    notes: tuple = ()
+
 
 @dataclasses.dataclass
-class Report:
-    """What the report's sections share and fill in: where and how figures are saved, each
-    objective's colour and place, and the lists the sections add to (figure files written, notes
-    on what was missing or skipped, verdicts per claim)."""
+class Figures:
+    """Where and how figures are saved, each objective's colour and marker (the same in every
+    figure), and the figure files written so far."""
     out: str
     formats: list
     dpi: int
     colours: dict
     order: list
     written: list = dataclasses.field(default_factory=list)
-    notes: list = dataclasses.field(default_factory=list)
-    verdicts: list = dataclasses.field(default_factory=list)
 
-    def save_fig(self, fig, name):
+    def marker(self, obj):
+        return MARKERS[self.order.index(obj) % len(MARKERS)]
+
+    def save(self, fig, name):
         for ext in self.formats:
             path = os.path.join(self.out, f"{name}.{ext}")
             try:  # atomically: a full disk leaves the old figure, never a 0-byte file
@@ -638,10 +671,15 @@ class Report:
             self.written.append(path)
         plt.close(fig)
 
+    def embed(self, name, alt):
+        """report.md's link to figure `name`, where its PNG was written."""
+        return [f"![{alt}]({name}.png)", ""] if any(
+            os.path.basename(p) == f"{name}.png" for p in self.written) else []
 
-def legend_right(fig, objectives, report, keys=()):
+
+def legend_right(fig, objectives, figures, keys=()):
     """The objectives' colours and markers; `keys`, what the marks mean, below them."""
-    handles = [plt.Line2D([], [], color=report.colours[o], marker=marker_of(o, report.order),
+    handles = [plt.Line2D([], [], color=figures.colours[o], marker=figures.marker(o),
                           linestyle="", markersize=8, label=display(o)) for o in objectives]
     if keys:   # after a blank line
         handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
@@ -681,11 +719,7 @@ def widen_transfer(axes):
         widen(axes["finetune"], span)
 
 
-def marker_of(obj, order):
-    return MARKERS[order.index(obj) % len(MARKERS)]
-
-
-def scatter_means(ax, groups, xq, yq, report):
+def scatter_means(ax, groups, xq, yq, figures):
     """Per objective: translucent points per network, the mean with standard-error bars."""
     drawn = []
     for obj, nets in groups.items():
@@ -696,39 +730,72 @@ def scatter_means(ax, groups, xq, yq, report):
         xs, ys = np.array(pairs, dtype=float).T
         mx, sx, _ = mean_se(xs)
         my, sy, _ = mean_se(ys)
-        ax.scatter(xs, ys, color=report.colours[obj], alpha=0.25, s=18,
-                   marker=marker_of(obj, report.order), linewidths=0)
+        ax.scatter(xs, ys, color=figures.colours[obj], alpha=0.25, s=18,
+                   marker=figures.marker(obj), linewidths=0)
         ax.errorbar(mx, my, xerr=sx if finite(sx) else None, yerr=sy if finite(sy) else None,
-                    color=report.colours[obj], marker=marker_of(obj, report.order),
+                    color=figures.colours[obj], marker=figures.marker(obj),
                     markersize=8, capsize=3, linestyle="")
         drawn.append(obj)
     ax.grid(alpha=0.3)
     return drawn
 
 
-def fig_transfer(groups, report):
+def fig_panels(figures, name, groups, x, panels, size, title):
+    """Figures 1 and 4: a row of scatter_means panels, `x` across, one quantity per panel up;
+    panels are (kind, quantity, x label, y label, title, title's keywords), `size` a panel's
+    (width, height) in inches; transfer axes widened (widen_transfer), the legend on the right."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels) + 2.5, size[1]),
+                             layout="constrained", squeeze=False)
+    drawn = set()
+    for ax, (_, y, xlabel, ylabel, panel_title, title_kw) in zip(axes[0], panels):
+        drawn.update(scatter_means(ax, groups, x, y, figures))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, **title_kw)
+    widen_transfer({panel[0]: ax for ax, panel in zip(axes[0], panels)})
+    legend_right(fig, [o for o in groups if o in drawn], figures, mean_keys(axes[0, 0]))
+    fig.suptitle(title)
+    figures.save(fig, name)
+
+
+def fig_transfer(groups, figures):
+    """Figure 1; its notes."""
     kinds = [k for k in ("linear", "finetune")
              if any(n[k] and n["top1"] is not None for g in groups.values() for n in g)]
     if not kinds:
-        report.notes.append("Figure 1 skipped: it needs source top-1 and transfer results of "
-                            "the same networks.")
-        return
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.5, 4.8),
-                             layout="constrained", squeeze=False)
-    drawn = set()
-    for ax, kind in zip(axes[0], kinds):
-        drawn.update(scatter_means(ax, groups, lambda n: n["top1"],
-                                   lambda n, k=kind: mean_of(n[k]), report))
-        ax.set_xlabel("source-task top-1 accuracy (%)")
-        ax.set_ylabel(f"{KIND_NAMES[kind].lower()} accuracy, mean over datasets (%)")
-        ax.set_title(f"{KIND_NAMES[kind]} transfer (paper: {claim_text(CLAIMS[kind])})")
-    widen_transfer(dict(zip(kinds, axes[0])))
-    legend_right(fig, [o for o in groups if o in drawn], report, mean_keys(axes[0, 0]))
-    fig.suptitle("Source accuracy against transfer accuracy (mean ± standard error over seeds)")
-    report.save_fig(fig, "fig1_top1_vs_transfer")
+        return ["Figure 1 skipped: it needs source top-1 and transfer results of the same "
+                "networks."]
+    top1, top1_label = ACCURACIES["top1"][:2]
+    fig_panels(figures, "fig1_top1_vs_transfer", groups, top1,
+               [(k, ACCURACIES[k][0], top1_label, ACCURACIES[k][1], f"{KIND_NAMES[k]} transfer "
+                 f"(paper: {claim_text(CLAIMS[k])})", {}) for k in kinds], (5.5, 4.8),
+               "Source accuracy against transfer accuracy (mean ± standard error over seeds)")
+    return []
 
 
-def fig_table(groups, cols, cells, report):
+def fig_class_separation(groups, figures):
+    """Figure 4: R^2 against source top-1 and transfer, with Spearman's rho over objective
+    means; its notes."""
+    nets = [n for g in groups.values() for n in g]
+    if not any(n["r2"] is not None for n in nets):
+        return ["Figure 4 skipped: no class-separation R^2 (pool layer) found."]
+    panels = []
+    for kind, (q, label, _, _) in ACCURACIES.items():
+        if any(n["r2"] is not None and finite(q(n)) for n in nets):
+            pairs = objective_means(groups, lambda n: n["r2"], q)
+            rho = spearman(*zip(*pairs))[0] if len(pairs) >= 3 else math.nan
+            panels.append((kind, q, "class separation R^2 of the pooled features (unitless)",
+                           label, f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
+                           "Spearman ρ: n/a (fewer than 3 objectives)", {"fontsize": 10}))
+    if not panels:
+        return ["Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of the same "
+                "networks."]
+    fig_panels(figures, "fig4_class_separation", groups, lambda n: n["r2"], panels, (4.8, 4.6),
+               "Class separation of the penultimate layer (mean ± standard error over seeds)")
+    return []
+
+
+def fig_table(groups, cols, cells, figures):
     """The per-objective table as a figure: blue cells above softmax, red below, pale where the
     difference is not significant; the paper's claim under each column header."""
     objs = list(groups)
@@ -768,7 +835,7 @@ def fig_table(groups, cols, cells, report):
         f"agrees / opposite / differs / n.s.: the paper's claim checked at p < {ALPHA}. "
         "Blue: above softmax, red: below, shade scaled per column; pale: not significant.",
         int(14 * len(cols) + 30)), fontsize=8)
-    report.save_fig(fig, "fig2_table")
+    figures.save(fig, "fig2_table")
 
 
 def header_text(header, unit, width=17):
@@ -859,13 +926,19 @@ def objective_matrix(diag, idx, layer):
     return mat
 
 
-def fig_cka(c, idx, s, report):
+def fig_cka(c, idx, s, figures):
+    """Figure 3, by layer and as objective x objective matrices; its notes."""
+    if not len(s["same"]) and not s["vs_ref"]:
+        return ["Figure 3 skipped: CKA needs at least two networks of known objectives."]
+    fig_cka_by_layer(c, s, figures)
+    fig_cka_matrices(c, idx, s, figures)
+    return [] if len(s["same"]) else [
+        "CKA: no two networks of one objective, so no different-seed baseline."]
+
+
+def fig_cka_by_layer(c, s, figures):
     layers = c["layers"]
     x = np.arange(len(layers))
-    if not len(s["same"]) and not s["vs_ref"]:
-        report.notes.append("Figure 3 skipped: CKA needs at least two networks of known "
-                            "objectives.")
-        return
     fig, ax = plt.subplots(figsize=(max(7.5, 0.45 * len(layers) + 4.5), 4.8),
                            layout="constrained")
     if len(s["same"]):
@@ -873,10 +946,8 @@ def fig_cka(c, idx, s, report):
                         alpha=0.6, label="same objective, different seed (range)")
         ax.plot(x, np.nanmean(s["same"], 0), color="0.35", linestyle="--", linewidth=2,
                 label="same objective, different seed (mean)")
-    else:
-        report.notes.append("CKA: no two networks of one objective, so no different-seed baseline.")
     for o, curve in s["vs_ref"].items():
-        ax.plot(x, curve, color=report.colours[o], marker=marker_of(o, report.order), markersize=4,
+        ax.plot(x, curve, color=figures.colours[o], marker=figures.marker(o), markersize=4,
                 label=f"{display(s['ref'])} vs {display(o)}")
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
@@ -885,9 +956,11 @@ def fig_cka(c, idx, s, report):
     ax.set_title(f"CKA between networks at the same layer ({c['n_images'] or '?'} images)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
-    report.save_fig(fig, "fig3_cka_by_layer")
+    figures.save(fig, "fig3_cka_by_layer")
 
-    L = len(layers)
+
+def fig_cka_matrices(c, idx, s, figures):
+    layers, L = c["layers"], len(c["layers"])
     picks = sorted({max(0, (L - 2) // 2 - 1), max(0, L - 3), max(0, L - 2), L - 1}) \
         if L >= 4 else list(range(L))
     objs = list(idx)
@@ -908,54 +981,22 @@ def fig_cka(c, idx, s, report):
         ax.set_yticks(range(len(objs)))
         ax.set_yticklabels([display(o) for o in objs], fontsize=9)
         if len(objs) <= 10:   # a cell is about 0.5 inch: '0.93' at 11 pt (9 pt from 7 up) fits
-            size = 11 if len(objs) <= 6 else 9.5
-            for a in range(len(objs)):
-                for b in range(len(objs)):
-                    if np.isfinite(mat[a, b]):
-                        ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center",
-                                fontsize=size,
-                                color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
+            matrix_text(ax, mat, vmin, 11 if len(objs) <= 6 else 9.5)
     for ax in list(axes.flat)[len(picks):]:
         ax.set_visible(False)
     fig.colorbar(im, ax=axes, label="linear CKA (mean over seed pairs; diagonal: different seeds)",
                  shrink=0.8)
     fig.suptitle("CKA between objectives at a few depths")
-    report.save_fig(fig, "fig3_cka_matrices")
+    figures.save(fig, "fig3_cka_matrices")
 
 
-def fig_class_separation(groups, report):
-    nets = [n for g in groups.values() for n in g]
-    if not any(n["r2"] is not None for n in nets):
-        report.notes.append("Figure 4 skipped: no class-separation R^2 (pool layer) found.")
-        return
-    panels = [(q, label, kind) for q, label, kind in (
-        (lambda n: n["top1"], "source-task top-1 accuracy (%)", "top1"),
-        (lambda n: mean_of(n["linear"]), "linear probe accuracy, mean over datasets (%)",
-         "linear"),
-        (lambda n: mean_of(n["finetune"]), "fine-tune accuracy, mean over datasets (%)",
-         "finetune"))
-        if any(n["r2"] is not None and finite(q(n)) for n in nets)]
-    if not panels:
-        report.notes.append("Figure 4 skipped: R^2 found but no top-1 or transfer accuracy of "
-                            "the same networks.")
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.5, 4.6),
-                             layout="constrained", squeeze=False)
-    drawn = set()
-    for ax, (q, label, _) in zip(axes[0], panels):
-        drawn.update(scatter_means(ax, groups, lambda n: n["r2"], q, report))
-        pairs = [(mean_se(values(g, lambda n: n["r2"]))[0], mean_se(values(g, q))[0])
-                 for g in groups.values()]
-        pairs = [(a, b) for a, b in pairs if finite(a) and finite(b)]
-        rho = spearman(*zip(*pairs))[0] if len(pairs) >= 3 else math.nan
-        ax.set_xlabel("class separation R^2 of the pooled features (unitless)")
-        ax.set_ylabel(label)
-        ax.set_title(f"Spearman ρ over objectives: {rho:.2f}" if finite(rho) else
-                     "Spearman ρ: n/a (fewer than 3 objectives)", fontsize=10)
-    widen_transfer({kind: ax for ax, (_, _, kind) in zip(axes[0], panels)})
-    legend_right(fig, [o for o in groups if o in drawn], report, mean_keys(axes[0, 0]))
-    fig.suptitle("Class separation of the penultimate layer (mean ± standard error over seeds)")
-    report.save_fig(fig, "fig4_class_separation")
+def matrix_text(ax, mat, vmin, size):
+    """Each finite cell's value, white on the darker half of the colour scale."""
+    for a in range(len(mat)):
+        for b in range(len(mat)):
+            if np.isfinite(mat[a, b]):
+                ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=size,
+                        color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
 
 
 def find_sweeps(by_obj, groups):
@@ -978,14 +1019,14 @@ def find_sweeps(by_obj, groups):
 
 
 SWEEP_QUANTITIES = (("Class separation R^2 (pool)", "R^2 (unitless)", lambda n: n["r2"], 3),
-                    ("Source top-1", "top-1 accuracy (%)", lambda n: n["top1"], 2),
+                    ("Source top-1", "top-1 accuracy (%)", ACCURACIES["top1"][0], 2),
                     ("Linear probe mean", "accuracy, mean over datasets (%)",
-                     lambda n: mean_of(n["linear"]), 2),
+                     ACCURACIES["linear"][0], 2),
                     ("Fine-tune mean", "accuracy, mean over datasets (%)",
-                     lambda n: mean_of(n["finetune"]), 2))
+                     ACCURACIES["finetune"][0], 2))
 
 
-def fig_sweep(obj, key, points, report):
+def fig_sweep(obj, key, points, figures):
     quantities = [q for q in SWEEP_QUANTITIES
                   if any(values(ns, q[2]) for ns in points.values())]
     if not quantities:
@@ -999,7 +1040,7 @@ def fig_sweep(obj, key, points, report):
         stat = [(x, *mean_se(values(ns, q))[:2]) for x, ns in zip(xs, points.values())]
         stat = [(x, m, se) for x, m, se in stat if finite(m)]
         sx, sm, sse = map(np.array, zip(*stat))
-        ax.errorbar(sx, sm, yerr=np.where(np.isfinite(sse), sse, 0), color=report.colours[obj],
+        ax.errorbar(sx, sm, yerr=np.where(np.isfinite(sse), sse, 0), color=figures.colours[obj],
                     marker="o", capsize=3)
         if paper is not None and finite(paper):
             ax.axvline(float(paper), color="0.5", linestyle=":", label="paper value")
@@ -1016,7 +1057,7 @@ def fig_sweep(obj, key, points, report):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{display(obj)}: sweep of {key} (mean ± standard error over seeds)")
     name = f"fig5_sweep_{obj}_{re.sub(r'[^A-Za-z0-9]+', '_', key)}"
-    report.save_fig(fig, name)
+    figures.save(fig, name)
     return name, quantities
 
 
@@ -1127,16 +1168,16 @@ def linear_targets(nets):
     return sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
 
 
-def fig_slopes(nets, targets, fits, report):
+def fig_slopes(nets, targets, fits, figures):
     fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets) + 2.5, 4.4),
                              layout="constrained", squeeze=False)
     drawn = []
     for ax, target in zip(axes[0], targets):
-        for obj in report.order:
+        for obj in figures.order:
             pts = slope_points([n for n in nets if n["objective"] == obj], target)
             if pts:
                 xs, ys = np.array(pts).T
-                ax.scatter(xs, ys, color=report.colours[obj], marker=marker_of(obj, report.order),
+                ax.scatter(xs, ys, color=figures.colours[obj], marker=figures.marker(obj),
                            s=28, alpha=0.8, linewidths=0)
                 drawn.append(obj)
         fit = fits[target]
@@ -1156,10 +1197,10 @@ def fig_slopes(nets, targets, fits, report):
             plt.Line2D([], [], color="0.3", linestyle="--", label="least-squares fit"),
             matplotlib.patches.Patch(color="0.3", alpha=0.15, linewidth=0,
                                      label="95% confidence band\nof the fitted mean")]
-    legend_right(fig, [o for o in report.order if o in set(drawn)], report, keys)
+    legend_right(fig, [o for o in figures.order if o in set(drawn)], figures, keys)
     fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares "
                  "with the 95% confidence band of its mean")
-    report.save_fig(fig, "fig6_r2_vs_linear")
+    figures.save(fig, "fig6_r2_vs_linear")
 
 
 def sweep_rows(by_obj, groups, targets):
@@ -1180,81 +1221,66 @@ def sweep_rows(by_obj, groups, targets):
     return rows
 
 
-def section_layers(nets, groups):
-    """Linear probes of layers other than pool: per objective, that layer's accuracy beside the
-    pool layer's on the same target, and (descriptive, not a verdict) its slope on R^2."""
-    pairs = sorted({k for n in nets for k in n["layers"]})
-    if not pairs or not groups:
-        return []
-    lines = ["## Linear probes of earlier layers", "",
-             "Mean ± standard error over seeds (%), the same protocol as the pool layer. The "
-             "paper finds that the objectives' representations differ mainly in the last few "
-             "layers (CKA), so a probe of an earlier layer should depend less on the objective.",
-             ""]
-    for target, layer in pairs:
-        rows = []
-        for obj, g in groups.items():
-            cells = []
-            for q in (lambda n: n["layers"].get((target, layer)),
-                      lambda n: n["linear"].get(target)):
-                m, se, k = mean_se(values(g, q))
-                cells.append("-" if k == 0 else f"{m:.2f}" + (f" ± {se:.2f}" if finite(se)
-                                                               else ""))
-            rows.append([display(obj), *cells])
-        lines += [f"### {target}: {layer}", ""]
-        lines += md_table(["Objective", f"{layer}", "pool"], rows) + [""]
-        fit = slope_fit([(n["r2"], n["layers"][(target, layer)]) for n in nets
-                         if finite(n["r2"]) and finite(n["layers"].get((target, layer)))])
-        fit_pool = slope_fit(slope_points(nets, target))
-        lines += [f"Slope on R^2 over networks (rule 1's fit, descriptive): {layer} "
-                  f"{fit_text(fit)}; pool {fit_text(fit_pool)}.", ""]
-    return lines
-
-
-def section_slopes(nets, by_obj, groups, report):
-    targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
-    if not targets:
-        report.notes.append("The slope rule (figure 6) skipped: it needs R^2 and a linear probe "
-                            "of at least 3 networks on one target.")
-        return []
-    fits = {t: slope_fit(slope_points(nets, t)) for t in targets}
-    per_target = {t: slope_verdict(f) for t, f in fits.items()}
-    overall = overall_verdict(list(per_target.values()))
-    report.verdicts.append((
-        "Higher R^2 goes with lower linear-probe transfer, network by network (slope rule)",
-        (overall, "; ".join(f"{t}: {per_target[t]}, {fit_text(fits[t])} (n = "
-                            f"{fits[t]['n'] if fits[t] else len(slope_points(nets, t))})"
-                            for t in targets))))
-    fig_slopes(nets, targets, fits, report)
-    lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
-             *[f"- {r}" for r in SLOPE_RULES], ""]
-    lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
-                      [[t, len(slope_points(nets, t)), slope_text(f),
-                        "-" if f is None else f"{f['p']:.2g}", per_target[t]]
-                       for t, f in fits.items()])
-    lines += ["", f"Overall (rule 2): **{overall}**.", ""]
-    lines += embed(report.written, "fig6_r2_vs_linear", "R^2 against linear transfer")
-    sweeps = sweep_rows(by_obj, groups, targets)
-    if sweeps:
-        lines += ["Within each sweep (rule 3):", ""]
-        lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
-                           "R^2 against the value: Spearman ρ (p)"],
-                          [[name, t, slope_text(f),
-                            slope_verdict(f),
-                            f"{rho:+.2f} ({p:.2g})" + (
-                                "" if not finite(p) or p >= ALPHA else
-                                (", rises" if rho > 0 else ", falls"))]
-                           for name, t, f, rho, p in sweeps]) + [""]
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------
-# report.md
+# The report's sections, in report.md's order: each returns a Section (its lines, verdicts and
+# notes), from the one list of networks (`nets`; `groups`: per objective, the networks of its
+# main hyperparameter variant; `by_obj`: every variant) and the table computed once (`cells`).
 
 def md_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return lines
+
+
+def section_results(groups, cols, cells, scratch, figures):
+    """The per-objective table (figures 1 and 2) and the verdicts read from it."""
+    if not cols:
+        return Section([], notes=["Figures 1 and 2 skipped: no accuracy of any network was "
+                                  "found."])
+    notes = fig_transfer(groups, figures)
+    fig_table(groups, cols, cells, figures)
+    lines = ["## Per-objective results (figures 1 and 2)", "",
+             "Mean ± standard error over seeds; accuracies in %. p: Welch t-test against softmax "
+             f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, "
+             "opposite, differs (where the paper finds no difference) or n.s. (not "
+             "significant). Each column header gives the paper's claim for every non-softmax "
+             "objective against softmax (SPEC.md).", ""]
+    lines += report_table(groups, cols, cells) + [""]
+    lines += figures.embed("fig1_top1_vs_transfer", "source top-1 against transfer")
+    lines += figures.embed("fig2_table", "table")
+    if scratch:
+        lines += ["Trained from scratch (no pretraining), as written by the script:", ""]
+        for (kind, d), v in sorted(scratch.items()):
+            m, se, n = mean_se(v)
+            lines.append(f"- {KIND_NAMES[kind]} {d}: {m:.4g}" +
+                         (f" ± {se:.2g}" if finite(se) else "") + f" (n={n})")
+        lines.append("")
+    return Section(lines, table_verdicts(groups, cols, cells), notes)
+
+
+def table_verdicts(groups, cols, cells):
+    """The verdicts on the claims that the table tests: top-1, R^2 and linear transfer against
+    softmax, R^2 against linear transfer over objectives, fine-tuning differences."""
+    keys = [k for k, *_ in cols]
+    linear = "linear:mean" if "linear:mean" in keys else next(
+        (k for k in keys if k.startswith("linear:")), None)
+    out = []
+    for claim, key, direction in (
+            ("Non-softmax objectives have higher source top-1 than softmax", "top1", "higher"),
+            ("Non-softmax objectives have higher class separation R^2 than softmax", "r2",
+             "higher"),
+            ("Non-softmax objectives have lower linear-probe transfer than softmax (the "
+             "paper's title)", linear, "lower")):
+        v = direction_verdict(cells, key, direction) if key in keys else None
+        if v:
+            out.append((claim, v))
+    corr = correlation_verdict(groups, ACCURACIES["linear"][0], -1)
+    if corr:
+        out.append(("Higher R^2 goes with lower linear-probe transfer", corr))
+    ft = finetune_verdict(groups, cells, cols)
+    if ft:
+        out.append(("Fine-tuning differences are small", ft))
+    return out
 
 
 def report_table(groups, cols, cells):
@@ -1271,13 +1297,68 @@ def report_table(groups, cols, cells):
     return md_table(header, rows)
 
 
+def section_cka(found, runs, groups, figures):
+    notes = []
+    c = load_cka(found, runs, notes)
+    if c is None:
+        return Section([], notes=notes + ["CKA (figure 3) skipped: no readable cka.npz."])
+    idx = cka_groups(c, groups)
+    with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s = cka_summary(c, idx)
+        notes += fig_cka(c, idx, s, figures)
+        table = cka_table(c, s)
+        v = cka_verdict(c, s, idx)
+    verdicts = [("CKA between objectives matches the different-seed baseline except in the last "
+                 "few layers", v)] if v else []
+    lines = (["## CKA (figure 3)", "", f"From `{c['path']}`: {c['cka'].shape[0]} networks, "
+              f"{len(c['layers'])} layers, {c['n_images'] or 'unknown number of'} images. The "
+              f"paper's claim: CKA between objectives matches the different-seed baseline "
+              f"except in the last few layers.", ""] + table + [""] +
+             figures.embed("fig3_cka_by_layer", "CKA by layer") +
+             figures.embed("fig3_cka_matrices", "CKA matrices"))
+    return Section(lines, verdicts, notes)
+
+
+def cka_table(c, s):
+    """Per layer: CKA between objectives and the same-objective baseline, mean [min, max]."""
+    between, same = s["between"], s["same"]
+    rows = []
+    for l, name in enumerate(c["layers"]):
+        b = f"{np.nanmean(between[:, l]):.3f} [{np.nanmin(between[:, l]):.3f}, " \
+            f"{np.nanmax(between[:, l]):.3f}]" if len(between) else "-"
+        w = f"{np.nanmean(same[:, l]):.3f} [{np.nanmin(same[:, l]):.3f}, " \
+            f"{np.nanmax(same[:, l]):.3f}]" if len(same) else "-"
+        below = "-"
+        if len(between) and len(same):   # below by more than the 3 decimals shown
+            below = "yes" if np.nanmean(between[:, l]) < np.nanmin(same[:, l]) - 1e-3 else "no"
+        rows.append([name, b, w, below])
+    return md_table(["Layer", "between objectives: mean [min, max]",
+                     "same objective, other seed: mean [min, max]",
+                     "between-objective mean below the baseline's range"], rows)
+
+
+def section_class_separation(groups, figures):
+    rows = [[display(obj)] + [mean_text(values(nets, lambda x, k=key: x[k]), digits)
+                              for key, digits in (("r2", 3), ("sparsity", 3), ("dim", 1))]
+            for obj, nets in groups.items() if any(n["r2"] is not None for n in nets)]
+    if not rows:
+        return Section([], notes=["Class separation (figure 4) skipped: no class_separation.json "
+                                  "with a pool layer R^2."])
+    notes = fig_class_separation(groups, figures)
+    lines = (["## Class separation of the penultimate layer (figure 4)", ""] +
+             md_table(["Objective", "R^2 (pool)", "sparsity (fraction of zeros)",
+                       "participation-ratio dimensionality"], rows) +
+             ["", "Rank correlations:", ""] + report_correlations(groups) + [""] +
+             figures.embed("fig4_class_separation", "class separation"))
+    return Section(lines, notes=notes)
+
+
 def report_correlations(groups):
     nets = [n for g in groups.values() for n in g]
     lines = []
     rows = []
-    for label, q, claim in (("source top-1", lambda n: n["top1"], "positive"),
-                            ("linear probe mean", lambda n: mean_of(n["linear"]), "negative"),
-                            ("fine-tune mean", lambda n: mean_of(n["finetune"]), "none")):
+    for q, _, label, claim in ACCURACIES.values():
         per_obj = objective_means(groups, lambda n: n["r2"], q)
         per_net = [(n["r2"], q(n)) for n in nets if finite(n["r2"]) and finite(q(n))]
         if not per_obj:
@@ -1298,55 +1379,85 @@ def report_correlations(groups):
     return lines
 
 
-def report_cka(c, idx, s):
-    layers = c["layers"]
-    between = s["between"]
-    same = s["same"]
-    lines = [f"From `{c['path']}`: {c['cka'].shape[0]} networks, {len(layers)} layers, "
-             f"{c['n_images'] or 'unknown number of'} images. The paper's claim: CKA between "
-             f"objectives matches the different-seed baseline except in the last few layers.", ""]
-    rows = []
-    for l, name in enumerate(layers):
-        b = f"{np.nanmean(between[:, l]):.3f} [{np.nanmin(between[:, l]):.3f}, " \
-            f"{np.nanmax(between[:, l]):.3f}]" if len(between) else "-"
-        w = f"{np.nanmean(same[:, l]):.3f} [{np.nanmin(same[:, l]):.3f}, " \
-            f"{np.nanmax(same[:, l]):.3f}]" if len(same) else "-"
-        below = "-"
-        if len(between) and len(same):   # below by more than the 3 decimals shown
-            below = "yes" if np.nanmean(between[:, l]) < np.nanmin(same[:, l]) - 1e-3 else "no"
-        rows.append([name, b, w, below])
-    lines += md_table(["Layer", "between objectives: mean [min, max]",
-                       "same objective, other seed: mean [min, max]",
-                       "between-objective mean below the baseline's range"], rows)
-    return lines
+def section_slopes(nets, by_obj, groups, figures):
+    """The slope rule (figure 6): rules 1 and 2 per target and overall, rule 3 per sweep."""
+    targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
+    if not targets:
+        return Section([], notes=["The slope rule (figure 6) skipped: it needs R^2 and a linear "
+                                  "probe of at least 3 networks on one target."])
+    fits = {t: slope_fit(slope_points(nets, t)) for t in targets}
+    per_target = {t: slope_verdict(f) for t, f in fits.items()}
+    overall = overall_verdict(list(per_target.values()))
+    verdict = ("Higher R^2 goes with lower linear-probe transfer, network by network (slope rule)",
+               (overall, "; ".join(f"{t}: {per_target[t]}, {fit_text(fits[t])} (n = "
+                                   f"{fits[t]['n'] if fits[t] else len(slope_points(nets, t))})"
+                                   for t in targets)))
+    fig_slopes(nets, targets, fits, figures)
+    lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
+             *[f"- {r}" for r in SLOPE_RULES], ""]
+    lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
+                      [[t, len(slope_points(nets, t)), slope_text(f),
+                        "-" if f is None else f"{f['p']:.2g}", per_target[t]]
+                       for t, f in fits.items()])
+    lines += ["", f"Overall (rule 2): **{overall}**.", ""]
+    lines += figures.embed("fig6_r2_vs_linear", "R^2 against linear transfer")
+    sweeps = sweep_rows(by_obj, groups, targets)
+    if sweeps:
+        lines += ["Within each sweep (rule 3):", ""]
+        lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
+                           "R^2 against the value: Spearman ρ (p)"],
+                          [[name, t, slope_text(f),
+                            slope_verdict(f),
+                            f"{rho:+.2f} ({p:.2g})" + (
+                                "" if not finite(p) or p >= ALPHA else
+                                (", rises" if rho > 0 else ", falls"))]
+                           for name, t, f, rho, p in sweeps]) + [""]
+    return Section(lines, [verdict])
 
 
-def report_class_separation(groups):
-    rows = []
-    for obj, nets in groups.items():
-        if not any(n["r2"] is not None for n in nets):
-            continue
-        cells = []
-        for key, digits in (("r2", 3), ("sparsity", 3), ("dim", 1)):
-            m, se, n = mean_se(values(nets, lambda x, k=key: x[k]))
-            cells.append("-" if n == 0 else f"{m:.{digits}f}" +
-                         (f" ± {se:.{digits}f}" if finite(se) else ""))
-        rows.append([display(obj)] + cells)
-    return md_table(["Objective", "R^2 (pool)", "sparsity (fraction of zeros)",
-                     "participation-ratio dimensionality"], rows) if rows else []
+def section_layers(nets, groups):
+    """Linear probes of layers other than pool: per objective, that layer's accuracy beside the
+    pool layer's on the same target, and (descriptive, not a verdict) its slope on R^2."""
+    pairs = sorted({k for n in nets for k in n["layers"]})
+    if not pairs or not groups:
+        return Section([])
+    lines = ["## Linear probes of earlier layers", "",
+             "Mean ± standard error over seeds (%), the same protocol as the pool layer. The "
+             "paper finds that the objectives' representations differ mainly in the last few "
+             "layers (CKA), so a probe of an earlier layer should depend less on the objective.",
+             ""]
+    for target, layer in pairs:
+        rows = [[display(obj), *(mean_text(values(g, q), 2) for q in (
+            lambda n: n["layers"].get((target, layer)), lambda n: n["linear"].get(target)))]
+            for obj, g in groups.items()]
+        lines += [f"### {target}: {layer}", ""]
+        lines += md_table(["Objective", f"{layer}", "pool"], rows) + [""]
+        fit = slope_fit([(n["r2"], n["layers"][(target, layer)]) for n in nets
+                         if finite(n["r2"]) and finite(n["layers"].get((target, layer)))])
+        fit_pool = slope_fit(slope_points(nets, target))
+        lines += [f"Slope on R^2 over networks (rule 1's fit, descriptive): {layer} "
+                  f"{fit_text(fit)}; pool {fit_text(fit_pool)}.", ""]
+    return Section(lines)
 
 
-def report_sweep(obj, key, points, quantities):
-    header = [key, "networks"] + [t for t, *_ in quantities]
-    rows = []
-    for v, ns in points.items():
-        row = [fmt_value(v), str(len(ns))]
-        for _, _, q, digits in quantities:
-            m, se, n = mean_se(values(ns, q))
-            row.append("-" if n == 0 else f"{m:.{digits}f}" + (f" ± {se:.{digits}f}"
-                                                                if finite(se) else ""))
-        rows.append(row)
-    return [f"### {display(obj)}: {key}", ""] + md_table(header, rows) + [""]
+def section_sweeps(by_obj, groups, figures):
+    """Figure 5 and a table per sweep: each quantity's mean per value of the hyperparameter."""
+    sweeps = find_sweeps(by_obj, groups) if groups else []
+    if not sweeps:
+        return Section([], notes=["Hyperparameter sweeps (figure 5) skipped: no objective was "
+                                  "trained with several values of one hyperparameter."])
+    lines = ["## Hyperparameter sweeps (figure 5)", ""]
+    for obj, key, points in sweeps:
+        made = fig_sweep(obj, key, points, figures)
+        if made:
+            name, quantities = made
+            rows = [[fmt_value(v), str(len(ns))] +
+                    [mean_text(values(ns, q), digits) for _, _, q, digits in quantities]
+                    for v, ns in points.items()]
+            lines += [f"### {display(obj)}: {key}", ""]
+            lines += md_table([key, "networks"] + [t for t, *_ in quantities], rows) + [""]
+            lines += [f"![{display(obj)} {key} sweep]({name}.png)", ""]
+    return Section(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1667,104 +1778,6 @@ def assign_colours(nets):
     return colours, order
 
 
-def embed(written, name, alt):
-    return [f"![{alt}]({name}.png)", ""] if any(
-        os.path.basename(p) == f"{name}.png" for p in written) else []
-
-
-def section_results(groups, scratch, report):
-    cols = columns(groups) if groups else []
-    if not cols:
-        report.notes.append("Figures 1 and 2 skipped: no accuracy of any network was found.")
-        return []
-    cells = table_cells(groups, cols)
-    keys = [k for k, *_ in cols]
-    linear = "linear:mean" if "linear:mean" in keys else next(
-        (k for k in keys if k.startswith("linear:")), None)
-    for claim, key, direction in (
-            ("Non-softmax objectives have higher source top-1 than softmax", "top1", "higher"),
-            ("Non-softmax objectives have higher class separation R^2 than softmax", "r2",
-             "higher"),
-            ("Non-softmax objectives have lower linear-probe transfer than softmax (the "
-             "paper's title)", linear, "lower")):
-        v = direction_verdict(cells, key, direction) if key in keys else None
-        if v:
-            report.verdicts.append((claim, v))
-    corr = correlation_verdict(groups, lambda n: mean_of(n["linear"]), -1)
-    if corr:
-        report.verdicts.append(("Higher R^2 goes with lower linear-probe transfer", corr))
-    ft = finetune_verdict(groups, cells, cols)
-    if ft:
-        report.verdicts.append(("Fine-tuning differences are small", ft))
-    fig_transfer(groups, report)
-    fig_table(groups, cols, cells, report)
-    lines = ["## Per-objective results (figures 1 and 2)", "",
-             "Mean ± standard error over seeds; accuracies in %. p: Welch t-test against softmax "
-             f"(two-sided); beside it, the paper's claim checked at p < {ALPHA}: agrees, "
-             "opposite, differs (where the paper finds no difference) or n.s. (not "
-             "significant). Each column header gives the paper's claim for every non-softmax "
-             "objective against softmax (SPEC.md).", ""]
-    lines += report_table(groups, cols, cells) + [""]
-    lines += embed(report.written, "fig1_top1_vs_transfer", "source top-1 against transfer")
-    lines += embed(report.written, "fig2_table", "table")
-    if scratch:
-        lines += ["Trained from scratch (no pretraining), as written by the script:", ""]
-        for (kind, d), v in sorted(scratch.items()):
-            m, se, n = mean_se(v)
-            lines.append(f"- {KIND_NAMES[kind]} {d}: {m:.4g}" +
-                         (f" ± {se:.2g}" if finite(se) else "") + f" (n={n})")
-        lines.append("")
-    return lines
-
-
-def section_cka(found, runs, groups, report):
-    c = load_cka(found, runs, report.notes)
-    if c is None:
-        report.notes.append("CKA (figure 3) skipped: no readable cka.npz.")
-        return []
-    idx = cka_groups(c, groups)
-    with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        s = cka_summary(c, idx)
-        fig_cka(c, idx, s, report)
-        table = report_cka(c, idx, s)
-        v = cka_verdict(c, s, idx)
-    if v:
-        report.verdicts.append(("CKA between objectives matches the different-seed baseline "
-                                "except in the last few layers", v))
-    return (["## CKA (figure 3)", ""] + table + [""] +
-            embed(report.written, "fig3_cka_by_layer", "CKA by layer") +
-            embed(report.written, "fig3_cka_matrices", "CKA matrices"))
-
-
-def section_class_separation(groups, report):
-    table = report_class_separation(groups)
-    if not table:
-        report.notes.append("Class separation (figure 4) skipped: no class_separation.json with "
-                            "a pool layer R^2.")
-        return []
-    fig_class_separation(groups, report)
-    return (["## Class separation of the penultimate layer (figure 4)", ""] + table +
-            ["", "Rank correlations:", ""] + report_correlations(groups) + [""] +
-            embed(report.written, "fig4_class_separation", "class separation"))
-
-
-def section_sweeps(by_obj, groups, report):
-    sweeps = find_sweeps(by_obj, groups) if groups else []
-    if not sweeps:
-        report.notes.append("Hyperparameter sweeps (figure 5) skipped: no objective was trained "
-                            "with several values of one hyperparameter.")
-        return []
-    lines = ["## Hyperparameter sweeps (figure 5)", ""]
-    for obj, key, points in sweeps:
-        made = fig_sweep(obj, key, points, report)
-        if made:
-            name, quantities = made
-            lines += report_sweep(obj, key, points, quantities)
-            lines += [f"![{display(obj)} {key} sweep]({name}.png)", ""]
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------
 # Machine-readable results: results.csv (a row per network), objectives.csv (the table)
 
@@ -1781,30 +1794,11 @@ def csv_value(v):
     return v if v is None or isinstance(v, (bool, str)) or finite(v) else None
 
 
-def transfer_keys(nets):
-    """(column key, quantity) of every transfer result: linear:<d>, linear:<d>:<layer>,
-    finetune:<d>, and kind:mean where a kind has several datasets (as the table's)."""
-    keys = []
-    for kind in ("linear", "finetune"):
-        datasets = sorted({d for n in nets for d in n[kind]})
-        keys += [(f"{kind}:{d}", lambda n, k=kind, d=d: n[k].get(d)) for d in datasets]
-        if kind == "linear":
-            keys += [(f"linear:{d}:{layer}", lambda n, dl=(d, layer): n["layers"].get(dl))
-                     for d, layer in sorted({dl for n in nets for dl in n["layers"]})]
-        if len(datasets) > 1:
-            keys.append((f"{kind}:mean", lambda n, k=kind: mean_of(n[k])))
-    return keys
-
-
-SEPARATION = (("sparsity", "Sparsity (pool, fraction of zeros)"),
-              ("dim", "Participation-ratio dimensionality (pool)"),
-              ("dead", "Dead units (pool, fraction of channels zero on every image)"))
-
-
 def results_rows(nets, groups):
     """results.csv: one row per network, in the report's objective order, then seed."""
     in_table = {id(n) for g in groups.values() for n in g}
-    hps, keys = hparam_names(nets), transfer_keys(nets)
+    hps = hparam_names(nets)
+    transfer = [(k, q) for k, _, _, q, _, _ in quantities(nets, layers=True) if ":" in k]
     extra = [k for k, _ in SEPARATION if k != "dead" or any(n["dead"] is not None for n in nets)]
     order = {o: i for i, o in enumerate(list(common.OBJECTIVES))}
     rows = []
@@ -1818,21 +1812,17 @@ def results_rows(nets, groups):
         row.update({"epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
                     "top1": n["top1"], "top1_from": None if n["top1"] is None else
                     n["sources"].get("top1", "training")})
-        row.update({k: q(n) for k, q in keys})
+        row.update({k: q(n) for k, q in transfer})
         row.update({"r2": n["r2"], **{k: n[k] for k in extra}})
         rows.append({k: csv_value(v) for k, v in row.items()})
     return rows
 
 
-def objectives_rows(groups):
-    """objectives.csv: the report's table (columns()/table_cells()) in long form, one row per
-    objective and quantity, plus the pool layer's sparsity, dimensionality and dead units
-    (no claim of the paper: no verdict)."""
-    nets = [n for g in groups.values() for n in g]
-    cols = columns(groups) + [(k, name, None, lambda n, k=k: n[k], 3, "")
-                              for k, name in SEPARATION if values(nets, lambda n, k=k: n[k])]
-    cells = table_cells(groups, cols)
-    hps = hparam_names(nets)
+def objectives_rows(groups, cols, cells):
+    """objectives.csv: the report's table in long form, one row per objective and quantity,
+    plus the pool layer's sparsity, dimensionality and dead units (no claim of the paper: no
+    verdict)."""
+    hps = hparam_names([n for g in groups.values() for n in g])
     rows = []
     for obj, members in groups.items():
         hp = members[0]["hparams"]
@@ -1847,29 +1837,58 @@ def objectives_rows(groups):
     return rows
 
 
-def write_tables(out, nets, groups):
+def write_tables(out, nets, groups, cols, cells):
     """results.csv and objectives.csv beside report.md; the paths written."""
     written = []
     for name, rows in (("results.csv", results_rows(nets, groups)),
-                       ("objectives.csv", objectives_rows(groups) if groups else [])):
+                       ("objectives.csv", objectives_rows(groups, cols, cells) if groups else [])):
         if rows:
             common.write_csv(os.path.join(out, name), rows)
             written.append(name)
     return written
 
 
-def main():
-    args = parse_args()
-    runs = args.runs
-    if not os.path.isdir(runs):
-        raise common.UserError(f"--runs folder not found: {runs}")
-    out = runs if args.out is None else args.out   # --out '' is an error, not --runs
+def output_options(args):
+    """--out, --dpi and --formats checked: (out, formats); one-line errors."""
+    if not os.path.isdir(args.runs):
+        raise common.UserError(f"--runs folder not found: {args.runs}")
+    out = args.runs if args.out is None else args.out   # --out '' is an error, not --runs
     if not 20 <= args.dpi <= 1200:
         raise common.UserError(f"--dpi {args.dpi} is out of range; use 20-1200 (default 150)")
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
         raise common.UserError(f"--formats {args.formats!r}: use png, pdf and/or svg, "
                                f"comma-separated")
+    return out, formats
+
+
+def report_text(runs, found, nets, groups, sections, notes, written):
+    """report.md: what was read, the verdicts, the setup, the sections, then the notes."""
+    counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
+        ("train", "training results.json"), ("evaluate", "evaluate results.json"),
+        ("linear_probe", "linear-probe results.json"),
+        ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
+        ("class_separation", "class_separation.json")))
+    figures = sorted({os.path.basename(p) for p in written if p.endswith(".png")})
+    lines = ["# Report: why do better loss functions lead to less transferable features?", "",
+             f"Read from `{runs}`: {counts}; {len(nets)} network(s) of {len(groups)} "
+             f"objective(s).", "",
+             "The paper's claims (Kornblith et al. 2021, SPEC.md): non-softmax objectives have "
+             "higher source top-1 and higher class separation R^2 than softmax; higher R^2 goes "
+             "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
+             "objectives matches the different-seed baseline except in the last few layers.", "",
+             "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
+    lines += section_verdicts([v for s in sections for v in s.verdicts]) + section_setup(found)
+    lines += [line for s in sections for line in s.lines]
+    lines += ["## Notes: what was missing or skipped", ""]
+    lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
+    return "\n".join(lines) + "\n", figures
+
+
+def main():
+    args = parse_args()
+    runs = args.runs
+    out, formats = output_options(args)
     common.make_out_dir(out, "figures", args.overwrite)
 
     notes = []
@@ -1879,39 +1898,24 @@ def main():
         notes.append("No softmax networks: no p-values or comparison against softmax.")
     if stats is None:
         notes.append("scipy is not installed: no p-values and no rank correlations.")
-    report = Report(out, formats, args.dpi, *assign_colours(nets), notes=notes)
-    sections = section_results(groups, scratch, report)
-    sections += section_cka(found, runs, groups, report)
-    sections += section_class_separation(groups, report)
-    sections += section_slopes(nets, by_obj, groups, report)
-    sections += section_layers(nets, groups)
-    sections += section_sweeps(by_obj, groups, report)
-
-    counts = ", ".join(f"{len(found[k])} {name}" for k, name in (
-        ("train", "training results.json"), ("evaluate", "evaluate results.json"),
-        ("linear_probe", "linear-probe results.json"),
-        ("finetune", "fine-tune results.json"), ("cka", "cka.npz"),
-        ("class_separation", "class_separation.json")))
-    figures = sorted({os.path.basename(p) for p in report.written if p.endswith(".png")})
-    lines = ["# Report: why do better loss functions lead to less transferable features?", "",
-             f"Read from `{runs}`: {counts}; {len(nets)} network(s) of {len(groups)} "
-             f"objective(s).", "",
-             "The paper's claims (Kornblith et al. 2021, SPEC.md): non-softmax objectives have "
-             "higher source top-1 and higher class separation R^2 than softmax; higher R^2 goes "
-             "with lower linear-probe transfer; fine-tuning differences are small; CKA between "
-             "objectives matches the different-seed baseline except in the last few layers.", "",
-             "Figures: " + (", ".join(f"`{f}`" for f in figures) or "none") + ".", ""]
-    lines += (section_verdicts(report.verdicts) + section_setup(found) + sections +
-              ["## Notes: what was missing or skipped", ""])
-    lines += [f"- {n}" for n in notes] or ["- nothing: every piece was found."]
-    text = "\n".join(lines) + "\n"
+    figures = Figures(out, formats, args.dpi, *assign_colours(nets))
+    cols = quantities([n for g in groups.values() for n in g], separation=True)
+    cells = table_cells(groups, cols)   # the table, its verdicts and objectives.csv
+    sections = [section_results(groups, [c for c in cols if c[2]], cells, scratch, figures),
+                section_cka(found, runs, groups, figures),
+                section_class_separation(groups, figures),
+                section_slopes(nets, by_obj, groups, figures),
+                section_layers(nets, groups),
+                section_sweeps(by_obj, groups, figures)]
+    notes += [note for s in sections for note in s.notes]
+    text, pngs = report_text(runs, found, nets, groups, sections, notes, figures.written)
     report = os.path.join(out, "report.md")
     try:
         common.atomic_write(report, lambda f: f.write(text.encode()))
     except OSError as e:
         raise common.UserError(f"cannot write {report}: {e.strerror or e}")
-    tables = write_tables(out, nets, groups)
-    print(f"wrote {report}, {' and '.join(tables) or 'no table'} and {len(figures)} figure(s) "
+    tables = write_tables(out, nets, groups, cols, cells)
+    print(f"wrote {report}, {' and '.join(tables) or 'no table'} and {len(pngs)} figure(s) "
           f"({', '.join(formats)}) to {out}; {len(notes)} note(s) in the report")
 
 

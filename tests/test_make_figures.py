@@ -207,12 +207,12 @@ def test_full_study(tmp_path, monkeypatch):
 
 def capture_figures(monkeypatch):
     """{name: figure} of every figure make_figures saves (closed, but its artists readable)."""
-    figs, real = {}, make_figures.Report.save_fig
+    figs, real = {}, make_figures.Figures.save
 
     def save(self, fig, name):
         figs[name] = fig
         return real(self, fig, name)
-    monkeypatch.setattr(make_figures.Report, "save_fig", save)
+    monkeypatch.setattr(make_figures.Figures, "save", save)
     return figs
 
 
@@ -743,3 +743,18 @@ def test_each_file_is_checked_whole_before_any_of_it_is_used(tmp_path, monkeypat
     assert rows["Softmax"][1].startswith("2 (0, 1)")      # the good run is used
     assert (out / "fig1_top1_vs_transfer.png").exists() and (out / "fig4_class_separation.png"
                                                              ).exists()
+
+
+def test_sections_return_their_notes(tmp_path):
+    """A report section gives back its lines, verdicts and notes (issue 28): with nothing to
+    show, no lines and one note saying what was skipped; nothing is written."""
+    figures = make_figures.Figures(str(tmp_path), ["png"], 50, {}, [])
+    for section in (make_figures.section_class_separation({}, figures),
+                    make_figures.section_sweeps({}, {}, figures),
+                    make_figures.section_slopes([], {}, {}, figures),
+                    make_figures.section_results({}, [], {}, {}, figures)):
+        assert isinstance(section, make_figures.Section)
+        assert section.lines == [] and not section.verdicts and len(section.notes) == 1
+        assert "skipped" in section.notes[0]
+    assert make_figures.section_layers([], {}) == make_figures.Section([])
+    assert figures.written == [] and os.listdir(tmp_path) == []

@@ -290,7 +290,6 @@ def test_a_rerun_lends_its_dead_units_only_when_it_reproduced_the_reused_record(
 def test_bad_arguments_are_one_line_with_status_2(tmp_path):
     """study.py printed argparse's usage block, exited 1 on its errors and took --jobs 0."""
     import subprocess
-    import sys
     script = os.path.join(ROOT, "results", "cifar10_coarse", "study.py")
     for args, env, message in (
             (["train", "--jobs", "0"], {}, "argument --jobs: '0' must be > 0"),
@@ -319,3 +318,23 @@ def test_one_rate_keeps_a_diverged_run_as_a_result_and_records_a_crash(tmp_path,
     what, failure = one_rate.train_one(crashed)
     assert what == "FAILED: lr1.6/softmax_s0" and "MemoryError" in failure
     assert one_rate.status(crashed) is None and os.path.exists(os.path.join(crashed.out, "FAILED"))
+
+
+def test_probe_folders_are_linear_probes_own():
+    """TARGETS' folders come from linear_probe.pair_dir, and they are the folders that
+    linear_probe.py wrote for the committed networks."""
+    for t, (_, _, folder) in study.TARGETS.items():
+        assert os.path.isfile(os.path.join(study.HERE, "runs", "probe", "softmax_s0", folder,
+                                           "results.json")), t
+
+
+def test_study_runs_as_a_script_from_anywhere(tmp_path):
+    """study.py finds the repository's modules (common, linear_probe, make_figures) by their
+    files, not by a sys.path entry: run as a script from another folder, it starts."""
+    import subprocess
+    script = os.path.join(ROOT, "results", "cifar10_coarse", "study.py")
+    r = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "control" in r.stdout, r.stderr[-500:]
+    with open(script) as f:
+        assert "sys.path.insert" not in f.read()

@@ -33,7 +33,7 @@ import subprocess
 import sys
 
 import study  # the first protocol's driver, beside this file: recipe, targets, probes
-from study import common  # noqa: E402  (study puts the repository root on sys.path)
+from study import common  # noqa: E402  (study loads it from the repository root)
 
 HERE, ROOT = study.HERE, study.ROOT
 OUT = os.path.abspath(os.environ.get("ONE_RATE_DIR", os.path.join(HERE, "one_rate")))

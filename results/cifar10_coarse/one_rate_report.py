@@ -8,14 +8,13 @@ Every rule below is the plan's, numbered as there; the thresholds are its consta
 import json
 import math
 import os
-import sys
 
 import numpy as np
 
 import one_rate
 import study
 
-sys.path.insert(0, study.ROOT)
+study.repo_module("make_figures")   # from the repository root: the import below finds it loaded
 from make_figures import (finite, holm, mean_se, overall_verdict, slope_fit,  # noqa: E402
                           slope_text, slope_verdict, spearman, stats, tost_p, welch)
 

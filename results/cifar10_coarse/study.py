@@ -32,6 +32,7 @@ and one loader worker each).
    verdict of report.md sees it), then control/control.md: the table and the control's rule.
 """
 import concurrent.futures
+import importlib.util
 import json
 import os
 import shutil
@@ -46,8 +47,26 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
-import common  # noqa: E402  (the scripts' argument parser and one-line errors)
+
+
+def repo_module(name):
+    """The repository's module NAME (common, linear_probe, make_figures), loaded from its file
+    under ROOT once (then from sys.modules, where its own `import common` finds common too).
+    Run as a script, this file has its own folder on the import path, not the repository root:
+    naming the file here keeps that path as Python set it, for one_rate.py's `import study`."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(sys.modules[name])
+        except BaseException:   # as `import` does: no half-loaded module left behind
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+common = repo_module("common")   # the scripts' argument parser and one-line errors
+linear_probe = repo_module("linear_probe")   # after common, which it imports
 SHARED = os.environ.get("SHARED", "../shared/data")  # relative to the repository root
 SOURCE = f"npz:{SHARED}/cifar10@0+8,1+9,3+5,4+7,2+6,per_class=2000"
 TRAIN = ["--data", SOURCE, "--arch", "resnet18", "--no-small-input", "--batch-size", "128",
@@ -63,14 +82,24 @@ OBJECTIVES = {  # objective -> flags at its default (the learning-rate grid runs
     "cosine_softmax": ["--objective", "cosine_softmax", "--tau", "0.05"],
     "squared_error": ["--objective", "squared_error", "--loss-scale", "0.005"],
 }
+
+
+def probe_target(spec, layer="pool", folds=None):
+    """A transfer target: (dataset spec, its linear_probe.py flags, the folder that
+    linear_probe.py writes a network's probe into under probe/NAME/: the last part of
+    linear_probe.pair_dir, e.g. cifar10@from_test+block6)."""
+    flags = ([] if layer == "pool" else ["--layer", layer]) + \
+        ([] if folds is None else ["--folds", str(folds)])
+    folder = linear_probe.pair_dir("", "", common.dataset_label(spec), layer, folds)
+    return spec, flags, os.path.basename(folder)
+
+
 # Transfer targets (README.md): name -> (dataset spec, extra linear_probe flags, output folder name)
 TARGETS = {
-    "coarse_to_fine": (f"npz:{SHARED}/cifar10@from=test", [], "cifar10@from_test"),
-    "clothing": (f"npz:{SHARED}/clothing_small", ["--folds", "5"], "clothing_small+5fold"),
-    "fashion_mnist": (f"npz:{SHARED}/fashion_mnist@per_class=1000", [],
-                      "fashion_mnist@per_class_1000"),
-    "coarse_to_fine_block6": (f"npz:{SHARED}/cifar10@from=test", ["--layer", "block6"],
-                              "cifar10@from_test+block6"),
+    "coarse_to_fine": probe_target(f"npz:{SHARED}/cifar10@from=test"),
+    "clothing": probe_target(f"npz:{SHARED}/clothing_small", folds=5),
+    "fashion_mnist": probe_target(f"npz:{SHARED}/fashion_mnist@per_class=1000"),
+    "coarse_to_fine_block6": probe_target(f"npz:{SHARED}/cifar10@from=test", layer="block6"),
 }
 # Fine-tuning: lr per 256 from FT_LRS (extended by a factor 3 past a winning edge, as for
 # training) x weight decay 8e-5, chosen on the target's val split, 6 epochs.
@@ -378,8 +407,8 @@ def network_numbers(folder, name):
 def control_report():
     """control.md: the control's networks beside the study's defaults, and the control's rule
     (README.md, fixed before its numbers existed)."""
-    sys.path.insert(0, ROOT)
-    from make_figures import mean_se, welch_p
+    statistics = repo_module("make_figures")
+    mean_se, welch_p = statistics.mean_se, statistics.welch_p
     groups = {}   # row label -> [numbers of each seed]
     for name in COMPARED:
         seeds = NETWORKS[name][2]
