@@ -79,7 +79,7 @@ def test_rank_deficient_features_are_solved_exactly():
     x[:, 6] = x[:, 7]
     lam = 1e-2
     prob = lp.prepare(torch.from_numpy(x.copy()), len(x))
-    assert prob["Z"].shape[1] < 60          # rank <= n - 1 after centring
+    assert prob.Z.shape[1] < 60          # rank <= n - 1 after centring
     W, b, info = lp.solve_logistic(x, y, lam, 3)
     sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
     f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
@@ -103,8 +103,7 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     x, y = blobs(1500, 30, 4, seed=3, sep=0.4)
     train, val, test = (x[:900], y[:900]), (x[900:1200], y[900:1200]), (x[1200:], y[1200:])
     lambdas = lp.parse_lambdas("1e-5:1e2:8")
-    res, W, b = lp.run_probe(train, val, test, num_classes=4, metric="top1", lambdas=lambdas,
-                             log=None)
+    res, W, b = lp.run_probe(train, val, test, 4, lp.ProbeSettings(lambdas, log=None))
     assert [p["lambda"] for p in res["path"]] == sorted(lambdas, reverse=True)
     assert all(p["converged"] for p in res["path"]) and res["refit"]["converged"]
     xs = standardized(train[0], train[0])
@@ -178,9 +177,8 @@ def test_folds_are_stratified_and_each_example_is_tested_once(tmp_path):
     assert r["test_accuracy"] == pytest.approx((pred == y).mean())
     test, val = fold == 2, fold == 3
     train = ~(test | val)
-    one, _, _ = lp.run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
-                             num_classes=3, metric="top1", lambdas=[1e-3, 1e-2, 1e-1, 1, 10],
-                             log=None)
+    one, _, _ = lp.run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]), 3,
+                             lp.ProbeSettings([1e-3, 1e-2, 1e-1, 1, 10], log=None))
     assert r["fold_results"][2]["test_accuracy"] == one["test_accuracy"]
     assert r["fold_results"][2]["best_lambda"] == one["best_lambda"]
     assert r["fold_accuracy_std"] == pytest.approx(
