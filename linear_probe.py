@@ -364,8 +364,6 @@ def eigh(cov):
         return torch.linalg.eigh(cov)
 
 
-
-
 def prepare(X, n_fit, y=None, num_classes=None):
     """Centre X (rows [0, n_fit) are fitted) and rotate it onto the eigenvectors of the fitted rows'
     covariance, in place when no direction is dropped. Directions without variance (rank-deficient
@@ -1006,7 +1004,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if common is None:
-        import sys
         print("error: the script needs common.py from the kit beside it; the method works "
               "alone: import it", file=sys.stderr)
         raise SystemExit(2)
