@@ -737,7 +737,12 @@ def read_cache(path, key, view):
 # Outputs
 
 def pair_dir(out, label, dataset, layer, folds=None):
-    """OUT/<checkpoint label>/<dataset>[+<layer> unless pool][+<k>fold]."""
+    """The folder of one (checkpoint, dataset) probe, where its results.json and probe.npz go:
+    OUT/<checkpoint label>/<dataset>[+<layer> unless pool][+<k>fold].
+
+    >>> pair_dir("probe", "softmax_s0", "cifar10", "block16", folds=5)
+    'probe/softmax_s0/cifar10+block16+5fold'
+    """
     name = dataset + ("" if layer == "pool" else f"+{layer}") + (f"+{folds}fold" if folds else "")
     return os.path.join(out, safe_name(label), name)
 

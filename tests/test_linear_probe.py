@@ -127,6 +127,21 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     assert res["test_accuracy"] == pytest.approx(acc) and res["metric"] == "top1"
 
 
+def test_the_scorer_is_a_parameter():
+    """run_probe scores with settings.accuracy: top-1 only by default (the method alone); the
+    script passes the project's one rule (common, through lp.accuracy), and its mean_per_class
+    picks lambda and is the test accuracy when it is the metric."""
+    x, y = blobs(600, 10, 3, seed=5, sep=0.4, weights=[0.6, 0.3, 0.1])
+    splits = (x[:300], y[:300]), (x[300:450], y[300:450]), (x[450:], y[450:])
+    res, _, _ = lp.run_probe(*splits, 3, lp.ProbeSettings([1e-3, 1e-1, 10], log=None))
+    assert [k for k in res if k.startswith("test_")] == ["test_accuracy", "test_top1"]
+    res, W, b = lp.run_probe(*splits, 3, lp.ProbeSettings(
+        [1e-3, 1e-1, 10], "mean_per_class", accuracy=lp.accuracy, log=None))
+    mpc = common.mean_per_class_accuracy(lp.predict(splits[2][0], W, b), splits[2][1])
+    assert res["test_accuracy"] == res["test_mean_per_class"] == mpc
+    assert res["best_val"] == max(p["val"] for p in res["path"])
+
+
 def test_mean_per_class_metric_and_features_file(tmp_path):
     """Imbalanced classes: with --metric mean_per_class the reported accuracy is the mean of the
     per-class accuracies of the saved probe's predictions, not top-1. Without val arrays, val is a
