@@ -253,6 +253,7 @@ def unique_labels(labels):
 
 
 # ----------------------------------------------------------------------------------------------
+# The command-line part
 
 @dataclasses.dataclass
 class Comparison:
