@@ -36,6 +36,8 @@ Importable:
     for batch in ...: acc.update([x1, x2, ...])   # any number of (n, p_g) arrays, same n
     acc.cka()                           # (G, G) float64
 """
+import dataclasses
+import itertools
 import os
 import signal
 import sys
@@ -48,7 +50,6 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 import numpy as np
 import torch
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +106,7 @@ def linear_cka(x, y, debiased=False):
     x, y = _matrix(x, "x"), _matrix(y, "y")
     n = x.shape[0]
     if y.shape[0] != n:
-        raise ValueError(f"x and y must have the same number of rows, got {n} and "
-                               f"{y.shape[0]}")
+        raise ValueError(f"x and y must have the same number of rows, got {n} and {y.shape[0]}")
     if n < (4 if debiased else 2):
         raise ValueError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
     if debiased:
@@ -147,7 +147,7 @@ class MinibatchCKA:
             f = torch.as_tensor(f)
             if grams and f.shape[0] != grams[0].shape[0]:
                 raise ValueError(f"feature sets of one batch differ in size: "
-                                       f"{grams[0].shape[0]} and {f.shape[0]} rows")
+                                 f"{grams[0].shape[0]} and {f.shape[0]} rows")
             if f.shape[0] < 4:
                 self.skipped += f.shape[0]
                 return
@@ -167,8 +167,7 @@ class MinibatchCKA:
         if self.hsic is None:
             self.hsic = torch.zeros_like(hsic)
         elif self.hsic.shape != hsic.shape:
-            raise ValueError(f"got {len(hsic)} feature sets, earlier batches had "
-                                   f"{len(self.hsic)}")
+            raise ValueError(f"got {len(hsic)} feature sets, earlier batches had {len(self.hsic)}")
         self.hsic += n * hsic
         self.n_images += n
         self.n_batches += 1
@@ -254,8 +253,22 @@ def unique_labels(labels):
 
 
 # ----------------------------------------------------------------------------------------------
+# The command-line part
 
-def main(argv=None):
+@dataclasses.dataclass
+class Comparison:
+    """What the script compares: the models (on the device) with their identities and unique
+    labels, the layers, the images (a Split view per pass) and their resolution."""
+    data: dict
+    models: list
+    networks: list
+    labels: list
+    layers: list
+    views: list
+    resolution: int
+
+
+def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths (or run folders: their final.pt), "
@@ -285,93 +298,122 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the CKA of other checkpoints or settings in --out, or write into "
-                   "a folder that holds results of another kind (default: refused)")
-    args = p.parse_args(argv)
+                        "a folder that holds results of another kind (default: refused)")
+    return p.parse_args(argv)
 
+
+def setup(args):
+    """Cheap checks, then the data, the models and the output folder (refused when it holds the
+    CKA of other checkpoints or settings)."""
     args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     if args.batch_size < 4:
         raise common.UserError("--batch-size must be at least 4 (the unbiased HSIC estimator "
                                "needs 4 images per batch)")
     if args.max_images is not None and args.max_images < 4:
         raise common.UserError("--max-images must be at least 4")
-    device = common.resolve_device(args.device)
+    args.device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
-    loaded, resolution = load_models(args.checkpoint, args.resolution, device)
-    layers = choose_layers(loaded, args.layers)
-    models = [m for m, _ in loaded]
+    loaded, resolution = load_models(args.checkpoint, args.resolution, args.device)
     networks = [net for _, net in loaded]
-    labels = unique_labels([net["checkpoint"] for net in networks])
-    views = pass_views(data[args.split], args.max_images, args.passes)
+    c = Comparison(data, [m for m, _ in loaded], networks,
+                   unique_labels([net["checkpoint"] for net in networks]),
+                   choose_layers(loaded, args.layers),
+                   pass_views(data[args.split], args.max_images, args.passes), resolution)
     common.make_out_dir(args.out, "cka", args.overwrite)
-    n_per_pass = len(views[0])
     common.refuse_replacing(os.path.join(args.out, "cka.json"), {
-        **common.result_header(networks, data, "cka"), "split": args.split, "layers": layers,
-        "resolution": resolution, "n_images": n_per_pass, "passes": args.passes,
+        **header(c, args), "n_images": len(c.views[0]), "passes": args.passes,
         "batch_size": args.batch_size}, ("split", "layers", "resolution", "n_images", "passes",
                                          "batch_size"), args.overwrite, "the CKA")
-    print(f"CKA of {len(models)} checkpoints x {len(layers)} layers on {n_per_pass} images of "
-          f"{args.data} {args.split} at {resolution} px, batch {args.batch_size}, "
-          f"{args.passes} pass(es), {device}", flush=True)
+    return c
 
-    acc = MinibatchCKA()
-    start = time.time()
-    # images through every network, over all passes: a line every common.PROGRESS_SECONDS
-    tick = common.Ticker(f"  features of {len(models)} network(s)", n_per_pass * len(views))
-    for p_i, view in enumerate(views):
-        loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
+
+def header(c, args):
+    return {**common.result_header(c.networks, c.data, "cka"), "split": args.split,
+            "layers": c.layers, "resolution": c.resolution}
+
+
+def accumulate(c, args):
+    """MinibatchCKA over every pass: images through every network, a line every
+    common.PROGRESS_SECONDS."""
+    acc, n_per_pass = MinibatchCKA(), len(c.views[0])
+    tick = common.Ticker(f"  features of {len(c.models)} network(s)", n_per_pass * len(c.views))
+    for p_i, view in enumerate(c.views):
+        loader = common.eval_loader(view, c.resolution, args.batch_size, args.workers,
                                     args.crop_fraction)
         for b, (images, _) in enumerate(common.loader_iter(loader)):
-            feats = batch_features(models, images, layers, device)
+            feats = batch_features(c.models, images, c.layers, args.device)
             try:
                 acc.update(feats, overwrite=True)
             except ValueError as e:
-                g = getattr(e, "index", None)
-                if g is None:
-                    raise common.UserError(str(e))
-                raise common.UserError(f"{args.checkpoint[g // len(layers)]}: layer "
-                                       f"{layers[g % len(layers)]} has NaN or infinite "
-                                       f"activations (a diverged or corrupt model?)")
+                raise common.UserError(not_finite(e, args.checkpoint, c.layers))
             finally:
                 feats.close()  # a generator left open inside extract_features would keep
                 # torch's inference mode switched on for the rest of the thread
             tick(p_i * n_per_pass + min(n_per_pass, (b + 1) * args.batch_size))
-    M, L = len(models), len(layers)
+    return acc
+
+
+def not_finite(error, checkpoints, layers):
+    """MinibatchCKA's error in the script's words: which checkpoint and layer, when it says."""
+    g = getattr(error, "index", None)
+    if g is None:
+        return str(error)
+    return (f"{checkpoints[g // len(layers)]}: layer {layers[g % len(layers)]} has NaN or "
+            f"infinite activations (a diverged or corrupt model?)")
+
+
+def cka_array(acc, c):
+    """(M, M, L, L) with [a, b, i, j] = CKA(layer i of model a, layer j of model b); warns of
+    layers whose CKA is undefined (constant activations)."""
+    M, L = len(c.models), len(c.layers)
     try:
         cka = acc.cka().reshape(M, L, M, L).transpose(0, 2, 1, 3)
     except ValueError as e:
         raise common.UserError(str(e))
-    undefined = sorted({f"{labels[a]}:{layers[i]}" for a in range(M) for i in range(L)
+    undefined = sorted({f"{c.labels[a]}:{c.layers[i]}" for a in range(M) for i in range(L)
                         if np.isnan(cka[a, a, i, i])})
     if undefined:
         print(f"warning: constant activations, CKA undefined (NaN) for {', '.join(undefined)}",
               file=sys.stderr)
+    return cka
 
-    counts = {"n_images": n_per_pass, "n_images_used": acc.n_images, "n_batches": acc.n_batches,
-              "skipped_images": acc.skipped, "passes": args.passes}
-    common.save_npz(os.path.join(args.out, "cka.npz"), cka=cka, layers=np.array(layers),
-                    checkpoints=np.array(labels),
-                    run_ids=np.array([net["run_id"] or "" for net in networks]),
-                    resolution=np.int64(resolution),
+
+def save(cka, acc, c, args):
+    """OUT/cka.npz and OUT/cka.json."""
+    counts = {"n_images": len(c.views[0]), "n_images_used": acc.n_images,
+              "n_batches": acc.n_batches, "skipped_images": acc.skipped, "passes": args.passes}
+    common.save_npz(os.path.join(args.out, "cka.npz"), cka=cka, layers=np.array(c.layers),
+                    checkpoints=np.array(c.labels),
+                    run_ids=np.array([net["run_id"] or "" for net in c.networks]),
+                    resolution=np.int64(c.resolution),
                     **{k: np.int64(v) for k, v in counts.items()})
     same = {layer: [[None if np.isnan(v) else round(float(v), 6) for v in row]
-                    for row in cka[:, :, i, i]] for i, layer in enumerate(layers)}
+                    for row in cka[:, :, i, i]] for i, layer in enumerate(c.layers)}
     common.save_json(os.path.join(args.out, "cka.json"), {
-        **common.result_header(networks, data, "cka"), "split": args.split, "layers": layers,
-        "resolution": resolution, **counts, "batch_size": args.batch_size,
+        **header(c, args), **counts, "batch_size": args.batch_size,
         "estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)",
         "versions": common.versions(), "same_layer": same})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    c = setup(args)
+    print(f"CKA of {len(c.models)} checkpoints x {len(c.layers)} layers on {len(c.views[0])} "
+          f"images of {args.data} {args.split} at {c.resolution} px, batch {args.batch_size}, "
+          f"{args.passes} pass(es), {args.device}", flush=True)
+    start = time.time()
+    acc = accumulate(c, args)
+    cka = cka_array(acc, c)
+    save(cka, acc, c, args)
     print(f"done in {time.time() - start:.1f} s ({acc.n_batches} batches, {acc.skipped} images in "
           f"batches < 4 skipped); wrote {args.out}/cka.npz and cka.json")
-    if M > 1:
-        for a in range(M):
-            for b in range(a + 1, M):
-                vals = " ".join(f"{cka[a, b, i, i]:.3f}" for i in range(L))
-                print(f"  {labels[a]} vs {labels[b]}: {vals}")
+    for a, b in itertools.combinations(range(len(c.models)), 2):
+        vals = " ".join(f"{cka[a, b, i, i]:.3f}" for i in range(len(c.layers)))
+        print(f"  {c.labels[a]} vs {c.labels[b]}: {vals}")
 
 
 if __name__ == "__main__":
     if common is None:
-        import sys
         print("error: the script needs common.py from the kit beside it; the method works "
               "alone: import it", file=sys.stderr)
         raise SystemExit(2)

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The measures (copyable: torch and numpy only; bad input raises ValueError)
 
@@ -66,15 +65,14 @@ def class_separation(features, labels):
     x = _features(features).astype(np.float64)
     y = np.asarray(labels)
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"labels must be a 1-d array of {len(x)} entries, got shape "
-                               f"{y.shape}")
+        raise ValueError(f"labels must be a 1-d array of {len(x)} entries, got shape {y.shape}")
     classes, inverse = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"class separation needs at least 2 classes, got {len(classes)}")
     norms = np.linalg.norm(x, axis=1)
     if (norms == 0).any():
         raise ValueError(f"{int((norms == 0).sum())} of {len(x)} feature vectors are zero: "
-                               f"cosine distance is undefined for them")
+                         f"cosine distance is undefined for them")
     u = torch.from_numpy(x / norms[:, None])
     sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64)
     sums.index_add_(0, torch.from_numpy(inverse.astype(np.int64)), u)
@@ -85,7 +83,7 @@ def class_separation(features, labels):
     total = 1 - mu.dot(mu)
     if total <= 1e-12:
         raise ValueError("all feature vectors point in one direction: d_total is 0, "
-                               "R^2 is undefined")
+                         "R^2 is undefined")
     return float((within - mu.dot(mu)) / total)
 
 
@@ -179,7 +177,7 @@ def analyse(name, data, args, device):
                      "layers": results}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint paths (or run folders: their final.pt), "
@@ -194,7 +192,7 @@ def main(argv=None):
     p.add_argument("--max-per-class", default=None, type=common.int_at_least(
                        2, "one image per class gives R^2 = 1 whatever the features"),
                    help="at most this many images per class (seeded random choice; >= 2: with "
-                   "one image per class R^2 is 1 whatever the features; default: all)")
+                        "one image per class R^2 is 1 whatever the features; default: all)")
     p.add_argument("--batch-size", type=common.positive_int, default=256,
                    help="feature extraction batch size")
     p.add_argument("--resolution", type=common.resolution, default=None,
@@ -208,9 +206,35 @@ def main(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of other checkpoints or settings in --out, or write "
-                   "into a folder that holds results of another kind (default: refused)")
-    args = p.parse_args(argv)
+                        "into a folder that holds results of another kind (default: refused)")
+    return p.parse_args(argv)
 
+
+def save(networks, results, data, args):
+    """OUT/class_separation.json and .npz, unless they hold other networks' or settings'."""
+    def per_network(r):  # resolution and layers of each network, as class_separation.json has
+        return [(x.get("resolution"), list(x.get("layers") or {})) if isinstance(x, dict)
+                else None for x in r.get("results") or []]
+    head = {**common.result_header(networks, data, "class_separation"), "split": args.split,
+            "max_per_class": args.max_per_class, "results": results}
+    common.refuse_replacing(os.path.join(args.out, "class_separation.json"), head,
+                            ("split", "max_per_class", ("resolution and layers", per_network)),
+                            args.overwrite, "the class separation")
+    layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
+    nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
+    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],
+                         dtype=np.float64) for k in ("r2", "sparsity", "dead", "dim")}
+    common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
+                    checkpoints=np.array([net["checkpoint"] for net in networks]),
+                    run_ids=np.array([net["run_id"] or "" for net in networks]),
+                    layers=np.array(layers),
+                    n_images=np.array([r["n_images"] for r in results], dtype=np.int64))
+    common.save_json(os.path.join(args.out, "class_separation.json"),
+                     {**head, "versions": common.versions()})
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.checkpoint = common.checkpoint_names(args.checkpoint)   # cheap checks first
     device = common.resolve_device(args.device)
     data = common.load_dataset(args.data, download=args.download)
@@ -225,36 +249,12 @@ def main(argv=None):
                          for l, v in res["layers"].items())
         print(f"{network['checkpoint']} ({network['objective']}, seed {network['seed']}): {vals}",
               flush=True)
-
-    # refused only now: the networks' identities are known once each one is loaded
-    def per_network(r):  # resolution and layers of each network, as class_separation.json has
-        return [(x.get("resolution"), list(x.get("layers") or {})) if isinstance(x, dict)
-                else None for x in r.get("results") or []]
-    common.refuse_replacing(
-        os.path.join(args.out, "class_separation.json"),
-        {**common.result_header(networks, data, "class_separation"), "split": args.split,
-         "max_per_class": args.max_per_class, "results": results},
-        ("split", "max_per_class", ("resolution and layers", per_network)), args.overwrite,
-        "the class separation")
-    layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
-    nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
-    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],
-                         dtype=np.float64) for k in ("r2", "sparsity", "dead", "dim")}
-    common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
-                    checkpoints=np.array([net["checkpoint"] for net in networks]),
-                    run_ids=np.array([net["run_id"] or "" for net in networks]),
-                    layers=np.array(layers),
-                    n_images=np.array([r["n_images"] for r in results], dtype=np.int64))
-    common.save_json(os.path.join(args.out, "class_separation.json"), {
-        **common.result_header(networks, data, "class_separation"), "split": args.split,
-        "max_per_class": args.max_per_class, "results": results,
-        "versions": common.versions()})
+    save(networks, results, data, args)   # refused only now: the networks are known once loaded
     print(f"done in {time.time() - start:.1f} s; wrote {args.out}/class_separation.json and .npz")
 
 
 if __name__ == "__main__":
     if common is None:
-        import sys
         print("error: the script needs common.py from the kit beside it; the method works "
               "alone: import it", file=sys.stderr)
         raise SystemExit(2)

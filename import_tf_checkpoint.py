@@ -162,38 +162,35 @@ def _fields(buf):
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = bytes(buf[pos:pos + size]), pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+        value, pos = _value(buf, pos, key & 7)
         if pos > len(buf):
             raise ValueError("truncated protobuf field")
-        yield number, value
+        yield key >> 3, value
+
+
+def _value(buf, pos, wire):
+    """(value, next position) of a field of wire type `wire` starting at pos."""
+    if wire == 0:                                          # varint
+        return _varint(buf, pos)
+    if wire in (1, 5):                                     # fixed64, fixed32
+        size = 8 if wire == 1 else 4
+        return int.from_bytes(buf[pos:pos + size], "little"), pos + size
+    if wire == 2:                                          # length-delimited
+        size, pos = _varint(buf, pos)
+        return bytes(buf[pos:pos + size]), pos + size
+    raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
 def _entry(buf):
     """BundleEntryProto -> dict(dtype, shape, shard_id, offset, size, crc32c, sliced)."""
     e = {"dtype": 0, "shape": [], "shard_id": 0, "offset": 0, "size": 0, "crc32c": None,
          "sliced": False}
+    names = {1: "dtype", 3: "shard_id", 4: "offset", 5: "size", 6: "crc32c"}
     for number, value in _fields(buf):
-        if number == 1:
-            e["dtype"] = value
+        if number in names:
+            e[names[number]] = value
         elif number == 2:                                  # TensorShapeProto: repeated dim = 2
-            for n, dim in _fields(value):
-                if n == 2:
-                    e["shape"].append(dict(_fields(dim)).get(1, 0))
-        elif number in (3, 4, 5):
-            e[{3: "shard_id", 4: "offset", 5: "size"}[number]] = value
-        elif number == 6:
-            e["crc32c"] = value
+            e["shape"] += [dict(_fields(dim)).get(1, 0) for n, dim in _fields(value) if n == 2]
         elif number == 7:
             e["sliced"] = True
     return e
@@ -243,25 +240,30 @@ def read_index(prefix):
         raise common.UserError(f"{path} is not a TensorFlow checkpoint index (no table magic "
                                f"at its end: truncated or another format); download it again")
     try:
-        footer = data[-FOOTER_LEN:]
-        _, pos = _varint(footer, 0)                         # metaindex handle: unused
-        _, pos = _varint(footer, pos)
-        index_offset, pos = _varint(footer, pos)
-        index_size, pos = _varint(footer, pos)
-        entries, shards = {}, 1
-        for _, handle in _block_items(_block(data, index_offset, index_size, path)):
-            offset, p = _varint(handle, 0)
-            size, _ = _varint(handle, p)
-            for key, value in _block_items(_block(data, offset, size, path)):
-                if key == b"":                              # BundleHeaderProto
-                    header = dict(_fields(value))
-                    shards = header.get(1, 1)
-                    if header.get(2, 0) != 0:
-                        raise common.UserError(f"{path} was written big-endian; unsupported")
-                else:
-                    entries[key.decode()] = _entry(value)
+        return _read_table(data, path)
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise common.UserError(f"{path} is corrupt ({e}); download it again")
+
+
+def _read_table(data, path):
+    """({tensor name: entry dict}, number of shards) from the bytes of an .index file."""
+    footer = data[-FOOTER_LEN:]
+    _, pos = _varint(footer, 0)                             # metaindex handle: unused
+    _, pos = _varint(footer, pos)
+    index_offset, pos = _varint(footer, pos)
+    index_size, pos = _varint(footer, pos)
+    entries, shards = {}, 1
+    for _, handle in _block_items(_block(data, index_offset, index_size, path)):
+        offset, p = _varint(handle, 0)
+        size, _ = _varint(handle, p)
+        for key, value in _block_items(_block(data, offset, size, path)):
+            if key != b"":
+                entries[key.decode()] = _entry(value)
+                continue
+            header = dict(_fields(value))                   # BundleHeaderProto
+            shards = header.get(1, 1)
+            if header.get(2, 0) != 0:
+                raise common.UserError(f"{path} was written big-endian; unsupported")
     return entries, shards
 
 

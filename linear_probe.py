@@ -51,6 +51,7 @@ rest as train); the score is over all pooled predictions, the folds' spread is b
 results go to OUT/<checkpoint>/<dataset_name>+Kfold/ (probe.npz: one W, b per fold).
 """
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -86,99 +87,133 @@ SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "m
 # The protocol (SPEC.md, "Transfer evaluation"): a lambda path scored on val, a refit on
 # train+val at the best lambda, test scored once. Needs torch, numpy and the solver below only.
 
-def run_probe(train, val, test, *, num_classes, metric, lambdas, standardize=True, device="cpu",
-              rtol=1e-6, max_iter=1000, history=20, log=print):
+def top1(pred, labels):
+    """The default scorer: {'top1': the fraction of predictions equal to the labels}."""
+    return {"top1": (pred == labels).double().mean().item()}
+
+
+@dataclasses.dataclass
+class ProbeSettings:
+    """The protocol's settings. accuracy(pred, labels) -> {name: float} scores int64 predictions
+    against labels (tensors on one device); `metric` names the score that picks lambda and is
+    the test accuracy. The default scores top-1 only; the script passes the project's rule
+    (common), which adds mean_per_class. log: a line per lambda (None: silent)."""
+    lambdas: list
+    metric: str = "top1"
+    standardize: bool = True
+    device: str = "cpu"
+    rtol: float = 1e-6
+    max_iter: int = 1000
+    history: int = 20
+    accuracy: object = top1
+    log: object = print
+
+
+def run_probe(train, val, test, num_classes, settings):
     """The whole protocol on (x float32 (N, D), y int64 (N,)) pairs. Returns (results, W, b) with
-    W, b float64 for the raw features: logits = x @ W + b."""
-    threads = small_problem_threads(len(train[0]), train[0].shape[1], num_classes, device)
-    with cpu_threads(threads):
-        return _run_probe(train, val, test, num_classes=num_classes, metric=metric,
-                          lambdas=lambdas, standardize=standardize, device=device, rtol=rtol,
-                          max_iter=max_iter, history=history, log=log)
+    W, b float64 for the raw features: logits = x @ W + b.
+
+        s = ProbeSettings(lambdas=[1e-3, 1e-1], log=None)
+        results, W, b = run_probe((xtr, ytr), (xva, yva), (xte, yte), 3, s)
+        results["test_accuracy"], results["best_lambda"]
+    """
+    s, K, n_tr = settings, int(num_classes), len(train[0])
+    with cpu_threads(small_problem_threads(n_tr, train[0].shape[1], K, s.device)):
+        torch.set_flush_denormal(True)
+        t = [time.time()]
+        X, y, mean, std = standardized(train, val, s)
+        prob = prepare(X, n_tr, num_classes=K)
+        Z_all = prob.Z
+        full_rank = Z_all is X or prob.V is None
+        prob = dataclasses.replace(prob, Z=Z_all[:n_tr], y=y[:n_tr])
+        t.append(time.time())
+        path, (lam, best_val, u) = sweep(prob, (Z_all[n_tr:], y[n_tr:]), s)
+        t.append(time.time())
+        if full_rank:      # the train basis spans train+val too: refit on the stacked rows
+            whole = dataclasses.replace(prob, Z=Z_all, y=y)
+        else:              # rank-deficient train rows (X is intact): prepare train+val afresh
+            whole = prepare(X, len(X), y, K)
+        refit, W, b = solve_from(whole, lam, to_input_coords(prob, u), s)
+        t.append(time.time())
+        del X, Z_all, prob, whole
+        W_raw = W / std[:, None]               # the probe on raw (unstandardized) features
+        b_raw = b - (mean / std) @ W
+        yte = torch.as_tensor(np.asarray(test[1], dtype=np.int64)).to(y.device)
+        pred = predict(torch.as_tensor(test[0]).to(y.device), W_raw, b_raw)
+    results = {
+        **scored(s.accuracy(pred, yte), s.metric),
+        "best_lambda": lam, "best_C": 1 / (lam * len(y)), "best_val": best_val,
+        "val_curve": {f"{p['lambda']:.6g}": p["val"] for p in path}, "path": path,
+        "refit": refit, "n_train": n_tr, "n_val": len(y) - n_tr, "n_test": len(yte),
+        "dim": len(mean), "num_classes": K, "standardize": s.standardize, "rtol": s.rtol,
+        "device": str(y.device),
+        "solver_seconds": {"prepare": t[1] - t[0], "sweep": t[2] - t[1], "refit": t[3] - t[2],
+                           "total": time.time() - t[0]}}
+    return results, W_raw, b_raw
 
 
-def _run_probe(train, val, test, *, num_classes, metric, lambdas, standardize, device, rtol,
-               max_iter, history, log):
-    torch.set_flush_denormal(True)
-    t0 = time.time()
-    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
-    n_tr, n_va, d = len(xtr), len(xva), xtr.shape[1]
-    K = int(num_classes)
-    dev = torch.device(device)
-    X = torch.empty(n_tr + n_va, d, dtype=torch.float32, device=dev)
+def scored(scores, metric):
+    """The results' scores: the metric, its value as test_accuracy, then every score."""
+    return {"metric": metric, "test_accuracy": scores[metric],
+            **{f"test_{name}": value for name, value in scores.items()}}
+
+
+def standardized(train, val, settings):
+    """(X, y, mean, std): train and val rows stacked on the device, X float32 standardized with
+    the train rows' float64 mean and std (unless not settings.standardize: mean 0, std 1)."""
+    (xtr, ytr), (xva, yva) = train, val
+    n_tr, d = len(xtr), xtr.shape[1]
+    dev = torch.device(settings.device)
+    X = torch.empty(n_tr + len(xva), d, dtype=torch.float32, device=dev)
     X[:n_tr], X[n_tr:] = torch.as_tensor(xtr), torch.as_tensor(xva)
-    rows = chunk_rows(d)
+    y = torch.as_tensor(np.concatenate([ytr, yva]).astype(np.int64)).to(dev)
     mean = torch.zeros(d, dtype=torch.float64, device=dev)
     std = torch.ones(d, dtype=torch.float64, device=dev)
-    if standardize:
+    if settings.standardize:
         mean, std = column_stats(X, n_tr)
         std[std <= 1e-12 * max(1.0, float(std.max()))] = 1.0   # constant features stay as they are
-        for i in range(0, n_tr + n_va, rows):
+        rows = chunk_rows(d)
+        for i in range(0, len(X), rows):
             X[i:i + rows] = (X[i:i + rows] - mean.float()) / std.float()
-    y_all = torch.as_tensor(np.concatenate([ytr, yva]).astype(np.int64)).to(dev)
-    prob = {**prepare(X, n_tr), "num_classes": K}
-    Z_all = prob["Z"]
-    full_rank = Z_all is X or prob["V"] is None
-    prob["Z"], prob["y"] = Z_all[:n_tr], y_all[:n_tr]
-    Zva = Z_all[n_tr:]
-    yva_t = y_all[n_tr:]
-    t_prep = time.time() - t0
+    return X, y, mean, std
 
+
+def sweep(prob, val, settings):
+    """The lambda path on prob, strongest first, each solve warm-started from the previous one,
+    scored on val = (Z, y). Returns (a dict per lambda, (best lambda, its val score, its u));
+    ties keep the larger lambda."""
+    s, (Zva, yva) = settings, val
+    r, K = prob.Z.shape[1], prob.num_classes
     state, path, best, last = new_state(prob), [], None, []
-    r = prob["Z"].shape[1]
-    for lam in sorted(lambdas, reverse=True):      # strongest first: each solve warm-starts the next
+    for lam in sorted(s.lambdas, reverse=True):
         if len(last) == 2 and path[-1]["evaluations"] > 1:
             # the path is moving: start from the secant prediction in log lambda (measured on
             # 5,000 x 2048 x 100: 150 loss+gradient passes for 45 lambdas instead of 261)
             (l0, u0), (l1, u1) = last
-            state["u"] = u1 + math.log(lam / l1) / math.log(l1 / l0) * (u1 - u0)
-            state["loss"] = None
-        f, it, evals, ok = solve(prob, lam, state, rtol, max_iter, history)
-        last = (last + [(lam, state["u"].clone())])[-2:]
-        val = score(predict(Zva, state["u"][:r * K].view(r, K), state["u"][r * K:]), yva_t,
-                    metric, K)
-        path.append({"lambda": lam, "C": 1 / (lam * n_tr), "val": val, "objective": f,
+            state.u = u1 + math.log(lam / l1) / math.log(l1 / l0) * (u1 - u0)
+            state.loss = None
+        f, it, evals, ok = solve(prob, lam, state, s.rtol, s.max_iter, s.history)
+        last = (last + [(lam, state.u.clone())])[-2:]
+        pred = predict(Zva, state.u[:r * K].view(r, K), state.u[r * K:])
+        val = s.accuracy(pred, yva)[s.metric]
+        path.append({"lambda": lam, "C": 1 / (lam * len(prob.Z)), "val": val, "objective": f,
                      "iterations": it, "evaluations": evals, "converged": ok})
         if best is None or val > best[1]:           # ties keep the larger lambda
-            best = (lam, val, state["u"].clone(), state["h"])
-        if log:
-            log(f"  lambda {lam:9.3g}  val {metric} {val:.4f}  objective {f:.6g}  "
-                f"iterations {it}{'' if ok else ' (not converged)'}")
-    t_sweep = time.time() - t0 - t_prep
+            best = (lam, val, state.u.clone())
+        if s.log:
+            s.log(f"  lambda {lam:9.3g}  val {s.metric} {val:.4f}  objective {f:.6g}  "
+                  f"iterations {it}{'' if ok else ' (not converged)'}")
+    return path, best
 
-    lam, _, u_best, h_best = best
-    W, b = to_input_coords(prob, u_best)
-    if full_rank:      # the train basis spans train+val too: refit on the stacked rows
-        refit = {**prob, "Z": Z_all, "y": y_all}
-    else:              # rank-deficient train rows (X is intact): prepare train+val afresh
-        refit = {**prepare(X, n_tr + n_va), "y": y_all, "num_classes": K}
-    rstate = {"u": from_input_coords(refit, W, b), "h": h_best}
-    f, it, evals, ok = solve(refit, lam, rstate, rtol, max_iter, history)
-    W, b = to_input_coords(refit, rstate["u"])
-    t_refit = time.time() - t0 - t_prep - t_sweep
-    del X, Z_all, prob, refit, Zva
 
-    W_raw = W / std[:, None]               # the probe on raw (unstandardized) features
-    b_raw = b - (mean / std) @ W
-    xte_t = torch.as_tensor(xte).to(dev)
-    pred = predict(xte_t, W_raw, b_raw)
-    yte_t = torch.as_tensor(np.asarray(yte, dtype=np.int64)).to(dev)
-    top1 = score(pred, yte_t, "top1", K)
-    mpc = score(pred, yte_t, "mean_per_class", K)
-    results = {
-        "metric": metric, "test_accuracy": mpc if metric == "mean_per_class" else top1,
-        "test_top1": top1, "test_mean_per_class": mpc,
-        "best_lambda": lam, "best_C": 1 / (lam * (n_tr + n_va)), "best_val": best[1],
-        "val_curve": {f"{p['lambda']:.6g}": p["val"] for p in path},
-        "path": path, "refit": {"n": n_tr + n_va, "objective": f, "iterations": it,
-                                "evaluations": evals, "converged": ok},
-        "n_train": n_tr, "n_val": n_va, "n_test": len(xte), "dim": d, "num_classes": K,
-        "standardize": standardize, "rtol": rtol, "device": str(dev),
-        "solver_seconds": {"prepare": t_prep, "sweep": t_sweep, "refit": t_refit,
-                           "total": time.time() - t0},
-    }
-    return results, W_raw, b_raw
-
+def solve_from(prob, lam, start, settings):
+    """Solve prob at lam from start = (W, b) in input coordinates: (info, W, b)."""
+    state = new_state(prob, from_input_coords(prob, *start))
+    f, it, evals, ok = solve(prob, lam, state, settings.rtol, settings.max_iter,
+                             settings.history)
+    info = {"n": len(prob.Z), "objective": f, "iterations": it, "evaluations": evals,
+            "converged": ok}
+    return (info, *to_input_coords(prob, state.u))
 
 
 def fold_of(y, folds, seed=0):
@@ -198,15 +233,14 @@ def fold_of(y, folds, seed=0):
     return fold
 
 
-def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, path_log=print,
-              **probe_options):
+def run_kfold(x, y, num_classes, settings, *, folds, seed=0, log=print):
     """k-fold cross-validation of the whole protocol over (x, y): fold i is the test set, fold
     i+1 (mod k) the validation set that picks lambda, the other k-2 folds the training set; the
     refit uses k-1 folds. Every example is predicted exactly once, and the metric is computed
     over all predictions pooled (for a small data set the one fixed test split's sampling error
     is the biggest error of all: about 2.5 points on 372 images). Returns (results, W, b) with
-    W (k, D, K), b (k, K): fold i's probe on the raw features. log: the fold lines; path_log:
-    each fold's lambda lines (run_probe's log)."""
+    W (k, D, K), b (k, K): fold i's probe on the raw features. log: the fold lines;
+    settings.log: each fold's lambda lines."""
     fold = fold_of(y, folds, seed)
     pred = torch.empty(len(y), dtype=torch.int64)
     per_fold, Ws, bs = [], [], []
@@ -217,22 +251,18 @@ def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, path_log=p
             log(f"  fold {i + 1}/{folds}: {int(train.sum())} train, {int(val.sum())} val, "
                 f"{int(test.sum())} test")
         r, W, b = run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
-                            num_classes=num_classes, metric=metric, log=path_log,
-                            **probe_options)
+                            num_classes, settings)
         pred[torch.as_tensor(test)] = predict(torch.as_tensor(x[test]), W, b).cpu()
-        per_fold.append({k: r[k] for k in ("test_accuracy", "test_top1", "test_mean_per_class",
-                                           "best_lambda", "best_val", "n_train", "n_val",
-                                           "n_test", "val_curve")})
+        keep = [k for k in r if k.startswith("test_")] + ["best_lambda", "best_val", "n_train",
+                                                          "n_val", "n_test", "val_curve"]
+        per_fold.append({k: r[k] for k in keep})
         Ws.append(W)
         bs.append(b)
-    labels = torch.as_tensor(y)
-    top1 = score(pred, labels, "top1", num_classes)
-    mpc = score(pred, labels, "mean_per_class", num_classes)
     acc = [f["test_accuracy"] for f in per_fold]
     curve = {k: float(np.mean([f["val_curve"][k] for f in per_fold]))
              for k in per_fold[0]["val_curve"]}
-    results = {"metric": metric, "test_accuracy": mpc if metric == "mean_per_class" else top1,
-               "test_top1": top1, "test_mean_per_class": mpc, "folds": folds, "fold_seed": seed,
+    results = {**scored(settings.accuracy(pred, torch.as_tensor(y)), settings.metric),
+               "folds": folds, "fold_seed": seed,
                # the spread of the per-fold scores: what one fold-sized test split would show
                "fold_accuracy_std": float(np.std(acc, ddof=1)), "fold_results": per_fold,
                "best_lambda": None, "val_curve": curve, "n_train": None, "n_val": None,
@@ -245,6 +275,34 @@ def run_kfold(x, y, *, folds, seed=0, num_classes, metric, log=print, path_log=p
 # The solver. Parameters u = [B (r x K) flattened, c (K)] live in the rotated, centred coordinates
 # z = (x - mean) @ V, so logits = z @ B + c; in input coordinates W = V @ B, b = c - mean @ W.
 # L-BFGS runs on theta = u / scale.
+
+@dataclasses.dataclass
+class Problem:
+    """Prepared features (prepare()): Z @ B gives the centred logits, mean (D,) the fitted rows'
+    mean, V (D, r) the kept eigenvectors (None: centred only), e (r,) the variance along each
+    direction; y the labels and num_classes, set by the caller."""
+    Z: torch.Tensor
+    mean: torch.Tensor
+    V: torch.Tensor
+    e: torch.Tensor
+    y: torch.Tensor = None
+    num_classes: int = None
+
+
+@dataclasses.dataclass
+class SolverState:
+    """What solve() carries from one lambda to the next, updated in place: the parameters u; the
+    loss, gradient and mean softmax curvature h at u (they do not depend on lambda; loss None:
+    to be computed); the L-BFGS pairs S, Y and the scale and penalty they were made under."""
+    u: torch.Tensor
+    loss: float = None
+    grad: torch.Tensor = None
+    h: float = None
+    S: list = dataclasses.field(default_factory=list)
+    Y: list = dataclasses.field(default_factory=list)
+    scale: torch.Tensor = None
+    pen: torch.Tensor = None
+
 
 def solve_logistic(X, y, lam, num_classes=None, *, device="cpu", rtol=1e-6, max_iter=5000,
                    history=20):
@@ -260,12 +318,11 @@ def solve_logistic(X, y, lam, num_classes=None, *, device="cpu", rtol=1e-6, max_
     K = int(num_classes or int(y.max()) + 1)
     torch.set_flush_denormal(True)
     with cpu_threads(small_problem_threads(*X.shape, K, device)):
-        prob = {**prepare(X, len(X)), "y": y, "num_classes": K}
+        prob = prepare(X, len(X), y, K)
         state = new_state(prob)
         f, it, evals, ok = solve(prob, float(lam), state, rtol, max_iter, history)
-        W, b = to_input_coords(prob, state["u"])
+        W, b = to_input_coords(prob, state.u)
     return W, b, {"objective": f, "iterations": it, "evaluations": evals, "converged": ok}
-
 
 
 def chunk_rows(width):
@@ -307,14 +364,12 @@ def eigh(cov):
         return torch.linalg.eigh(cov)
 
 
-
-
-def prepare(X, n_fit):
+def prepare(X, n_fit, y=None, num_classes=None):
     """Centre X (rows [0, n_fit) are fitted) and rotate it onto the eigenvectors of the fitted rows'
     covariance, in place when no direction is dropped. Directions without variance (rank-deficient
     features: dead units, fewer examples than dimensions) are dropped, which is exact since the
-    optimal W lies in the span of the centred training rows. Returns {Z, mean, V (or None), e}:
-    Z @ B gives the centred logits, e is the variance along each direction (the eigenvalues)."""
+    optimal W lies in the span of the centred training rows. Returns a Problem (e: the
+    eigenvalues) with y and num_classes as given."""
     n, d = X.shape
     rows = chunk_rows(d)
     mean, std = column_stats(X, n_fit)
@@ -322,7 +377,7 @@ def prepare(X, n_fit):
     if d > ROTATE_MAX_DIM:   # too wide for a D x D eigendecomposition: centre and scale only
         for i in range(0, n, rows):
             X[i:i + rows] -= m32
-        return {"Z": X, "mean": mean, "V": None, "e": std ** 2}
+        return Problem(X, mean, None, std ** 2, y, num_classes)
     cov = torch.zeros(d, d, dtype=torch.float64, device=X.device)
     for i in range(0, n_fit, rows):      # float64, so directions of no variance show as ~0
         xc = (X[i:min(i + rows, n_fit)] - m32).double()
@@ -334,7 +389,7 @@ def prepare(X, n_fit):
     Z = X if keep.all() else torch.empty(n, V.shape[1], dtype=X.dtype, device=X.device)
     for i in range(0, n, rows):
         Z[i:i + rows] = (X[i:i + rows] - m32) @ V32
-    return {"Z": Z, "mean": mean, "V": V, "e": e}
+    return Problem(Z, mean, V, e, y, num_classes)
 
 
 def loss_grad(Z, y, u, num_classes):
@@ -388,34 +443,33 @@ def two_loop(g, S, Y):
 
 
 def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
-    """Minimize the objective at `lam` by L-BFGS from state['u'], in place. `state` carries the
-    loss and gradient at u (they do not depend on lambda), the curvature estimate and the L-BFGS
-    pairs from the previous lambda, which are moved to this lambda and preconditioner exactly for
-    the penalty term. Done when the L-BFGS estimates of what is left, the step d ~ u* - u and the
+    """Minimize the objective at `lam` by L-BFGS from state.u, in place (a SolverState: the L-BFGS
+    pairs of the previous lambda are moved to this lambda and preconditioner exactly for the
+    penalty term). Done when the L-BFGS estimates of what is left, the step d ~ u* - u and the
     decrease -g.d/2 ~ f - f*, are both small: the step would change the logits by less than
     sqrt(rtol) of their spread (squared sizes, as variances over the training examples, compare
     as rtol) and the objective by less than rtol relative; or when -g.d/2 is below float32 noise.
     Returns (objective, iterations, function evaluations, converged)."""
-    Z, y, K, e = prob["Z"], prob["y"], prob["num_classes"], prob["e"]
+    Z, y, K, e = prob.Z, prob.y, prob.num_classes, prob.e
     r = Z.shape[1]
     n_w = r * K
     evals = 0
-    if state.get("loss") is None:
-        state["loss"], state["grad"], state["h"] = loss_grad(Z, y, state["u"], K)
+    if state.loss is None:
+        state.loss, state.grad, state.h = loss_grad(Z, y, state.u, K)
         evals = 1
-    h = max(state["h"], 1e-12)
+    h = max(state.h, 1e-12)
     scale = torch.cat([(1 / torch.sqrt(e * h + lam))[:, None].expand(r, K).flatten(),
                        torch.full((K,), 1 / math.sqrt(h), dtype=e.dtype, device=e.device)])
     pen = torch.zeros_like(scale)
     pen[:n_w] = lam
-    S, Y = state.setdefault("S", []), state.setdefault("Y", [])
+    S, Y = state.S, state.Y
     if S:   # pairs of the previous lambda: back to u coordinates, shift the penalty, rescale
-        old_scale, old_pen = state["scale"], state["pen"]
+        old_scale, old_pen = state.scale, state.pen
         for i in range(len(S)):
             s_u = S[i] * old_scale
             S[i] = s_u / scale
             Y[i] = (Y[i] / old_scale + (pen - old_pen) * s_u) * scale
-    state["scale"], state["pen"] = scale, pen
+    state.scale, state.pen = scale, pen
 
     def objective(u, loss, grad):
         return loss + 0.5 * float((pen * u * u).sum()), (grad + pen * u) * scale
@@ -424,8 +478,8 @@ def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
         c = v[n_w:]
         return float((e[:, None] * v[:n_w].view(r, K) ** 2).sum() + ((c - c.mean()) ** 2).sum())
 
-    u = state["u"]
-    f, g = objective(u, state["loss"], state["grad"])
+    u = state.u
+    f, g = objective(u, state.loss, state.grad)
     converged, it = False, 0
     while it < max_iter:
         d = two_loop(g, S, Y)
@@ -461,26 +515,29 @@ def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
             if len(S) > history:
                 S.pop(0), Y.pop(0)
         u, f, g = u_new, f_new, g_new
-        state.update(u=u, loss=loss, grad=grad, h=curv)
+        state.u, state.loss, state.grad, state.h = u, loss, grad, curv
     return f, it, evals, converged
 
 
-def new_state(prob):
-    r, K = prob["Z"].shape[1], prob["num_classes"]
-    return {"u": torch.zeros(r * K + K, dtype=torch.float64, device=prob["Z"].device)}
+def new_state(prob, u=None):
+    """A SolverState at u (default: zeros) with nothing computed yet."""
+    r, K = prob.Z.shape[1], prob.num_classes
+    return SolverState(torch.zeros(r * K + K, dtype=torch.float64, device=prob.Z.device)
+                       if u is None else u)
 
 
 def to_input_coords(prob, u):
     """(W (D x K), b (K)) float64 for the inputs the problem was prepared from."""
-    r, K = prob["Z"].shape[1], prob["num_classes"]
+    r, K = prob.Z.shape[1], prob.num_classes
     B, c = u[:r * K].view(r, K), u[r * K:]
-    W = B if prob["V"] is None else prob["V"] @ B
-    return W, c - prob["mean"] @ W
+    W = B if prob.V is None else prob.V @ B
+    return W, c - prob.mean @ W
 
 
 def from_input_coords(prob, W, b):
-    B = W if prob["V"] is None else prob["V"].T @ W
-    return torch.cat([B.flatten(), b + prob["mean"] @ W])
+    """The inverse of to_input_coords: u for (W, b) (W's part outside V is dropped)."""
+    B = W if prob.V is None else prob.V.T @ W
+    return torch.cat([B.flatten(), b + prob.mean @ W])
 
 
 def predict(X, W, b):
@@ -489,17 +546,6 @@ def predict(X, W, b):
     W32, b, rows = W.float().to(X.device), b.to(X.device), chunk_rows(W.shape[1])
     return torch.cat([((X[i:i + rows] @ W32).double() + b).argmax(1)
                       for i in range(0, len(X), rows)])
-
-
-def score(pred, labels, metric, num_classes):
-    labels = torch.as_tensor(labels).to(pred.device)
-    """top-1, or the mean over the classes present in `labels` of each class's accuracy."""
-    if metric == "mean_per_class":
-        total = torch.bincount(labels, minlength=num_classes).double()
-        hits = torch.bincount(labels[pred == labels], minlength=num_classes).double()
-        return (hits[total > 0] / total[total > 0]).mean().item()
-    return (pred == labels).double().mean().item()
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,51 +667,82 @@ def safe_name(text):
     return "".join(c if c.isalnum() or c in "@,._-" else "_" for c in text)
 
 
-def cached_features(model, network, data, split, *, layer, resolution, cache_dir, device,
-                    batch_size, workers, log=print):
-    """Features of one split, from the cache when its key matches, else extracted and cached."""
-    view = data[split]
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded network on the device, ready to give features: its identity (common), the layer
+    probed and the input resolution."""
+    model: torch.nn.Module
+    network: dict
+    layer: str
+    resolution: int
+
+
+def load_checkpoint(name, args):
+    model, network = common.load_pretrained(name)
+    model.to(args.device)
+    layer, = common.resolve_layers(model, [args.layer], f"{network['checkpoint']} "
+                                                        f"({network['arch']})")
+    return Checkpoint(model, network, layer, common.input_resolution(args.resolution, network))
+
+
+def cached_features(ckpt, data, split, args):
+    """Features of one split, from the cache (args.cache) when its key matches, else extracted
+    (args.device, batch_size, workers) and cached."""
+    view, network, layer, resolution = data[split], ckpt.network, ckpt.layer, ckpt.resolution
     key = {"version": CACHE_VERSION, "checkpoint_hash": network["checkpoint_hash"],
            "dataset": data["spec"],
            "split": split, "layer": layer, "resolution": int(resolution),
            "data": data_fingerprint(view), "n": len(view)}
     spec_hash = hashlib.sha256(data["spec"].encode()).hexdigest()[:8]
-    path = os.path.join(cache_dir, safe_name(network["checkpoint_hash"]), f"{data['name']}-{spec_hash}",
-                        f"{layer}_{int(resolution)}px_{split}.npz")
+    path = os.path.join(args.cache, safe_name(network["checkpoint_hash"]),
+                        f"{data['name']}-{spec_hash}", f"{layer}_{int(resolution)}px_{split}.npz")
     if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                stored, x, y = json.loads(str(f["key"])), f["x"], f["y"]
-            if stored != key:
-                why = "made for other data or settings"
-            elif x.ndim != 2 or len(x) != len(view) or not np.array_equal(y, view.labels):
-                why = "wrong shape or labels"
-            elif not np.isfinite(x).all():
-                why = "non-finite values"
-            else:
-                return x.astype(np.float32, copy=False), y.astype(np.int64)
-        except Exception as e:
-            why = f"unreadable: {type(e).__name__}"
-        log(f"  feature cache {path} is stale or corrupt ({why}); rebuilding it")
+        cached, why = read_cache(path, key, view)
+        if cached:
+            return cached
+        print(f"  feature cache {path} is stale or corrupt ({why}); rebuilding it")
     t = time.time()
-    loader = common.eval_loader(view, resolution, batch_size=batch_size, workers=workers)
-    tick = common.Ticker(f"  extracting {split} {layer} features", len(view),
-                         log=None if log is print else log)   # None: print and flush
-    feats, y = common.collect_features(model, loader, [layer], device, progress=tick)
+    loader = common.eval_loader(view, resolution, batch_size=args.batch_size,
+                                workers=args.workers)
+    tick = common.Ticker(f"  extracting {split} {layer} features", len(view))
+    feats, y = common.collect_features(ckpt.model, loader, [layer], args.device, progress=tick)
     x = feats[layer]
     if not np.isfinite(x).all():
         raise common.UserError(f"{network['checkpoint']}: the {layer} features of {data['spec']} "
                                f"{split} hold NaN or inf; the checkpoint's weights are broken")
     common.save_npz(path, x=x, y=y, key=np.array(json.dumps(key)))
-    log(f"  extracted {split} {layer} features {x.shape} in {time.time() - t:.1f}s -> {path}")
+    print(f"  extracted {split} {layer} features {x.shape} in {time.time() - t:.1f}s -> {path}")
     return x, y
+
+
+def read_cache(path, key, view):
+    """((x, y), None) from a cache file made with `key` for the split view, else (None, why)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stored, x, y = json.loads(str(f["key"])), f["x"], f["y"]
+        if stored != key:
+            why = "made for other data or settings"
+        elif x.ndim != 2 or len(x) != len(view) or not np.array_equal(y, view.labels):
+            why = "wrong shape or labels"
+        elif not np.isfinite(x).all():
+            why = "non-finite values"
+        else:
+            return (x.astype(np.float32, copy=False), y.astype(np.int64)), None
+    except Exception as e:
+        why = f"unreadable: {type(e).__name__}"
+    return None, why
 
 
 # ----------------------------------------------------------------------------------------------
 # Outputs
 
 def pair_dir(out, label, dataset, layer, folds=None):
-    """OUT/<checkpoint label>/<dataset>[+<layer> unless pool][+<k>fold]."""
+    """The folder of one (checkpoint, dataset) probe, where its results.json and probe.npz go:
+    OUT/<checkpoint label>/<dataset>[+<layer> unless pool][+<k>fold].
+
+    >>> pair_dir("probe", "softmax_s0", "cifar10", "block16", folds=5)
+    'probe/softmax_s0/cifar10+block16+5fold'
+    """
     name = dataset + ("" if layer == "pool" else f"+{layer}") + (f"+{folds}fold" if folds else "")
     return os.path.join(out, safe_name(label), name)
 
@@ -718,8 +795,10 @@ def lambda_grid(results):
     return f"{len(grid)} values, {grid[0]} to {grid[-1]} (#{digest})" if grid else "none"
 
 
-def save_pair(out_dir, results, W, b):
-    """probe.npz (W, b, best_lambda; for --folds one of each per fold) and results.json."""
+def save_pair(out_dir, results, W, b, overwrite):
+    """probe.npz (W, b, best_lambda; for --folds one of each per fold) and results.json, unless
+    refuse_other_result refuses."""
+    refuse_other_result(out_dir, results, overwrite)
     lam = (results["best_lambda"] if not results.get("folds") else
            [f["best_lambda"] for f in results["fold_results"]])
     common.save_npz(os.path.join(out_dir, "probe.npz"), W=W.cpu().numpy(), b=b.cpu().numpy(),
@@ -750,16 +829,17 @@ def pooled(train, val, test, folds):
     return x, y
 
 
-def probe(train, val, test, *, folds, seed, num_classes, metric, lambdas, opts, verbose=False):
-    """run_probe on the splits, or with --folds run_kfold on their union; a line per lambda
-    only when verbose (45 per pair by default)."""
-    path_log = print if verbose else None
-    if folds:
-        x, y = pooled(train, val, test, folds)
-        return run_kfold(x, y, folds=folds, seed=seed, num_classes=num_classes, metric=metric,
-                         lambdas=lambdas, path_log=path_log, **opts)
-    return run_probe(train, val, test, num_classes=num_classes, metric=metric, lambdas=lambdas,
-                     log=path_log, **opts)
+def accuracy(pred, labels):
+    """The probe's scorer: the project's one accuracy rule (common), {top1, mean_per_class}."""
+    return common.accuracy_metrics(pred, labels)
+
+
+def probe(splits, num_classes, settings, args):
+    """run_probe on the (train, val, test) splits, or with --folds run_kfold on their union."""
+    if args.folds:
+        x, y = pooled(*splits, args.folds)
+        return run_kfold(x, y, num_classes, settings, folds=args.folds, seed=args.seed)
+    return run_probe(*splits, num_classes, settings)
 
 
 def pair_eta(started, done, total):
@@ -771,7 +851,7 @@ def pair_eta(started, done, total):
     return f"pair {done + 1} of {total} (eta {common.duration(per_pair * (total - done))})"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = common.argument_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
@@ -831,49 +911,40 @@ def main(argv=None):
         common.refuse_unused(p, args, set(vars(args)) - {"metric"}, "with --checkpoint: each "
                              "dataset has its metric (top1, or mean_per_class for pets, "
                              "flowers, aircraft, caltech101); --metric goes with --features")
+    return args
 
-    lambdas = parse_lambdas(args.lambdas)
-    device = common.resolve_device(args.device)
-    common.make_out_dir(args.out, "linear_probe", args.overwrite)
-    opts = dict(standardize=args.standardize, device=device, rtol=args.rtol,
-                max_iter=args.max_iter)
 
-    if args.features:
-        if args.data:
-            raise common.UserError("--data goes with --checkpoint; --features files hold their "
-                                   "own splits")
-        stems = [os.path.splitext(os.path.basename(f))[0] for f in args.features]
-        if len(set(stems)) != len(stems):
-            raise common.UserError(f"two --features files share a name ({stems}); rename one")
-        started = time.time()
-        for i, (path, stem) in enumerate(zip(args.features, stems)):
-            t0 = time.time()
-            train, val, test = load_feature_file(path, args.seed)
-            K = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
-            print(f"{pair_eta(started, i, len(stems))}: {stem}: {len(train[0])} train, "
-                  f"{len(val[0])} val, {len(test[0])} test, {train[0].shape[1]} dims, {K} "
-                  f"classes", flush=True)
-            results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,
-                                  num_classes=K, metric=args.metric, lambdas=lambdas, opts=opts,
-                                  verbose=args.verbose)
-            # no network: the features came from elsewhere; dataset_name is the file's stem
-            results = {**common.result_header(None, None, "linear_probe"),
-                       "dataset_name": stem, "features": path, "layer": None,
-                       "resolution": None, **results, "seconds": time.time() - t0}
-            out_dir = os.path.join(args.out, safe_name(stem),
-                                   "features" + (f"+{args.folds}fold" if args.folds else ""))
-            refuse_other_result(out_dir, results, args.overwrite)
-            save_pair(out_dir, results, W, b)
-            print(f"{stem}: {outcome(results)} -> {out_dir}/results.json")
-        write_summary(args.out)
-        return
+def probe_feature_files(args, settings):
+    """--features: each file's splits probed, to OUT/<file name>/features[+Kfold]/."""
+    if args.data:
+        raise common.UserError("--data goes with --checkpoint; --features files hold their "
+                               "own splits")
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in args.features]
+    if len(set(stems)) != len(stems):
+        raise common.UserError(f"two --features files share a name ({stems}); rename one")
+    started = time.time()
+    for i, (path, stem) in enumerate(zip(args.features, stems)):
+        t0 = time.time()
+        train, val, test = load_feature_file(path, args.seed)
+        K = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
+        print(f"{pair_eta(started, i, len(stems))}: {stem}: {len(train[0])} train, "
+              f"{len(val[0])} val, {len(test[0])} test, {train[0].shape[1]} dims, {K} "
+              f"classes", flush=True)
+        results, W, b = probe((train, val, test), K, settings, args)
+        # no network: the features came from elsewhere; dataset_name is the file's stem
+        results = {**common.result_header(None, None, "linear_probe"),
+                   "dataset_name": stem, "features": path, "layer": None,
+                   "resolution": None, **results, "seconds": time.time() - t0}
+        out_dir = os.path.join(args.out, safe_name(stem),
+                               "features" + (f"+{args.folds}fold" if args.folds else ""))
+        save_pair(out_dir, results, W, b, args.overwrite)
+        print(f"{stem}: {outcome(results)} -> {out_dir}/results.json")
+    write_summary(args.out)
 
-    if not args.data:
-        raise common.UserError("--checkpoint needs --data SPEC [SPEC ...]")
-    cache = args.cache or os.path.join(args.out, "cache")
-    common.make_shared_dir(cache, "--cache")
+
+def load_datasets(args):
+    """--data's datasets, after a cheap check of --checkpoint's labels (output folders)."""
     labels = {}
-    args.checkpoint = common.checkpoint_names(args.checkpoint)  # cheap checks before long work
     for name in args.checkpoint:
         label = None if name.startswith("torchvision:") else common.checkpoint_label(name)
         if label is not None and label in labels:
@@ -885,42 +956,59 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise common.UserError(f"two --data specs share the short name ({names}); "
                                f"give their folders different names")
-    # A fixed 4 made PyTorch warn on 2 cores and fought the extraction for them.
-    workers = args.workers if args.workers is not None else \
-        common.default_workers(device.type)[0]
+    return datasets
+
+
+def probe_checkpoints(args, settings):
+    """--checkpoint: every (checkpoint, dataset) pair probed, to pair_dir(...)."""
+    if not args.data:
+        raise common.UserError("--checkpoint needs --data SPEC [SPEC ...]")
+    args.cache = args.cache or os.path.join(args.out, "cache")
+    common.make_shared_dir(args.cache, "--cache")
+    args.checkpoint = common.checkpoint_names(args.checkpoint)  # cheap checks before long work
+    datasets = load_datasets(args)
+    if args.workers is None:   # a fixed 4 made PyTorch warn on 2 cores and fought the extraction
+        args.workers = common.default_workers(args.device.type)[0]
     started, done, total = time.time(), 0, len(args.checkpoint) * len(datasets)
     for name in args.checkpoint:
-        model, network = common.load_pretrained(name)
-        model.to(device)
-        layer, = common.resolve_layers(model, [args.layer], f"{network['checkpoint']} "
-                                                            f"({network['arch']})")
-        resolution = common.input_resolution(args.resolution, network)
+        ckpt = load_checkpoint(name, args)
         for data in datasets:
-            t0 = time.time()
-            print(f"{pair_eta(started, done, total)}: {network['checkpoint']} on "
-                  f"{data['spec']}: {layer} features at {resolution}px", flush=True)
-            splits = [cached_features(model, network, data, s, layer=layer,
-                                      resolution=resolution, cache_dir=cache, device=device,
-                                      batch_size=args.batch_size, workers=workers)
-                      for s in ("train", "val", "test")]
-            train, val, test = check_splits(*splits)
-            results, W, b = probe(train, val, test, folds=args.folds, seed=args.seed,
-                                  num_classes=data["num_classes"], metric=data["metric"],
-                                  lambdas=lambdas, opts=opts, verbose=args.verbose)
-            results = {**common.result_header(network, data, "linear_probe"), "layer": layer,
-                       "resolution": resolution, **results, "seconds": time.time() - t0}
-            out_dir = pair_dir(args.out, network["checkpoint"], data["name"], layer, args.folds)
-            refuse_other_result(out_dir, results, args.overwrite)
-            save_pair(out_dir, results, W, b)
-            write_summary(args.out)
+            print(f"{pair_eta(started, done, total)}: {ckpt.network['checkpoint']} on "
+                  f"{data['spec']}: {ckpt.layer} features at {ckpt.resolution}px", flush=True)
+            probe_pair(ckpt, data, args, dataclasses.replace(settings, metric=data["metric"]))
             done += 1
-            print(f"{network['checkpoint']} on {data['name']}: {outcome(results)} "
-                  f"({results['seconds']:.1f}s) -> {out_dir}/results.json", flush=True)
+
+
+def probe_pair(ckpt, data, args, settings):
+    """One (checkpoint, dataset) pair: features, probe, results.json and probe.npz, summary."""
+    t0 = time.time()
+    splits = [cached_features(ckpt, data, s, args) for s in ("train", "val", "test")]
+    results, W, b = probe(check_splits(*splits), data["num_classes"], settings, args)
+    results = {**common.result_header(ckpt.network, data, "linear_probe"), "layer": ckpt.layer,
+               "resolution": ckpt.resolution, **results, "seconds": time.time() - t0}
+    out_dir = pair_dir(args.out, ckpt.network["checkpoint"], data["name"], ckpt.layer,
+                       args.folds)
+    save_pair(out_dir, results, W, b, args.overwrite)
+    write_summary(args.out)
+    print(f"{ckpt.network['checkpoint']} on {data['name']}: {outcome(results)} "
+          f"({results['seconds']:.1f}s) -> {out_dir}/results.json", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.device = common.resolve_device(args.device)
+    settings = ProbeSettings(parse_lambdas(args.lambdas), args.metric, args.standardize,
+                             args.device, args.rtol, args.max_iter, accuracy=accuracy,
+                             log=print if args.verbose else None)   # 45 lines a pair by default
+    common.make_out_dir(args.out, "linear_probe", args.overwrite)
+    if args.features:
+        probe_feature_files(args, settings)
+    else:
+        probe_checkpoints(args, settings)
 
 
 if __name__ == "__main__":
     if common is None:
-        import sys
         print("error: the script needs common.py from the kit beside it; the method works "
               "alone: import it", file=sys.stderr)
         raise SystemExit(2)

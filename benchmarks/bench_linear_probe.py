@@ -80,8 +80,8 @@ class Clock:
 
 def run_ours(data, K, lambdas, device, runs):
     with Clock() as clock:
-        res, W, b = linear_probe.run_probe(*data, num_classes=K, metric="top1", lambdas=lambdas,
-                                           device=device, log=None)
+        res, W, b = linear_probe.run_probe(*data, K, linear_probe.ProbeSettings(
+            lambdas, device=device, log=None))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     runs.append(clock)

@@ -957,8 +957,8 @@ def test_help_shows_every_default(name, monkeypatch, capsys):
     ("linear_probe", "import numpy as np, linear_probe as m\n"
                      "r = np.random.default_rng(0)\n"
                      "def part(n): y = r.integers(0, 3, n); return (r.normal(size=(n, 4)) + y[:, None]).astype(np.float32), y\n"
-                     "res, W, b = m.run_probe(part(90), part(30), part(30), num_classes=3, metric='top1', "
-                     "lambdas=[1e-3, 1e-1], log=lambda *a: None)\n"
+                     "res, W, b = m.run_probe(part(90), part(30), part(30), 3, "
+                     "m.ProbeSettings(lambdas=[1e-3, 1e-1], log=None))\n"
                      "assert res['test_accuracy'] > 0.5"),
 ])
 def test_the_analysis_files_import_and_run_alone(tmp_path, name, code):

@@ -79,7 +79,7 @@ def test_rank_deficient_features_are_solved_exactly():
     x[:, 6] = x[:, 7]
     lam = 1e-2
     prob = lp.prepare(torch.from_numpy(x.copy()), len(x))
-    assert prob["Z"].shape[1] < 60          # rank <= n - 1 after centring
+    assert prob.Z.shape[1] < 60          # rank <= n - 1 after centring
     W, b, info = lp.solve_logistic(x, y, lam, 3)
     sk = LogisticRegression(C=1 / (lam * len(x)), tol=1e-10, max_iter=20000).fit(x.astype(float), y)
     f_sk = objective(x, y, sk.coef_.T, sk.intercept_, lam)
@@ -103,8 +103,7 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     x, y = blobs(1500, 30, 4, seed=3, sep=0.4)
     train, val, test = (x[:900], y[:900]), (x[900:1200], y[900:1200]), (x[1200:], y[1200:])
     lambdas = lp.parse_lambdas("1e-5:1e2:8")
-    res, W, b = lp.run_probe(train, val, test, num_classes=4, metric="top1", lambdas=lambdas,
-                             log=None)
+    res, W, b = lp.run_probe(train, val, test, 4, lp.ProbeSettings(lambdas, log=None))
     assert [p["lambda"] for p in res["path"]] == sorted(lambdas, reverse=True)
     assert all(p["converged"] for p in res["path"]) and res["refit"]["converged"]
     xs = standardized(train[0], train[0])
@@ -126,6 +125,21 @@ def test_sweep_equals_cold_solves_and_selects_on_val():
     assert abs(f_ours - f_cold) <= 1e-4 * f_cold
     acc = (lp.predict(test[0], W, b).numpy() == test[1]).mean()
     assert res["test_accuracy"] == pytest.approx(acc) and res["metric"] == "top1"
+
+
+def test_the_scorer_is_a_parameter():
+    """run_probe scores with settings.accuracy: top-1 only by default (the method alone); the
+    script passes the project's one rule (common, through lp.accuracy), and its mean_per_class
+    picks lambda and is the test accuracy when it is the metric."""
+    x, y = blobs(600, 10, 3, seed=5, sep=0.4, weights=[0.6, 0.3, 0.1])
+    splits = (x[:300], y[:300]), (x[300:450], y[300:450]), (x[450:], y[450:])
+    res, _, _ = lp.run_probe(*splits, 3, lp.ProbeSettings([1e-3, 1e-1, 10], log=None))
+    assert [k for k in res if k.startswith("test_")] == ["test_accuracy", "test_top1"]
+    res, W, b = lp.run_probe(*splits, 3, lp.ProbeSettings(
+        [1e-3, 1e-1, 10], "mean_per_class", accuracy=lp.accuracy, log=None))
+    mpc = common.mean_per_class_accuracy(lp.predict(splits[2][0], W, b), splits[2][1])
+    assert res["test_accuracy"] == res["test_mean_per_class"] == mpc
+    assert res["best_val"] == max(p["val"] for p in res["path"])
 
 
 def test_mean_per_class_metric_and_features_file(tmp_path):
@@ -178,9 +192,8 @@ def test_folds_are_stratified_and_each_example_is_tested_once(tmp_path):
     assert r["test_accuracy"] == pytest.approx((pred == y).mean())
     test, val = fold == 2, fold == 3
     train = ~(test | val)
-    one, _, _ = lp.run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
-                             num_classes=3, metric="top1", lambdas=[1e-3, 1e-2, 1e-1, 1, 10],
-                             log=None)
+    one, _, _ = lp.run_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]), 3,
+                             lp.ProbeSettings([1e-3, 1e-2, 1e-1, 1, 10], log=None))
     assert r["fold_results"][2]["test_accuracy"] == one["test_accuracy"]
     assert r["fold_results"][2]["best_lambda"] == one["best_lambda"]
     assert r["fold_accuracy_std"] == pytest.approx(
