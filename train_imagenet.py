@@ -741,7 +741,7 @@ class Schedule:
 class LoopState:
     """What the step loop of this process tracks between log steps: the device-side sums and the
     bad-step sentinel (read by the host at log steps only), the signal caught and the timers.
-    Not saved in last.pt: a resumed process starts it afresh (start())."""
+    Not saved in last.pt: each process starts it afresh (step_loop)."""
     sums: torch.Tensor       # loss, correct, images since the last log step (float64, device)
     bad: torch.Tensor        # the first step with a non-finite loss, or NO_BAD_STEP (device)
     signal: int = 0          # SIGTERM or SIGUSR1 caught (0: none)
@@ -751,14 +751,6 @@ class LoopState:
     t_ckpt: float = 0.0      # ... when last.pt was last written (or training started)
     shown: tuple = None      # (time.perf_counter(), step, step_seconds) at the last progress
     #                          line, or where this process started training
-
-    @classmethod
-    def start(cls, device, progress):
-        now = time.perf_counter()
-        return cls(torch.zeros(3, dtype=torch.float64, device=device),
-                   torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device),
-                   t_interval=now, t_run=now, t_ckpt=now,
-                   shown=(now, progress.step, progress.step_seconds))
 
 
 @dataclasses.dataclass
@@ -782,7 +774,7 @@ class Run:
     resumed_with: dict = None      # arguments changed by --force-resume at this start
     net: torch.nn.Module = None    # the model as trained: DDP and torch.compile wrapped
     loop: LoopState = None
-    hooks: dict = dataclasses.field(default_factory=lambda: read_test_hooks())
+    hooks: dict = dataclasses.field(default_factory=lambda: read_test_hooks())  # tests only
     eval_loaders: dict = dataclasses.field(default_factory=dict)   # id(split) -> loader
     writer: object = dataclasses.field(default_factory=lambda: CheckpointWriter())  # last.pt
 
@@ -1006,8 +998,8 @@ def open_output(run, undo):
     """Hold args.out for this run (its lock, on rank 0, released by `undo`) and read back a
     finished run (its results), or resume from last.pt or start afresh (None), then write
     args.json."""
-    main = run.dist.is_main
-    if main:
+    is_main = run.dist.is_main
+    if is_main:
         undo.enter_context(common.locked(run.out_dir))
     log_path = run.path("log.jsonl")
     state = shared_decision(run)
@@ -1018,16 +1010,16 @@ def open_output(run, undo):
                          run.dist, TRAIN_READ_BACK_ADVICE)
     if state == "resume":
         resume(run, run.path("last.pt"))
-        if main:
+        if is_main:
             truncate_log(log_path, run.progress.step)
             append_log(log_path, {"event": "resume", "step": run.progress.step,
                                   "time": time.time()})
-    elif main:
+    elif is_main:
         if os.path.exists(run.path("results.json")):
             print(f"note: {run.out_dir} has results.json but no last.pt; training again from "
                   f"scratch")
         truncate_log(log_path, 0)  # a fresh start: lines of a run killed before last.pt go
-    if main:
+    if is_main:
         write_args_json(run)
     return None
 
@@ -1210,8 +1202,11 @@ def step_loop(run, undo):
             else None, gradient_as_bucket_view=True)
     if run.args.compile:
         run.net = torch.compile(run.net)
-    p, s = run.progress, run.schedule
-    run.loop = LoopState.start(run.dist.device, p)   # progress lines measure from here
+    p, s, now = run.progress, run.schedule, time.perf_counter()
+    run.loop = LoopState(torch.zeros(3, dtype=torch.float64, device=run.dist.device),
+                         torch.full((), NO_BAD_STEP, dtype=torch.int64, device=run.dist.device),
+                         t_interval=now, t_run=now, t_ckpt=now,
+                         shown=(now, p.step, p.step_seconds))   # progress lines measure from here
 
     def on_signal(signum, _frame):
         run.loop.signal = signum
@@ -1315,6 +1310,9 @@ def save_last(run, background=False):
         torch.distributed.barrier()
 
 
+SCORES = ("top1", "top5", "mean_per_class", "loss")   # of evaluate(), per epoch in summary.csv
+
+
 def end_epoch(run, lr):
     """Evaluate raw and EMA weights on val (when there is one), add a row to summary.csv."""
     p, val = run.progress, run.data.get("val")
@@ -1325,11 +1323,9 @@ def end_epoch(run, lr):
     p.end_epoch()
     shown = m["ema"] if "ema" in m else m["raw"]
     row = {"epoch": p.epoch, "step": p.step, "lr": lr, "train_loss": loss_sum / n,
-           "train_top1": correct / n, "val_top1": shown["top1"], "val_top5": shown["top5"],
-           "val_mean_per_class": shown["mean_per_class"], "val_loss": shown["loss"],
-           "val_top1_raw": m["raw"]["top1"], "val_top5_raw": m["raw"]["top5"],
-           "val_mean_per_class_raw": m["raw"]["mean_per_class"], "val_loss_raw": m["raw"]["loss"],
-           "val_count": shown["count"], "train_seconds": p.train_seconds,
+           "train_top1": correct / n, **{f"val_{k}": shown[k] for k in SCORES},
+           **{f"val_{k}_raw": m["raw"][k] for k in SCORES}, "val_count": shown["count"],
+           "train_seconds": p.train_seconds,
            "images_per_second": p.images / max(p.step_seconds, 1e-9)}
     p.history.append(row)
     if run.dist.is_main:
@@ -1400,14 +1396,11 @@ def finish(run, results_extra):
     shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
     raw = t["raw"] if t else {}
     args = run.args
-    results = {"top1": shown.get("top1"), "top5": shown.get("top5"),
-               "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
-               "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
-               "mean_per_class_raw": raw.get("mean_per_class"), "test_count": shown.get("count"),
-               "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
-               "val_mean_per_class": last.get("val_mean_per_class"),
-               "val_top1_raw": last.get("val_top1_raw"), "val_top5_raw": last.get("val_top5_raw"),
-               "val_count": last.get("val_count"),
+    accuracies = SCORES[:3]
+    results = {**{k: shown.get(k) for k in accuracies}, "test_loss": shown.get("loss"),
+               **{f"{k}_raw": raw.get(k) for k in accuracies}, "test_count": shown.get("count"),
+               **{k: last.get(k) for k in ("val_top1", "val_top5", "val_mean_per_class",
+                                           "val_top1_raw", "val_top5_raw", "val_count")},
                "metric": run.data["metric"], "weights": "ema" if run.ema is not None else "raw",
                "splits": "top1/top5/mean_per_class[_raw]: test split; val_*: val split, last epoch",
                "epochs": args.epochs, "steps": p.step, "batch_size": args.batch_size,
