@@ -906,11 +906,10 @@ def class_counts(scores, labels, num_classes):
         hits = [scores.argmax(1) == labels, (top5 == labels[:, None]).any(1)]
     else:
         hits = [scores == labels]
-    hits = torch.stack([torch.ones_like(hits[0]), *hits])   # (rows, N)
-    rows = torch.arange(len(hits), device=labels.device)[:, None]
-    # bincount without weights: exact and deterministic on the GPU too
-    counts = torch.bincount((labels + rows * num_classes)[hits], minlength=len(hits) * num_classes)
-    return counts.view(len(hits), num_classes).double()
+    hits = torch.stack([torch.ones_like(hits[0]), *hits]).double()   # (rows, N)
+    # index_add_: no host sync, and deterministic on the GPU too (torch's deterministic mode)
+    counts = torch.zeros(len(hits), num_classes, dtype=torch.float64, device=labels.device)
+    return counts.index_add_(1, labels, hits)
 
 
 def accuracy(counts):
