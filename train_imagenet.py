@@ -908,7 +908,8 @@ def train(model, model_args, data, args, dist, results_extra=None):
 
 def prepare_run(model, model_args, data, args, dist):
     """The Run of train(): threads and determinism, the schedule, the model on its device, the
-    loss, optimizer, EMA and training loader. Reads `args`, writes nothing (no files either)."""
+    loss, optimizer, EMA and training loader (no workers started yet). Reads `args`, writes
+    nothing (no files either)."""
     cuda = dist.device.type == "cuda"
     setup_torch(args, cuda)
     s = plan(args, len(data["train"]), dist.world, cuda)
@@ -923,7 +924,6 @@ def prepare_run(model, model_args, data, args, dist):
     ema = ema_new(model) if s.ema_decay is not None else None
     criterion = common.make_criterion(objective, model_args["num_classes"], **hparams)
     transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-    check_shared_memory(args.workers, s.micro, args.resolution)
     loader, sampler = train_loader(data["train"], transform, s.micro,
                                    s.steps_per_epoch * s.per_device, dist, args.seed, args.workers)
     return Run(model, ema, opt, scaler, criterion, model_args, data, args, dist, s,
@@ -947,7 +947,7 @@ def setup_torch(args, cuda):
         torch.backends.cudnn.allow_tf32 = True
         return
     # on the CPU, oversubscribed cores make every small kernel wait on the slowest thread
-    threads = getattr(args, "threads", None) or (
+    threads = args.threads or (
         None if "OMP_NUM_THREADS" in os.environ else
         max(1, common.cpu_cores() // common.local_world_size() - args.workers))
     if threads:
@@ -1008,6 +1008,7 @@ def open_output(run, undo):
                                        num_classes=run.model_args["num_classes"])
         return read_back(run.out_dir, changed_arguments(final, run.args, run.model_args),
                          run.dist, TRAIN_READ_BACK_ADVICE)
+    check_shared_memory(run.args.workers, run.schedule.micro, run.args.resolution)
     if state == "resume":
         resume(run, run.path("last.pt"))
         if is_main:
