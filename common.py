@@ -514,6 +514,14 @@ def dataset_label(spec):
     return re.sub(r"[^A-Za-z0-9@,.+_-]", "_", label)
 
 
+# The options of a subset spec: key -> (the value parsed, or None when invalid; the advice)
+SUBSET_OPTIONS = {
+    "per_class": (lambda v: int(v) if re.fullmatch(r"\d+", v) and int(v) >= 1 else None,
+                  "write per_class=N with N >= 1 (at most N images of each class in every split)"),
+    "from": (lambda v: v if v in ("train", "val", "test") else None,
+             "write from=train, from=val or from=test")}
+
+
 def parse_subset(subset, num_classes, spec):
     """The part after '@': classes and options, comma-separated ->
     (list of class groups, one per new class in the order given; at most this many images per
@@ -529,17 +537,12 @@ def parse_subset(subset, num_classes, spec):
         key, _, value = (x.strip() for x in part.partition("="))
         if key in options:
             raise UserError(f"{spec!r} gives {key} twice; write e.g. @0-4,per_class=500")
-        if key == "per_class" and re.fullmatch(r"\d+", value) and int(value) >= 1:
-            options[key] = int(value)
-        elif key == "from" and value in ("train", "val", "test"):
-            options[key] = value
-        elif key == "per_class":
-            raise UserError(f"bad {part!r} in {spec!r}; write per_class=N with N >= 1 "
-                            "(at most N images of each class in every split)")
-        elif key == "from":
-            raise UserError(f"bad {part!r} in {spec!r}; write from=train, from=val or from=test")
-        else:
+        if key not in SUBSET_OPTIONS:
             raise UserError(f"unknown option {key!r} in {spec!r}; valid: per_class=N, from=SPLIT")
+        parse, advice = SUBSET_OPTIONS[key]
+        options[key] = parse(value)
+        if options[key] is None:
+            raise UserError(f"bad {part!r} in {spec!r}; {advice}")
     rest = ",".join(p for p in parts if "=" not in p)
     groups = parse_classes(rest, num_classes, spec) if rest else [[c] for c in range(num_classes)]
     return groups, options.get("per_class"), options.get("from")
@@ -885,27 +888,39 @@ def load_dataset(spec, download=False):
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
-def accuracy_metrics(logits_or_pred, labels, num_classes=None):
-    """top1, top5 (when logits given) and mean per-class accuracy, as floats in [0, 1]."""
+def class_counts(scores, labels, num_classes):
+    """Per true class, the images and their hits: a float64 tensor (3, num_classes) of images,
+    top-1 hits and top-5 hits, on the labels' device. `scores`: logits (N, K), or predicted
+    classes (N,), which give two rows (no top-5). Counts add up: summed over batches, or over
+    ranks (all_reduce), they give accuracy() of the whole set. Integer counts in float64 are
+    exact, so the sums are too.
+
+    >>> labels = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3, 3])     # SPEC.md's test vector
+    >>> accuracy(class_counts(torch.tensor([0, 0, 1, 0, 1, 2, 3, 0, 0, 0]), labels, 4))
+    {'top1': 0.4, 'top5': None, 'mean_per_class': 0.5208333333333333}
+    """
     labels = torch.as_tensor(labels)
-    x = torch.as_tensor(logits_or_pred)
-    pred = x.argmax(1) if x.ndim == 2 else x
-    out = {"top1": (pred == labels).double().mean().item()}
-    if x.ndim == 2:
-        k = min(5, x.shape[1])
-        out["top5"] = (x.topk(k, 1).indices == labels[:, None]).any(1).double().mean().item()
-    out["mean_per_class"] = mean_per_class_accuracy(pred, labels, num_classes)
-    return out
+    scores = torch.as_tensor(scores).to(labels.device)
+    if scores.ndim == 2:
+        top5 = scores.topk(min(5, scores.shape[1]), 1).indices
+        hits = [scores.argmax(1) == labels, (top5 == labels[:, None]).any(1)]
+    else:
+        hits = [scores == labels]
+    hits = torch.stack([torch.ones_like(hits[0]), *hits]).double()   # (rows, N)
+    # index_add_: no host sync, and deterministic on the GPU too (torch's deterministic mode)
+    counts = torch.zeros(len(hits), num_classes, dtype=torch.float64, device=labels.device)
+    return counts.index_add_(1, labels, hits)
 
 
-def mean_per_class_accuracy(pred, labels, num_classes=None):
-    """Mean over the classes present in `labels` of each class's accuracy."""
-    pred, labels = torch.as_tensor(pred), torch.as_tensor(labels)
-    k = int(num_classes or int(max(labels.max(), pred.max())) + 1)
-    total = torch.bincount(labels, minlength=k).double()
-    correct = torch.bincount(labels[pred == labels], minlength=k).double()
-    present = total > 0
-    return (correct[present] / total[present]).mean().item()
+def accuracy(counts):
+    """{top1, top5, mean_per_class} as floats in [0, 1] from class_counts() (summed): the share
+    of hits, and the mean over the classes that have images of each class's share of top-1
+    hits; top5 None when the counts have no top-5 row."""
+    images, top1 = counts[0], counts[1]
+    n, present = images.sum().item(), images > 0
+    return {"top1": top1.sum().item() / n,
+            "top5": counts[2].sum().item() / n if len(counts) > 2 else None,
+            "mean_per_class": (top1[present] / images[present]).mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,9 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=common.resolution,
                    help="default: the checkpoint's training resolution, else 224")
     p.add_argument("--augment", choices=("paper", "small"),
-                   help="default: paper, or small for in-memory images of 64 px or less")
+                   help="default: the data preset's (train_imagenet.py): small for digits, npz, "
+                        "CIFAR and images of 64 px or less, else paper")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on, off for digits)")
+                   help="random horizontal flips (default: the data preset's: on, off for "
+                        "digits)")
     p.add_argument("--download", action="store_true", help="let torchvision download datasets")
     p.add_argument("--keep-model", action="store_true",
                    help="keep the fine-tuned model, OUT/final/final.pt (default: its scores only)")
@@ -109,6 +111,22 @@ def parse_args(argv=None):
             p.error(f"{flag} is not used by finetune.py: its grid {grid} gives the values to "
                     f"try (e.g. {grid} {getattr(args, dest):g})")
     return args
+
+
+def resolve_args(args, data, network, device):
+    """The arguments every run of the fine-tuning shares, as a new Namespace: `args` with what
+    was left unset filled in, the one place (nothing writes into them later): the resolution
+    (the checkpoint's), augmentation and flips (the data preset's, train_imagenet.PRESETS),
+    epochs from --steps, and the device's values (train_imagenet.device_defaults)."""
+    preset = train_imagenet.PRESETS[train_imagenet.preset_name(args.data, data["image_size"])]
+    epochs = args.epochs
+    if args.steps is not None:
+        per_epoch = len(data["train"]) // args.batch_size
+        epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
+    return train_imagenet.device_defaults(argparse.Namespace(**{
+        **vars(args), "resolution": common.input_resolution(args.resolution, network),
+        "augment": args.augment or preset["augment"],
+        "flip": preset["flip"] if args.flip is None else args.flip, "epochs": epochs}), device)
 
 
 def check_grid(args):
@@ -171,22 +189,18 @@ def train_one(source, network, data, run, dist, overwrite=False):
     finished run's resume state (last.pt) is deleted, and a grid point's final.pt too (only its
     val score is used): a ResNet-50's last.pt is about 300 MB."""
     key = grid_key(run, network)
-    results_path = os.path.join(run.out, "results.json")
     keep_model = run.stage == "final" and run.keep_model
-    if os.path.exists(results_path) and (not keep_model or
-                                         os.path.exists(os.path.join(run.out, "final.pt"))):
-        done = common.read_json(results_path)
-        if done.get("grid_key") == key:
-            if dist.is_main:
-                print(f"finetune: {run.out} already finished, read back")
+    if train_imagenet.finished(run.out, need_model=keep_model):
+        before = common.read_json(os.path.join(run.out, "results.json")).get("grid_key") or {}
+        if before.get("precision") == "auto":   # a key written before the flag was resolved
+            before = {**before, "precision": run.precision}
+        changed = {k: (before.get(k), key.get(k)) for k in sorted(set(before) | set(key))
+                   if before.get(k) != key.get(k)}
+        if not (changed and overwrite):
+            done = train_imagenet.read_back(run.out, changed, dist, "; rerun with the original "
+                                            "ones, use another --out, or --overwrite to replace "
+                                            "it", prefix="finetune: ")
             return {**done, "read_back": True}   # no training time: left out of the ETA
-        before = done.get("grid_key") or {}
-        diff = "; ".join(f"{k}: {before.get(k)!r} -> {key.get(k)!r}"
-                         for k in sorted(set(before) | set(key)) if before.get(k) != key.get(k))
-        if not overwrite:
-            raise common.UserError(f"{run.out} holds a finished run with other arguments "
-                                   f"({diff}); rerun with the original ones, use another --out, "
-                                   f"or --overwrite to replace it")
         shutil.rmtree(run.out)  # --overwrite: another network's run, replaced
     model = with_fresh_head(source, network, data["num_classes"], run.seed)
     model_args = {"objective": "softmax", "hparams": {}, "arch": network["arch"],
@@ -245,19 +259,8 @@ def main(argv=None):
             common.refuse_replacing(os.path.join(args.out, "results.json"),
                                     common.result_header(network, data, "finetune"),
                                     overwrite=overwrite, what="the fine-tuning")
-        args.resolution = common.input_resolution(args.resolution, network)
-        tiny = data["image_size"] is not None and data["image_size"] <= 64
-        args.augment = args.augment or ("small" if tiny else "paper")
-        if args.flip is None:
-            args.flip = common.parse_spec(args.data)[0] != "digits"
-        if args.workers is None:
-            args.workers = common.default_workers(dist.device.type)[0]
-        if args.steps is not None:
-            per_epoch = len(data["train"]) // args.batch_size
-            args.epochs = max(1, math.ceil(args.steps / max(1, per_epoch)))
-        selection = {"train": data["train"], "val": data["val"], "test": None,
-                     "num_classes": data["num_classes"], "classes": data["classes"],
-                     "metric": data["metric"], "spec": data["spec"], "name": data["name"]}
+        args = resolve_args(args, data, network, dist.device)
+        selection = {**data, "test": None}   # the grid's runs never see the test split
         grid, scores = {}, {}
         points = [(lr, wd) for lr in args.lrs for wd in args.wds]
         took = []   # seconds of each run trained here (read-back ones take none): the ETA's rate

@@ -55,9 +55,12 @@ common.load_checkpoint + common.model_from_checkpoint) and OUT/results.json: top
 mean_per_class are the TEST split accuracies of the EMA weights (the raw weights' in *_raw),
 val_top1 etc. the val split's at the last epoch; the test split is never used for any choice.
 
-The file reads top to bottom: presets and flags, distributed setup, the data pipeline, one
-optimizer step, evaluation, the state a checkpoint carries, then train() (the loop) and main().
-finetune.py trains through the same train().
+The file reads top to bottom: presets and flags (resolve_args: the one place the arguments are
+resolved; nothing writes into them after it), distributed setup, the data pipeline, one optimizer
+step, evaluation, the state a checkpoint carries, then train() in its steps (prepare_run,
+open_output, step_loop with Run.step and Run.log_step, finish) and main(). finetune.py trains
+through the same train(). Tests reach two hooks through the environment, never set in use:
+KORNBLITH_TEST_HOOKS="nan_at_step=7,kill_at_step=5" (read_test_hooks).
 """
 import argparse
 import contextlib
@@ -80,7 +83,6 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -120,8 +122,7 @@ NOT_COMPARED_ON_RESUME = {"out", "workers", "workers_from", "threads", "device",
                           "ckpt_minutes", "progress_seconds",
                           "eval_batch_size", "force_resume", "download", "snapshot_every",
                           "compile", "channels_last", "deterministic", "keep_resume_state",
-                          "debug_nan_at_step",
-                          "debug_kill_at_step", "evaluate", "eval_preprocessing"}
+                          "evaluate", "eval_preprocessing"}
 NEVER_CHANGED_ON_RESUME = {"arch", "small_input", "objective"}
 # What --evaluate reads (evaluate_checkpoint); any other flag given with it is refused.
 EVALUATE_USES = {"evaluate", "data", "out", "download", "eval_preprocessing", "resolution",
@@ -199,8 +200,6 @@ def add_training_args(parser, **defaults):
                    "finishes, to extend it later with --force-resume --epochs N (default: "
                    "deleted, final.pt keeps the weights every analysis uses)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: the local GPU)")
-    g.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)
-    g.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     parser.set_defaults(**defaults)
     return g
 
@@ -278,19 +277,35 @@ def preset_name(spec, image_size=None):
     return "imagenet"
 
 
-def apply_preset(args, image_size=None, device=None):
-    """Fill every argument left unset with the data preset's value (and the device's)."""
-    args.preset = preset_name(args.data, image_size)
-    if args.lr is None:
-        args.lr = OBJECTIVE_LR.get(args.preset, {}).get(args.objective)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.workers_from = "--workers"
-    if args.workers is None:
-        args.workers, args.workers_from = common.default_workers(
-            device.type if device is not None else "cpu")
-    return args
+def resolve_args(args, image_size, device):
+    """The arguments a training run uses: parse_args()' with every value left unset filled in
+    from the data preset, the objective's lr and the device (device_defaults), as a new
+    Namespace. The one place they are resolved: nothing writes into them later, and args.json
+    and the checkpoints record them as they are.
+
+    >>> resolve_args(parse_args(["--data", "digits", "--out", "o"]), 8, torch.device("cpu")).lr
+    0.8
+    """
+    preset = preset_name(args.data, image_size)
+    lr = args.lr if args.lr is not None else OBJECTIVE_LR.get(preset, {}).get(args.objective)
+    values = {**vars(args), "preset": preset, "lr": lr}
+    values.update({k: v for k, v in PRESETS[preset].items() if values[k] is None})
+    return device_defaults(argparse.Namespace(**values), device)
+
+
+def device_defaults(args, device):
+    """A copy of `args` with the device's values where they were left to it, the one rule of
+    training, fine-tuning and --evaluate: the precision (amp_dtype), torch.compile and
+    channels_last on a GPU only, the loader workers (common.default_workers) and workers_from,
+    where their number came from."""
+    cuda = device.type == "cuda"
+    workers, workers_from = (args.workers, "--workers") if args.workers is not None else \
+        common.default_workers(device.type)
+    return argparse.Namespace(**{
+        **vars(args), "precision": amp_dtype(args.precision, device)[0],
+        "compile": cuda if args.compile is None else args.compile,
+        "channels_last": cuda if args.channels_last is None else args.channels_last,
+        "workers": workers, "workers_from": workers_from})
 
 
 def objective_overrides(args):
@@ -578,43 +593,30 @@ def evaluate(models, split, resolution, dist=Dist(), *, amp_dtype=None, batch_si
     """
     if loader is None:
         loader = rank_loader(split, resolution, dist, batch_size, workers, transform)
-    K = int(split.label_map.max()) + 1
-    device = dist.device
-    sums = {n: torch.zeros(4, dtype=torch.float64, device=device) for n in models}
-    per_class = {n: torch.zeros(2, K, dtype=torch.float64, device=device) for n in models}
+    K, device = int(split.label_map.max()) + 1, dist.device
+    counts = {n: torch.zeros(3, K, dtype=torch.float64, device=device) for n in models}
+    losses = {n: torch.zeros((), dtype=torch.float64, device=device) for n in models}
     was_training = {n: m.training for n, m in models.items()}
     for m in models.values():
         m.eval()
     with torch.inference_mode():
         for images, labels in common.loader_iter(loader):
             x, y = to_device(images, labels, device, channels_last)
-            onehot = F.one_hot(y, K).double()
             for name, m in models.items():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    z = m(x)
-                z = z.float()
-                hit1 = z.argmax(1) == y
-                hit5 = (z.topk(min(5, z.shape[1]), 1).indices == y[:, None]).any(1)
-                s = sums[name]
-                s[0] += hit1.sum()
-                s[1] += hit5.sum()
+                    z = m(x).float()
+                counts[name] += common.class_counts(z, y, K)
                 if criterion is not None:
-                    s[2] += criterion(z, y).double() * y.shape[0]
-                s[3] += y.shape[0]
-                per_class[name][0] += onehot.sum(0)
-                per_class[name][1] += (onehot * hit1[:, None]).sum(0)
+                    losses[name] += criterion(z, y).double() * y.shape[0]
     out = {}
     for name, m in models.items():
         m.train(was_training[name])
-        s = all_reduce(sums[name]).tolist()
-        pc = all_reduce(per_class[name])
-        count = int(round(s[3]))
+        c = all_reduce(counts[name])
+        count = int(c[0].sum().item())
         if count != len(split):
             raise AssertionError(f"evaluated {count} images of {len(split)}")
-        present = pc[0] > 0
-        out[name] = {"top1": s[0] / count, "top5": s[1] / count,
-                     "mean_per_class": (pc[1][present] / pc[0][present]).mean().item(),
-                     "loss": s[2] / count if criterion is not None else None, "count": count}
+        loss = all_reduce(losses[name]).item() / count if criterion is not None else None
+        out[name] = {**common.accuracy(c), "loss": loss, "count": count}
     return out
 
 
@@ -712,11 +714,49 @@ def append_log(path, record):
 
 
 # ==============================================================================================
-# The training loop
+# The training loop: train() prepares the run, opens its output folder, runs the steps
+
+NO_BAD_STEP = 2 ** 62   # LoopState.bad before any non-finite loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The batch arithmetic and the learning-rate schedule: pure functions of the arguments, the
+    size of the training set and the world size (plan())."""
+    batch: int               # global batch
+    per_device: int
+    micro: int               # images per forward
+    accum: int               # micro-batches per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float           # the peak learning rate, scaled to the global batch
+    ema_decay: float         # None without EMA
+
+    def lr(self, step):
+        return self.base_lr * lr_factor(step, self.total_steps, self.warmup_steps)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the step loop of this process tracks between log steps: the device-side sums and the
+    bad-step sentinel (read by the host at log steps only), the signal caught and the timers.
+    Not saved in last.pt: each process starts it afresh (step_loop)."""
+    sums: torch.Tensor       # loss, correct, images since the last log step (float64, device)
+    bad: torch.Tensor        # the first step with a non-finite loss, or NO_BAD_STEP (device)
+    signal: int = 0          # SIGTERM or SIGUSR1 caught (0: none)
+    wait: float = 0.0        # seconds waiting for data since the last log step
+    t_interval: float = 0.0  # time.perf_counter() at the start of this log interval
+    t_run: float = 0.0       # ... when train_seconds was last brought up to date
+    t_ckpt: float = 0.0      # ... when last.pt was last written (or training started)
+    shown: tuple = None      # (time.perf_counter(), step, step_seconds) at the last progress
+    #                          line, or where this process started training
+
 
 @dataclasses.dataclass
 class Run:
-    """Everything train() builds once and its helpers below share; `progress` is what changes."""
+    """Everything train() builds once and its helpers below share; `progress` is what changes
+    (and is saved), `loop` what this process tracks between log steps."""
     model: torch.nn.Module         # the raw model, unwrapped: what checkpoints hold
     ema: torch.nn.Module           # the EMA copy, or None
     opt: torch.optim.Optimizer
@@ -724,26 +764,32 @@ class Run:
     criterion: object
     model_args: dict               # objective, hparams, arch, num_classes, small_input[, stem_pool]
     data: dict                     # common.load_dataset()'s dict (val and test may be None)
-    args: argparse.Namespace
+    args: argparse.Namespace       # resolved (resolve_args), never written
     dist: Dist
-    out_dir: str
-    amp_dtype: torch.dtype
-    channels_last: bool
+    schedule: Schedule
+    autocast: torch.dtype          # of args.precision (amp_dtype); None: fp32
+    loader: object                 # the training DataLoader and its EpochSampler
+    sampler: EpochSampler
     progress: Progress
     resumed_with: dict = None      # arguments changed by --force-resume at this start
-    shown: tuple = None            # (time.perf_counter(), step, step_seconds) at the last
-    #                                progress line, or where this process started training
+    net: torch.nn.Module = None    # the model as trained: DDP and torch.compile wrapped
+    loop: LoopState = None
+    hooks: dict = dataclasses.field(default_factory=lambda: read_test_hooks())  # tests only
     eval_loaders: dict = dataclasses.field(default_factory=dict)   # id(split) -> loader
     writer: object = dataclasses.field(default_factory=lambda: CheckpointWriter())  # last.pt
+
+    @property
+    def out_dir(self):
+        return self.args.out
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
 
-    def checkpoint(self, final=False, states=None, args=None, **extra):
+    def checkpoint(self, final=False, states=None, **extra):
         """The checkpoint dict of the current weights (common.make_checkpoint's format): raw and
         EMA weights; final=True: only the weights every analysis uses (the EMA's, or the raw
         ones without EMA), half the size. states: {'model', 'ema'} state dicts to store instead
-        of the live modules' (a snapshot); args: the arguments to record (default: run.args)."""
+        of the live modules' (a snapshot)."""
         if states is not None:
             model, ema = states["model"], states["ema"]
         else:
@@ -751,9 +797,8 @@ class Run:
         if final and self.ema is not None:
             model, ema, extra["weights"] = self.ema, None, "ema"
         return common.make_checkpoint(
-            model, self.model_args, ema=ema, args=args if args is not None else vars(self.args),
-            dataset=self.data["spec"], classes=list(self.data["classes"]),
-            run_id=self.progress.run_id, **extra)
+            model, self.model_args, ema=ema, args=vars(self.args), dataset=self.data["spec"],
+            classes=list(self.data["classes"]), run_id=self.progress.run_id, **extra)
 
     def evaluate(self, split):
         """{'ema': ..., 'raw': ...} (no 'ema' without EMA) on a split: top1, top5, loss, ..."""
@@ -763,10 +808,251 @@ class Run:
         if loader is None:   # built once: its workers persist from one epoch end to the next
             loader = self.eval_loaders[id(split)] = rank_loader(
                 split, self.args.resolution, self.dist, self.args.eval_batch_size,
-                self.args.workers or 0)
-        return evaluate(models, split, self.args.resolution, self.dist, amp_dtype=self.amp_dtype,
-                        criterion=self.criterion, channels_last=self.channels_last,
+                self.args.workers)
+        return evaluate(models, split, self.args.resolution, self.dist, amp_dtype=self.autocast,
+                        criterion=self.criterion, channels_last=self.args.channels_last,
                         loader=loader)
+
+    def step(self, batches_of_epoch):
+        """One optimizer step on the next micro-batches; returns its lr. The loss sums, the
+        bad-step sentinel and the EMA stay on the device: nothing here waits for it."""
+        p, s, loop, step = self.progress, self.schedule, self.loop, self.progress.step
+        if step == self.hooks["kill_at_step"]:
+            self.writer.wait()   # so that a test knows which last.pt the kill leaves
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.perf_counter()
+        batches = [to_device(*next(batches_of_epoch), self.dist.device, self.args.channels_last)
+                   for _ in range(s.accum)]
+        loop.wait += time.perf_counter() - t0
+        lr = s.lr(step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss_sum, correct = train_step(self.net, self.criterion, self.opt, self.scaler, batches,
+                                       self.autocast, poison=step == self.hooks["nan_at_step"])
+        loop.bad = torch.where(torch.isfinite(loss_sum) | (loop.bad < NO_BAD_STEP), loop.bad, step)
+        loop.sums[0] += loss_sum
+        loop.sums[1] += correct
+        loop.sums[2] += s.per_device  # a Python number: no host-to-device copy
+        if self.ema is not None:
+            ema_update(self.ema, self.model, s.ema_decay, step)
+        p.step, p.images, p.images_in_epoch = step + 1, p.images + s.batch, \
+            p.images_in_epoch + s.batch
+        return lr
+
+    def log_step(self, lr, epoch_end):
+        """Every --log-every steps and at epoch ends, the only place the host waits for the
+        device: the sums, the first non-finite step and the signal and checkpoint flags, reduced
+        over ranks; a log.jsonl line, a progress line, the epoch end, last.pt, a signal's exit."""
+        p, s, loop, args = self.progress, self.schedule, self.loop, self.args
+        epoch = p.epoch + p.images_in_epoch / (s.steps_per_epoch * s.batch)
+        sums = all_reduce(loop.sums.clone()).tolist()
+        first_bad = int(all_reduce(loop.bad.clone(), "min"))
+        due = args.ckpt_minutes <= 0 or time.perf_counter() - loop.t_ckpt >= args.ckpt_minutes * 60
+        flags = all_reduce(torch.tensor([loop.signal, int(due)], device=self.dist.device), "max")
+        signum, due = (int(v) for v in flags.tolist())
+        dt = time.perf_counter() - loop.t_interval
+        if first_bad < NO_BAD_STEP:
+            self.writer.wait()
+            raise nan_error(self, first_bad)
+        p.step_seconds += dt
+        p.train_seconds += time.perf_counter() - loop.t_run
+        loop.t_run = time.perf_counter()
+        p.epoch_sums = [a + b for a, b in zip(p.epoch_sums, sums)]
+        if self.dist.is_main:
+            append_log(self.path("log.jsonl"), {
+                "step": p.step, "epoch": epoch, "loss": sums[0] / sums[2],
+                "train_top1": sums[1] / sums[2], "lr": lr, "images_per_second": sums[2] / dt,
+                "data_wait": loop.wait / dt, "time": time.time()})
+        loop.sums.zero_()
+        if self.dist.is_main and not epoch_end:   # the epoch's own line ends an epoch
+            progress_line(self, lr, sums[0] / sums[2])
+        if epoch_end:
+            end_epoch(self, lr)
+            self.net.train()
+        if epoch_end or due or signum:
+            save_last(self, background=not signum)
+            loop.t_ckpt = time.perf_counter()
+        if signum:
+            if self.dist.is_main:
+                print(f"signal {signum}: saved {self.out_dir}/last.pt at step {p.step}; rerun "
+                      f"the same command to resume", flush=True)
+            raise SystemExit(128 + signum)
+        p.train_seconds += time.perf_counter() - loop.t_run  # evaluation and checkpoints
+        loop.t_run = loop.t_interval = time.perf_counter()
+        loop.wait = 0.0
+
+
+def train(model, model_args, data, args, dist, results_extra=None):
+    """Train `model` with SGD on data['train'], evaluate on data['val'] every epoch (raw and EMA
+    weights) and on data['test'] at the end; resume from args.out/last.pt when it exists.
+
+    model: built on the CPU, unwrapped; train() moves it, compiles it (args.compile) and wraps it
+        in DDP (world > 1). model_args: {objective, hparams, arch, num_classes, small_input}, the
+        arguments that rebuild it (common.build_model), which also give the loss and the
+        weight-decay groups. data: load_dataset()'s dict (val or test may be None). args:
+        add_training_args() flags resolved (resolve_args, device_defaults), plus out,
+        resolution, augment, flip; read, never written.
+    Writes args.out/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
+    and returns the results dict. SIGTERM / SIGUSR1 save last.pt and exit with 128 + signal;
+    a non-finite loss raises UserError naming the step (last.pt stays the last good state)."""
+    run = prepare_run(model, model_args, data, args, dist)
+    with contextlib.ExitStack() as undo:  # closed on every way out: handlers, workers, the lock
+        done = open_output(run, undo)
+        if done is not None:
+            return done   # finished before, read back
+        step_loop(run, undo)
+        return finish(run, results_extra)   # evaluation on test, final.pt and results.json
+
+
+# --- prepare the run
+
+def prepare_run(model, model_args, data, args, dist):
+    """The Run of train(): threads and determinism, the schedule, the model on its device, the
+    loss, optimizer, EMA and training loader (no workers started yet). Reads `args`, writes
+    nothing (no files either)."""
+    cuda = dist.device.type == "cuda"
+    setup_torch(args, cuda)
+    s = plan(args, len(data["train"]), dist.world, cuda)
+    model.to(dist.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    objective, hparams = model_args["objective"], model_args["hparams"]
+    groups = common.param_groups(model, objective, args.weight_decay, **hparams)
+    opt = torch.optim.SGD(groups, lr=s.base_lr, momentum=args.momentum, nesterov=args.nesterov,
+                          fused=True)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+    ema = ema_new(model) if s.ema_decay is not None else None
+    criterion = common.make_criterion(objective, model_args["num_classes"], **hparams)
+    transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
+    loader, sampler = train_loader(data["train"], transform, s.micro,
+                                   s.steps_per_epoch * s.per_device, dist, args.seed, args.workers)
+    return Run(model, ema, opt, scaler, criterion, model_args, data, args, dist, s,
+               amp_dtype(args.precision, dist.device)[1], loader, sampler,
+               Progress(run_id=common.new_run_id()))
+
+
+def setup_torch(args, cuda):
+    """Deterministic algorithms (--deterministic), cuDNN autotuning and TF32 on GPUs, and the
+    CPU threads of the training step."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # bitwise on the CPU; on GPUs some kernels (adaptive average pooling's backward) have no
+        # deterministic version, so there it is best effort with a warning
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+        torch.backends.cudnn.benchmark = False
+    elif cuda:
+        torch.backends.cudnn.benchmark = True
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return
+    # on the CPU, oversubscribed cores make every small kernel wait on the slowest thread
+    threads = args.threads or (
+        None if "OMP_NUM_THREADS" in os.environ else
+        max(1, common.cpu_cores() // common.local_world_size() - args.workers))
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def plan(args, train_images, world, cuda):
+    """The Schedule of a run; a one-line error where the batch sizes do not fit."""
+    B = args.batch_size
+    if B % world:
+        raise common.UserError(f"--batch-size {B} (global) does not divide by the world size "
+                               f"{world}")
+    per_device = B // world
+    micro = args.micro_batch or default_micro_batch(per_device, args.resolution, cuda)
+    if per_device % micro:
+        raise common.UserError(f"--micro-batch {micro} does not divide the per-device batch "
+                               f"{per_device}")
+    steps_per_epoch = (train_images // world) // per_device
+    if steps_per_epoch == 0:
+        raise common.UserError(f"--batch-size {B} is larger than the training set "
+                               f"({train_images} images); use a smaller --batch-size")
+    total_steps = steps_per_epoch * args.epochs
+    if args.steps:  # a step budget: the schedule ends there, the last epoch is cut
+        total_steps = min(total_steps, args.steps)
+    ema = args.ema_epochs and args.ema_epochs > 0
+    return Schedule(B, per_device, micro, per_device // micro, steps_per_epoch, total_steps,
+                    round(args.warmup_epochs * steps_per_epoch), args.lr * B / 256,
+                    1.0 - 1.0 / max(1.0, args.ema_epochs * steps_per_epoch) if ema else None)
+
+
+def read_test_hooks():
+    """{'nan_at_step': i, 'kill_at_step': i} from $KORNBLITH_TEST_HOOKS (-1: off), the tests'
+    only way in: 'nan_at_step=7' makes the loss of step index 7 nan (the nan/inf stop),
+    'kill_at_step=5' SIGKILLs the process before step index 5, once its last.pt is on disk."""
+    hooks = {"nan_at_step": -1, "kill_at_step": -1}
+    for item in filter(None, os.environ.get("KORNBLITH_TEST_HOOKS", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in hooks or not value.lstrip("-").isdigit():
+            raise common.UserError(f"KORNBLITH_TEST_HOOKS: bad {item!r}; valid: nan_at_step=N, "
+                                   f"kill_at_step=N")
+        hooks[key] = int(value)
+    return hooks
+
+
+# --- open the output folder: the lock, a finished run read back, a resume, args.json
+
+def open_output(run, undo):
+    """Hold args.out for this run (its lock, on rank 0, released by `undo`) and read back a
+    finished run (its results), or resume from last.pt or start afresh (None), then write
+    args.json."""
+    is_main = run.dist.is_main
+    if is_main:
+        undo.enter_context(common.locked(run.out_dir))
+    log_path = run.path("log.jsonl")
+    state = shared_decision(run)
+    if state == "finished":
+        final = common.load_checkpoint(run.path("final.pt"), arch=run.model_args["arch"],
+                                       num_classes=run.model_args["num_classes"])
+        return read_back(run.out_dir, changed_arguments(final, run.args, run.model_args),
+                         run.dist, TRAIN_READ_BACK_ADVICE)
+    check_shared_memory(run.args.workers, run.schedule.micro, run.args.resolution)
+    if state == "resume":
+        resume(run, run.path("last.pt"))
+        if is_main:
+            truncate_log(log_path, run.progress.step)
+            append_log(log_path, {"event": "resume", "step": run.progress.step,
+                                  "time": time.time()})
+    elif is_main:
+        if os.path.exists(run.path("results.json")):
+            print(f"note: {run.out_dir} has results.json but no last.pt; training again from "
+                  f"scratch")
+        truncate_log(log_path, 0)  # a fresh start: lines of a run killed before last.pt go
+    if is_main:
+        write_args_json(run)
+    return None
+
+
+def finished(folder, need_model=True):
+    """Whether `folder` holds a finished run: the one rule of training and fine-tuning. It has
+    results.json and no resume state (last.pt), and final.pt unless not `need_model` (a
+    fine-tuning grid point keeps only its scores)."""
+    def has(name):
+        return os.path.exists(os.path.join(folder, name))
+    return has("results.json") and not has("last.pt") and (has("final.pt") or not need_model)
+
+
+TRAIN_READ_BACK_ADVICE = (" and no resume state (last.pt is kept only with --keep-resume-state, "
+                          "which --force-resume needs to extend a run): rerun with the original "
+                          "ones or use another --out")
+
+
+def read_back(folder, changed, dist, advice, prefix=""):
+    """The results.json of the finished run in `folder` (finished()), when `changed` (the
+    arguments that differ from it: {name: (then, now)}) is empty; else a UserError naming them,
+    then `advice`."""
+    if changed:
+        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise common.UserError(f"{folder} holds a finished run with other arguments ({text})"
+                               f"{advice}")
+    results = common.read_json(os.path.join(folder, "results.json"))
+    if dist.is_main:
+        top1 = results.get("top1")
+        score = f" (test top1 {common.pct(top1)})" if top1 is not None else ""
+        print(f"{prefix}{folder}: already finished{score}, read back", flush=True)
+    return results
 
 
 def changed_arguments(ck, args, model_args):
@@ -783,26 +1069,26 @@ def changed_arguments(ck, args, model_args):
     return changed
 
 
-def read_back(run):
-    """The results of a run that finished and kept no resume state (no last.pt), if it was run
-    with the same arguments; otherwise a UserError (it cannot continue without last.pt)."""
-    final = common.load_checkpoint(run.path("final.pt"), arch=run.model_args["arch"],
-                                   num_classes=run.model_args["num_classes"])
-    changed = changed_arguments(final, run.args, run.model_args)
-    if changed:
-        text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise common.UserError(f"{run.out_dir} holds a finished run with other arguments "
-                               f"({text}) and no resume state (last.pt is kept only with "
-                               f"--keep-resume-state, which --force-resume needs to extend a "
-                               f"run): rerun with the original ones or use another --out")
-    results = common.read_json(run.path("results.json"))
-    if run.dist.is_main:
-        print(f"{run.out_dir}: already finished (test top1 {common.pct(results.get('top1'))}), "
-              f"read back", flush=True)
-    return results
+def shared_decision(run):
+    """'finished', 'resume' or 'start': rank 0 decides from what its --out holds, and every rank
+    follows. A rank that cannot see the last.pt rank 0 resumes from (a multi-node run whose
+    --out is each node's local disk) stops them all with one line, instead of starting from
+    scratch while the others resume."""
+    last = run.path("last.pt")
+    state = 2 if finished(os.path.dirname(last)) else 1 if os.path.exists(last) else 0
+    if run.dist.world > 1:
+        flags = torch.tensor([state, 0], device=run.dist.device)
+        torch.distributed.broadcast(flags, 0)
+        state = int(flags[0])
+        flags[1] = int(state == 1 and not os.path.exists(last))
+        if int(all_reduce(flags, "max")[1]):
+            raise common.UserError(
+                f"rank 0 resumes from {last}, which some ranks cannot see: --out must be on "
+                f"storage that every node shares")
+    return ("start", "resume", "finished")[state]
 
 
-def resume(run, path, steps_per_epoch):
+def resume(run, path):
     """Load last.pt into the run (weights, EMA, optimizer, scaler, progress, RNGs); refuse
     arguments that changed what the run computes unless --force-resume."""
     args, m, p = run.args, run.model_args, run.progress
@@ -840,7 +1126,7 @@ def resume(run, path, steps_per_epoch):
                                    **{k: v for k, v in ts.items() if k in names}})
     p.run_id = ck.get("run_id") or ts.get("run_id") or p.run_id  # older last.pt: a new id
     p.saved_step = ts["step"]
-    B = args.batch_size
+    B, steps_per_epoch = args.batch_size, run.schedule.steps_per_epoch
     if (ck.get("args") or {}).get("batch_size") != B:  # only forced: restart in the epoch
         p.images_in_epoch -= p.images_in_epoch % B
     if p.images_in_epoch >= steps_per_epoch * B:
@@ -868,28 +1154,80 @@ def match_layouts(opt):
                     state[key] = torch.empty_like(param).copy_(value)
 
 
-def shared_decision(run):
-    """'finished', 'resume' or 'start': rank 0 decides from what its --out holds, and every rank
-    follows. A rank that cannot see the last.pt rank 0 resumes from (a multi-node run whose
-    --out is each node's local disk) stops them all with one line, instead of starting from
-    scratch while the others resume."""
-    last = run.path("last.pt")
-    if not os.path.exists(last) and os.path.exists(run.path("final.pt")) \
-            and os.path.exists(run.path("results.json")):
-        state = 2
-    else:
-        state = 1 if os.path.exists(last) else 0
-    if run.dist.world > 1:
-        flags = torch.tensor([state, 0], device=run.dist.device)
-        torch.distributed.broadcast(flags, 0)
-        state = int(flags[0])
-        flags[1] = int(state == 1 and not os.path.exists(last))
-        if int(all_reduce(flags, "max")[1]):
-            raise common.UserError(
-                f"rank 0 resumes from {last}, which some ranks cannot see: --out must be on "
-                f"storage that every node shares")
-    return ("start", "resume", "finished")[state]
+def write_args_json(run):
+    """args.json: the arguments the run uses, what each --force-resume changed (so the file
+    never misstates a run), and the numbers derived from them; then the run's first line."""
+    p, s, args, data = run.progress, run.schedule, run.args, run.data
+    history = []
+    if os.path.exists(run.path("args.json")) and p.step:
+        history = common.read_json(run.path("args.json")).get("forced_changes", [])
+    if run.resumed_with:
+        history.append({"step": p.step, "changed": run.resumed_with})
+    train, val, test = (len(data[k]) if data.get(k) is not None else None
+                        for k in ("train", "val", "test"))
+    common.save_json(run.path("args.json"), {
+        **vars(args), "forced_changes": history, "world_size": run.dist.world,
+        "per_device_batch": s.per_device, "micro_batch": s.micro, "accumulation": s.accum,
+        "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps,
+        "scaled_lr": s.base_lr, "train_images": train, "val_images": val, "test_images": test})
+    why = "" if s.accum == 1 or args.micro_batch else (
+        f": at most {GPU_FORWARD_IMAGES} images of 224 px per forward on a GPU, same recipe")
+    cpu = "" if run.dist.device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    print(f"train: {run.model_args['objective']} {run.model_args['arch']} on {data['spec']} | "
+          f"world {run.dist.world}, batch {s.per_device}/device x {run.dist.world} = {s.batch} "
+          f"global (micro {s.micro}, accum {s.accum}{why}) | lr {args.lr}/256 -> "
+          f"{s.base_lr:.4g}, warmup {s.warmup_steps} of {s.total_steps} steps "
+          f"({s.steps_per_epoch}/epoch, {args.epochs} epochs) | {args.precision}, compile "
+          f"{args.compile}, channels_last {args.channels_last}, workers {args.workers} "
+          f"({args.workers_from}){cpu} | train {train} / val {'-' if val is None else val} / test "
+          f"{'-' if test is None else test} "
+          f"images, {run.model_args['num_classes']} classes, {args.resolution}px | device "
+          f"{run.dist.device}" + (f" | resumed at step {p.step}" if p.step else ""), flush=True)
 
+
+# --- the step loop
+
+def step_loop(run, undo):
+    """The optimizer steps from run.progress to the end of the schedule. The host reads device
+    values only at log steps (run.log_step: every --log-every steps and at epoch ends)."""
+    undo.callback(stop_workers, run.loader)
+    undo.callback(lambda: [stop_workers(l) for l in run.eval_loaders.values()])
+    undo.callback(run.writer.close)
+    # the model as trained: DDP, then compile, as PyTorch's docs do, so that compiled graphs
+    # break at DDP's buckets and gradient all-reduces overlap the backward (compiling inside
+    # DDP started every all-reduce only after the whole backward)
+    run.net = run.model
+    if run.dist.world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[run.dist.device.index] if run.dist.device.type == "cuda"
+            else None, gradient_as_bucket_view=True)
+    if run.args.compile:
+        run.net = torch.compile(run.net)
+    p, s, now = run.progress, run.schedule, time.perf_counter()
+    run.loop = LoopState(torch.zeros(3, dtype=torch.float64, device=run.dist.device),
+                         torch.full((), NO_BAD_STEP, dtype=torch.int64, device=run.dist.device),
+                         t_interval=now, t_run=now, t_ckpt=now,
+                         shown=(now, p.step, p.step_seconds))   # progress lines measure from here
+
+    def on_signal(signum, _frame):
+        run.loop.signal = signum
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        undo.callback(signal.signal, signum, signal.signal(signum, on_signal))
+    run.net.train()
+    while p.step < s.total_steps:
+        first = p.images_in_epoch // s.batch
+        run.sampler.set_epoch(p.epoch, first * s.per_device)
+        batches_of_epoch = common.loader_iter(run.loader)
+        for b in range(first, s.steps_per_epoch):
+            lr = run.step(batches_of_epoch)
+            epoch_end = b == s.steps_per_epoch - 1 or p.step == s.total_steps
+            if epoch_end or p.step % run.args.log_every == 0:
+                run.log_step(lr, epoch_end)
+            if p.step >= s.total_steps:
+                break
+
+
+# --- checkpoints, epoch ends and the end of training
 
 def snapshot(obj):
     """A copy of a (nested) state dict with every tensor copied to the CPU, detached from the
@@ -956,11 +1294,11 @@ def save_last(run, background=False):
                           "ema": run.ema.state_dict() if run.ema is not None else None,
                           "optimizer": run.opt.state_dict(),
                           "scaler": run.scaler.state_dict() if run.scaler else None})
-        args, step = dict(vars(run.args)), p.step
+        step = p.step
 
         def write():
             common.save_checkpoint(run.path("last.pt"), run.checkpoint(
-                states=parts, args=args, optimizer=parts["optimizer"], scaler=parts["scaler"],
+                states=parts, optimizer=parts["optimizer"], scaler=parts["scaler"],
                 train_state=state, rng=rngs, world_size=run.dist.world))
             p.saved_step = step
         if background:
@@ -973,6 +1311,9 @@ def save_last(run, background=False):
         torch.distributed.barrier()
 
 
+SCORES = ("top1", "top5", "mean_per_class", "loss")   # of evaluate(), per epoch in summary.csv
+
+
 def end_epoch(run, lr):
     """Evaluate raw and EMA weights on val (when there is one), add a row to summary.csv."""
     p, val = run.progress, run.data.get("val")
@@ -983,11 +1324,9 @@ def end_epoch(run, lr):
     p.end_epoch()
     shown = m["ema"] if "ema" in m else m["raw"]
     row = {"epoch": p.epoch, "step": p.step, "lr": lr, "train_loss": loss_sum / n,
-           "train_top1": correct / n, "val_top1": shown["top1"], "val_top5": shown["top5"],
-           "val_mean_per_class": shown["mean_per_class"], "val_loss": shown["loss"],
-           "val_top1_raw": m["raw"]["top1"], "val_top5_raw": m["raw"]["top5"],
-           "val_mean_per_class_raw": m["raw"]["mean_per_class"], "val_loss_raw": m["raw"]["loss"],
-           "val_count": shown["count"], "train_seconds": p.train_seconds,
+           "train_top1": correct / n, **{f"val_{k}": shown[k] for k in SCORES},
+           **{f"val_{k}_raw": m["raw"][k] for k in SCORES}, "val_count": shown["count"],
+           "train_seconds": p.train_seconds,
            "images_per_second": p.images / max(p.step_seconds, 1e-9)}
     p.history.append(row)
     if run.dist.is_main:
@@ -1004,17 +1343,18 @@ def end_epoch(run, lr):
                                    run.checkpoint(epoch=p.epoch, step=p.step))
 
 
-def progress_line(run, lr, loss, steps_per_epoch, total_steps):
+def progress_line(run, lr, loss):
     """At a log step within an epoch, at most every --progress-seconds: one line with the step
     in the epoch, img/s, loss and lr, and the ETA of the epoch and of the run. The rate is that
     of the steps since the last line (log intervals only: evaluation and checkpoint writes do not
     slow it); the run's ETA adds the epoch ends still to come at the mean cost of those done
     (evaluation, last.pt). Only host numbers: no device read beyond the log step's own."""
     p, args, now = run.progress, run.args, time.perf_counter()
-    t, step, seconds = run.shown
+    steps_per_epoch, total_steps = run.schedule.steps_per_epoch, run.schedule.total_steps
+    t, step, seconds = run.loop.shown
     if now - t < args.progress_seconds or p.step <= step:
         return
-    run.shown = (now, p.step, p.step_seconds)
+    run.loop.shown = (now, p.step, p.step_seconds)
     per_step = (p.step_seconds - seconds) / (p.step - step)
     B = args.batch_size
     in_epoch = p.images_in_epoch // B
@@ -1030,9 +1370,9 @@ def progress_line(run, lr, loss, steps_per_epoch, total_steps):
           f"{common.duration(eta_epoch)}, run {common.duration(eta_run)}", flush=True)
 
 
-def nan_error(run, step, steps_per_epoch):
+def nan_error(run, step):
     """The UserError for a non-finite loss at `step`, saying what last.pt still holds."""
-    last, p = run.path("last.pt"), run.progress
+    last, p, epoch = run.path("last.pt"), run.progress, step // run.schedule.steps_per_epoch + 1
     lower = "a lower --lr"
     s = run.model_args["hparams"].get("loss_scale") if \
         run.model_args["objective"] == "squared_error" else None
@@ -1040,12 +1380,12 @@ def nan_error(run, step, steps_per_epoch):
         lower = (f"--lr {SQUARED_ERROR_STEP / s:.3g} (squared_error trained on digits and CIFAR-10 "
                  f"at loss scale x lr = {SQUARED_ERROR_STEP:g} per 256; or, in a new --out, "
                  f"--loss-scale {SQUARED_ERROR_STEP / run.args.lr:.3g})")
-    lower += " (or --precision fp32)" if run.amp_dtype is not None else ""
+    lower += " (or --precision fp32)" if run.autocast is not None else ""
     kept = (f"{last} (step {p.saved_step}) is intact: rerun with {lower} and --force-resume to "
             f"continue from it, or use a new --out" if p.saved_step is not None else
             f"no checkpoint had been written yet: rerun with {lower}")
-    return common.UserError(f"the loss became nan/inf at step {step + 1} (epoch "
-                            f"{step // steps_per_epoch + 1}); training stopped. {kept}")
+    return common.UserError(f"the loss became nan/inf at step {step + 1} (epoch {epoch}); "
+                            f"training stopped. {kept}")
 
 
 def finish(run, results_extra):
@@ -1057,19 +1397,15 @@ def finish(run, results_extra):
     shown = (t["ema"] if "ema" in t else t["raw"]) if t else {}
     raw = t["raw"] if t else {}
     args = run.args
-    precision, _ = amp_dtype(args.precision, run.dist.device)
-    results = {"top1": shown.get("top1"), "top5": shown.get("top5"),
-               "mean_per_class": shown.get("mean_per_class"), "test_loss": shown.get("loss"),
-               "top1_raw": raw.get("top1"), "top5_raw": raw.get("top5"),
-               "mean_per_class_raw": raw.get("mean_per_class"), "test_count": shown.get("count"),
-               "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
-               "val_mean_per_class": last.get("val_mean_per_class"),
-               "val_top1_raw": last.get("val_top1_raw"), "val_top5_raw": last.get("val_top5_raw"),
-               "val_count": last.get("val_count"),
+    accuracies = SCORES[:3]
+    results = {**{k: shown.get(k) for k in accuracies}, "test_loss": shown.get("loss"),
+               **{f"{k}_raw": raw.get(k) for k in accuracies}, "test_count": shown.get("count"),
+               **{k: last.get(k) for k in ("val_top1", "val_top5", "val_mean_per_class",
+                                           "val_top1_raw", "val_top5_raw", "val_count")},
                "metric": run.data["metric"], "weights": "ema" if run.ema is not None else "raw",
                "splits": "top1/top5/mean_per_class[_raw]: test split; val_*: val split, last epoch",
                "epochs": args.epochs, "steps": p.step, "batch_size": args.batch_size,
-               "lr": args.lr, "world_size": run.dist.world, "precision": precision,
+               "lr": args.lr, "world_size": run.dist.world, "precision": args.precision,
                "compile": args.compile, "train_seconds": p.train_seconds,
                "images_per_second": p.images / max(p.step_seconds, 1e-9),
                "num_classes": run.data["num_classes"], "train_images": len(run.data["train"]),
@@ -1092,235 +1428,6 @@ def finish(run, results_extra):
     return results
 
 
-def train(model, model_args, data, args, dist, results_extra=None):
-    """Train `model` with SGD on data['train'], evaluate on data['val'] every epoch (raw and EMA
-    weights) and on data['test'] at the end; resume from args.out/last.pt when it exists.
-
-    model: built on the CPU, unwrapped; train() moves it, compiles it (args.compile) and wraps it
-        in DDP (world > 1). model_args: {objective, hparams, arch, num_classes, small_input}, the
-        arguments that rebuild it (common.build_model), which also give the loss and the
-        weight-decay groups. data: load_dataset()'s dict (val or test may be None). args:
-        add_training_args() flags with presets filled in, plus out, resolution, augment, flip.
-    Writes args.out/{args.json, log.jsonl, summary.csv, last.pt, final.pt, results.json} (rank 0)
-    and returns the results dict. SIGTERM / SIGUSR1 save last.pt and exit with 128 + signal;
-    a non-finite loss raises UserError naming the step (last.pt stays the last good state)."""
-    # --- setup: precision, determinism, threads
-    out_dir, device, cuda = args.out, dist.device, dist.device.type == "cuda"
-    precision, autocast = amp_dtype(args.precision, device)
-    args.precision = precision  # what the run used, resolved: 'auto' is no record
-    args.compile = cuda if args.compile is None else args.compile
-    args.channels_last = channels_last = cuda if args.channels_last is None else args.channels_last
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # bitwise on the CPU; on GPUs some kernels (adaptive average pooling's backward) have no
-        # deterministic version, so there it is best effort with a warning
-        torch.use_deterministic_algorithms(True, warn_only=cuda)
-        torch.backends.cudnn.benchmark = False
-    elif cuda:
-        torch.backends.cudnn.benchmark = True
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    workers = args.workers if args.workers is not None else 0
-    if not cuda:  # oversubscribed cores make every small CPU kernel wait on the slowest thread
-        threads = getattr(args, "threads", None) or (
-            None if "OMP_NUM_THREADS" in os.environ else
-            max(1, common.cpu_cores() // common.local_world_size() - workers))
-        if threads:
-            torch.set_num_threads(threads)
-
-    # --- batch arithmetic and the schedule (a pure function of the global step)
-    B, world = args.batch_size, dist.world
-    if B % world:
-        raise common.UserError(f"--batch-size {B} (global) does not divide by the world size "
-                               f"{world}")
-    per_device = B // world
-    micro = args.micro_batch or default_micro_batch(per_device, args.resolution, cuda)
-    if per_device % micro:
-        raise common.UserError(f"--micro-batch {micro} does not divide the per-device batch "
-                               f"{per_device}")
-    accum = per_device // micro
-    accum_why = "" if accum == 1 or args.micro_batch else (
-        f": at most {GPU_FORWARD_IMAGES} images of 224 px per forward on a GPU, same recipe")
-    train_split, val, test = data["train"], data.get("val"), data.get("test")
-    steps_per_epoch = (len(train_split) // world) // per_device
-    if steps_per_epoch == 0:
-        raise common.UserError(f"--batch-size {B} is larger than the training set "
-                               f"({len(train_split)} images); use a smaller --batch-size")
-    total_steps = steps_per_epoch * args.epochs
-    if args.steps:  # a step budget: the schedule ends there, the last epoch is cut
-        total_steps = min(total_steps, args.steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    base_lr = args.lr * B / 256
-
-    # --- model, loss, optimizer, EMA
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    objective, hparams = model_args["objective"], model_args["hparams"]
-    groups = common.param_groups(model, objective, args.weight_decay, **hparams)
-    opt = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, nesterov=args.nesterov,
-                          fused=True)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    ema = ema_new(model) if args.ema_epochs and args.ema_epochs > 0 else None
-    ema_decay = None if ema is None else 1.0 - 1.0 / max(1.0, args.ema_epochs * steps_per_epoch)
-    criterion = common.make_criterion(objective, model_args["num_classes"], **hparams)
-    run = Run(model, ema, opt, scaler, criterion, model_args, data, args, dist, out_dir,
-              autocast, channels_last, Progress(run_id=common.new_run_id()))
-
-    # --- resume, holding the output folder (one writer at a time; rank 0 writes every file)
-    undo = contextlib.ExitStack()  # closed on every way out: signal handlers, workers, the lock
-    with undo:
-        if dist.is_main:
-            undo.enter_context(common.locked(out_dir))
-        log_path = run.path("log.jsonl")
-        state = shared_decision(run)
-        if state == "finished":
-            return read_back(run)  # finished, its resume state dropped
-        if state == "resume":
-            resume(run, run.path("last.pt"), steps_per_epoch)
-            if dist.is_main:
-                truncate_log(log_path, run.progress.step)
-                append_log(log_path, {"event": "resume", "step": run.progress.step,
-                                      "time": time.time()})
-        elif dist.is_main:
-            if os.path.exists(run.path("results.json")):
-                print(f"note: {out_dir} has results.json but no last.pt; training again from "
-                      f"scratch")
-            truncate_log(log_path, 0)  # a fresh start: lines of a run killed before last.pt go
-        p = run.progress
-
-        # --- the model as trained (DDP, then compile: as PyTorch's docs do, so that compiled
-        # graphs break at DDP's buckets and gradient all-reduces overlap the backward; compiling
-        # inside DDP started every all-reduce only after the whole backward), the loader
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
-        if args.compile:
-            net = torch.compile(net)
-        transform = common.train_transform(args.resolution, args.augment, flip=args.flip)
-        check_shared_memory(workers, micro, args.resolution)
-        loader, sampler = train_loader(train_split, transform, micro,
-                                       steps_per_epoch * per_device, dist, args.seed, workers)
-        undo.callback(stop_workers, loader)
-        undo.callback(lambda: [stop_workers(l) for l in run.eval_loaders.values()])
-        undo.callback(run.writer.close)
-        if dist.is_main:
-            history = []  # what each --force-resume changed, so the file never misstates a run
-            if os.path.exists(run.path("args.json")) and p.step:
-                history = common.read_json(run.path("args.json")).get("forced_changes", [])
-            if run.resumed_with:
-                history.append({"step": p.step, "changed": run.resumed_with})
-            common.save_json(run.path("args.json"), {
-                **vars(args), "forced_changes": history, "world_size": world,
-                "per_device_batch": per_device, "micro_batch": micro, "accumulation": accum,
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "scaled_lr": base_lr, "precision": precision,
-                "channels_last": channels_last, "train_images": len(train_split),
-                "val_images": len(val) if val is not None else None,
-                "test_images": len(test) if test is not None else None})
-            print(f"train: {objective} {model_args['arch']} on {data['spec']} | world {world}, "
-                  f"batch {per_device}/device x {world} = {B} global (micro {micro}, accum "
-                  f"{accum}{accum_why}) | lr "
-                  f"{args.lr}/256 -> {base_lr:.4g}, warmup {warmup_steps} of {total_steps} steps "
-                  f"({steps_per_epoch}/epoch, {args.epochs} epochs) | {precision}, compile "
-                  f"{args.compile}, channels_last {channels_last}, workers {workers} "
-                  f"({getattr(args, 'workers_from', '--workers')})"
-                  f"{'' if cuda else f', {torch.get_num_threads()} threads'} | train "
-                  f"{len(train_split)} / val {len(val) if val is not None else '-'} / test "
-                  f"{len(test) if test is not None else '-'} images, {model_args['num_classes']} "
-                  f"classes, {args.resolution}px | device {device}"
-                  + (f" | resumed at step {p.step}" if p.step else ""), flush=True)
-
-        # --- the step loop. The host reads device values only at log steps (every --log-every
-        # steps and at epoch ends): loss sums and the first non-finite step stay on the device.
-        caught = {"signal": 0}
-
-        def on_signal(signum, _frame):
-            caught["signal"] = signum
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            undo.callback(signal.signal, s, signal.signal(s, on_signal))
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
-        no_bad_step = 2 ** 62
-        bad = torch.full((), no_bad_step, dtype=torch.int64, device=device)
-        t_interval = t_run = last_ckpt = time.perf_counter()
-        run.shown = (t_run, p.step, p.step_seconds)   # progress lines measure from here
-        wait = 0.0
-        net.train()
-        while p.step < total_steps:
-            epoch, first = p.epoch, p.images_in_epoch // B
-            sampler.set_epoch(epoch, first * per_device)
-            batches_of_epoch = common.loader_iter(loader)
-            for b in range(first, steps_per_epoch):
-                step = p.step
-                if step == args.debug_kill_at_step:
-                    run.writer.wait()   # so that a test knows which last.pt the kill leaves
-                    os.kill(os.getpid(), signal.SIGKILL)
-                t0 = time.perf_counter()
-                batches = [to_device(*next(batches_of_epoch), device, channels_last)
-                           for _ in range(accum)]
-                wait += time.perf_counter() - t0
-                lr = base_lr * lr_factor(step, total_steps, warmup_steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss_sum, correct = train_step(net, criterion, opt, scaler, batches, autocast,
-                                               poison=step == args.debug_nan_at_step)
-                bad = torch.where(torch.isfinite(loss_sum) | (bad < no_bad_step), bad, step)
-                sums[0] += loss_sum
-                sums[1] += correct
-                sums[2] += per_device  # a Python number: no host-to-device copy
-                if ema is not None:
-                    ema_update(ema, model, ema_decay, step)
-                p.step, p.images, p.images_in_epoch = step + 1, p.images + B, p.images_in_epoch + B
-                epoch_end = b == steps_per_epoch - 1 or p.step == total_steps
-                if not (p.step % args.log_every == 0 or epoch_end):
-                    continue
-
-                # --- log step: the only place the host waits for the device
-                g_sums = all_reduce(sums.clone()).tolist()
-                first_bad = int(all_reduce(bad.clone(), "min"))
-                due = (args.ckpt_minutes <= 0
-                       or time.perf_counter() - last_ckpt >= args.ckpt_minutes * 60)
-                ctl = all_reduce(torch.tensor([caught["signal"], int(due)], device=device), "max")
-                signum, due = (int(v) for v in ctl.tolist())
-                dt = time.perf_counter() - t_interval
-                if first_bad < no_bad_step:
-                    run.writer.wait()
-                    raise nan_error(run, first_bad, steps_per_epoch)
-                p.step_seconds += dt
-                p.train_seconds += time.perf_counter() - t_run
-                t_run = time.perf_counter()
-                p.epoch_sums = [a + b for a, b in zip(p.epoch_sums, g_sums)]
-                if dist.is_main:
-                    append_log(log_path, {
-                        "step": p.step, "epoch": epoch + p.images_in_epoch / (steps_per_epoch * B),
-                        "loss": g_sums[0] / g_sums[2], "train_top1": g_sums[1] / g_sums[2],
-                        "lr": lr, "images_per_second": g_sums[2] / dt, "data_wait": wait / dt,
-                        "time": time.time()})
-                sums.zero_()
-                if dist.is_main and not epoch_end:   # the epoch's own line ends an epoch
-                    progress_line(run, lr, g_sums[0] / g_sums[2], steps_per_epoch, total_steps)
-                if epoch_end:
-                    end_epoch(run, lr)
-                    net.train()
-                if epoch_end or due or signum:
-                    save_last(run, background=not signum)
-                    last_ckpt = time.perf_counter()
-                if signum:
-                    if dist.is_main:
-                        print(f"signal {signum}: saved {out_dir}/last.pt at step {p.step}; "
-                              f"rerun the same command to resume", flush=True)
-                    raise SystemExit(128 + signum)
-                p.train_seconds += time.perf_counter() - t_run  # evaluation and checkpoints
-                t_run = t_interval = time.perf_counter()
-                wait = 0.0
-                if p.step >= total_steps:
-                    break
-        # --- final evaluation on test, final.pt and results.json
-        return finish(run, results_extra)
-
-
 # ==============================================================================================
 # Evaluating a checkpoint (--evaluate) and main
 
@@ -1336,7 +1443,7 @@ def evaluate_checkpoint(args, dist, overwrite=False):
     """
     with common.claimed(args.out, "evaluate", overwrite) if dist.is_main else \
             contextlib.nullcontext():
-        return _evaluate_checkpoint(args, dist, overwrite)
+        return _evaluate_checkpoint(device_defaults(args, dist.device), dist, overwrite)
 
 
 def _evaluate_checkpoint(args, dist, overwrite):
@@ -1362,27 +1469,23 @@ def _evaluate_checkpoint(args, dist, overwrite):
                                         "resolution": resolution,
                                         "preprocessing": args.eval_preprocessing},
                                 ("resolution", "preprocessing"), overwrite, "the evaluation")
-    precision, autocast = amp_dtype(args.precision, dist.device)
-    cuda = dist.device.type == "cuda"
-    channels_last = cuda if args.channels_last is None else args.channels_last
     model.to(dist.device)
-    if channels_last:
+    if args.channels_last:
         model.to(memory_format=torch.channels_last)
     transform = None
     if args.eval_preprocessing == "tf":
         from import_tf_checkpoint import tf_eval_transform
         transform = tf_eval_transform(resolution)
-    workers = args.workers if args.workers is not None else common.default_workers(
-        dist.device.type)[0]
     t0 = time.perf_counter()
-    m = evaluate({"m": model}, data["test"], resolution, dist, amp_dtype=autocast,
-                 batch_size=args.eval_batch_size, workers=workers,
-                 channels_last=channels_last, transform=transform)["m"]
+    m = evaluate({"m": model}, data["test"], resolution, dist,
+                 amp_dtype=amp_dtype(args.precision, dist.device)[1],
+                 batch_size=args.eval_batch_size, workers=args.workers,
+                 channels_last=args.channels_last, transform=transform)["m"]
     results = {**common.result_header(network, data, "evaluate"),
                "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
                "metric": data["metric"], "count": m["count"], "resolution": resolution,
                "preprocessing": args.eval_preprocessing, "split": "test",
-               "precision": precision, "world_size": dist.world,
+               "precision": args.precision, "world_size": dist.world,
                "seconds": time.perf_counter() - t0, "versions": common.versions()}
     if dist.is_main:
         common.save_json(saved, results)
@@ -1415,7 +1518,7 @@ def main(argv=None):
         with common.claimed(args.out, "train", overwrite) if dist.is_main else \
                 contextlib.nullcontext():
             data = common.load_dataset(args.data, download=args.download)
-            apply_preset(args, data["image_size"], dist.device)
+            args = resolve_args(args, data["image_size"], dist.device)
             hp = common.objective_hparams(args.objective, **objective_overrides(args))
             torch.manual_seed(args.seed)
             model = common.build_model(args.objective, data["num_classes"], args.arch,

@@ -464,8 +464,12 @@ def test_extract_features_layers():
 def test_metrics_spec_vector():
     labels = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     pred = [0, 0, 1, 0, 1, 2, 3, 0, 0, 0]
-    assert common.mean_per_class_accuracy(pred, labels) == pytest.approx(0.5208333, abs=1e-7)
-    assert common.accuracy_metrics(torch.tensor(pred), torch.tensor(labels))["top1"] == 0.4
+    m = common.accuracy(common.class_counts(torch.tensor(pred), torch.tensor(labels), 4))
+    assert m["mean_per_class"] == pytest.approx(0.5208333, abs=1e-7) and m["top1"] == 0.4
+    # counts add up: two halves summed (as ranks all-reduce them) score as the whole
+    halves = sum(common.class_counts(torch.tensor(pred[i::2]), torch.tensor(labels[i::2]), 4)
+                 for i in range(2))
+    assert common.accuracy(halves) == m
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,16 +82,16 @@ def test_head_is_fresh_and_body_copied(source):
             assert np.array_equal(value.numpy(), new.state_dict()[name].numpy()), name
 
 
-def run(args):
+def run(args, env=None):
     return subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def test_kill_resume_and_no_recompute(source, tmp_path):
     out = str(tmp_path / "ft")
     args = ["--checkpoint", source, "--data", "digits@5-9", "--out", out, "--lrs", "0.2", *FT,
             "--keep-model"]
-    killed = run([*args, "--debug-kill-at-step", "12"])
+    killed = run(args, env={**os.environ, "KORNBLITH_TEST_HOOKS": "kill_at_step=12"})
     assert killed.returncode == -9
     point = os.path.join(out, "grid", "lr0.2_wd0.0001")
     assert os.path.exists(os.path.join(point, "last.pt"))

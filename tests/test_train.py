@@ -40,6 +40,12 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def kill_at_step(step):
+    """The environment of a run that SIGKILLs itself before step index `step` (its last.pt
+    written): train_imagenet.read_test_hooks."""
+    return {"KORNBLITH_TEST_HOOKS": f"kill_at_step={step}"}
+
+
 def run_script(args, env=None, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), *args],
@@ -134,9 +140,10 @@ def test_evaluation_shards_count_every_image_once():
     for world in (2, 4):
         parts = [data["val"].indices[r::world] for r in range(world)]
         assert sorted(np.concatenate(parts).tolist()) == sorted(data["val"].indices.tolist())
-    # top1 agrees with common.accuracy_metrics on the same logits
+    # the accuracies agree with common.accuracy of the same logits, all at once
     feats, labels = common.collect_features(model, common.eval_loader(data["val"], 8), ["logits"])
-    ref = common.accuracy_metrics(torch.from_numpy(feats["logits"]), labels, 10)
+    ref = common.accuracy(common.class_counts(torch.from_numpy(feats["logits"]),
+                                              torch.as_tensor(labels), 10))
     assert whole["top1"] == pytest.approx(ref["top1"])
     assert whole["top5"] == pytest.approx(ref["top5"])
     assert whole["mean_per_class"] == pytest.approx(ref["mean_per_class"])
@@ -192,12 +199,12 @@ def test_changed_arguments_are_refused_on_resume_unless_forced(tmp_path):
     assert results["steps"] == 36 and results["epochs"] == 2
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "nan")
     # step indices count from 0, log.jsonl's steps from 1: index 7 is step 8
+    monkeypatch.setenv("KORNBLITH_TEST_HOOKS", "nan_at_step=7")
     with pytest.raises(common.UserError, match=r"nan/inf at step 8 .*last\.pt \(step 6\)"):
-        train_imagenet.main([*TINY, "--out", out, "--log-every", "2", "--ckpt-minutes", "0",
-                             "--debug-nan-at-step", "7"])
+        train_imagenet.main([*TINY, "--out", out, "--log-every", "2", "--ckpt-minutes", "0"])
     ck = common.load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["train_state"]["step"] == 6
     assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
@@ -231,11 +238,11 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         train_imagenet.main([*base, "--out", ref])
     finally:
         torch.use_deterministic_algorithms(False)
-    r = run_script([*base, "--out", cut, "--debug-kill-at-step", "5"])  # mid-epoch 1
+    r = run_script([*base, "--out", cut], kill_at_step(5))  # mid-epoch 1
     assert r.returncode == -9, r.stderr
     first = common.load_checkpoint(os.path.join(cut, "last.pt"))
     assert first["train_state"]["step"] == 4
-    r = run_script([*base, "--out", cut, "--debug-kill-at-step", "13"])  # mid-epoch 2
+    r = run_script([*base, "--out", cut], kill_at_step(13))  # mid-epoch 2
     assert r.returncode == -9 and "resumed at step 4" in r.stdout, r.stdout + r.stderr
     r = run_script([*base, "--out", cut])
     assert r.returncode == 0 and "resumed at step 12" in r.stdout, r.stdout + r.stderr
@@ -268,7 +275,7 @@ def test_a_resume_that_flips_channels_last_trains_as_one_that_does_not(tmp_path)
     finals = {}
     for name, flip in (("same", "--channels-last"), ("flipped", "--no-channels-last")):
         out = str(tmp_path / name)
-        r = run_script([*base, "--out", out, "--channels-last", "--debug-kill-at-step", "5"])
+        r = run_script([*base, "--out", out, "--channels-last"], kill_at_step(5))
         assert r.returncode == -9, r.stderr
         r = run_script([*base, "--out", out, flip])
         assert r.returncode == 0 and "resumed at step 4" in r.stdout, r.stdout + r.stderr
