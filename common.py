@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import pickle
 import platform
 import re
 import signal
@@ -1523,15 +1522,18 @@ def load_checkpoint(path, arch=None, num_classes=None, map_location="cpu",
         raise UserError(f"checkpoint {path} is empty (0 bytes); re-run the training that writes it")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = [l for l in str(e).splitlines() if "Unsupported global" in l]
-        raise UserError(f"checkpoint {path} holds objects that cannot be loaded safely "
-                        f"({detail[0].strip() if detail else 'not tensors and plain values'}); "
-                        f"save it with common.make_checkpoint")
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({msg}); re-save it or "
-                        f"re-run the training that writes it")
+        # torch's safe loader says "Unsupported global" for a class it refuses to build; any
+        # other failure (random bytes: "Unsupported operand 103") is a damaged file
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        unsafe = [l for l in lines if "Unsupported global" in l]
+        if unsafe:
+            raise UserError(f"checkpoint {path} holds objects that cannot be loaded safely "
+                            f"({unsafe[0]}); save it with common.make_checkpoint") from None
+        why = next((l for l in lines if l.startswith("Unsupported")), None) or (
+            lines[0] if lines else type(e).__name__)
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({why}); re-save it or "
+                        f"re-run the training that writes it") from None
     if not isinstance(ck, dict) or any(k not in ck for k in CKPT_REQUIRED):
         missing = [k for k in CKPT_REQUIRED if not isinstance(ck, dict) or k not in ck]
         raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)});"

@@ -616,6 +616,14 @@ def test_checkpoint_errors(tmp_path):
     trunc.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         common.load_checkpoint(str(trunc))
+    # random bytes are a damaged file, not an unsafe one; a class torch will not build is unsafe
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=r"random\.pt is corrupt or truncated \(Unsupported "):
+        common.load_checkpoint(str(tmp_path / "random.pt"))
+    import fractions
+    torch.save({"x": fractions.Fraction(1, 3)}, tmp_path / "unsafe.pt")
+    with pytest.raises(ValueError, match=r"cannot be loaded safely \(.*fractions\.Fraction"):
+        common.load_checkpoint(str(tmp_path / "unsafe.pt"))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         common.load_checkpoint(str(tmp_path / "other.pt"))
