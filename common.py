@@ -58,18 +58,33 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # a disk error no code path above saw coming: still one line
-        if e.errno not in DISK_ERRORS:
-            raise
-        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:  # torch's words for a loader worker killed (OOM killer, kill -9)
-        if not str(e).startswith("DataLoader worker (pid"):
+    except (OSError, RuntimeError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # one no code path saw coming
+            print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+            sys.exit(2)
+        if not worker_died(e):
             raise
         print(f"error: a data-loading worker process died ({str(e).strip().rstrip('.')}), "
               f"perhaps killed for lack of memory; rerun the same command to resume, with fewer "
               f"--workers if it recurs", file=sys.stderr)
         sys.exit(2)
+
+
+def worker_died(e):
+    """Whether `e` says a DataLoader worker died (OOM killer, kill -9): torch's own RuntimeError
+    ("DataLoader worker (pid N) is killed by signal"), or, when the worker dies while it hands a
+    batch's shared memory over, the broken connection (ConnectionResetError, EOFError) raised
+    inside the DataLoader's receive (seen when a worker was killed mid-epoch under load)."""
+    if isinstance(e, RuntimeError):
+        return str(e).startswith("DataLoader worker (pid")
+    if not isinstance(e, (ConnectionError, EOFError)):
+        return False
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("utils", "data", "dataloader.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)

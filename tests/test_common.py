@@ -1207,3 +1207,22 @@ def test_output_paths_that_cannot_be_one_are_said_plainly(tmp_path, capsys):
         with common.locked_file(str(tmp_path / "link")):
             pass
     assert not (tmp_path / "nowhere").exists() and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_worker_that_dies_while_handing_over_a_batch_is_one_line(capsys):
+    """Killed while it passes a batch's shared memory over, a worker leaves the main process a
+    ConnectionResetError inside the DataLoader's receive, not torch's "DataLoader worker (pid
+    N) is killed" (a traceback, found by the by-hand rerun of issue 25's cases under load). The
+    same error anywhere else is not hidden."""
+    where = os.path.join("site-packages", "torch", "utils", "data", "dataloader.py")
+    scope = {}
+    exec(compile("def receive():\n    raise ConnectionResetError(104, 'Connection reset by peer')",
+                 where, "exec"), scope)
+    err = one_line_error(capsys, scope["receive"])
+    assert err.startswith("error: a data-loading worker process died ([Errno 104] Connection "
+                          "reset by peer), perhaps killed for lack of memory; rerun")
+
+    def elsewhere():
+        raise ConnectionResetError(104, "Connection reset by peer")
+    with pytest.raises(ConnectionResetError):
+        common.run_main(elsewhere)
