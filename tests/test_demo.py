@@ -8,12 +8,18 @@ from conftest import ROOT
 OBJECTIVES = ["softmax", "logit_normalization", "squared_error"]
 
 
+def small_demo_env(out, **settings):
+    """demo.sh's environment for the smallest run: seed 0, 1 epoch, 2 jobs, a 1-point
+    fine-tuning grid, 3 lambdas and 96 CKA images, plus `settings`."""
+    return {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SEEDS": "0", "EPOCHS": "1",
+            "JOBS": "2", "FT_ARGS": "--lrs 0.1 --wds 1e-4 --epochs 1 --batch-size 64",
+            "PROBE_ARGS": "--lambdas 1e-4,1e-2,1", "CKA_ARGS": "--split test --max-images 96",
+            **settings}
+
+
 def test_demo_smallest_setting(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SEEDS": "0",
-           "OBJECTIVES": " ".join(OBJECTIVES), "EPOCHS": "1", "JOBS": "2",
-           "FT_ARGS": "--lrs 0.1 --wds 1e-4 --epochs 1 --batch-size 64",
-           "PROBE_ARGS": "--lambdas 1e-4,1e-2,1", "CKA_ARGS": "--split test --max-images 96"}
+    env = small_demo_env(out, OBJECTIVES=" ".join(OBJECTIVES))
     r = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -56,10 +62,7 @@ def test_a_failed_network_does_not_stop_the_demo(tmp_path):
     demo records it (FAILED in its folder, a console line), trains, probes, fine-tunes and
     reports the other network, names the failed one in report.md, and exits 1 at the end."""
     out = tmp_path / "demo"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SEEDS": "0",
-           "OBJECTIVES": "squared_error softmax", "EPOCHS": "1", "LR": "0.8", "JOBS": "2",
-           "FT_ARGS": "--lrs 0.1 --wds 1e-4 --epochs 1 --batch-size 64",
-           "PROBE_ARGS": "--lambdas 1e-4,1e-2,1", "CKA_ARGS": "--split test --max-images 96"}
+    env = small_demo_env(out, OBJECTIVES="squared_error softmax", LR="0.8")
     r = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
