@@ -38,6 +38,7 @@ Examples:
   python make_figures.py --runs runs/ --out figures/ --formats png
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -72,10 +73,7 @@ FT_MARGIN = 1.0   # points: fine-tuning accuracies closer than this to softmax's
 # linear probe's: autoscaled to a 2-point span, one seed's noise filled the whole panel.
 MIN_ACCURACY_SPAN = 10.0
 CKA_MARGIN = 0.01   # a CKA difference smaller than this is no difference, however significant
-NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
-         "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
-         "logit_penalty": "Logit penalty", "logit_normalization": "Logit normalization",
-         "cosine_softmax": "Cosine softmax", "squared_error": "Squared error"}
+NAMES = {"extra_final_layer_l2": "Extra final layer L2"}   # where display()'s rule is wrong
 TAB10 = plt.get_cmap("tab10").colors
 FIXED_COLOURS = {"softmax": "black", "label_smoothing": TAB10[0], "sigmoid": TAB10[1],
                  "extra_final_layer_l2": TAB10[2], "dropout": TAB10[3],
@@ -117,6 +115,7 @@ def finite(v):
 
 
 def display(obj):
+    """An objective's name in the report: 'label_smoothing' -> 'Label smoothing'."""
     return NAMES.get(obj, str(obj).replace("_", " ").capitalize())
 
 
@@ -135,7 +134,7 @@ TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind ->
 
 def read_results(runs, notes):
     """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
-    identity block (common.result_header), each checked whole (problem()) before any of it is
+    identity block (common.result_header), each checked whole (problems()) before any of it is
     used. Files without an identity block, unreadable or malformed ones get a note each, and so
     does every run that failed (demo.sh's FAILED file: a network, or one of its results, is
     missing)."""
@@ -156,7 +155,7 @@ def read_results(runs, notes):
                 continue
             kind = data.get("kind") if isinstance(data, dict) else None
             if kind in KINDS:
-                why = problem(kind, data)
+                why = next(problems(kind, data), None)
                 if why:
                     notes.append(f"`{rel}`: {why}; skipped.")
                 else:
@@ -209,68 +208,56 @@ def type_name(v):
             type(None): "null"}.get(type(v), "a number")
 
 
-def identity_problem(identity, where):
-    """Why a network identity block is unusable, or None."""
+def identity_problems(identity, where):
+    """Why a network identity block is unusable (a generator, as problems())."""
     if not isinstance(identity, dict):
-        return f"{where} is {type_name(identity)}, not a network identity block"
-    for key, kind in IDENTITY_TYPES.items():
-        v = identity.get(key)
-        if v is not None and not of_type(v, kind):
-            return f"{where}.{key} is {type_name(v)}"
+        yield f"{where} is {type_name(identity)}, not a network identity block"
+    yield from (f"{where}.{key} is {type_name(identity[key])}" for key, want in
+                IDENTITY_TYPES.items() if identity.get(key) is not None and
+                not of_type(identity[key], want))
     if any(not isinstance(v, SCALAR) and v is not None for v in
            (identity.get("hparams") or {}).values()):
-        return f"{where}.hparams holds a value that is not a number, string or boolean"
-    return None
+        yield f"{where}.hparams holds a value that is not a number, string or boolean"
 
 
-def problem(kind, r):
-    """Why results file content `r` of `kind` cannot be used, in a few words, or None: every
-    field this script reads is of the right type, the network identities are identity blocks,
-    and the accuracy is a number in [0, 1] (a 5.0 was shown as 500%)."""
-    for key, want in FIELD_TYPES.items():
+def problems(kind, r):
+    """Why results file content `r` of `kind` cannot be used, in a few words: every field this
+    script reads is of the right type, the network identities are identity blocks, and the
+    accuracy is a number in [0, 1] (a 5.0 was shown as 500%). A generator of which only the
+    first counts: a check runs only when those before it passed, and relies on them."""
+    for key, want in FIELD_TYPES.items():   # class_separation's layers are inside "results"
         v = r.get(key)
-        if kind == "class_separation" and key == "layers":
-            continue   # the networks' layers are inside "results"
-        if v is not None and not of_type(v, want):
-            return f"{key} is {type_name(v)}"
+        if v is not None and not of_type(v, want) and (kind, key) != ("class_separation", "layers"):
+            yield f"{key} is {type_name(v)}"
     for key in SCALAR_FIELDS:   # shown in the report, or compared: plain values
-        v = r.get(key)
-        if v is not None and not isinstance(v, SCALAR):
-            return f"{key} is {type_name(v)}, not a plain value"
+        if r.get(key) is not None and not isinstance(r[key], SCALAR):
+            yield f"{key} is {type_name(r[key])}, not a plain value"
     if kind in ("cka", "class_separation"):
-        nets = r.get("networks")
-        if not isinstance(nets, list) or not nets:
-            return "networks is not a non-empty list of network identity blocks"
-        for i, identity in enumerate(nets):
-            why = identity_problem(identity, f"networks[{i}]")
-            if why:
-                return why
-        if kind == "cka" and any(not isinstance(l, str) for l in r.get("layers") or []):
-            return "layers holds a value that is not a layer name"
+        if not isinstance(r.get("networks"), list) or not r["networks"]:
+            yield "networks is not a non-empty list of network identity blocks"
+        for i, identity in enumerate(r["networks"]):
+            yield from identity_problems(identity, f"networks[{i}]")
     elif r.get("network") is not None or kind in ("train", "evaluate"):
-        why = identity_problem(r.get("network"), "network")
-        if why:
-            return why
+        yield from identity_problems(r.get("network"), "network")
+    if kind == "cka" and any(not isinstance(l, str) for l in r.get("layers") or []):
+        yield "layers holds a value that is not a layer name"
     if kind == "class_separation":
         results = r.get("results") or []
         if len(results) != len(r["networks"]):
-            return f"{len(r['networks'])} networks but {len(results)} results"
+            yield f"{len(r['networks'])} networks but {len(results)} results"
         for i, res in enumerate(results):
             layers = res.get("layers") if isinstance(res, dict) else None
             if not isinstance(layers, dict) or any(
                     not isinstance(v, dict) or any(x is not None and not isinstance(x, (int, float))
                                                    for x in v.values()) for v in layers.values()):
-                return f"results[{i}] is not a result per layer of numbers"
-    for f in r.get("fold_results") or []:
-        if not isinstance(f, dict):
-            return "fold_results holds a value that is not an object"
-    if kind in ACCURACY:
-        key, v = ACCURACY[kind], r.get(ACCURACY[kind])
-        if not finite(v):
-            return f"{key} is missing or not a finite number ({v!r})"
-        if not 0 <= v <= 1:
-            return f"{key} is {v!r}, not an accuracy in [0, 1]"
-    return None
+                yield f"results[{i}] is not a result per layer of numbers"
+    if any(not isinstance(f, dict) for f in r.get("fold_results") or []):
+        yield "fold_results holds a value that is not an object"
+    key = ACCURACY.get(kind)
+    if key and not finite(r.get(key)):
+        yield f"{key} is missing or not a finite number ({r.get(key)!r})"
+    if key and not 0 <= r[key] <= 1:
+        yield f"{key} is {r[key]!r}, not an accuracy in [0, 1]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,11 +268,9 @@ def make_network(identity):
             "objective": str(identity.get("objective")), "seed": identity.get("seed"),
             "label": identity.get("checkpoint"), "hparams": dict(identity.get("hparams") or {}),
             "arch": identity.get("arch"), "dataset": identity.get("dataset"),
-            "dataset_name": identity.get("dataset_name"), "epochs": None,
-            "top1": None, "linear": {}, "finetune": {}, "layers": {}, "r2": None,
-            "sparsity": None,
-            "dim": None, "dead": None, "lr": None, "batch_size": None, "sources": {},
-            "orphan": False}
+            "dataset_name": identity.get("dataset_name"), "linear": {}, "finetune": {},
+            "layers": {}, "sources": {}, "orphan": False, **dict.fromkeys(
+                ("epochs", "lr", "batch_size", "top1", "r2", "sparsity", "dim", "dead"))}
 
 
 def network_of(identity, rel, nets, notes):
@@ -323,9 +308,8 @@ def training_networks(found, runs, notes):
                          f"seen (a copied run folder?); skipped.")
             continue
         net = nets[identity["run_id"]] = make_network(identity)
-        net["epochs"], net["lr"], net["batch_size"] = (r.get(k) for k in ("epochs", "lr",
-                                                                            "batch_size"))
-        net["top1"] = 100 * float(r["top1"])   # a fraction in [0, 1] in every file (problem())
+        net.update({k: r.get(k) for k in ("epochs", "lr", "batch_size")})
+        net["top1"] = 100 * float(r["top1"])   # a fraction in [0, 1] in every file (problems())
     return nets
 
 
@@ -364,7 +348,7 @@ def attach_transfer(found, nets, runs, notes, scratch):
         seen = {}
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
-            acc, dataset = r["test_accuracy"], target_of(r)   # finite, checked by problem()
+            acc, dataset = r["test_accuracy"], target_of(r)   # finite, checked by problems()
             if (r.get("network") or {}).get("objective") == "scratch":
                 scratch.setdefault((field, dataset), []).append(float(acc))
                 continue
@@ -401,7 +385,7 @@ def attach_class_separation(found, nets, runs, notes):
     missing_pool = 0
     for path, d in by_data[chosen]:
         rel = os.path.relpath(path, runs)
-        for identity, res in zip(d["networks"], d["results"]):   # as many, checked by problem()
+        for identity, res in zip(d["networks"], d["results"]):   # as many, checked by problems()
             pool = (res.get("layers") or {}).get("pool") or {}
             if not finite(pool.get("r2")):
                 missing_pool += 1
@@ -448,12 +432,8 @@ def choose_variants(nets, notes):
 # Statistics
 
 def values(nets, quantity):
-    out = []
-    for n in nets:
-        v = quantity(n)
-        if v is not None and finite(v):
-            out.append(float(v))
-    return out
+    """The finite values of quantity(network) over `nets`, as floats."""
+    return [float(v) for v in map(quantity, nets) if finite(v)]
 
 
 def mean_se(vals):
@@ -467,8 +447,7 @@ def mean_se(vals):
 def welch_p(a, b):
     if stats is None or len(a) < 2 or len(b) < 2:
         return math.nan
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"), np.errstate(all="ignore"):
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
@@ -527,8 +506,7 @@ def holm(ps):
 def spearman(x, y):
     if stats is None or len(x) < 3:
         return math.nan, math.nan
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"), np.errstate(all="ignore"):
         r = stats.spearmanr(x, y)
     return float(r.statistic if hasattr(r, "statistic") else r[0]), float(r.pvalue)
 
@@ -749,8 +727,7 @@ def fig_panels(figures, name, groups, x, panels, size, title):
     drawn = set()
     for ax, (_, y, xlabel, ylabel, panel_title, title_kw) in zip(axes[0], panels):
         drawn.update(scatter_means(ax, groups, x, y, figures))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.set_title(panel_title, **title_kw)
     widen_transfer({panel[0]: ax for ax, panel in zip(axes[0], panels)})
     legend_right(fig, [o for o in groups if o in drawn], figures, mean_keys(axes[0, 0]))
@@ -820,11 +797,9 @@ def fig_table(groups, cols, cells, figures):
             if c["verdict"] and c["verdict"] != "untested":
                 text += f"\n{c['verdict']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(headers, fontsize=8)
+    ax.set_xticks(range(len(cols)), headers, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(objs)))
-    ax.set_yticklabels([f"{display(o)} (n={len(groups[o])}" +
+    ax.set_yticks(range(len(objs)), [f"{display(o)} (n={len(groups[o])}" +
                         (", reference)" if o == "softmax" else ")") for o in objs], fontsize=9)
     ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(objs) + 1) - 0.5, minor=True)
@@ -896,21 +871,13 @@ def cka_groups(c, groups):
 def cka_summary(c, idx):
     """Per layer: same-objective different-seed baseline and between-objective values."""
     diag = np.einsum("ijll->ijl", c["cka"])
-    M = diag.shape[0]
     obj_of = {i: o for o, ii in idx.items() for i in ii}
     same, between = [], []
-    for i in range(M):
-        for j in range(i + 1, M):
-            if i not in obj_of or j not in obj_of:
-                continue
-            (same if obj_of[i] == obj_of[j] else between).append(diag[i, j])
+    for i, j in itertools.combinations(sorted(obj_of), 2):
+        (same if obj_of[i] == obj_of[j] else between).append(diag[i, j])
     ref = "softmax" if "softmax" in idx else next(iter(idx), None)
-    vs_ref = {}
-    for o, ii in idx.items():
-        if o == ref:
-            continue
-        vals = [diag[i, j] for i in idx[ref] for j in ii]
-        vs_ref[o] = np.nanmean(vals, axis=0)
+    vs_ref = {o: np.nanmean([diag[i, j] for i in idx[ref] for j in ii], axis=0)
+              for o, ii in idx.items() if o != ref}
     return {"diag": diag, "same": np.array(same), "between": np.array(between), "ref": ref,
             "vs_ref": vs_ref}
 
@@ -949,10 +916,9 @@ def fig_cka_by_layer(c, s, figures):
     for o, curve in s["vs_ref"].items():
         ax.plot(x, curve, color=figures.colours[o], marker=figures.marker(o), markersize=4,
                 label=f"{display(s['ref'])} vs {display(o)}")
-    ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel("layer (block outputs, pooled features, logits)")
-    ax.set_ylabel("linear CKA (0 to 1, unitless)")
+    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=8)
+    ax.set(xlabel="layer (block outputs, pooled features, logits)",
+           ylabel="linear CKA (0 to 1, unitless)")
     ax.set_title(f"CKA between networks at the same layer ({c['n_images'] or '?'} images)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
@@ -964,9 +930,9 @@ def fig_cka_matrices(c, idx, s, figures):
     picks = sorted({max(0, (L - 2) // 2 - 1), max(0, L - 3), max(0, L - 2), L - 1}) \
         if L >= 4 else list(range(L))
     objs = list(idx)
+    names = [display(o) for o in objs]
     mats = [objective_matrix(s["diag"], idx, l) for l in picks]
-    vmin = min(float(np.nanmin(m)) for m in mats if np.isfinite(m).any()) \
-        if any(np.isfinite(m).any() for m in mats) else 0.0
+    vmin = min((float(np.nanmin(m)) for m in mats if np.isfinite(m).any()), default=0.0)
     ncol = 2 if len(picks) > 1 else 1
     nrow = math.ceil(len(picks) / ncol)
     side = 0.5 * len(objs) + 2.8
@@ -976,10 +942,8 @@ def fig_cka_matrices(c, idx, s, figures):
     for ax, l, mat in zip(axes.flat, picks, mats):
         im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=min(vmin, 0.999), vmax=1)
         ax.set_title(f"layer {layers[l]}")
-        ax.set_xticks(range(len(objs)))
-        ax.set_xticklabels([display(o) for o in objs], rotation=60, ha="right", fontsize=9)
-        ax.set_yticks(range(len(objs)))
-        ax.set_yticklabels([display(o) for o in objs], fontsize=9)
+        ax.set_xticks(range(len(objs)), names, rotation=60, ha="right", fontsize=9)
+        ax.set_yticks(range(len(objs)), names, fontsize=9)
         if len(objs) <= 10:   # a cell is about 0.5 inch: '0.93' at 11 pt (9 pt from 7 up) fits
             matrix_text(ax, mat, vmin, 11 if len(objs) <= 6 else 9.5)
     for ax in list(axes.flat)[len(picks):]:
@@ -992,11 +956,10 @@ def fig_cka_matrices(c, idx, s, figures):
 
 def matrix_text(ax, mat, vmin, size):
     """Each finite cell's value, white on the darker half of the colour scale."""
-    for a in range(len(mat)):
-        for b in range(len(mat)):
-            if np.isfinite(mat[a, b]):
-                ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=size,
-                        color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
+    for (a, b), v in np.ndenumerate(mat):
+        if np.isfinite(v):
+            ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    color="white" if v < (vmin + 1) / 2 else "black")
 
 
 def find_sweeps(by_obj, groups):
@@ -1049,10 +1012,8 @@ def fig_sweep(obj, key, points, figures):
         if log:
             ax.set_xscale("log")
             ax.minorticks_off()
-        ax.set_xticks(xs)
-        ax.set_xticklabels([fmt_value(v) for v in points], rotation=45 if len(xs) > 5 else 0)
-        ax.set_xlabel(f"{key} (hyperparameter value)")
-        ax.set_ylabel(ylabel)
+        ax.set_xticks(xs, [fmt_value(v) for v in points], rotation=45 if len(xs) > 5 else 0)
+        ax.set(xlabel=f"{key} (hyperparameter value)", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{display(obj)}: sweep of {key} (mean ± standard error over seeds)")
@@ -1189,8 +1150,7 @@ def fig_slopes(nets, targets, fits, figures):
             ax.plot(grid, mean, color="0.3", linestyle="--")
         ax.set_title(f"{target}\nslope {slope_text(fit)} per +0.1 R^2\n"
                      f"({slope_verdict(fit)})", fontsize=9)
-        ax.set_xlabel("class separation R^2 (pool)")
-        ax.set_ylabel("linear-probe accuracy (%)")
+        ax.set(xlabel="class separation R^2 (pool)", ylabel="linear-probe accuracy (%)")
         ax.grid(alpha=0.3)
     keys = [plt.Line2D([], [], color="0.3", marker="o", markersize=5, linestyle="",
                        label="one network"),
@@ -1303,8 +1263,8 @@ def section_cka(found, runs, groups, figures):
     if c is None:
         return Section([], notes=notes + ["CKA (figure 3) skipped: no readable cka.npz."])
     idx = cka_groups(c, groups)
-    with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
+    # all-NaN layers (constant activations) stay NaN
+    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
         s = cka_summary(c, idx)
         notes += fig_cka(c, idx, s, figures)
         table = cka_table(c, s)
@@ -1325,10 +1285,8 @@ def cka_table(c, s):
     between, same = s["between"], s["same"]
     rows = []
     for l, name in enumerate(c["layers"]):
-        b = f"{np.nanmean(between[:, l]):.3f} [{np.nanmin(between[:, l]):.3f}, " \
-            f"{np.nanmax(between[:, l]):.3f}]" if len(between) else "-"
-        w = f"{np.nanmean(same[:, l]):.3f} [{np.nanmin(same[:, l]):.3f}, " \
-            f"{np.nanmax(same[:, l]):.3f}]" if len(same) else "-"
+        b, w = (f"{np.nanmean(a[:, l]):.3f} [{np.nanmin(a[:, l]):.3f}, {np.nanmax(a[:, l]):.3f}]"
+                if len(a) else "-" for a in (between, same))
         below = "-"
         if len(between) and len(same):   # below by more than the 3 decimals shown
             below = "yes" if np.nanmean(between[:, l]) < np.nanmin(same[:, l]) - 1e-3 else "no"
