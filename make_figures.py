@@ -87,9 +87,8 @@ KIND_NAMES = {"linear": "Linear probe", "finetune": "Fine-tune"}
 
 def claim_words(claim, unit):
     """The paper's claim as the issue words it: better / worse / no difference (vs softmax)."""
-    if unit == "%" and claim in ("higher", "lower"):
-        return {"higher": "better (higher)", "lower": "worse (lower)"}[claim]
-    return claim
+    words = {"higher": "better (higher)", "lower": "worse (lower)"} if unit == "%" else {}
+    return words.get(claim, claim)
 
 
 def claim_text(claim):
@@ -549,9 +548,7 @@ def quantities(nets, layers=False, separation=False):
             ("r2", "Class separation R^2 (pool)", CLAIMS["r2"], lambda n: n["r2"], 3, "")]
     for kind in ("linear", "finetune"):
         datasets = sorted({d for n in nets for d in n[kind]})
-        metrics = {}
-        for n in nets:
-            metrics.update(n["sources"].get("metric_" + kind, {}))
+        metrics = {d: m for n in nets for d, m in n["sources"].get("metric_" + kind, {}).items()}
         for d in datasets:
             per_class = " mean per-class" if metrics.get(d) == "mean_per_class" else ""
             cols.append((f"{kind}:{d}", f"{KIND_NAMES[kind]} {d}{per_class}", CLAIMS[kind],
@@ -655,12 +652,12 @@ class Figures:
             os.path.basename(p) == f"{name}.png" for p in self.written) else []
 
 
-def legend_right(fig, objectives, figures, keys=()):
-    """The objectives' colours and markers; `keys`, what the marks mean, below them."""
+def legend_right(fig, objectives, figures, keys):
+    """The objectives' colours and markers; `keys`, what the marks mean, below them after a
+    blank line."""
     handles = [plt.Line2D([], [], color=figures.colours[o], marker=figures.marker(o),
                           linestyle="", markersize=8, label=display(o)) for o in objectives]
-    if keys:   # after a blank line
-        handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
+    handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
     fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
 
 
@@ -674,13 +671,13 @@ def mean_keys(ax):
     return [one, mean]
 
 
-def widen(ax, span, low=0.0, high=100.0):
-    """Widen the y axis to at least `span` about its centre, inside [low, high] (accuracy in %)
+def widen(ax, span):
+    """Widen the y axis to at least `span` about its centre, inside [0, 100] (accuracy in %)
     unless what is drawn already goes past it."""
     a, b = ax.get_ylim()
     if b - a >= span:
         return
-    lo, hi = min(low, a), max(high, b)
+    lo, hi = min(0.0, a), max(100.0, b)
     start = min(max((a + b) / 2 - span / 2, lo), hi - span)
     ax.set_ylim(start, start + span)
 
@@ -688,13 +685,11 @@ def widen(ax, span, low=0.0, high=100.0):
 def widen_transfer(axes):
     """{kind: ax} of transfer accuracies: each spans MIN_ACCURACY_SPAN at least, fine-tuning at
     least what the linear probe spans."""
-    if "linear" in axes:
-        widen(axes["linear"], MIN_ACCURACY_SPAN)
-    if "finetune" in axes:
-        span = MIN_ACCURACY_SPAN
-        if "linear" in axes:
-            span = max(span, -np.subtract(*axes["linear"].get_ylim()))
-        widen(axes["finetune"], span)
+    span = MIN_ACCURACY_SPAN
+    for kind in ("linear", "finetune"):
+        if kind in axes:
+            widen(axes[kind], span)
+            span = max(span, -np.subtract(*axes[kind].get_ylim()))
 
 
 def scatter_means(ax, groups, xq, yq, figures):
@@ -1129,23 +1124,25 @@ def linear_targets(nets):
     return sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
 
 
-def fig_slopes(nets, targets, fits, figures):
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets) + 2.5, 4.4),
+def fig_slopes(nets, points, fits, figures):
+    """Figure 6: per target (`points`: its (R^2, accuracy) over all networks), a point per
+    network and the least-squares line of `fits` with its band."""
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points) + 2.5, 4.4),
                              layout="constrained", squeeze=False)
-    drawn = []
-    for ax, target in zip(axes[0], targets):
+    drawn = set()
+    for ax, (target, pts) in zip(axes[0], points.items()):
         for obj in figures.order:
-            pts = slope_points([n for n in nets if n["objective"] == obj], target)
-            if pts:
-                xs, ys = np.array(pts).T
+            own = slope_points([n for n in nets if n["objective"] == obj], target)
+            if own:
+                xs, ys = np.array(own).T
                 ax.scatter(xs, ys, color=figures.colours[obj], marker=figures.marker(obj),
                            s=28, alpha=0.8, linewidths=0)
-                drawn.append(obj)
+                drawn.add(obj)
         fit = fits[target]
         if fit is not None:
-            xs = np.array(slope_points(nets, target))[:, 0]
-            grid = np.linspace(xs.min(), xs.max(), 60)
-            mean, low, high = fit_band(slope_points(nets, target), fit, grid)
+            xs = [x for x, _ in pts]
+            grid = np.linspace(min(xs), max(xs), 60)
+            mean, low, high = fit_band(pts, fit, grid)
             ax.fill_between(grid, low, high, color="0.3", alpha=0.15, linewidth=0)
             ax.plot(grid, mean, color="0.3", linestyle="--")
         ax.set_title(f"{target}\nslope {slope_text(fit)} per +0.1 R^2\n"
@@ -1157,7 +1154,7 @@ def fig_slopes(nets, targets, fits, figures):
             plt.Line2D([], [], color="0.3", linestyle="--", label="least-squares fit"),
             matplotlib.patches.Patch(color="0.3", alpha=0.15, linewidth=0,
                                      label="95% confidence band\nof the fitted mean")]
-    legend_right(fig, [o for o in figures.order if o in set(drawn)], figures, keys)
+    legend_right(fig, [o for o in figures.order if o in drawn], figures, keys)
     fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares "
                  "with the 95% confidence band of its mean")
     figures.save(fig, "fig6_r2_vs_linear")
@@ -1166,7 +1163,7 @@ def fig_slopes(nets, targets, fits, figures):
 def sweep_rows(by_obj, groups, targets):
     """Rule 3: [(sweep name, target, fit, rho, p)] for every sweep with R^2."""
     rows = []
-    for obj, key, points in find_sweeps(by_obj, groups) if groups else []:
+    for obj, key, points in find_sweeps(by_obj, groups):
         points = dict(points)
         if (obj, key) in ZERO_IS_SOFTMAX and "softmax" in by_obj and 0 not in points:
             points[0] = by_obj["softmax"]
@@ -1222,25 +1219,25 @@ def table_verdicts(groups, cols, cells):
     """The verdicts on the claims that the table tests: top-1, R^2 and linear transfer against
     softmax, R^2 against linear transfer over objectives, fine-tuning differences."""
     keys = [k for k, *_ in cols]
-    linear = "linear:mean" if "linear:mean" in keys else next(
-        (k for k in keys if k.startswith("linear:")), None)
-    out = []
-    for claim, key, direction in (
-            ("Non-softmax objectives have higher source top-1 than softmax", "top1", "higher"),
-            ("Non-softmax objectives have higher class separation R^2 than softmax", "r2",
-             "higher"),
-            ("Non-softmax objectives have lower linear-probe transfer than softmax (the "
-             "paper's title)", linear, "lower")):
-        v = direction_verdict(cells, key, direction) if key in keys else None
-        if v:
-            out.append((claim, v))
-    corr = correlation_verdict(groups, ACCURACIES["linear"][0], -1)
-    if corr:
-        out.append(("Higher R^2 goes with lower linear-probe transfer", corr))
-    ft = finetune_verdict(groups, cells, cols)
-    if ft:
-        out.append(("Fine-tuning differences are small", ft))
-    return out
+    direction = lambda key, claim: direction_verdict(cells, key, claim) if key in keys else None
+    verdicts = [
+        ("Non-softmax objectives have higher source top-1 than softmax",
+         direction("top1", "higher")),
+        ("Non-softmax objectives have higher class separation R^2 than softmax",
+         direction("r2", "higher")),
+        ("Non-softmax objectives have lower linear-probe transfer than softmax (the paper's "
+         "title)", direction(main_key(cols, "linear"), "lower")),
+        ("Higher R^2 goes with lower linear-probe transfer",
+         correlation_verdict(groups, ACCURACIES["linear"][0], -1)),
+        ("Fine-tuning differences are small", finetune_verdict(groups, cells, cols))]
+    return [(claim, v) for claim, v in verdicts if v]
+
+
+def main_key(cols, kind):
+    """The column of `kind` ('linear', 'finetune') that a verdict reads: the mean over datasets
+    where there are several, else the one dataset's (None without one)."""
+    keys = [k for k, *_ in cols if k.startswith(kind + ":")]
+    return f"{kind}:mean" if f"{kind}:mean" in keys else next(iter(keys), None)
 
 
 def report_table(groups, cols, cells):
@@ -1313,8 +1310,9 @@ def section_class_separation(groups, figures):
 
 
 def report_correlations(groups):
+    """Spearman's ρ of R^2 against each accuracy, over objective means and over networks."""
     nets = [n for g in groups.values() for n in g]
-    lines = []
+    f = lambda r, p: f"{r:.2f} (p={p:.2g})" if finite(r) else "n/a"
     rows = []
     for q, _, label, claim in ACCURACIES.values():
         per_obj = objective_means(groups, lambda n: n["r2"], q)
@@ -1323,54 +1321,48 @@ def report_correlations(groups):
             continue
         ro, po = spearman(*zip(*per_obj))
         rn, pn = spearman(*zip(*per_net)) if per_net else (math.nan, math.nan)
-        f = lambda r, p: f"{r:.2f} (p={p:.2g})" if finite(r) else "n/a"
         rows.append([f"R^2 vs {label}", f"{f(ro, po)}, n={len(per_obj)}",
                      f"{f(rn, pn)}, n={len(per_net)}", claim])
-    if rows:
-        lines += md_table(["Pair", "Spearman ρ over objective means", "Spearman ρ over networks",
-                           "paper's direction"], rows)
-        if stats is None:
-            lines.append("\nscipy is not installed: rank correlations are not computed.")
-        lines.append("\nn/a: fewer than 3 points, or one side constant.")
-    else:
-        lines.append("Not computed: no network has both R^2 and an accuracy.")
-    return lines
+    if not rows:
+        return ["Not computed: no network has both R^2 and an accuracy."]
+    lines = md_table(["Pair", "Spearman ρ over objective means", "Spearman ρ over networks",
+                      "paper's direction"], rows)
+    if stats is None:
+        lines.append("\nscipy is not installed: rank correlations are not computed.")
+    return lines + ["\nn/a: fewer than 3 points, or one side constant."]
 
 
 def section_slopes(nets, by_obj, groups, figures):
     """The slope rule (figure 6): rules 1 and 2 per target and overall, rule 3 per sweep."""
-    targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
-    if not targets:
+    points = {t: slope_points(nets, t) for t in linear_targets(nets)}
+    points = {t: pts for t, pts in points.items() if len(pts) >= 3}
+    if not points:
         return Section([], notes=["The slope rule (figure 6) skipped: it needs R^2 and a linear "
                                   "probe of at least 3 networks on one target."])
-    fits = {t: slope_fit(slope_points(nets, t)) for t in targets}
+    fits = {t: slope_fit(pts) for t, pts in points.items()}
     per_target = {t: slope_verdict(f) for t, f in fits.items()}
     overall = overall_verdict(list(per_target.values()))
-    verdict = ("Higher R^2 goes with lower linear-probe transfer, network by network (slope rule)",
-               (overall, "; ".join(f"{t}: {per_target[t]}, {fit_text(fits[t])} (n = "
-                                   f"{fits[t]['n'] if fits[t] else len(slope_points(nets, t))})"
-                                   for t in targets)))
-    fig_slopes(nets, targets, fits, figures)
+    evidence = "; ".join(f"{t}: {per_target[t]}, {fit_text(f)} (n = {len(points[t])})"
+                         for t, f in fits.items())
+    fig_slopes(nets, points, fits, figures)
     lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
              *[f"- {r}" for r in SLOPE_RULES], ""]
     lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
-                      [[t, len(slope_points(nets, t)), slope_text(f),
-                        "-" if f is None else f"{f['p']:.2g}", per_target[t]]
-                       for t, f in fits.items()])
+                      [[t, len(points[t]), slope_text(f), "-" if f is None else f"{f['p']:.2g}",
+                        per_target[t]] for t, f in fits.items()])
     lines += ["", f"Overall (rule 2): **{overall}**.", ""]
     lines += figures.embed("fig6_r2_vs_linear", "R^2 against linear transfer")
-    sweeps = sweep_rows(by_obj, groups, targets)
+    sweeps = sweep_rows(by_obj, groups, list(points))
     if sweeps:
+        trend = lambda rho, p: (", rises" if rho > 0 else ", falls") if p < ALPHA else ""
         lines += ["Within each sweep (rule 3):", ""]
         lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
                            "R^2 against the value: Spearman ρ (p)"],
-                          [[name, t, slope_text(f),
-                            slope_verdict(f),
-                            f"{rho:+.2f} ({p:.2g})" + (
-                                "" if not finite(p) or p >= ALPHA else
-                                (", rises" if rho > 0 else ", falls"))]
+                          [[name, t, slope_text(f), slope_verdict(f),
+                            f"{rho:+.2f} ({p:.2g}){trend(rho, p)}"]
                            for name, t, f, rho, p in sweeps]) + [""]
-    return Section(lines, [verdict])
+    return Section(lines, [("Higher R^2 goes with lower linear-probe transfer, network by "
+                            "network (slope rule)", (overall, evidence))])
 
 
 def section_layers(nets, groups):
@@ -1400,7 +1392,7 @@ def section_layers(nets, groups):
 
 def section_sweeps(by_obj, groups, figures):
     """Figure 5 and a table per sweep: each quantity's mean per value of the hyperparameter."""
-    sweeps = find_sweeps(by_obj, groups) if groups else []
+    sweeps = find_sweeps(by_obj, groups)
     if not sweeps:
         return Section([], notes=["Hyperparameter sweeps (figure 5) skipped: no objective was "
                                   "trained with several values of one hyperparameter."])
@@ -1505,9 +1497,7 @@ def finetune_verdict(groups, cells, cols):
     spread of objective means is smaller than the linear probe's on the same datasets; does not
     hold when at least two objectives differ, or one differs and the spread is not smaller;
     otherwise cannot tell."""
-    keys = [k for k, *_ in cols]
-    ft = "finetune:mean" if "finetune:mean" in keys else next(
-        (k for k in keys if k.startswith("finetune:")), None)
+    ft = main_key(cols, "finetune")
     if ft is None or "softmax" not in cells:
         return None
     datasets = sorted({d for g in groups.values() for n in g for d in n["finetune"]})
@@ -1597,12 +1587,9 @@ def cka_verdict(c, s, idx):
 
 def distinct(records, key):
     """The distinct values of `key` over records, as text: 'a' or 'a / b' (None if absent)."""
-    seen = []
-    for r in records:
-        v = r.get(key) if isinstance(r, dict) else None
-        if v is not None and v not in seen and not isinstance(v, (dict, list)):
-            seen.append(v)
-    return " / ".join(fmt_value(v) if isinstance(v, float) else str(v) for v in seen) or None
+    vals = (r.get(key) for r in records if isinstance(r, dict))
+    seen = dict.fromkeys(v for v in vals if v is not None and not isinstance(v, (dict, list)))
+    return " / ".join(map(fmt_value, seen)) or None
 
 
 def lr_text(train):
@@ -1730,10 +1717,7 @@ def assign_colours(nets):
     known = list(common.OBJECTIVES)
     order = known + sorted({n["objective"] for n in nets} - set(known))
     spare = list(TAB10[7:9]) + list(plt.get_cmap("tab20").colors)
-    colours = {}
-    for o in order:
-        colours[o] = FIXED_COLOURS.get(o) or (spare.pop(0) if spare else "grey")
-    return colours, order
+    return {o: FIXED_COLOURS.get(o) or (spare.pop(0) if spare else "grey") for o in order}, order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1741,9 +1725,7 @@ def assign_colours(nets):
 
 def hparam_names(nets):
     """The hyperparameter columns (common.hparam_columns) of all these networks."""
-    names = {}
-    for n in nets:
-        names.update(common.hparam_columns(n["hparams"]))
+    names = dict.fromkeys(k for n in nets for k in common.hparam_columns(n["hparams"]))
     return list(names) or list(common.hparam_columns({}))
 
 
@@ -1799,7 +1781,7 @@ def write_tables(out, nets, groups, cols, cells):
     """results.csv and objectives.csv beside report.md; the paths written."""
     written = []
     for name, rows in (("results.csv", results_rows(nets, groups)),
-                       ("objectives.csv", objectives_rows(groups, cols, cells) if groups else [])):
+                       ("objectives.csv", objectives_rows(groups, cols, cells))):
         if rows:
             common.write_csv(os.path.join(out, name), rows)
             written.append(name)
@@ -1851,7 +1833,7 @@ def main():
 
     notes = []
     found, nets, scratch = load_networks(runs, notes)
-    groups, by_obj = choose_variants(nets, notes) if nets else ({}, {})
+    groups, by_obj = choose_variants(nets, notes)
     if groups and "softmax" not in groups:
         notes.append("No softmax networks: no p-values or comparison against softmax.")
     if stats is None:
