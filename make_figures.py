@@ -671,25 +671,18 @@ def mean_keys(ax):
     return [one, mean]
 
 
-def widen(ax, span):
-    """Widen the y axis to at least `span` about its centre, inside [0, 100] (accuracy in %)
-    unless what is drawn already goes past it."""
-    a, b = ax.get_ylim()
-    if b - a >= span:
-        return
-    lo, hi = min(0.0, a), max(100.0, b)
-    start = min(max((a + b) / 2 - span / 2, lo), hi - span)
-    ax.set_ylim(start, start + span)
-
-
 def widen_transfer(axes):
-    """{kind: ax} of transfer accuracies: each spans MIN_ACCURACY_SPAN at least, fine-tuning at
-    least what the linear probe spans."""
+    """{kind: ax} of transfer accuracies: each y axis widened about its centre to span
+    MIN_ACCURACY_SPAN at least, fine-tuning's at least what the linear probe's spans, inside
+    [0, 100] (accuracy in %) unless what is drawn already goes past it."""
     span = MIN_ACCURACY_SPAN
-    for kind in ("linear", "finetune"):
-        if kind in axes:
-            widen(axes[kind], span)
-            span = max(span, -np.subtract(*axes[kind].get_ylim()))
+    for ax in (axes[k] for k in ("linear", "finetune") if k in axes):
+        a, b = ax.get_ylim()
+        if b - a < span:
+            lo, hi = min(0.0, a), max(100.0, b)
+            start = min(max((a + b) / 2 - span / 2, lo), hi - span)
+            ax.set_ylim(start, start + span)
+        span = max(span, -np.subtract(*ax.get_ylim()))
 
 
 def scatter_means(ax, groups, xq, yq, figures):
@@ -794,8 +787,9 @@ def fig_table(groups, cols, cells, figures):
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
     ax.set_xticks(range(len(cols)), headers, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(objs)), [f"{display(o)} (n={len(groups[o])}" +
-                        (", reference)" if o == "softmax" else ")") for o in objs], fontsize=9)
+    rows = [f"{display(o)} (n={len(groups[o])}{', reference' if o == 'softmax' else ''})"
+            for o in objs]
+    ax.set_yticks(range(len(objs)), rows, fontsize=9)
     ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(objs) + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=2)
@@ -825,10 +819,10 @@ def load_cka(found, runs, notes):
     networks, path, n_images)."""
     best = None
     for path, meta in found["cka"]:
-        rel = os.path.relpath(os.path.join(os.path.dirname(path), "cka.npz"), runs)
+        npz = os.path.join(os.path.dirname(path), "cka.npz")
+        rel = os.path.relpath(npz, runs)
         try:
-            with np.load(os.path.join(os.path.dirname(path), "cka.npz"),
-                         allow_pickle=False) as z:
+            with np.load(npz, allow_pickle=False) as z:
                 cka = z["cka"]
         except Exception as e:
             notes.append(f"`{rel}`: cannot be read ({type(e).__name__}: {str(e)[:80]}); skipped.")
@@ -1120,10 +1114,6 @@ def slope_points(nets, target):
             if finite(n["r2"]) and finite(n["linear"].get(target))]
 
 
-def linear_targets(nets):
-    return sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
-
-
 def fig_slopes(nets, points, fits, figures):
     """Figure 6: per target (`points`: its (R^2, accuracy) over all networks), a point per
     network and the least-squares line of `fits` with its band."""
@@ -1334,7 +1324,8 @@ def report_correlations(groups):
 
 def section_slopes(nets, by_obj, groups, figures):
     """The slope rule (figure 6): rules 1 and 2 per target and overall, rule 3 per sweep."""
-    points = {t: slope_points(nets, t) for t in linear_targets(nets)}
+    targets = sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
+    points = {t: slope_points(nets, t) for t in targets}
     points = {t: pts for t, pts in points.items() if len(pts) >= 3}
     if not points:
         return Section([], notes=["The slope rule (figure 6) skipped: it needs R^2 and a linear "
@@ -1554,14 +1545,9 @@ def cka_verdict(c, s, idx):
     for obj, ii in idx.items():
         if obj == ref:
             continue
-        below = []
-        for l, name in enumerate(c["layers"]):
-            b = np.array([s["diag"][i, j, l] for i in idx[ref] for j in ii])
-            w = same[:, l]
-            b, w = b[np.isfinite(b)], w[np.isfinite(w)]
-            if len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
-                    welch_p(b, w) < ALPHA:
-                below.append(name)
+        pairs = s["diag"][np.ix_(idx[ref], ii)]   # (softmax network, this one's, layer)
+        below = [name for l, name in enumerate(c["layers"])
+                 if below_baseline(pairs[..., l].ravel(), same[:, l])]
         early = [l for l in below if l not in late]
         kind = "early" if early else ("late" if below else "match")
         kinds[kind].append(f"{display(obj)} ({', '.join(early or below)})" if below
@@ -1583,6 +1569,14 @@ def cka_verdict(c, s, idx):
             f"{'; '.join(kinds['early']) or 'none'}; at no layer: "
             f"{', '.join(kinds['match']) or 'none'}")
     return v, text
+
+
+def below_baseline(b, w):
+    """Whether CKA values `b` lie below the baseline's `w` (NaN left out): lower on average by
+    more than CKA_MARGIN and significantly (Welch p < ALPHA), with at least 2 values each."""
+    b, w = b[np.isfinite(b)], w[np.isfinite(w)]
+    return len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
+        welch_p(b, w) < ALPHA
 
 
 def distinct(records, key):
@@ -1740,20 +1734,19 @@ def results_rows(nets, groups):
     hps = hparam_names(nets)
     transfer = [(k, q) for k, _, _, q, _, _ in quantities(nets, layers=True) if ":" in k]
     extra = [k for k, _ in SEPARATION if k != "dead" or any(n["dead"] is not None for n in nets)]
-    order = {o: i for i, o in enumerate(list(common.OBJECTIVES))}
+    order = {o: i for i, o in enumerate(common.OBJECTIVES)}
     rows = []
     for n in sorted(nets, key=lambda n: (order.get(n["objective"], len(order)), n["objective"],
                                          variant_of(n["hparams"]), str(n["seed"]).zfill(12),
                                          str(n["label"]))):
         row = {"run_id": n["run_id"], "checkpoint": n["label"], "objective": n["objective"],
                "seed": n["seed"], "arch": n["arch"], "dataset": n["dataset_name"],
-               "trained_here": not n["orphan"], "in_comparison": id(n) in in_table}
-        row.update({h: n["hparams"].get(h) for h in hps})
-        row.update({"epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
-                    "top1": n["top1"], "top1_from": None if n["top1"] is None else
-                    n["sources"].get("top1", "training")})
-        row.update({k: q(n) for k, q in transfer})
-        row.update({"r2": n["r2"], **{k: n[k] for k in extra}})
+               "trained_here": not n["orphan"], "in_comparison": id(n) in in_table,
+               **{h: n["hparams"].get(h) for h in hps},
+               "epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
+               "top1": n["top1"], "top1_from": None if n["top1"] is None else
+               n["sources"].get("top1", "training"),
+               **{k: q(n) for k, q in transfer}, "r2": n["r2"], **{k: n[k] for k in extra}}
         rows.append({k: csv_value(v) for k, v in row.items()})
     return rows
 
