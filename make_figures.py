@@ -38,6 +38,7 @@ Examples:
   python make_figures.py --runs runs/ --out figures/ --formats png
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -72,10 +73,7 @@ FT_MARGIN = 1.0   # points: fine-tuning accuracies closer than this to softmax's
 # linear probe's: autoscaled to a 2-point span, one seed's noise filled the whole panel.
 MIN_ACCURACY_SPAN = 10.0
 CKA_MARGIN = 0.01   # a CKA difference smaller than this is no difference, however significant
-NAMES = {"softmax": "Softmax", "label_smoothing": "Label smoothing", "sigmoid": "Sigmoid",
-         "extra_final_layer_l2": "Extra final layer L2", "dropout": "Dropout",
-         "logit_penalty": "Logit penalty", "logit_normalization": "Logit normalization",
-         "cosine_softmax": "Cosine softmax", "squared_error": "Squared error"}
+NAMES = {"extra_final_layer_l2": "Extra final layer L2"}   # where display()'s rule is wrong
 TAB10 = plt.get_cmap("tab10").colors
 FIXED_COLOURS = {"softmax": "black", "label_smoothing": TAB10[0], "sigmoid": TAB10[1],
                  "extra_final_layer_l2": TAB10[2], "dropout": TAB10[3],
@@ -89,9 +87,8 @@ KIND_NAMES = {"linear": "Linear probe", "finetune": "Fine-tune"}
 
 def claim_words(claim, unit):
     """The paper's claim as the issue words it: better / worse / no difference (vs softmax)."""
-    if unit == "%" and claim in ("higher", "lower"):
-        return {"higher": "better (higher)", "lower": "worse (lower)"}[claim]
-    return claim
+    words = {"higher": "better (higher)", "lower": "worse (lower)"} if unit == "%" else {}
+    return words.get(claim, claim)
 
 
 def claim_text(claim):
@@ -117,6 +114,7 @@ def finite(v):
 
 
 def display(obj):
+    """An objective's name in the report: 'label_smoothing' -> 'Label smoothing'."""
     return NAMES.get(obj, str(obj).replace("_", " ").capitalize())
 
 
@@ -135,7 +133,7 @@ TRANSFER = {"linear_probe": "linear", "finetune": "finetune"}   # result kind ->
 
 def read_results(runs, notes):
     """{kind: [(path, content)]} of every results file under `runs`, by the 'kind' of its
-    identity block (common.result_header), each checked whole (problem()) before any of it is
+    identity block (common.result_header), each checked whole (problems()) before any of it is
     used. Files without an identity block, unreadable or malformed ones get a note each, and so
     does every run that failed (demo.sh's FAILED file: a network, or one of its results, is
     missing)."""
@@ -156,7 +154,7 @@ def read_results(runs, notes):
                 continue
             kind = data.get("kind") if isinstance(data, dict) else None
             if kind in KINDS:
-                why = problem(kind, data)
+                why = next(problems(kind, data), None)
                 if why:
                     notes.append(f"`{rel}`: {why}; skipped.")
                 else:
@@ -209,68 +207,56 @@ def type_name(v):
             type(None): "null"}.get(type(v), "a number")
 
 
-def identity_problem(identity, where):
-    """Why a network identity block is unusable, or None."""
+def identity_problems(identity, where):
+    """Why a network identity block is unusable (a generator, as problems())."""
     if not isinstance(identity, dict):
-        return f"{where} is {type_name(identity)}, not a network identity block"
-    for key, kind in IDENTITY_TYPES.items():
-        v = identity.get(key)
-        if v is not None and not of_type(v, kind):
-            return f"{where}.{key} is {type_name(v)}"
+        yield f"{where} is {type_name(identity)}, not a network identity block"
+    yield from (f"{where}.{key} is {type_name(identity[key])}" for key, want in
+                IDENTITY_TYPES.items() if identity.get(key) is not None and
+                not of_type(identity[key], want))
     if any(not isinstance(v, SCALAR) and v is not None for v in
            (identity.get("hparams") or {}).values()):
-        return f"{where}.hparams holds a value that is not a number, string or boolean"
-    return None
+        yield f"{where}.hparams holds a value that is not a number, string or boolean"
 
 
-def problem(kind, r):
-    """Why results file content `r` of `kind` cannot be used, in a few words, or None: every
-    field this script reads is of the right type, the network identities are identity blocks,
-    and the accuracy is a number in [0, 1] (a 5.0 was shown as 500%)."""
-    for key, want in FIELD_TYPES.items():
+def problems(kind, r):
+    """Why results file content `r` of `kind` cannot be used, in a few words: every field this
+    script reads is of the right type, the network identities are identity blocks, and the
+    accuracy is a number in [0, 1] (a 5.0 was shown as 500%). A generator of which only the
+    first counts: a check runs only when those before it passed, and relies on them."""
+    for key, want in FIELD_TYPES.items():   # class_separation's layers are inside "results"
         v = r.get(key)
-        if kind == "class_separation" and key == "layers":
-            continue   # the networks' layers are inside "results"
-        if v is not None and not of_type(v, want):
-            return f"{key} is {type_name(v)}"
+        if v is not None and not of_type(v, want) and (kind, key) != ("class_separation", "layers"):
+            yield f"{key} is {type_name(v)}"
     for key in SCALAR_FIELDS:   # shown in the report, or compared: plain values
-        v = r.get(key)
-        if v is not None and not isinstance(v, SCALAR):
-            return f"{key} is {type_name(v)}, not a plain value"
+        if r.get(key) is not None and not isinstance(r[key], SCALAR):
+            yield f"{key} is {type_name(r[key])}, not a plain value"
     if kind in ("cka", "class_separation"):
-        nets = r.get("networks")
-        if not isinstance(nets, list) or not nets:
-            return "networks is not a non-empty list of network identity blocks"
-        for i, identity in enumerate(nets):
-            why = identity_problem(identity, f"networks[{i}]")
-            if why:
-                return why
-        if kind == "cka" and any(not isinstance(l, str) for l in r.get("layers") or []):
-            return "layers holds a value that is not a layer name"
+        if not isinstance(r.get("networks"), list) or not r["networks"]:
+            yield "networks is not a non-empty list of network identity blocks"
+        for i, identity in enumerate(r["networks"]):
+            yield from identity_problems(identity, f"networks[{i}]")
     elif r.get("network") is not None or kind in ("train", "evaluate"):
-        why = identity_problem(r.get("network"), "network")
-        if why:
-            return why
+        yield from identity_problems(r.get("network"), "network")
+    if kind == "cka" and any(not isinstance(l, str) for l in r.get("layers") or []):
+        yield "layers holds a value that is not a layer name"
     if kind == "class_separation":
         results = r.get("results") or []
         if len(results) != len(r["networks"]):
-            return f"{len(r['networks'])} networks but {len(results)} results"
+            yield f"{len(r['networks'])} networks but {len(results)} results"
         for i, res in enumerate(results):
             layers = res.get("layers") if isinstance(res, dict) else None
             if not isinstance(layers, dict) or any(
                     not isinstance(v, dict) or any(x is not None and not isinstance(x, (int, float))
                                                    for x in v.values()) for v in layers.values()):
-                return f"results[{i}] is not a result per layer of numbers"
-    for f in r.get("fold_results") or []:
-        if not isinstance(f, dict):
-            return "fold_results holds a value that is not an object"
-    if kind in ACCURACY:
-        key, v = ACCURACY[kind], r.get(ACCURACY[kind])
-        if not finite(v):
-            return f"{key} is missing or not a finite number ({v!r})"
-        if not 0 <= v <= 1:
-            return f"{key} is {v!r}, not an accuracy in [0, 1]"
-    return None
+                yield f"results[{i}] is not a result per layer of numbers"
+    if any(not isinstance(f, dict) for f in r.get("fold_results") or []):
+        yield "fold_results holds a value that is not an object"
+    key = ACCURACY.get(kind)
+    if key and not finite(r.get(key)):
+        yield f"{key} is missing or not a finite number ({r.get(key)!r})"
+    if key and not 0 <= r[key] <= 1:
+        yield f"{key} is {r[key]!r}, not an accuracy in [0, 1]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,11 +267,9 @@ def make_network(identity):
             "objective": str(identity.get("objective")), "seed": identity.get("seed"),
             "label": identity.get("checkpoint"), "hparams": dict(identity.get("hparams") or {}),
             "arch": identity.get("arch"), "dataset": identity.get("dataset"),
-            "dataset_name": identity.get("dataset_name"), "epochs": None,
-            "top1": None, "linear": {}, "finetune": {}, "layers": {}, "r2": None,
-            "sparsity": None,
-            "dim": None, "dead": None, "lr": None, "batch_size": None, "sources": {},
-            "orphan": False}
+            "dataset_name": identity.get("dataset_name"), "linear": {}, "finetune": {},
+            "layers": {}, "sources": {}, "orphan": False, **dict.fromkeys(
+                ("epochs", "lr", "batch_size", "top1", "r2", "sparsity", "dim", "dead"))}
 
 
 def network_of(identity, rel, nets, notes):
@@ -323,9 +307,8 @@ def training_networks(found, runs, notes):
                          f"seen (a copied run folder?); skipped.")
             continue
         net = nets[identity["run_id"]] = make_network(identity)
-        net["epochs"], net["lr"], net["batch_size"] = (r.get(k) for k in ("epochs", "lr",
-                                                                            "batch_size"))
-        net["top1"] = 100 * float(r["top1"])   # a fraction in [0, 1] in every file (problem())
+        net.update({k: r.get(k) for k in ("epochs", "lr", "batch_size")})
+        net["top1"] = 100 * float(r["top1"])   # a fraction in [0, 1] in every file (problems())
     return nets
 
 
@@ -364,7 +347,7 @@ def attach_transfer(found, nets, runs, notes, scratch):
         seen = {}
         for path, r in found[kind]:
             rel = os.path.relpath(path, runs)
-            acc, dataset = r["test_accuracy"], target_of(r)   # finite, checked by problem()
+            acc, dataset = r["test_accuracy"], target_of(r)   # finite, checked by problems()
             if (r.get("network") or {}).get("objective") == "scratch":
                 scratch.setdefault((field, dataset), []).append(float(acc))
                 continue
@@ -401,7 +384,7 @@ def attach_class_separation(found, nets, runs, notes):
     missing_pool = 0
     for path, d in by_data[chosen]:
         rel = os.path.relpath(path, runs)
-        for identity, res in zip(d["networks"], d["results"]):   # as many, checked by problem()
+        for identity, res in zip(d["networks"], d["results"]):   # as many, checked by problems()
             pool = (res.get("layers") or {}).get("pool") or {}
             if not finite(pool.get("r2")):
                 missing_pool += 1
@@ -448,12 +431,8 @@ def choose_variants(nets, notes):
 # Statistics
 
 def values(nets, quantity):
-    out = []
-    for n in nets:
-        v = quantity(n)
-        if v is not None and finite(v):
-            out.append(float(v))
-    return out
+    """The finite values of quantity(network) over `nets`, as floats."""
+    return [float(v) for v in map(quantity, nets) if finite(v)]
 
 
 def mean_se(vals):
@@ -467,8 +446,7 @@ def mean_se(vals):
 def welch_p(a, b):
     if stats is None or len(a) < 2 or len(b) < 2:
         return math.nan
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"), np.errstate(all="ignore"):
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
@@ -527,8 +505,7 @@ def holm(ps):
 def spearman(x, y):
     if stats is None or len(x) < 3:
         return math.nan, math.nan
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"), np.errstate(all="ignore"):
         r = stats.spearmanr(x, y)
     return float(r.statistic if hasattr(r, "statistic") else r[0]), float(r.pvalue)
 
@@ -571,9 +548,7 @@ def quantities(nets, layers=False, separation=False):
             ("r2", "Class separation R^2 (pool)", CLAIMS["r2"], lambda n: n["r2"], 3, "")]
     for kind in ("linear", "finetune"):
         datasets = sorted({d for n in nets for d in n[kind]})
-        metrics = {}
-        for n in nets:
-            metrics.update(n["sources"].get("metric_" + kind, {}))
+        metrics = {d: m for n in nets for d, m in n["sources"].get("metric_" + kind, {}).items()}
         for d in datasets:
             per_class = " mean per-class" if metrics.get(d) == "mean_per_class" else ""
             cols.append((f"{kind}:{d}", f"{KIND_NAMES[kind]} {d}{per_class}", CLAIMS[kind],
@@ -677,12 +652,12 @@ class Figures:
             os.path.basename(p) == f"{name}.png" for p in self.written) else []
 
 
-def legend_right(fig, objectives, figures, keys=()):
-    """The objectives' colours and markers; `keys`, what the marks mean, below them."""
+def legend_right(fig, objectives, figures, keys):
+    """The objectives' colours and markers; `keys`, what the marks mean, below them after a
+    blank line."""
     handles = [plt.Line2D([], [], color=figures.colours[o], marker=figures.marker(o),
                           linestyle="", markersize=8, label=display(o)) for o in objectives]
-    if keys:   # after a blank line
-        handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
+    handles += [plt.Line2D([], [], linestyle="", label=" "), *keys]
     fig.legend(handles=handles, loc="outside right center", title="Objective", frameon=False)
 
 
@@ -696,27 +671,18 @@ def mean_keys(ax):
     return [one, mean]
 
 
-def widen(ax, span, low=0.0, high=100.0):
-    """Widen the y axis to at least `span` about its centre, inside [low, high] (accuracy in %)
-    unless what is drawn already goes past it."""
-    a, b = ax.get_ylim()
-    if b - a >= span:
-        return
-    lo, hi = min(low, a), max(high, b)
-    start = min(max((a + b) / 2 - span / 2, lo), hi - span)
-    ax.set_ylim(start, start + span)
-
-
 def widen_transfer(axes):
-    """{kind: ax} of transfer accuracies: each spans MIN_ACCURACY_SPAN at least, fine-tuning at
-    least what the linear probe spans."""
-    if "linear" in axes:
-        widen(axes["linear"], MIN_ACCURACY_SPAN)
-    if "finetune" in axes:
-        span = MIN_ACCURACY_SPAN
-        if "linear" in axes:
-            span = max(span, -np.subtract(*axes["linear"].get_ylim()))
-        widen(axes["finetune"], span)
+    """{kind: ax} of transfer accuracies: each y axis widened about its centre to span
+    MIN_ACCURACY_SPAN at least, fine-tuning's at least what the linear probe's spans, inside
+    [0, 100] (accuracy in %) unless what is drawn already goes past it."""
+    span = MIN_ACCURACY_SPAN
+    for ax in (axes[k] for k in ("linear", "finetune") if k in axes):
+        a, b = ax.get_ylim()
+        if b - a < span:
+            lo, hi = min(0.0, a), max(100.0, b)
+            start = min(max((a + b) / 2 - span / 2, lo), hi - span)
+            ax.set_ylim(start, start + span)
+        span = max(span, -np.subtract(*ax.get_ylim()))
 
 
 def scatter_means(ax, groups, xq, yq, figures):
@@ -749,8 +715,7 @@ def fig_panels(figures, name, groups, x, panels, size, title):
     drawn = set()
     for ax, (_, y, xlabel, ylabel, panel_title, title_kw) in zip(axes[0], panels):
         drawn.update(scatter_means(ax, groups, x, y, figures))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.set_title(panel_title, **title_kw)
     widen_transfer({panel[0]: ax for ax, panel in zip(axes[0], panels)})
     legend_right(fig, [o for o in groups if o in drawn], figures, mean_keys(axes[0, 0]))
@@ -820,12 +785,11 @@ def fig_table(groups, cols, cells, figures):
             if c["verdict"] and c["verdict"] != "untested":
                 text += f"\n{c['verdict']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=1.3)
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(headers, fontsize=8)
+    ax.set_xticks(range(len(cols)), headers, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(objs)))
-    ax.set_yticklabels([f"{display(o)} (n={len(groups[o])}" +
-                        (", reference)" if o == "softmax" else ")") for o in objs], fontsize=9)
+    rows = [f"{display(o)} (n={len(groups[o])}{', reference' if o == 'softmax' else ''})"
+            for o in objs]
+    ax.set_yticks(range(len(objs)), rows, fontsize=9)
     ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(objs) + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=2)
@@ -855,10 +819,10 @@ def load_cka(found, runs, notes):
     networks, path, n_images)."""
     best = None
     for path, meta in found["cka"]:
-        rel = os.path.relpath(os.path.join(os.path.dirname(path), "cka.npz"), runs)
+        npz = os.path.join(os.path.dirname(path), "cka.npz")
+        rel = os.path.relpath(npz, runs)
         try:
-            with np.load(os.path.join(os.path.dirname(path), "cka.npz"),
-                         allow_pickle=False) as z:
+            with np.load(npz, allow_pickle=False) as z:
                 cka = z["cka"]
         except Exception as e:
             notes.append(f"`{rel}`: cannot be read ({type(e).__name__}: {str(e)[:80]}); skipped.")
@@ -896,21 +860,13 @@ def cka_groups(c, groups):
 def cka_summary(c, idx):
     """Per layer: same-objective different-seed baseline and between-objective values."""
     diag = np.einsum("ijll->ijl", c["cka"])
-    M = diag.shape[0]
     obj_of = {i: o for o, ii in idx.items() for i in ii}
     same, between = [], []
-    for i in range(M):
-        for j in range(i + 1, M):
-            if i not in obj_of or j not in obj_of:
-                continue
-            (same if obj_of[i] == obj_of[j] else between).append(diag[i, j])
+    for i, j in itertools.combinations(sorted(obj_of), 2):
+        (same if obj_of[i] == obj_of[j] else between).append(diag[i, j])
     ref = "softmax" if "softmax" in idx else next(iter(idx), None)
-    vs_ref = {}
-    for o, ii in idx.items():
-        if o == ref:
-            continue
-        vals = [diag[i, j] for i in idx[ref] for j in ii]
-        vs_ref[o] = np.nanmean(vals, axis=0)
+    vs_ref = {o: np.nanmean([diag[i, j] for i in idx[ref] for j in ii], axis=0)
+              for o, ii in idx.items() if o != ref}
     return {"diag": diag, "same": np.array(same), "between": np.array(between), "ref": ref,
             "vs_ref": vs_ref}
 
@@ -949,10 +905,9 @@ def fig_cka_by_layer(c, s, figures):
     for o, curve in s["vs_ref"].items():
         ax.plot(x, curve, color=figures.colours[o], marker=figures.marker(o), markersize=4,
                 label=f"{display(s['ref'])} vs {display(o)}")
-    ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel("layer (block outputs, pooled features, logits)")
-    ax.set_ylabel("linear CKA (0 to 1, unitless)")
+    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=8)
+    ax.set(xlabel="layer (block outputs, pooled features, logits)",
+           ylabel="linear CKA (0 to 1, unitless)")
     ax.set_title(f"CKA between networks at the same layer ({c['n_images'] or '?'} images)")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
@@ -964,9 +919,9 @@ def fig_cka_matrices(c, idx, s, figures):
     picks = sorted({max(0, (L - 2) // 2 - 1), max(0, L - 3), max(0, L - 2), L - 1}) \
         if L >= 4 else list(range(L))
     objs = list(idx)
+    names = [display(o) for o in objs]
     mats = [objective_matrix(s["diag"], idx, l) for l in picks]
-    vmin = min(float(np.nanmin(m)) for m in mats if np.isfinite(m).any()) \
-        if any(np.isfinite(m).any() for m in mats) else 0.0
+    vmin = min((float(np.nanmin(m)) for m in mats if np.isfinite(m).any()), default=0.0)
     ncol = 2 if len(picks) > 1 else 1
     nrow = math.ceil(len(picks) / ncol)
     side = 0.5 * len(objs) + 2.8
@@ -976,10 +931,8 @@ def fig_cka_matrices(c, idx, s, figures):
     for ax, l, mat in zip(axes.flat, picks, mats):
         im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=min(vmin, 0.999), vmax=1)
         ax.set_title(f"layer {layers[l]}")
-        ax.set_xticks(range(len(objs)))
-        ax.set_xticklabels([display(o) for o in objs], rotation=60, ha="right", fontsize=9)
-        ax.set_yticks(range(len(objs)))
-        ax.set_yticklabels([display(o) for o in objs], fontsize=9)
+        ax.set_xticks(range(len(objs)), names, rotation=60, ha="right", fontsize=9)
+        ax.set_yticks(range(len(objs)), names, fontsize=9)
         if len(objs) <= 10:   # a cell is about 0.5 inch: '0.93' at 11 pt (9 pt from 7 up) fits
             matrix_text(ax, mat, vmin, 11 if len(objs) <= 6 else 9.5)
     for ax in list(axes.flat)[len(picks):]:
@@ -992,11 +945,10 @@ def fig_cka_matrices(c, idx, s, figures):
 
 def matrix_text(ax, mat, vmin, size):
     """Each finite cell's value, white on the darker half of the colour scale."""
-    for a in range(len(mat)):
-        for b in range(len(mat)):
-            if np.isfinite(mat[a, b]):
-                ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=size,
-                        color="white" if mat[a, b] < (vmin + 1) / 2 else "black")
+    for (a, b), v in np.ndenumerate(mat):
+        if np.isfinite(v):
+            ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    color="white" if v < (vmin + 1) / 2 else "black")
 
 
 def find_sweeps(by_obj, groups):
@@ -1049,10 +1001,8 @@ def fig_sweep(obj, key, points, figures):
         if log:
             ax.set_xscale("log")
             ax.minorticks_off()
-        ax.set_xticks(xs)
-        ax.set_xticklabels([fmt_value(v) for v in points], rotation=45 if len(xs) > 5 else 0)
-        ax.set_xlabel(f"{key} (hyperparameter value)")
-        ax.set_ylabel(ylabel)
+        ax.set_xticks(xs, [fmt_value(v) for v in points], rotation=45 if len(xs) > 5 else 0)
+        ax.set(xlabel=f"{key} (hyperparameter value)", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{display(obj)}: sweep of {key} (mean ± standard error over seeds)")
@@ -1164,40 +1114,37 @@ def slope_points(nets, target):
             if finite(n["r2"]) and finite(n["linear"].get(target))]
 
 
-def linear_targets(nets):
-    return sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
-
-
-def fig_slopes(nets, targets, fits, figures):
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets) + 2.5, 4.4),
+def fig_slopes(nets, points, fits, figures):
+    """Figure 6: per target (`points`: its (R^2, accuracy) over all networks), a point per
+    network and the least-squares line of `fits` with its band."""
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points) + 2.5, 4.4),
                              layout="constrained", squeeze=False)
-    drawn = []
-    for ax, target in zip(axes[0], targets):
+    drawn = set()
+    for ax, (target, pts) in zip(axes[0], points.items()):
         for obj in figures.order:
-            pts = slope_points([n for n in nets if n["objective"] == obj], target)
-            if pts:
-                xs, ys = np.array(pts).T
+            own = slope_points([n for n in nets if n["objective"] == obj], target)
+            if own:
+                xs, ys = np.array(own).T
                 ax.scatter(xs, ys, color=figures.colours[obj], marker=figures.marker(obj),
                            s=28, alpha=0.8, linewidths=0)
-                drawn.append(obj)
+                drawn.add(obj)
         fit = fits[target]
         if fit is not None:
-            xs = np.array(slope_points(nets, target))[:, 0]
-            grid = np.linspace(xs.min(), xs.max(), 60)
-            mean, low, high = fit_band(slope_points(nets, target), fit, grid)
+            xs = [x for x, _ in pts]
+            grid = np.linspace(min(xs), max(xs), 60)
+            mean, low, high = fit_band(pts, fit, grid)
             ax.fill_between(grid, low, high, color="0.3", alpha=0.15, linewidth=0)
             ax.plot(grid, mean, color="0.3", linestyle="--")
         ax.set_title(f"{target}\nslope {slope_text(fit)} per +0.1 R^2\n"
                      f"({slope_verdict(fit)})", fontsize=9)
-        ax.set_xlabel("class separation R^2 (pool)")
-        ax.set_ylabel("linear-probe accuracy (%)")
+        ax.set(xlabel="class separation R^2 (pool)", ylabel="linear-probe accuracy (%)")
         ax.grid(alpha=0.3)
     keys = [plt.Line2D([], [], color="0.3", marker="o", markersize=5, linestyle="",
                        label="one network"),
             plt.Line2D([], [], color="0.3", linestyle="--", label="least-squares fit"),
             matplotlib.patches.Patch(color="0.3", alpha=0.15, linewidth=0,
                                      label="95% confidence band\nof the fitted mean")]
-    legend_right(fig, [o for o in figures.order if o in set(drawn)], figures, keys)
+    legend_right(fig, [o for o in figures.order if o in drawn], figures, keys)
     fig.suptitle("R^2 against linear transfer, one point per network; dashed: least squares "
                  "with the 95% confidence band of its mean")
     figures.save(fig, "fig6_r2_vs_linear")
@@ -1206,7 +1153,7 @@ def fig_slopes(nets, targets, fits, figures):
 def sweep_rows(by_obj, groups, targets):
     """Rule 3: [(sweep name, target, fit, rho, p)] for every sweep with R^2."""
     rows = []
-    for obj, key, points in find_sweeps(by_obj, groups) if groups else []:
+    for obj, key, points in find_sweeps(by_obj, groups):
         points = dict(points)
         if (obj, key) in ZERO_IS_SOFTMAX and "softmax" in by_obj and 0 not in points:
             points[0] = by_obj["softmax"]
@@ -1262,25 +1209,25 @@ def table_verdicts(groups, cols, cells):
     """The verdicts on the claims that the table tests: top-1, R^2 and linear transfer against
     softmax, R^2 against linear transfer over objectives, fine-tuning differences."""
     keys = [k for k, *_ in cols]
-    linear = "linear:mean" if "linear:mean" in keys else next(
-        (k for k in keys if k.startswith("linear:")), None)
-    out = []
-    for claim, key, direction in (
-            ("Non-softmax objectives have higher source top-1 than softmax", "top1", "higher"),
-            ("Non-softmax objectives have higher class separation R^2 than softmax", "r2",
-             "higher"),
-            ("Non-softmax objectives have lower linear-probe transfer than softmax (the "
-             "paper's title)", linear, "lower")):
-        v = direction_verdict(cells, key, direction) if key in keys else None
-        if v:
-            out.append((claim, v))
-    corr = correlation_verdict(groups, ACCURACIES["linear"][0], -1)
-    if corr:
-        out.append(("Higher R^2 goes with lower linear-probe transfer", corr))
-    ft = finetune_verdict(groups, cells, cols)
-    if ft:
-        out.append(("Fine-tuning differences are small", ft))
-    return out
+    direction = lambda key, claim: direction_verdict(cells, key, claim) if key in keys else None
+    verdicts = [
+        ("Non-softmax objectives have higher source top-1 than softmax",
+         direction("top1", "higher")),
+        ("Non-softmax objectives have higher class separation R^2 than softmax",
+         direction("r2", "higher")),
+        ("Non-softmax objectives have lower linear-probe transfer than softmax (the paper's "
+         "title)", direction(main_key(cols, "linear"), "lower")),
+        ("Higher R^2 goes with lower linear-probe transfer",
+         correlation_verdict(groups, ACCURACIES["linear"][0], -1)),
+        ("Fine-tuning differences are small", finetune_verdict(groups, cells, cols))]
+    return [(claim, v) for claim, v in verdicts if v]
+
+
+def main_key(cols, kind):
+    """The column of `kind` ('linear', 'finetune') that a verdict reads: the mean over datasets
+    where there are several, else the one dataset's (None without one)."""
+    keys = [k for k, *_ in cols if k.startswith(kind + ":")]
+    return f"{kind}:mean" if f"{kind}:mean" in keys else next(iter(keys), None)
 
 
 def report_table(groups, cols, cells):
@@ -1303,8 +1250,8 @@ def section_cka(found, runs, groups, figures):
     if c is None:
         return Section([], notes=notes + ["CKA (figure 3) skipped: no readable cka.npz."])
     idx = cka_groups(c, groups)
-    with warnings.catch_warnings():   # all-NaN layers (constant activations) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
+    # all-NaN layers (constant activations) stay NaN
+    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
         s = cka_summary(c, idx)
         notes += fig_cka(c, idx, s, figures)
         table = cka_table(c, s)
@@ -1325,10 +1272,8 @@ def cka_table(c, s):
     between, same = s["between"], s["same"]
     rows = []
     for l, name in enumerate(c["layers"]):
-        b = f"{np.nanmean(between[:, l]):.3f} [{np.nanmin(between[:, l]):.3f}, " \
-            f"{np.nanmax(between[:, l]):.3f}]" if len(between) else "-"
-        w = f"{np.nanmean(same[:, l]):.3f} [{np.nanmin(same[:, l]):.3f}, " \
-            f"{np.nanmax(same[:, l]):.3f}]" if len(same) else "-"
+        b, w = (f"{np.nanmean(a[:, l]):.3f} [{np.nanmin(a[:, l]):.3f}, {np.nanmax(a[:, l]):.3f}]"
+                if len(a) else "-" for a in (between, same))
         below = "-"
         if len(between) and len(same):   # below by more than the 3 decimals shown
             below = "yes" if np.nanmean(between[:, l]) < np.nanmin(same[:, l]) - 1e-3 else "no"
@@ -1355,8 +1300,9 @@ def section_class_separation(groups, figures):
 
 
 def report_correlations(groups):
+    """Spearman's ρ of R^2 against each accuracy, over objective means and over networks."""
     nets = [n for g in groups.values() for n in g]
-    lines = []
+    f = lambda r, p: f"{r:.2f} (p={p:.2g})" if finite(r) else "n/a"
     rows = []
     for q, _, label, claim in ACCURACIES.values():
         per_obj = objective_means(groups, lambda n: n["r2"], q)
@@ -1365,54 +1311,49 @@ def report_correlations(groups):
             continue
         ro, po = spearman(*zip(*per_obj))
         rn, pn = spearman(*zip(*per_net)) if per_net else (math.nan, math.nan)
-        f = lambda r, p: f"{r:.2f} (p={p:.2g})" if finite(r) else "n/a"
         rows.append([f"R^2 vs {label}", f"{f(ro, po)}, n={len(per_obj)}",
                      f"{f(rn, pn)}, n={len(per_net)}", claim])
-    if rows:
-        lines += md_table(["Pair", "Spearman ρ over objective means", "Spearman ρ over networks",
-                           "paper's direction"], rows)
-        if stats is None:
-            lines.append("\nscipy is not installed: rank correlations are not computed.")
-        lines.append("\nn/a: fewer than 3 points, or one side constant.")
-    else:
-        lines.append("Not computed: no network has both R^2 and an accuracy.")
-    return lines
+    if not rows:
+        return ["Not computed: no network has both R^2 and an accuracy."]
+    lines = md_table(["Pair", "Spearman ρ over objective means", "Spearman ρ over networks",
+                      "paper's direction"], rows)
+    if stats is None:
+        lines.append("\nscipy is not installed: rank correlations are not computed.")
+    return lines + ["\nn/a: fewer than 3 points, or one side constant."]
 
 
 def section_slopes(nets, by_obj, groups, figures):
     """The slope rule (figure 6): rules 1 and 2 per target and overall, rule 3 per sweep."""
-    targets = [t for t in linear_targets(nets) if len(slope_points(nets, t)) >= 3]
-    if not targets:
+    targets = sorted({t for n in nets if finite(n["r2"]) for t in n["linear"]})
+    points = {t: slope_points(nets, t) for t in targets}
+    points = {t: pts for t, pts in points.items() if len(pts) >= 3}
+    if not points:
         return Section([], notes=["The slope rule (figure 6) skipped: it needs R^2 and a linear "
                                   "probe of at least 3 networks on one target."])
-    fits = {t: slope_fit(slope_points(nets, t)) for t in targets}
+    fits = {t: slope_fit(pts) for t, pts in points.items()}
     per_target = {t: slope_verdict(f) for t, f in fits.items()}
     overall = overall_verdict(list(per_target.values()))
-    verdict = ("Higher R^2 goes with lower linear-probe transfer, network by network (slope rule)",
-               (overall, "; ".join(f"{t}: {per_target[t]}, {fit_text(fits[t])} (n = "
-                                   f"{fits[t]['n'] if fits[t] else len(slope_points(nets, t))})"
-                                   for t in targets)))
-    fig_slopes(nets, targets, fits, figures)
+    evidence = "; ".join(f"{t}: {per_target[t]}, {fit_text(f)} (n = {len(points[t])})"
+                         for t, f in fits.items())
+    fig_slopes(nets, points, fits, figures)
     lines = ["## R^2 against linear transfer, network by network (figure 6)", "",
              *[f"- {r}" for r in SLOPE_RULES], ""]
     lines += md_table(["Target", "Networks", "Slope per +0.1 R^2 [95% CI]", "p", "Verdict"],
-                      [[t, len(slope_points(nets, t)), slope_text(f),
-                        "-" if f is None else f"{f['p']:.2g}", per_target[t]]
-                       for t, f in fits.items()])
+                      [[t, len(points[t]), slope_text(f), "-" if f is None else f"{f['p']:.2g}",
+                        per_target[t]] for t, f in fits.items()])
     lines += ["", f"Overall (rule 2): **{overall}**.", ""]
     lines += figures.embed("fig6_r2_vs_linear", "R^2 against linear transfer")
-    sweeps = sweep_rows(by_obj, groups, targets)
+    sweeps = sweep_rows(by_obj, groups, list(points))
     if sweeps:
+        trend = lambda rho, p: (", rises" if rho > 0 else ", falls") if p < ALPHA else ""
         lines += ["Within each sweep (rule 3):", ""]
         lines += md_table(["Sweep", "Target", "Slope per +0.1 R^2 [95% CI]", "Verdict",
                            "R^2 against the value: Spearman ρ (p)"],
-                          [[name, t, slope_text(f),
-                            slope_verdict(f),
-                            f"{rho:+.2f} ({p:.2g})" + (
-                                "" if not finite(p) or p >= ALPHA else
-                                (", rises" if rho > 0 else ", falls"))]
+                          [[name, t, slope_text(f), slope_verdict(f),
+                            f"{rho:+.2f} ({p:.2g}){trend(rho, p)}"]
                            for name, t, f, rho, p in sweeps]) + [""]
-    return Section(lines, [verdict])
+    return Section(lines, [("Higher R^2 goes with lower linear-probe transfer, network by "
+                            "network (slope rule)", (overall, evidence))])
 
 
 def section_layers(nets, groups):
@@ -1442,7 +1383,7 @@ def section_layers(nets, groups):
 
 def section_sweeps(by_obj, groups, figures):
     """Figure 5 and a table per sweep: each quantity's mean per value of the hyperparameter."""
-    sweeps = find_sweeps(by_obj, groups) if groups else []
+    sweeps = find_sweeps(by_obj, groups)
     if not sweeps:
         return Section([], notes=["Hyperparameter sweeps (figure 5) skipped: no objective was "
                                   "trained with several values of one hyperparameter."])
@@ -1547,9 +1488,7 @@ def finetune_verdict(groups, cells, cols):
     spread of objective means is smaller than the linear probe's on the same datasets; does not
     hold when at least two objectives differ, or one differs and the spread is not smaller;
     otherwise cannot tell."""
-    keys = [k for k, *_ in cols]
-    ft = "finetune:mean" if "finetune:mean" in keys else next(
-        (k for k in keys if k.startswith("finetune:")), None)
+    ft = main_key(cols, "finetune")
     if ft is None or "softmax" not in cells:
         return None
     datasets = sorted({d for g in groups.values() for n in g for d in n["finetune"]})
@@ -1606,14 +1545,9 @@ def cka_verdict(c, s, idx):
     for obj, ii in idx.items():
         if obj == ref:
             continue
-        below = []
-        for l, name in enumerate(c["layers"]):
-            b = np.array([s["diag"][i, j, l] for i in idx[ref] for j in ii])
-            w = same[:, l]
-            b, w = b[np.isfinite(b)], w[np.isfinite(w)]
-            if len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
-                    welch_p(b, w) < ALPHA:
-                below.append(name)
+        pairs = s["diag"][np.ix_(idx[ref], ii)]   # (softmax network, this one's, layer)
+        below = [name for l, name in enumerate(c["layers"])
+                 if below_baseline(pairs[..., l].ravel(), same[:, l])]
         early = [l for l in below if l not in late]
         kind = "early" if early else ("late" if below else "match")
         kinds[kind].append(f"{display(obj)} ({', '.join(early or below)})" if below
@@ -1637,14 +1571,19 @@ def cka_verdict(c, s, idx):
     return v, text
 
 
+def below_baseline(b, w):
+    """Whether CKA values `b` lie below the baseline's `w` (NaN left out): lower on average by
+    more than CKA_MARGIN and significantly (Welch p < ALPHA), with at least 2 values each."""
+    b, w = b[np.isfinite(b)], w[np.isfinite(w)]
+    return len(b) >= 2 and len(w) >= 2 and b.mean() < w.mean() - CKA_MARGIN and \
+        welch_p(b, w) < ALPHA
+
+
 def distinct(records, key):
     """The distinct values of `key` over records, as text: 'a' or 'a / b' (None if absent)."""
-    seen = []
-    for r in records:
-        v = r.get(key) if isinstance(r, dict) else None
-        if v is not None and v not in seen and not isinstance(v, (dict, list)):
-            seen.append(v)
-    return " / ".join(fmt_value(v) if isinstance(v, float) else str(v) for v in seen) or None
+    vals = (r.get(key) for r in records if isinstance(r, dict))
+    seen = dict.fromkeys(v for v in vals if v is not None and not isinstance(v, (dict, list)))
+    return " / ".join(map(fmt_value, seen)) or None
 
 
 def lr_text(train):
@@ -1772,10 +1711,7 @@ def assign_colours(nets):
     known = list(common.OBJECTIVES)
     order = known + sorted({n["objective"] for n in nets} - set(known))
     spare = list(TAB10[7:9]) + list(plt.get_cmap("tab20").colors)
-    colours = {}
-    for o in order:
-        colours[o] = FIXED_COLOURS.get(o) or (spare.pop(0) if spare else "grey")
-    return colours, order
+    return {o: FIXED_COLOURS.get(o) or (spare.pop(0) if spare else "grey") for o in order}, order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1783,9 +1719,7 @@ def assign_colours(nets):
 
 def hparam_names(nets):
     """The hyperparameter columns (common.hparam_columns) of all these networks."""
-    names = {}
-    for n in nets:
-        names.update(common.hparam_columns(n["hparams"]))
+    names = dict.fromkeys(k for n in nets for k in common.hparam_columns(n["hparams"]))
     return list(names) or list(common.hparam_columns({}))
 
 
@@ -1800,20 +1734,19 @@ def results_rows(nets, groups):
     hps = hparam_names(nets)
     transfer = [(k, q) for k, _, _, q, _, _ in quantities(nets, layers=True) if ":" in k]
     extra = [k for k, _ in SEPARATION if k != "dead" or any(n["dead"] is not None for n in nets)]
-    order = {o: i for i, o in enumerate(list(common.OBJECTIVES))}
+    order = {o: i for i, o in enumerate(common.OBJECTIVES)}
     rows = []
     for n in sorted(nets, key=lambda n: (order.get(n["objective"], len(order)), n["objective"],
                                          variant_of(n["hparams"]), str(n["seed"]).zfill(12),
                                          str(n["label"]))):
         row = {"run_id": n["run_id"], "checkpoint": n["label"], "objective": n["objective"],
                "seed": n["seed"], "arch": n["arch"], "dataset": n["dataset_name"],
-               "trained_here": not n["orphan"], "in_comparison": id(n) in in_table}
-        row.update({h: n["hparams"].get(h) for h in hps})
-        row.update({"epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
-                    "top1": n["top1"], "top1_from": None if n["top1"] is None else
-                    n["sources"].get("top1", "training")})
-        row.update({k: q(n) for k, q in transfer})
-        row.update({"r2": n["r2"], **{k: n[k] for k in extra}})
+               "trained_here": not n["orphan"], "in_comparison": id(n) in in_table,
+               **{h: n["hparams"].get(h) for h in hps},
+               "epochs": n["epochs"], "lr": n["lr"], "batch_size": n["batch_size"],
+               "top1": n["top1"], "top1_from": None if n["top1"] is None else
+               n["sources"].get("top1", "training"),
+               **{k: q(n) for k, q in transfer}, "r2": n["r2"], **{k: n[k] for k in extra}}
         rows.append({k: csv_value(v) for k, v in row.items()})
     return rows
 
@@ -1841,7 +1774,7 @@ def write_tables(out, nets, groups, cols, cells):
     """results.csv and objectives.csv beside report.md; the paths written."""
     written = []
     for name, rows in (("results.csv", results_rows(nets, groups)),
-                       ("objectives.csv", objectives_rows(groups, cols, cells) if groups else [])):
+                       ("objectives.csv", objectives_rows(groups, cols, cells))):
         if rows:
             common.write_csv(os.path.join(out, name), rows)
             written.append(name)
@@ -1893,7 +1826,7 @@ def main():
 
     notes = []
     found, nets, scratch = load_networks(runs, notes)
-    groups, by_obj = choose_variants(nets, notes) if nets else ({}, {})
+    groups, by_obj = choose_variants(nets, notes)
     if groups and "softmax" not in groups:
         notes.append("No softmax networks: no p-values or comparison against softmax.")
     if stats is None:
