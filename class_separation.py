@@ -45,14 +45,14 @@ import torch
 # ----------------------------------------------------------------------------------------------
 # The measures (copyable: torch and numpy only; bad input raises ValueError)
 
-def _features(features, name="features"):
+def _features(features):
     x = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d (examples, dims) array, got shape {x.shape}")
+        raise ValueError(f"features must be a 2-d (examples, dims) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got {x.dtype}")
+        raise ValueError(f"features must be numeric, got {x.dtype}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} has NaN or infinite values")
+        raise ValueError("features has NaN or infinite values")
     return x
 
 

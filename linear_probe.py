@@ -759,7 +759,6 @@ def write_summary(out):
             rows.append(summary_row(r))
     if rows:
         common.write_csv(os.path.join(out, "summary.csv"), rows)
-    return len(rows)
 
 
 def lambda_grid(results):
