@@ -58,9 +58,7 @@ import torch
 def _matrix(x, name):
     """An (n, p) array or tensor as a float64 CPU tensor (conv maps are flattened)."""
     t = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    if t.ndim == 1:
-        t = t[:, None]
-    t = t.flatten(1)
+    t = t[:, None] if t.ndim == 1 else t.flatten(1)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} has NaN or infinite values")
     return t
@@ -109,15 +107,12 @@ def linear_cka(x, y, debiased=False):
         raise ValueError(f"x and y must have the same number of rows, got {n} and {y.shape[0]}")
     if n < (4 if debiased else 2):
         raise ValueError(f"CKA needs at least {4 if debiased else 2} examples, got {n}")
-    if debiased:
-        k, l = u_centre(gram(x)), u_centre(gram(y))
-        num, den = (k * l).sum(), k.norm() * l.norm()
-    elif max(x.shape[1], y.shape[1]) <= n:
+    if not debiased and max(x.shape[1], y.shape[1]) <= n:     # feature space
         xc, yc = x - x.mean(0), y - y.mean(0)
         num = (yc.T @ xc).pow(2).sum()
         den = (xc.T @ xc).norm() * (yc.T @ yc).norm()
-    else:
-        k, l = gram(x), gram(y)
+    else:                                                      # n x n Gram matrices
+        k, l = (u_centre(gram(v)) if debiased else gram(v) for v in (x, y))
         num, den = (k * l).sum(), k.norm() * l.norm()
     if den <= 0:
         raise ValueError("CKA is undefined: x or y is constant over the examples")
@@ -237,11 +232,9 @@ def pass_views(split, max_images, passes, seed=0):
     if max_images is not None and max_images < len(idx):
         keep = np.sort(np.random.default_rng(seed).choice(len(idx), max_images, replace=False))
         idx = idx[keep]
-    views = []
-    for p in range(passes):
-        order = idx if p == 0 else idx[np.random.default_rng(seed + p).permutation(len(idx))]
-        views.append(common.Split(split.source, order, split.label_map))
-    return views
+    orders = [idx] + [idx[np.random.default_rng(seed + p).permutation(len(idx))]
+                      for p in range(1, passes)]
+    return [common.Split(split.source, order, split.label_map) for order in orders]
 
 
 def unique_labels(labels):

@@ -45,15 +45,14 @@ import torch
 # ----------------------------------------------------------------------------------------------
 # The measures (copyable: torch and numpy only; bad input raises ValueError)
 
-def _features(features, name="features"):
-    x = np.asarray(torch.as_tensor(features).detach().cpu().numpy() if torch.is_tensor(features)
-                   else features)
+def _features(features):
+    x = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d (examples, dims) array, got shape {x.shape}")
+        raise ValueError(f"features must be a 2-d (examples, dims) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got {x.dtype}")
+        raise ValueError(f"features must be numeric, got {x.dtype}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} has NaN or infinite values")
+        raise ValueError("features has NaN or infinite values")
     return x
 
 
@@ -159,17 +158,15 @@ def analyse(name, data, args, device):
                                    f"{network['checkpoint']} ({network['arch']})")
     view = per_class_subset(data[args.split], args.max_per_class)
     check_memory(model, layers, resolution, len(view), network["checkpoint"])
-    loader = common.eval_loader(view, resolution, args.batch_size, args.workers,
-                                args.crop_fraction)
+    loader = common.eval_loader(view, resolution, args.batch_size, args.workers, args.crop_fraction)
     tick = common.Ticker(f"  {network['checkpoint']}: features", len(view))
     feats, labels = common.collect_features(model, loader, layers, device, progress=tick)
     results = {}
     for layer in layers:
+        f = feats[layer]
         try:
-            results[layer] = {"r2": class_separation(feats[layer], labels),
-                              "sparsity": sparsity(feats[layer]),
-                              "dead": dead_fraction(feats[layer]),
-                              "dim": participation_ratio(feats[layer])}
+            results[layer] = {"r2": class_separation(f, labels), "sparsity": sparsity(f),
+                              "dead": dead_fraction(f), "dim": participation_ratio(f)}
         except ValueError as e:
             raise common.UserError(f"{name}: layer {layer}: {e}")
     return network, {"checkpoint": network["checkpoint"], "resolution": resolution,
@@ -221,8 +218,7 @@ def save(networks, results, data, args):
                             ("split", "max_per_class", ("resolution and layers", per_network)),
                             args.overwrite, "the class separation")
     layers = list(dict.fromkeys(l for r in results for l in r["layers"]))  # NaN where absent
-    nan = {"r2": np.nan, "sparsity": np.nan, "dead": np.nan, "dim": np.nan}
-    table = {k: np.array([[r["layers"].get(l, nan)[k] for l in layers] for r in results],
+    table = {k: np.array([[r["layers"].get(l, {}).get(k, np.nan) for l in layers] for r in results],
                          dtype=np.float64) for k in ("r2", "sparsity", "dead", "dim")}
     common.save_npz(os.path.join(args.out, "class_separation.npz"), **table,
                     checkpoints=np.array([net["checkpoint"] for net in networks]),

@@ -52,8 +52,7 @@ DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1)
 DEFAULT_WDS = (1e-5, 1e-4)
 # A finished run is read back only if every argument that can change its result is the same:
 # all of them but these (derived, not listed by hand, so a new flag counts by default).
-NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkpoint",
-                                                            "keep_model"}
+NOT_IN_GRID_KEY = train_imagenet.NOT_COMPARED_ON_RESUME | {"lrs", "wds", "checkpoint", "keep_model"}
 
 
 def parse_args(argv=None):
@@ -68,8 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--lrs", type=common.positive_float, nargs="*", default=list(DEFAULT_LRS),
                    help="learning rates per 256 images (scaled to the batch)")
-    p.add_argument("--wds", type=common.nonnegative_float, nargs="*",
-                   default=list(DEFAULT_WDS),
+    p.add_argument("--wds", type=common.nonnegative_float, nargs="*", default=list(DEFAULT_WDS),
                    help="weight decays (conv and linear weights)")
     p.add_argument("--arch", choices=common.ARCHS,
                    help="must match the checkpoint's; needed with --from-scratch (default resnet50)")
@@ -129,11 +127,6 @@ def resolve_args(args, data, network, device):
         "flip": preset["flip"] if args.flip is None else args.flip, "epochs": epochs}), device)
 
 
-def check_grid(args):
-    if not args.lrs or not args.wds:
-        raise common.UserError("empty grid: give at least one value to --lrs and to --wds")
-
-
 def source_model(args):
     """(model without a trained head, network: the source's identity) from --checkpoint or
     --from-scratch."""
@@ -172,8 +165,7 @@ def run_args(args, lr, wd, stage):
     out = os.path.join(args.out, "final") if stage == "final" else \
         os.path.join(args.out, "grid", f"lr{lr:g}_wd{wd:g}")
     run = {k: v for k, v in vars(args).items() if k not in ("lrs", "wds")}
-    return argparse.Namespace(**{**run, "lr": lr, "weight_decay": wd, "out": out,
-                                 "stage": stage})
+    return argparse.Namespace(**{**run, "lr": lr, "weight_decay": wd, "out": out, "stage": stage})
 
 
 def grid_key(run, network):
@@ -218,7 +210,7 @@ def train_one(source, network, data, run, dist, overwrite=False):
 
 
 def val_score(results, metric):
-    key = "val_top1" if metric == "top1" else "val_mean_per_class"
+    key = f"val_{metric}"    # the dataset's metric: top1 or mean_per_class
     value = results.get(key)
     if value is None or not math.isfinite(value):
         raise common.UserError(f"a grid run has no finite {key}; see its summary.csv")
@@ -248,7 +240,8 @@ def main(argv=None):
     # not a run argument: kept out of the runs' arguments, their grid keys and checkpoints
     overwrite = vars(args).pop("overwrite")
     start = time.time()
-    check_grid(args)
+    if not args.lrs or not args.wds:
+        raise common.UserError("empty grid: give at least one value to --lrs and to --wds")
     dist = train_imagenet.setup_distributed(args.device)
     try:
         if dist.is_main:  # one fine-tuning per folder at a time, and nothing else there
@@ -281,7 +274,7 @@ def main(argv=None):
                       "val": None, "test": data["test"]}
         final = run_args(args, best_lr, best_wd, "final")
         r = timed(took, train_one, source, network, final_data, final, dist, overwrite)
-        test_acc = r["top1"] if data["metric"] == "top1" else r["mean_per_class"]
+        test_acc = r[data["metric"]]
         results = {**common.result_header(network, data, "finetune"),   # the source network
                    "metric": data["metric"], "test_accuracy": test_acc,
                    "test_top1": r["top1"], "test_mean_per_class": r["mean_per_class"],

@@ -41,6 +41,7 @@ file is a LevelDB-style table of BundleEntryProto records, the data file raw lit
 tensors checked with masked crc32c.
 """
 import base64
+import contextlib
 import errno
 import functools
 import hashlib
@@ -276,7 +277,7 @@ def read_tensors(prefix, names, entries, shards=1):
         raise common.UserError(f"{prefix}: tensor(s) {', '.join(missing[:3])}{more} not in the "
                                f"checkpoint; is it one of the released ResNet-50s?")
     out, files = {}, {}
-    try:
+    with contextlib.ExitStack() as opened:      # every shard opened is closed, whatever happens
         for name in names:
             e = entries[name]
             if e["dtype"] not in DTYPES:
@@ -291,7 +292,7 @@ def read_tensors(prefix, names, entries, shards=1):
                 if not os.path.isfile(shard):
                     raise common.UserError(f"data file {shard} not found; download it beside "
                                            f"{prefix}.index")
-                files[shard] = open(shard, "rb")
+                files[shard] = opened.enter_context(open(shard, "rb"))
             f = files[shard]
             f.seek(e["offset"])
             raw = f.read(e["size"])
@@ -306,9 +307,6 @@ def read_tensors(prefix, names, entries, shards=1):
                 raise common.UserError(f"{prefix}: tensor {name} holds {len(raw)} bytes, not "
                                        f"{e['shape']} of {dtype}")
             out[name] = np.frombuffer(raw, dtype=dtype).reshape(e["shape"])
-    finally:
-        for f in files.values():
-            f.close()
     return out
 
 
@@ -348,8 +346,7 @@ def infer_run(prefix):
     parent = os.path.dirname(os.path.abspath(prefix))
     m = re.fullmatch(r"seed(\d+)", os.path.basename(parent))
     objective = os.path.basename(os.path.dirname(parent))
-    return (objective if objective in common.OBJECTIVES else None,
-            int(m.group(1)) if m else None)
+    return objective if objective in common.OBJECTIVES else None, int(m.group(1)) if m else None
 
 
 def convert(prefix, objective=None, seed=None, keep_background=False):
@@ -488,8 +485,7 @@ def download(url, dst, name, log=print):
     old_timeout = socket.getdefaulttimeout()
     try:
         size, hashes = _head(url)
-        log(f"{name}: downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""),
-            flush=True)
+        log(f"{name}: downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), flush=True)
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)   # torch's downloader sets none
         torch.hub.download_url_to_file(url, dst, progress=sys.stderr.isatty())
     except urllib.error.HTTPError as e:
@@ -537,17 +533,14 @@ def _head(url):
 def _hash_matches(path, hashes):
     """Whether the file matches the MD5 or else CRC32C of an x-goog-hash header ({kind: base64
     digest}); True when the server gives neither (the size and crc32c of every tensor remain)."""
-    if "md5" in hashes:
-        h = hashlib.md5()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return base64.b64encode(h.digest()).decode() == hashes["md5"]
-    if "crc32c" in hashes:
-        with open(path, "rb") as f:
-            crc = crc32c(f.read())
-        return base64.b64encode(crc.to_bytes(4, "big")).decode() == hashes["crc32c"]
-    return True
+    with open(path, "rb") as f:
+        if "md5" in hashes:
+            kind, digest = "md5", hashlib.file_digest(f, "md5").digest()
+        elif "crc32c" in hashes:
+            kind, digest = "crc32c", crc32c(f.read()).to_bytes(4, "big")
+        else:
+            return True
+    return base64.b64encode(digest).decode() == hashes[kind]
 
 
 def find_checkpoints(folder):
@@ -674,8 +667,7 @@ def same_network(out, ck, overwrite=False):
                 f"{old.get('num_classes')} classes, from {tf.get('prefix', 'elsewhere')})")
     else:
         what = "a file that is not a checkpoint of this project"
-    raise common.UserError(f"{out} holds {what}; use another --out, or --overwrite to replace "
-                           f"it")
+    raise common.UserError(f"{out} holds {what}; use another --out, or --overwrite to replace it")
 
 
 if __name__ == "__main__":

@@ -40,11 +40,11 @@ resolution, metric, test_accuracy, best_lambda, val_curve (lambda -> val metric)
 path, sizes and timings; and probe.npz (W, b on the raw features: logits = x @ W + b).
 OUT/summary.csv has one row per pair found under OUT: the network's identity, its objective's
 hyperparameters (a column each), then the probe's numbers.
---features FILE.npz writes OUT/<file name>/features/.
 Features are cached in --cache (default OUT/cache) as .npz keyed by the checkpoint's content hash,
 dataset, split, layer and resolution; a stale or corrupt cache file is detected and rebuilt.
---features FILE.npz probes features you already have: arrays train_x, train_y, test_x, test_y and
-optionally val_x, val_y (otherwise val is a seeded stratified 10% of train, at most 10,000).
+--features FILE.npz probes features you already have, to OUT/<file name>/features/: arrays
+train_x, train_y, test_x, test_y and optionally val_x, val_y (otherwise val is a seeded stratified
+10% of train, at most 10,000).
 --folds K scores a small data set by stratified K-fold cross-validation over all its images
 (train, val and test pooled; fold i is tested by the protocol run with fold i+1 as val and the
 rest as train); the score is over all pooled predictions, the folds' spread is beside it, and the
@@ -78,9 +78,8 @@ CACHE_VERSION = 1
 FEATURES_USE = {"features", "data", "out", "lambdas", "standardize", "metric", "rtol", "max_iter",
                 "device", "folds", "seed", "overwrite", "verbose"}
 SUMMARY_COLUMNS = ["dataset", "dataset_name", "layer", "folds", "resolution", "metric",
-                   "test_accuracy",
-                   "test_top1", "test_mean_per_class", "best_lambda", "best_C", "n_train",
-                   "n_val", "n_test", "dim", "num_classes", "seconds"]
+                   "test_accuracy", "test_top1", "test_mean_per_class", "best_lambda", "best_C",
+                   "n_train", "n_val", "n_test", "dim", "num_classes", "seconds"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,28 +191,25 @@ def sweep(prob, val, settings):
             (l0, u0), (l1, u1) = last
             state.u = u1 + math.log(lam / l1) / math.log(l1 / l0) * (u1 - u0)
             state.loss = None
-        f, it, evals, ok = solve(prob, lam, state, s.rtol, s.max_iter, s.history)
+        info = solve(prob, lam, state, s.rtol, s.max_iter, s.history)
         last = (last + [(lam, state.u.clone())])[-2:]
         pred = predict(Zva, state.u[:r * K].view(r, K), state.u[r * K:])
         val = s.accuracy(pred, yva)[s.metric]
-        path.append({"lambda": lam, "C": 1 / (lam * len(prob.Z)), "val": val, "objective": f,
-                     "iterations": it, "evaluations": evals, "converged": ok})
+        path.append({"lambda": lam, "C": 1 / (lam * len(prob.Z)), "val": val, **info})
         if best is None or val > best[1]:           # ties keep the larger lambda
             best = (lam, val, state.u.clone())
         if s.log:
-            s.log(f"  lambda {lam:9.3g}  val {s.metric} {val:.4f}  objective {f:.6g}  "
-                  f"iterations {it}{'' if ok else ' (not converged)'}")
+            s.log(f"  lambda {lam:9.3g}  val {s.metric} {val:.4f}  objective "
+                  f"{info['objective']:.6g}  iterations {info['iterations']}"
+                  f"{'' if info['converged'] else ' (not converged)'}")
     return path, best
 
 
 def solve_from(prob, lam, start, settings):
     """Solve prob at lam from start = (W, b) in input coordinates: (info, W, b)."""
     state = new_state(prob, from_input_coords(prob, *start))
-    f, it, evals, ok = solve(prob, lam, state, settings.rtol, settings.max_iter,
-                             settings.history)
-    info = {"n": len(prob.Z), "objective": f, "iterations": it, "evaluations": evals,
-            "converged": ok}
-    return (info, *to_input_coords(prob, state.u))
+    info = solve(prob, lam, state, settings.rtol, settings.max_iter, settings.history)
+    return ({"n": len(prob.Z), **info}, *to_input_coords(prob, state.u))
 
 
 def fold_of(y, folds, seed=0):
@@ -243,7 +239,7 @@ def run_kfold(x, y, num_classes, settings, *, folds, seed=0, log=print):
     settings.log: each fold's lambda lines."""
     fold = fold_of(y, folds, seed)
     pred = torch.empty(len(y), dtype=torch.int64)
-    per_fold, Ws, bs = [], [], []
+    per_fold, probes = [], []
     for i in range(folds):
         test, val = fold == i, fold == (i + 1) % folds
         train = ~(test | val)
@@ -256,8 +252,7 @@ def run_kfold(x, y, num_classes, settings, *, folds, seed=0, log=print):
         keep = [k for k in r if k.startswith("test_")] + ["best_lambda", "best_val", "n_train",
                                                           "n_val", "n_test", "val_curve"]
         per_fold.append({k: r[k] for k in keep})
-        Ws.append(W)
-        bs.append(b)
+        probes.append((W, b))
     acc = [f["test_accuracy"] for f in per_fold]
     curve = {k: float(np.mean([f["val_curve"][k] for f in per_fold]))
              for k in per_fold[0]["val_curve"]}
@@ -268,6 +263,7 @@ def run_kfold(x, y, num_classes, settings, *, folds, seed=0, log=print):
                "best_lambda": None, "val_curve": curve, "n_train": None, "n_val": None,
                "n_test": len(y), "dim": x.shape[1], "num_classes": num_classes,
                **{k: r[k] for k in ("standardize", "rtol", "device")}}
+    Ws, bs = zip(*probes)
     return results, torch.stack(Ws), torch.stack(bs)
 
 
@@ -320,9 +316,9 @@ def solve_logistic(X, y, lam, num_classes=None, *, device="cpu", rtol=1e-6, max_
     with cpu_threads(small_problem_threads(*X.shape, K, device)):
         prob = prepare(X, len(X), y, K)
         state = new_state(prob)
-        f, it, evals, ok = solve(prob, float(lam), state, rtol, max_iter, history)
+        info = solve(prob, float(lam), state, rtol, max_iter, history)
         W, b = to_input_coords(prob, state.u)
-    return W, b, {"objective": f, "iterations": it, "evaluations": evals, "converged": ok}
+    return W, b, info
 
 
 def chunk_rows(width):
@@ -402,10 +398,8 @@ def loss_grad(Z, y, u, num_classes):
     K = num_classes
     B, c = u[:r * K].view(r, K), u[r * K:]
     B32, c32 = B.float(), c.float()
-    loss = torch.zeros((), dtype=torch.float64, device=Z.device)
-    gB = torch.zeros(r, K, dtype=torch.float64, device=Z.device)
-    gc = torch.zeros(K, dtype=torch.float64, device=Z.device)
-    sq = torch.zeros((), dtype=torch.float64, device=Z.device)
+    loss, gB, gc, sq = (torch.zeros(shape, dtype=torch.float64, device=Z.device)
+                        for shape in ((), (r, K), K, ()))
     rows = chunk_rows(K)
     for i in range(0, n, rows):
         z, t = Z[i:i + rows], y[i:i + rows]
@@ -449,7 +443,7 @@ def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
     decrease -g.d/2 ~ f - f*, are both small: the step would change the logits by less than
     sqrt(rtol) of their spread (squared sizes, as variances over the training examples, compare
     as rtol) and the objective by less than rtol relative; or when -g.d/2 is below float32 noise.
-    Returns (objective, iterations, function evaluations, converged)."""
+    Returns {objective, iterations, evaluations (of the loss and gradient), converged}."""
     Z, y, K, e = prob.Z, prob.y, prob.num_classes, prob.e
     r = Z.shape[1]
     n_w = r * K
@@ -516,7 +510,7 @@ def solve(prob, lam, state, rtol=1e-6, max_iter=1000, history=20):
                 S.pop(0), Y.pop(0)
         u, f, g = u_new, f_new, g_new
         state.u, state.loss, state.grad, state.h = u, loss, grad, curv
-    return f, it, evals, converged
+    return {"objective": f, "iterations": it, "evaluations": evals, "converged": converged}
 
 
 def new_state(prob, u=None):
@@ -596,9 +590,8 @@ def check_arrays(x, y, what, dim=None):
     # before anything sized by the class count: one label of 1e8 asked for 13.6 GB
     y = common.check_labels(y, what)
     x = np.asarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(1))
+    rows = np.flatnonzero(~np.isfinite(x).all(1))
+    if len(rows):
         raise common.UserError(f"{what}: {len(rows)} rows hold NaN or inf (first: row "
                                f"{rows[0]}); fix or drop them")
     return x, y
@@ -631,8 +624,7 @@ def load_feature_file(path, seed):
         raise common.UserError(f"cannot read {path} as .npz ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); expected arrays "
                                f"train_x, train_y, test_x, test_y[, val_x, val_y]")
-    need = ["train_x", "train_y", "test_x", "test_y"]
-    missing = [k for k in need if k not in arrays]
+    missing = [k for k in ("train_x", "train_y", "test_x", "test_y") if k not in arrays]
     if ("val_x" in arrays) != ("val_y" in arrays):
         missing.append("val_y" if "val_x" in arrays else "val_x")
     if missing:
@@ -690,8 +682,7 @@ def cached_features(ckpt, data, split, args):
     (args.device, batch_size, workers) and cached."""
     view, network, layer, resolution = data[split], ckpt.network, ckpt.layer, ckpt.resolution
     key = {"version": CACHE_VERSION, "checkpoint_hash": network["checkpoint_hash"],
-           "dataset": data["spec"],
-           "split": split, "layer": layer, "resolution": int(resolution),
+           "dataset": data["spec"], "split": split, "layer": layer, "resolution": int(resolution),
            "data": data_fingerprint(view), "n": len(view)}
     spec_hash = hashlib.sha256(data["spec"].encode()).hexdigest()[:8]
     path = os.path.join(args.cache, safe_name(network["checkpoint_hash"]),
@@ -702,8 +693,7 @@ def cached_features(ckpt, data, split, args):
             return cached
         print(f"  feature cache {path} is stale or corrupt ({why}); rebuilding it")
     t = time.time()
-    loader = common.eval_loader(view, resolution, batch_size=args.batch_size,
-                                workers=args.workers)
+    loader = common.eval_loader(view, resolution, batch_size=args.batch_size, workers=args.workers)
     tick = common.Ticker(f"  extracting {split} {layer} features", len(view))
     feats, y = common.collect_features(ckpt.model, loader, [layer], args.device, progress=tick)
     x = feats[layer]
@@ -736,7 +726,7 @@ def read_cache(path, key, view):
 # ----------------------------------------------------------------------------------------------
 # Outputs
 
-def pair_dir(out, label, dataset, layer, folds=None):
+def pair_dir(out, label, dataset, layer="pool", folds=None):
     """The folder of one (checkpoint, dataset) probe, where its results.json and probe.npz go:
     OUT/<checkpoint label>/<dataset>[+<layer> unless pool][+<k>fold].
 
@@ -769,18 +759,6 @@ def write_summary(out):
             rows.append(summary_row(r))
     if rows:
         common.write_csv(os.path.join(out, "summary.csv"), rows)
-    return len(rows)
-
-
-def refuse_other_result(out_dir, results, overwrite):
-    """A pair's results.json may be replaced only by the same computation (the same checkpoint
-    file or features file, data, layer, resolution and solver settings) or with --overwrite: two
-    checkpoints with one label, or a rerun with other settings, replaced results without a word
-    (common.refuse_replacing, the rule of every script)."""
-    keys = ("features", "layer", "resolution", "metric", "standardize", "rtol", "folds",
-            "fold_seed", ("lambdas", lambda_grid))
-    common.refuse_replacing(os.path.join(out_dir, "results.json"), results, keys, overwrite,
-                            "the probe")
 
 
 def lambda_grid(results):
@@ -796,9 +774,15 @@ def lambda_grid(results):
 
 
 def save_pair(out_dir, results, W, b, overwrite):
-    """probe.npz (W, b, best_lambda; for --folds one of each per fold) and results.json, unless
-    refuse_other_result refuses."""
-    refuse_other_result(out_dir, results, overwrite)
+    """probe.npz (W, b, best_lambda; for --folds one of each per fold) and results.json. A pair's
+    results.json may be replaced only by the same computation (the same checkpoint file or
+    features file, data, layer, resolution and solver settings) or with --overwrite: two
+    checkpoints with one label, or a rerun with other settings, replaced results without a word
+    (common.refuse_replacing, the rule of every script)."""
+    keys = ("features", "layer", "resolution", "metric", "standardize", "rtol", "folds",
+            "fold_seed", ("lambdas", lambda_grid))
+    common.refuse_replacing(os.path.join(out_dir, "results.json"), results, keys, overwrite,
+                            "the probe")
     lam = (results["best_lambda"] if not results.get("folds") else
            [f["best_lambda"] for f in results["fold_results"]])
     common.save_npz(os.path.join(out_dir, "probe.npz"), W=W.cpu().numpy(), b=b.cpu().numpy(),
@@ -819,8 +803,7 @@ def outcome(results):
 
 def pooled(train, val, test, folds):
     """--folds: every split's examples in one (x, y), each class with at least `folds`."""
-    x = np.concatenate([train[0], val[0], test[0]])
-    y = np.concatenate([train[1], val[1], test[1]])
+    x, y = (np.concatenate(parts) for parts in zip(train, val, test))
     counts = np.bincount(y)
     small = [c for c in np.unique(y) if counts[c] < folds]
     if small:
@@ -938,8 +921,7 @@ def probe_feature_files(args, settings):
         results = {**common.result_header(None, None, "linear_probe"),
                    "dataset_name": stem, "features": path, "layer": None,
                    "resolution": None, **results, "seconds": time.time() - t0}
-        out_dir = os.path.join(args.out, safe_name(stem),
-                               "features" + (f"+{args.folds}fold" if args.folds else ""))
+        out_dir = pair_dir(args.out, stem, "features", folds=args.folds)
         save_pair(out_dir, results, W, b, args.overwrite)
         print(f"{stem}: {outcome(results)} -> {out_dir}/results.json")
     write_summary(args.out)
@@ -989,8 +971,7 @@ def probe_pair(ckpt, data, args, settings):
     results, W, b = probe(check_splits(*splits), data["num_classes"], settings, args)
     results = {**common.result_header(ckpt.network, data, "linear_probe"), "layer": ckpt.layer,
                "resolution": ckpt.resolution, **results, "seconds": time.time() - t0}
-    out_dir = pair_dir(args.out, ckpt.network["checkpoint"], data["name"], ckpt.layer,
-                       args.folds)
+    out_dir = pair_dir(args.out, ckpt.network["checkpoint"], data["name"], ckpt.layer, args.folds)
     save_pair(out_dir, results, W, b, args.overwrite)
     write_summary(args.out)
     print(f"{ckpt.network['checkpoint']} on {data['name']}: {outcome(results)} "
