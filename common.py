@@ -64,7 +64,8 @@ def run_main(main):
             sys.exit(2)
         if not worker_died(e):
             raise
-        print(f"error: a data-loading worker process died ({str(e).strip().rstrip('.')}), "
+        why = str(e).strip().rstrip(".") or type(e).__name__   # an EOFError has no words
+        print(f"error: a data-loading worker process died ({why}), "
               f"perhaps killed for lack of memory; rerun the same command to resume, with fewer "
               f"--workers if it recurs", file=sys.stderr)
         sys.exit(2)

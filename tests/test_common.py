@@ -1221,6 +1221,9 @@ def test_a_worker_that_dies_while_handing_over_a_batch_is_one_line(capsys):
     err = one_line_error(capsys, scope["receive"])
     assert err.startswith("error: a data-loading worker process died ([Errno 104] Connection "
                           "reset by peer), perhaps killed for lack of memory; rerun")
+    exec(compile("def receive():\n    raise EOFError", where, "exec"), scope)
+    err = one_line_error(capsys, scope["receive"])   # an EOFError says nothing: its name does
+    assert err.startswith("error: a data-loading worker process died (EOFError), perhaps")
 
     def elsewhere():
         raise ConnectionResetError(104, "Connection reset by peer")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -896,6 +897,12 @@ def test_a_killed_loader_worker_is_one_line(tmp_path):
     os.kill(int(worker), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and stderr.count("\n") == 1, stderr[-2000:]
-    assert stderr.startswith(f"error: a data-loading worker process died (DataLoader worker "
-                             f"(pid {worker})") and "rerun the same command to resume" in stderr
+    # Which error the main process sees depends on where the kill lands: torch's "DataLoader
+    # worker (pid N) is killed" or "(pid(s) N) exited unexpectedly", or a reset connection when
+    # the worker held a batch's shared memory (common.worker_died; all three seen under load).
+    # Each must read the same way.
+    died = re.escape("error: a data-loading worker process died (")
+    assert re.match(rf"{died}(DataLoader worker \(pid(\(s\))? {worker}\)"
+                    rf"|\[Errno 104\] Connection reset|EOFError\))", stderr), stderr
+    assert "rerun the same command to resume" in stderr
     common.load_checkpoint(os.path.join(out, "last.pt"))   # intact: the rerun resumes from it
