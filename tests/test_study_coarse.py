@@ -215,6 +215,13 @@ def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
     assert report.claim_verdict(comps, "mean") == "depends on the objective"
     comps["sigmoid"]["verdict"] = "better"
     assert report.claim_verdict(comps, "mean") == "refuted"
+    # Holm over the 8 waits for all 8: with dropout at one seed, no row has an adjusted p or a
+    # verdict (adjusted over the 7 there are, p would be smaller than the plan's)
+    partial = {k: (v[:1] if k[0] == "dropout" else v) for k, v in configs.items()}
+    comps = report.primary(partial, "mean")
+    assert comps["dropout"] is None and "verdict" not in comps["sigmoid"]
+    assert report.holm_cells(comps["sigmoid"])[2] == "waits (Holm over all 8)"
+    assert report.claim_verdict(comps, "mean").startswith("waits (7 of 8 objectives")
     assert report.dead_or_sparse(0.9, 0.85) == "dead units"
     assert report.dead_or_sparse(0.9, 0.1) == "sparse codes"
     assert report.dead_or_sparse(0.9, 0.4) == "both"
