@@ -250,7 +250,8 @@ def section_rates(configs):
                      vals(configs[(o, 0.1, one_rate.WD)], key),
                      vals(configs[("softmax", 0.1, one_rate.WD)], key)]
                 w = welch_of_cells(c, (1, -1, -1, 1))
-                v = "cannot tell" if w is None else "changes" if w["low"] > 0 or w["high"] < 0 \
+                v = "cannot tell (a cell has < 2 seeds)" if w is None else \
+                    "changes" if w["low"] > 0 or w["high"] < 0 \
                     else "does not" if -margin < w["low"] and w["high"] < margin else "cannot tell"
                 rows.append([o, f"{lr:g} vs 0.1", key, interval_text(w, d), f"**{v}**"])
     lines += ["Interaction: (objective - softmax) at the rate minus (objective - softmax) at "
