@@ -211,6 +211,7 @@ def identity_problems(identity, where):
     """Why a network identity block is unusable (a generator, as problems())."""
     if not isinstance(identity, dict):
         yield f"{where} is {type_name(identity)}, not a network identity block"
+        return
     yield from (f"{where}.{key} is {type_name(identity[key])}" for key, want in
                 IDENTITY_TYPES.items() if identity.get(key) is not None and
                 not of_type(identity[key], want))
@@ -222,8 +223,8 @@ def identity_problems(identity, where):
 def problems(kind, r):
     """Why results file content `r` of `kind` cannot be used, in a few words: every field this
     script reads is of the right type, the network identities are identity blocks, and the
-    accuracy is a number in [0, 1] (a 5.0 was shown as 500%). A generator of which only the
-    first counts: a check runs only when those before it passed, and relies on them."""
+    accuracy is a number in [0, 1] (a 5.0 was shown as 500%). A generator: read_results()
+    reports the first reason; where later checks rely on a field, its check returns after it."""
     for key, want in FIELD_TYPES.items():   # class_separation's layers are inside "results"
         v = r.get(key)
         if v is not None and not of_type(v, want) and (kind, key) != ("class_separation", "layers"):
@@ -234,6 +235,7 @@ def problems(kind, r):
     if kind in ("cka", "class_separation"):
         if not isinstance(r.get("networks"), list) or not r["networks"]:
             yield "networks is not a non-empty list of network identity blocks"
+            return
         for i, identity in enumerate(r["networks"]):
             yield from identity_problems(identity, f"networks[{i}]")
     elif r.get("network") is not None or kind in ("train", "evaluate"):
@@ -255,7 +257,7 @@ def problems(kind, r):
     key = ACCURACY.get(kind)
     if key and not finite(r.get(key)):
         yield f"{key} is missing or not a finite number ({r.get(key)!r})"
-    if key and not 0 <= r[key] <= 1:
+    elif key and not 0 <= r[key] <= 1:
         yield f"{key} is {r[key]!r}, not an accuracy in [0, 1]"
 
 

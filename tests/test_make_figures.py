@@ -745,6 +745,17 @@ def test_each_file_is_checked_whole_before_any_of_it_is_used(tmp_path, monkeypat
                                                              ).exists()
 
 
+def test_every_reason_of_a_bad_file_can_be_read():
+    """problems() is a generator and read_results() shows its first reason; reading on must not
+    fail where a later check relies on a field an earlier one found unusable."""
+    for kind, r, first in (
+            ("train", {"network": "softmax_s0", "top1": 0.9}, "network is a string"),
+            ("cka", {"networks": "x", "layers": ["pool"]}, "networks is not a non-empty"),
+            ("class_separation", {"networks": [], "results": []}, "networks is not a non-empty"),
+            ("linear_probe", {"test_accuracy": None}, "test_accuracy is missing")):
+        reasons = list(make_figures.problems(kind, r))
+        assert reasons and reasons[0].startswith(first), reasons
+
 def test_sections_return_their_notes(tmp_path):
     """A report section gives back its lines, verdicts and notes (issue 28): with nothing to
     show, no lines and one note saying what was skipped; nothing is written."""
