@@ -233,7 +233,8 @@ def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
     assert "Networks finished: 27 of" in text and "**depends on the objective**" in text
     assert "- `lr0.4/softmax_s0` failed: exit 1: error: boom (log: x.log)" in text  # named, why
     assert "Missing, not trained yet (" in text and "`lr1.6/softmax_s1`" in text
-    assert "| 0.4 vs 0.1 | mean | - | **cannot tell (a cell has < 2 seeds)** |" in text  # no arm B
+    # no network of arm B: its interactions say why they have no interval
+    assert "| 0.4 vs 0.1 | mean | - | **cannot tell (a cell has < 2 seeds)** |" in text
 
 
 def test_a_study_goes_on_past_a_failed_network_and_lists_every_failure(tmp_path, capsys):
