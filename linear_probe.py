@@ -398,8 +398,10 @@ def loss_grad(Z, y, u, num_classes):
     K = num_classes
     B, c = u[:r * K].view(r, K), u[r * K:]
     B32, c32 = B.float(), c.float()
-    loss, gB, gc, sq = (torch.zeros(shape, dtype=torch.float64, device=Z.device)
-                        for shape in ((), (r, K), K, ()))
+    loss = torch.zeros((), dtype=torch.float64, device=Z.device)
+    gB = torch.zeros(r, K, dtype=torch.float64, device=Z.device)
+    gc = torch.zeros(K, dtype=torch.float64, device=Z.device)
+    sq = torch.zeros((), dtype=torch.float64, device=Z.device)
     rows = chunk_rows(K)
     for i in range(0, n, rows):
         z, t = Z[i:i + rows], y[i:i + rows]
