@@ -310,6 +310,13 @@ def test_bad_arguments_are_one_line_with_status_2(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, \
             r.stderr
         assert r.stderr.count("\n") == 1 and r.stdout == ""
+    script = os.path.join(ROOT, "results", "cifar10_coarse", "one_rate.py")
+    for stage in ("analyze", "report"):     # a mistyped ONE_RATE_DIR writes no empty report
+        r = subprocess.run([sys.executable, script, stage], capture_output=True, text=True,
+                           env={**os.environ, "ONE_RATE_DIR": str(tmp_path / "typo")}, cwd=ROOT,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: no such folder: "), r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "typo").exists()
 
 
 def test_one_rate_keeps_a_diverged_run_as_a_result_and_records_a_crash(tmp_path, monkeypatch):

@@ -237,7 +237,10 @@ def main():
                    help="training runs at a time (default: JOBS, else 2)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args()
-    if not os.path.isdir(os.path.join(ROOT, study.SHARED)):
+    if a.stage != "train" and not os.path.isdir(OUT):   # a mistyped ONE_RATE_DIR: no empty report
+        raise common.UserError(f"no such folder: {OUT} (ONE_RATE_DIR); point it at the folder "
+                               f"that holds lr0.1/, or unset it for the committed one_rate/")
+    if a.stage != "report" and not os.path.isdir(os.path.join(ROOT, study.SHARED)):
         raise common.UserError(f"data folder not found: {study.SHARED}; set SHARED=DIR (the .npz "
                                f"data sets)")
     if a.stage == "train":
