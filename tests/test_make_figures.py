@@ -756,6 +756,7 @@ def test_every_reason_of_a_bad_file_can_be_read():
         reasons = list(make_figures.problems(kind, r))
         assert reasons and reasons[0].startswith(first), reasons
 
+
 def test_sections_return_their_notes(tmp_path):
     """A report section gives back its lines, verdicts and notes (issue 28): with nothing to
     show, no lines and one note saying what was skipped; nothing is written."""
