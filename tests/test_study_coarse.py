@@ -236,6 +236,44 @@ def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
     assert "| 0.4 vs 0.1 | mean | - | **cannot tell (a cell has < 2 seeds)** |" in text
 
 
+def test_a_cell_whose_seeds_all_diverged_reads_diverged_in_every_comparison(tmp_path,
+                                                                             monkeypatch):
+    """The plan's divergence rule: squared error at 1.6 diverged on both seeds, label
+    smoothing at 1.6 on one of two; the rate table, the change with the rate, the interaction
+    and arm C say 'diverged' where a cell has no trained seed and give the count beside a
+    partly diverged one (the report used to print '-' and 'a cell has < 2 seeds')."""
+    one_rate = load_one_rate()
+    import one_rate_report as report
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))
+    monkeypatch.setattr(report, "one_rate", one_rate)
+    trained = [("softmax", lr, s) for lr in (0.1, 1.6) for s in (0, 1)] + \
+        [(o, 0.1, s) for o in ("squared_error", "label_smoothing") for s in (0, 1)] + \
+        [("label_smoothing", 1.6, 0)]
+    diverged = [one_rate.Net("squared_error", 1.6, s) for s in (0, 1)] + \
+        [one_rate.Net("label_smoothing", 1.6, 1)] + \
+        [one_rate.Net("softmax", 0.1, s, wd=16 * one_rate.WD) for s in (0, 1)]
+    for o, lr, s in trained:
+        net = one_rate.Net(o, lr, s)
+        fake_one_rate_network(net.base, net.name, 0.85, [0.6 + 0.01 * s] * 4, 0.4 + 0.01 * s)
+    for net in diverged:
+        os.makedirs(net.out)
+        open(os.path.join(net.out, "diverged.json"), "w").write('{"diverged": true}')
+    text = "\n".join(report.section_rates(report.configurations()))
+    assert "| squared_error | 1.6 | diverged | diverged | diverged | diverged | diverged | 2 |" \
+        in text
+    assert "| squared_error | 0.1 -> 1.6 (squared_error at 1.6: 2 of 2 diverged) | diverged | " \
+        "diverged |" in text
+    for key in ("mean", "r2"):
+        assert f"| squared_error | 1.6 vs 0.1 (squared_error at 1.6: 2 of 2 diverged) | {key} | " \
+            "diverged | **diverged** |" in text
+        assert f"| label_smoothing | 1.6 vs 0.1 (label_smoothing at 1.6: 1 of 2 diverged) | " \
+            f"{key} | - | **cannot tell (a cell has < 2 seeds)** |" in text
+    assert "| label_smoothing | 0.1 -> 1.6 (label_smoothing at 1.6: 1 of 2 diverged) | " in text
+    assert "| softmax | 1.6 vs" not in text          # softmax is the reference, not a row
+    arm_c = text[text.index("### Arm C"):]
+    assert arm_c.count("**diverged**") == 2 and "waits" not in arm_c
+
+
 def test_a_study_goes_on_past_a_failed_network_and_lists_every_failure(tmp_path, capsys):
     """Three runs, two fail: the third still runs; both failures are listed with their error
     and log and recorded in FAILED (the report's source); the study exits 2. A rerun clears a

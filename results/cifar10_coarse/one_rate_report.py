@@ -95,10 +95,22 @@ def diverged_text(seeds):
     return f"; {k} of {len(seeds)} diverged" if k else ""
 
 
+def diverged_note(cells):
+    """' (squared_error at 1.6: 1 of 2 diverged)' for the cells {(objective, lr): seeds} of
+    one comparison that have a diverged seed, or ''."""
+    notes = [f"{o} at {lr:g}: {k} of {len(seeds)} diverged" for (o, lr), seeds in cells.items()
+             if (k := sum(s["diverged"] for s in seeds))]
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def all_diverged(seeds):
+    return bool(seeds) and all(s["diverged"] for s in seeds)
+
+
 def cell(seeds, key, digits):
     v = vals(seeds, key)
     if not v:
-        return "diverged" if seeds and all(s["diverged"] for s in seeds) else "-"
+        return "diverged" if all_diverged(seeds) else "-"
     m, se, n = mean_se(v)
     return f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if n > 1 else "") + f" (n={n})"
 
@@ -231,29 +243,35 @@ def section_rates(configs):
                          sum(s["diverged"] for s in seeds)])
     lines += md_table(["objective", "lr per 256", "probe mean", "R^2", "sparsity",
                        "dead units", "source top-1", "diverged"], rows)
+    # the plan: a cell whose seeds all diverged reads "diverged" in every comparison; a partly
+    # diverged one is compared on its trained seeds, with the diverged count beside it
     rows = []
     for o in one_rate.ARM_B:
         for lr in (0.4, 1.6):
-            cells = lambda k: [vals(configs[(o, lr, one_rate.WD)], k),
-                               vals(configs[(o, 0.1, one_rate.WD)], k)]
-            rows.append([o, f"0.1 -> {lr:g}", interval_text(welch_of_cells(cells("mean"),
-                                                                            (1, -1)), 2),
+            named = {(o, r): configs[(o, r, one_rate.WD)] for r in (lr, 0.1)}
+            seeds, label = list(named.values()), f"0.1 -> {lr:g}" + diverged_note(named)
+            if any(map(all_diverged, seeds)):
+                rows.append([o, label, "diverged", "diverged"])
+                continue
+            cells = lambda k: [vals(s, k) for s in seeds]
+            rows.append([o, label, interval_text(welch_of_cells(cells("mean"), (1, -1)), 2),
                          interval_text(welch_of_cells(cells("r2"), (1, -1)), 3)])
     lines += ["Change with the rate (Welch 95% intervals):", "",
               *md_table(["objective", "rate", "probe mean", "R^2"], rows)]
     rows = []
     for o in one_rate.ARM_B[1:]:
         for lr in (0.4, 1.6):
+            named = {(x, r): configs[(x, r, one_rate.WD)]
+                     for r in (lr, 0.1) for x in (o, "softmax")}
+            seeds = list(named.values())      # objective, softmax at lr; the same at 0.1
             for key, margin, d in (("mean", 1.0, 2), ("r2", 0.02, 3)):
-                c = [vals(configs[(o, lr, one_rate.WD)], key),
-                     vals(configs[("softmax", lr, one_rate.WD)], key),
-                     vals(configs[(o, 0.1, one_rate.WD)], key),
-                     vals(configs[("softmax", 0.1, one_rate.WD)], key)]
-                w = welch_of_cells(c, (1, -1, -1, 1))
-                v = "cannot tell (a cell has < 2 seeds)" if w is None else \
+                w = welch_of_cells([vals(s, key) for s in seeds], (1, -1, -1, 1))
+                v = "diverged" if any(map(all_diverged, seeds)) else \
+                    "cannot tell (a cell has < 2 seeds)" if w is None else \
                     "changes" if w["low"] > 0 or w["high"] < 0 \
                     else "does not" if -margin < w["low"] and w["high"] < margin else "cannot tell"
-                rows.append([o, f"{lr:g} vs 0.1", key, interval_text(w, d), f"**{v}**"])
+                rows.append([o, f"{lr:g} vs 0.1" + diverged_note(named), key,
+                             "diverged" if v == "diverged" else interval_text(w, d), f"**{v}**"])
     lines += ["Interaction: (objective - softmax) at the rate minus (objective - softmax) at "
               "0.1; *changes* when the 95% interval excludes 0, *does not* when it lies inside "
               "the margin (1 point; R^2 0.02).", "",
@@ -271,7 +289,9 @@ def section_arm_c(configs):
         at01 = vals(configs[("softmax", 0.1, one_rate.WD)], key)
         at16 = vals(configs[("softmax", 1.6, one_rate.WD)], key)
         w01, w16 = welch(c, at01), welch(c, at16)
-        if w01 is None or w16 is None:
+        if all_diverged(wd16):
+            v = "diverged"
+        elif w01 is None or w16 is None:
             v = "waits"
         elif w01["p"] < ALPHA and tost_p(c, at16, margin) < ALPHA:
             v = "the effective step explains the rate"
