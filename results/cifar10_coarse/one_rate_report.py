@@ -253,9 +253,9 @@ def section_rates(configs):
             if any(map(all_diverged, seeds)):
                 rows.append([o, label, "diverged", "diverged"])
                 continue
-            cells = lambda k: [vals(s, k) for s in seeds]
-            rows.append([o, label, interval_text(welch_of_cells(cells("mean"), (1, -1)), 2),
-                         interval_text(welch_of_cells(cells("r2"), (1, -1)), 3)])
+            rows.append([o, label, *(interval_text(welch_of_cells([vals(s, k) for s in seeds],
+                                                                  (1, -1)), d)
+                                     for k, d in (("mean", 2), ("r2", 3)))])
     lines += ["Change with the rate (Welch 95% intervals):", "",
               *md_table(["objective", "rate", "probe mean", "R^2"], rows)]
     rows = []
@@ -264,14 +264,17 @@ def section_rates(configs):
             named = {(x, r): configs[(x, r, one_rate.WD)]
                      for r in (lr, 0.1) for x in (o, "softmax")}
             seeds = list(named.values())      # objective, softmax at lr; the same at 0.1
+            label = f"{lr:g} vs 0.1" + diverged_note(named)
+            diverged = any(map(all_diverged, seeds))
             for key, margin, d in (("mean", 1.0, 2), ("r2", 0.02, 3)):
+                if diverged:
+                    rows.append([o, label, key, "diverged", "**diverged**"])
+                    continue
                 w = welch_of_cells([vals(s, key) for s in seeds], (1, -1, -1, 1))
-                v = "diverged" if any(map(all_diverged, seeds)) else \
-                    "cannot tell (a cell has < 2 seeds)" if w is None else \
+                v = "cannot tell (a cell has < 2 seeds)" if w is None else \
                     "changes" if w["low"] > 0 or w["high"] < 0 \
                     else "does not" if -margin < w["low"] and w["high"] < margin else "cannot tell"
-                rows.append([o, f"{lr:g} vs 0.1" + diverged_note(named), key,
-                             "diverged" if v == "diverged" else interval_text(w, d), f"**{v}**"])
+                rows.append([o, label, key, interval_text(w, d), f"**{v}**"])
     lines += ["Interaction: (objective - softmax) at the rate minus (objective - softmax) at "
               "0.1; *changes* when the 95% interval excludes 0, *does not* when it lies inside "
               "the margin (1 point; R^2 0.02).", "",
