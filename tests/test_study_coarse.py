@@ -136,12 +136,23 @@ def test_one_rate_trains_the_cka_set_first_and_reuses_committed_networks():
     assert {n.objective for n in one_rate.CKA_SET} == set(one_rate.SPEC_NETS)   # all nine
     arm_a = [n for n in nets if n.folder == "lr0.1" and not n.rerun]
     assert len(arm_a) == 9 * 3
-    reruns = [n for n in nets if n.rerun]       # last: the reused ones again, for dead units
-    assert nets[-len(reruns):] == reruns and len(reruns) == 7
+    reruns = [n for n in nets if n.rerun]   # last: reused and first-protocol ones, for dead units
+    assert nets[-len(reruns):] == reruns and len(reruns) == 7 + 12
     assert all("/reruns/" in n.out and one_rate.reused_source(n) is None for n in reruns)
-    assert {n.folder for n in nets} == {"lr0.1", "lr0.4", "lr1.6", "lr0.1_wd0.00128"}
+    assert {n.folder for n in nets if not n.rerun} == {"lr0.1", "lr0.4", "lr1.6", "lr0.1_wd0.00128"}
     reused = [n for n in nets if one_rate.reused_source(n)]
-    assert {(n.folder, n.name) for n in reused} == {(n.folder, n.name) for n in reruns}
+    assert {(n.folder, n.name) for n in reused} == {(n.folder, n.name) for n in reruns[:7]}
+    # the first protocol's other networks, each with the command that trained it (args.json)
+    for net in reruns[7:]:
+        cmd = net.command()
+        with open(os.path.join(ROOT, "results", "cifar10_coarse", "runs", "train", net.name,
+                               "args.json")) as f:
+            made = json.load(f)
+        flag = {"label_smoothing": "--alpha", "cosine_softmax": "--tau"}[net.objective]
+        assert (float(cmd[cmd.index("--lr") + 1]), int(cmd[cmd.index("--seed") + 1]),
+                float(cmd[cmd.index(flag) + 1])) == \
+            (made["lr"], made["seed"], made[flag[2:]]), net.name
+    assert [n.seed for n in reruns[7:]] == [0] * 6 + [1] * 6     # one seed of each first
     # committed networks with this exact recipe are copied, except where weights are needed
     assert {f"{n.folder}/{n.name}" for n in reused} == {
         "lr0.1/squared_error_s1", "lr0.1/squared_error_s2", "lr0.1/cosine_softmax_t0.05_s1",
@@ -331,6 +342,21 @@ def test_a_rerun_lends_its_dead_units_only_when_it_reproduced_the_reused_record(
               open(os.path.join(rerun.out, "results.json"), "w"))
     assert not one_rate.rerun_matches(rerun)
     assert "dead" not in report.configurations()[("softmax", 1.6, one_rate.WD)][0]
+    assert report.mismatched_reruns() == ["lr1.6/softmax_s0"]
+    # a first-protocol network is checked against its own committed record in runs/train
+    first = next(n for n in one_rate.networks() if n.name == "cosine_softmax_t0.2_s1")
+    with open(os.path.join(ROOT, "results", "cifar10_coarse", "runs", "train", first.name,
+                           "results.json")) as f:
+        record = json.load(f)
+    fake_one_rate_network(first.base, first.name, record["top1"], [0.5] * 4, 0.3, 0.5, dead=0.05)
+    json.dump({**record, "test_loss": record["test_loss"] + 1e-9},
+              open(os.path.join(first.out, "results.json"), "w"))
+    assert one_rate.rerun_matches(first) is False
+    json.dump(record, open(os.path.join(first.out, "results.json"), "w"))
+    assert one_rate.rerun_matches(first)
+    seeds, planned = report.first_protocol_cells()[("cosine_softmax_t0.2", 0.1)]
+    assert planned == 2 and [s["dead"] for s in seeds] == [0.05]
+    assert report.dead_row(seeds) == ["0.500", "0.050 (0.050-0.050)", "0.474", "sparse codes"]
 
 
 def test_bad_arguments_are_one_line_with_status_2(tmp_path):

@@ -14,6 +14,9 @@ train_imagenet.py with the first protocol's recipe (study.TRAIN, 30 epochs) into
 one_rate/FOLDER/train/NAME_sSEED, FOLDER = lr0.1, lr0.4, lr1.6 or lr0.1_wd0.00128. Committed
 networks of the first protocol with exactly this recipe, seed and rate are reused (REUSED: their
 JSON files are copied, not retrained), except where their weights are needed (CKA set).
+Last (README, "Order" 5) the reused networks and the first protocol's other twelve are trained
+again into one_rate/reruns/ for the weights their dead units need; a rerun counts only where it
+reproduces its committed training record to the last digit (rerun_matches).
 
 A run that stops on a non-finite loss, or ends at a source val top-1 of at most DIVERGED_TOP1,
 is diverged: a result, recorded in its folder as diverged.json, never dropped. Any other failure
@@ -67,6 +70,7 @@ class Net:
     seed: int
     wd: float = WD
     rerun: bool = False     # a reused network trained again for its weights (README, "Order" 5)
+    variant: str = ""       # a first-protocol network at other hyperparameters (study.NETWORKS)
 
     @property
     def folder(self):       # one make_figures.py runs folder per rate (and weight decay)
@@ -78,15 +82,15 @@ class Net:
 
     @property
     def name(self):
-        return f"{SPEC_NETS[self.objective][0]}_s{self.seed}"
+        return f"{self.variant or SPEC_NETS[self.objective][0]}_s{self.seed}"
 
     @property
     def out(self):
         return os.path.join(self.base, "train", self.name)
 
     def command(self):
-        flags = SPEC_NETS[self.objective][1] + ([] if self.wd == WD else
-                                                ["--weight-decay", f"{self.wd:g}"])
+        flags = study.NETWORKS[self.variant][1] if self.variant else SPEC_NETS[self.objective][1]
+        flags = flags + ([] if self.wd == WD else ["--weight-decay", f"{self.wd:g}"])
         return study.command(flags, self.lr, self.seed, study.EPOCHS, self.out)
 
 
@@ -104,8 +108,21 @@ def networks():
              *(Net("softmax", 0.1, s, wd=16 * WD) for s in (0, 1))]          # arm C
     order = list(dict.fromkeys(order))
     # 5: the reused networks again, for the weights their dead units need (class separation
-    # only); each must reproduce its committed training record (rerun_matches)
-    return order + [dataclasses.replace(n, rerun=True) for n in order if reused_source(n)]
+    # only), then the first protocol's other networks; each must reproduce its committed
+    # training record (rerun_matches)
+    return order + [dataclasses.replace(n, rerun=True) for n in order if reused_source(n)] + \
+        first_protocol_reruns(order)
+
+
+def first_protocol_reruns(order):
+    """The first protocol's networks (study.NETWORKS, at the rates its grid chose) that are no
+    network of ORDER, as reruns: label smoothing 0.1, 0.2, 0.4 at 0.8 and cosine softmax 0.02,
+    0.2, 0.5 at 0.1, seeds 0 and 1. Only their dead units come from here; report.md stays."""
+    lrs = {o: study.next_lr(o) for o in study.OBJECTIVES}   # ('chosen', lr): the committed grid
+    nets = [Net(o, lrs[o][1], s, rerun=True, variant="" if name == SPEC_NETS[o][0] else name)
+            for name, (o, _, seeds) in study.NETWORKS.items() for s in seeds]
+    nets = [n for n in nets if dataclasses.replace(n, rerun=False) not in order]
+    return sorted(nets, key=lambda n: n.seed)   # stable: one seed of each network first
 
 
 def needs_weights(net):
@@ -122,7 +139,9 @@ def rerun_matches(net):
     """Whether a rerun reproduced its reused record (source test loss and top-1 exactly), or
     None while either is missing."""
     mine = os.path.join(net.out, "results.json")
-    theirs = os.path.join(OUT, net.folder, "train", net.name, "results.json")
+    theirs = os.path.join(OUT, net.folder, "train", net.name, "results.json") if \
+        (net.folder, net.name) in REUSED else os.path.join(HERE, "runs", "train", net.name,
+                                                           "results.json")
     if not (os.path.exists(mine) and os.path.exists(theirs)):
         return None
     a, b = (json.load(open(p)) for p in (mine, theirs))

@@ -385,24 +385,57 @@ def dead_or_sparse(s, d):
     return "dead units" if d >= 0.8 * s else "sparse codes" if d <= 0.2 * s else "both"
 
 
+def dead_row(seeds):
+    """[sparsity, dead (seed range), live zeros, verdict] of rule 4 on the seed means, or None
+    before any seed has a sparsity."""
+    s, d = vals(seeds, "sparsity"), vals(seeds, "dead")
+    if not s:
+        return None
+    ms, md_ = float(np.mean(s)), float(np.mean(d)) if d else math.nan
+    live = (ms - md_) / (1 - md_) if finite(md_) and md_ < 1 else math.nan
+    rng = f"{min(d):.3f}-{max(d):.3f}" if d else "-"
+    return [f"{ms:.3f}", "-" if not d else f"{md_:.3f} ({rng})",
+            "-" if not finite(live) else f"{live:.3f}", dead_or_sparse(ms, md_)]
+
+
+def first_protocol_cells():
+    """{(network, lr): (numbers of each rerun that reproduced its record, reruns planned)} for
+    the first protocol's networks that are no network of this one (one_rate.py, order 5)."""
+    cells = {}
+    for net in one_rate.networks():
+        if not net.rerun or (net.folder, net.name) in one_rate.REUSED:
+            continue                # a network of this protocol: in the table above
+        key = (net.name.rsplit("_s", 1)[0], net.lr)
+        seeds, planned = cells.get(key, ([], 0))
+        same = one_rate.rerun_matches(net) and network_numbers(net.base, net.name)
+        cells[key] = seeds + ([same] if same else []), planned + 1
+    return cells
+
+
+def mismatched_reruns():
+    """The reruns that finished without reproducing their committed record (left out)."""
+    return [f"{n.folder}/{n.name}" for n in one_rate.networks()
+            if n.rerun and one_rate.rerun_matches(n) is False]
+
+
 def section_dead(configs):
-    rows = []
-    for (o, lr, wd), seeds in configs.items():
-        s, d = vals(seeds, "sparsity"), vals(seeds, "dead")
-        if not s:
-            continue
-        ms, md_ = float(np.mean(s)), float(np.mean(d)) if d else math.nan
-        live = (ms - md_) / (1 - md_) if finite(md_) and md_ < 1 else math.nan
-        rng = f"{min(d):.3f}-{max(d):.3f}" if d else "-"
-        rows.append([o, f"{lr:g}" + ("" if wd == one_rate.WD else f", wd {wd:g}"), f"{ms:.3f}",
-                     "-" if not d else f"{md_:.3f} ({rng})",
-                     "-" if not finite(live) else f"{live:.3f}", dead_or_sparse(ms, md_)])
+    rows = [[o, f"{lr:g}" + ("" if wd == one_rate.WD else f", wd {wd:g}"), *row]
+            for (o, lr, wd), seeds in configs.items() if (row := dead_row(seeds))]
+    first = [[name, f"{lr:g}", *(dead_row(seeds) or ["-"] * 4), f"{len(seeds)} of {planned}"]
+             for (name, lr), (seeds, planned) in first_protocol_cells().items()]
+    mismatched = mismatched_reruns()
+    header = ["sparsity", "dead (seed range)", "live zeros", "verdict"]
     return ["## Rule 4: dead units or sparse codes (pool layer)", "",
             "Sparsity s (zeros among all activations), dead-unit fraction d (channels zero on "
             "all 5,000 source images), zeros among live units (s - d) / (1 - d); *dead units* "
             "when d >= 0.8 s, *sparse codes* when d <= 0.2 s.", "",
-            *md_table(["objective", "lr", "sparsity", "dead (seed range)", "live zeros",
-                       "verdict"], rows)]
+            *md_table(["objective", "lr", *header], rows),
+            "A rerun (a committed network trained again for its weights, order 5) lends its "
+            "dead units only when it reproduced the committed training record to the last "
+            "digit" + (f"; these did not, and are left out: {', '.join(mismatched)}." if
+                       mismatched else "; every finished rerun did.") + " The first protocol's "
+            "other networks (report.md), rerun for their dead units only:", "",
+            *md_table(["network", "lr", *header, "reruns that reproduced"], first)]
 
 
 # ----------------------------------------------------------------------------------------------
