@@ -193,9 +193,11 @@ def fake_one_rate_network(base, name, top1, probes, r2, sparsity=0.5, dead=0.1):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(obj, f)
-    write(os.path.join(base, "train", name, "results.json"), {"top1": top1, "val_top1": top1})
+    write(os.path.join(base, "train", name, "results.json"), {"top1": top1, "val_top1": top1,
+                                                              "train_seconds": 1800.0})
     for (t, (_, _, folder)), acc in zip(study.TARGETS.items(), probes):
-        write(os.path.join(base, "probe", name, folder, "results.json"), {"test_accuracy": acc})
+        write(os.path.join(base, "probe", name, folder, "results.json"),
+              {"test_accuracy": acc, "seconds": 60.0})
     pool = {"r2": r2, "sparsity": sparsity, "dim": 10.0, **({} if dead is None else {"dead": dead})}
     write(os.path.join(base, "separation", name, "class_separation.json"),
           {"results": [{"layers": {"pool": pool}}]})
@@ -243,6 +245,10 @@ def test_one_rate_report_applies_the_preregistered_rules(tmp_path, monkeypatch):
     assert "Networks finished: 27 of" in text and "**depends on the objective**" in text
     assert "- `lr0.4/softmax_s0` failed: exit 1: error: boom (log: x.log)" in text  # named, why
     assert "Missing, not trained yet (" in text and "`lr1.6/softmax_s1`" in text
+    # the cost counts what this protocol ran: not the 3 reused copies at lr 0.1
+    assert "| networks trained to the end (arms A, B, C) | 24 | 12.0 |" in text
+    assert "| linear probes, feature extraction included | 96 | 1.6 |" in text
+    assert "Total **13.6 process-hours**" in text
     # no network of arm B: its interactions say why they have no interval
     assert "| 0.4 vs 0.1 | mean | - | **cannot tell (a cell has < 2 seeds)** |" in text
 

@@ -500,6 +500,37 @@ def section_protocols(configs):
                        "one rate: probe mean", "one rate: R^2"], rows)]
 
 
+def section_cost():
+    """Process-hours (one process on one core; the study ran two at a time) from the committed
+    records: each network's train_seconds (reused copies cost nothing here) and each probe's and
+    fine-tuning's seconds, features included."""
+    trained, reruns, probes, finetunes, diverged = [], [], [], [], 0
+    for net in one_rate.networks():
+        if one_rate.reused_source(net):
+            continue
+        diverged += one_rate.status(net) == "diverged"
+        r = read(os.path.join(net.out, "results.json"))
+        if r is not None:
+            (reruns if net.rerun else trained).append(r["train_seconds"])
+        if not net.rerun:
+            probes += [r["seconds"] for _, _, folder in study.TARGETS.values() if (r := read(
+                os.path.join(net.base, "probe", net.name, folder, "results.json")))]
+            ft = read(os.path.join(net.base, "finetune", net.name,
+                                   study.TARGETS["coarse_to_fine"][2], "results.json"))
+            finetunes += [ft["seconds"]] if ft else []
+    parts = [("networks trained to the end (arms A, B, C)", trained),
+             ("reruns for weights (order 5)", reruns),
+             ("linear probes, feature extraction included", probes),
+             ("fine-tuning, its learning-rate grid included", finetunes)]
+    rows = [[what, len(v), f"{sum(v) / 3600:.1f}"] for what, v in parts]
+    total = sum(sum(v) for _, v in parts) / 3600
+    return ["## Cost", "", *md_table(["part", "runs", "process-hours"], rows),
+            f"Total **{total:.1f} process-hours**: about {total / 2:.1f} hours of a 2-core machine "
+            f"that runs two at a time. Not in the records, so not counted: the {diverged} diverged "
+            f"runs (each stopped within its first epoch), class separation (about 9 s a network) "
+            f"and CKA (23 s once), by their logs.", ""]
+
+
 def section_status(configs):
     n = sum(len(s) for s in configs.values())
     planned = len([n for n in one_rate.networks() if not n.rerun])
@@ -538,7 +569,7 @@ def write_report():
              *md_table(["quantity", "verdict"], [[k, f"**{v}**"] for k, v in verdicts]),
              *primary_lines, *section_rates(configs), *section_mechanism(configs),
              *section_dead(configs), *section_finetune(configs), *section_cka(),
-             *section_protocols(configs)]
+             *section_protocols(configs), *section_cost()]
     os.makedirs(one_rate.OUT, exist_ok=True)
     path = os.path.join(one_rate.OUT, "report.md")
     with open(path, "w") as f:
