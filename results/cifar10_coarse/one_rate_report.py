@@ -513,7 +513,7 @@ def section_cost():
         if r is not None:
             (reruns if net.rerun else trained).append(r["train_seconds"])
         if not net.rerun:
-            probes += [r["seconds"] for _, _, folder in study.TARGETS.values() if (r := read(
+            probes += [p["seconds"] for _, _, folder in study.TARGETS.values() if (p := read(
                 os.path.join(net.base, "probe", net.name, folder, "results.json")))]
             ft = read(os.path.join(net.base, "finetune", net.name,
                                    study.TARGETS["coarse_to_fine"][2], "results.json"))
@@ -527,8 +527,8 @@ def section_cost():
     return ["## Cost", "", *md_table(["part", "runs", "process-hours"], rows),
             f"Total **{total:.1f} process-hours**: about {total / 2:.1f} hours of a 2-core machine "
             f"that runs two at a time. Not in the records, so not counted: the {diverged} diverged "
-            f"runs (each stopped within its first epoch), class separation (about 9 s a network) "
-            f"and CKA (23 s once), by their logs.", ""]
+            f"runs (stopped early; their results.json is never written), class separation and "
+            f"CKA (seconds each, by their logs).", ""]
 
 
 def section_status(configs):
