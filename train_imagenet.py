@@ -1249,24 +1249,30 @@ class CheckpointWriter:
     intact (common.atomic_write)."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.done, self.error = None, None   # done: the Event of the write in flight
 
     def start(self, write):
         self.wait()
+        done = threading.Event()
 
         def job():
             try:
                 write()
             except BaseException as e:   # raised in the main thread by wait()
                 self.error = e
-        self.thread = threading.Thread(target=job, name="write last.pt")
-        self.thread.start()
+            finally:
+                done.set()
+        self.done = done
+        threading.Thread(target=job, name="write last.pt").start()
 
     def wait(self):
         """Block until the write in flight (if any) is on disk; raise its error."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        if self.done is not None:
+            # an Event, not Thread.join(): a Ctrl-C inside Python 3.11's join() marks the
+            # still-running thread as finished (CPython gh-90882), so the interpreter exited
+            # under the write and torch.save aborted the process (SIGABRT, 6 of 48 Ctrl-Cs)
+            self.done.wait()
+            self.done = None
         if self.error is not None:
             error, self.error = self.error, None
             raise error
