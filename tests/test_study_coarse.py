@@ -163,6 +163,21 @@ def test_one_rate_trains_the_cka_set_first_and_reuses_committed_networks():
     assert se[se.index("--loss-scale") + 1] == "0.005"
 
 
+def test_one_rate_dry_run_says_what_it_skips(tmp_path, monkeypatch, capsys):
+    """On the committed study every network is finished: the dry run printed nothing at all."""
+    one_rate = load_one_rate()
+    n = len(one_rate.networks())
+    one_rate.train(jobs=2, dry_run=True)
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"0 of {n} networks to train; {n} already finished in ")
+    monkeypatch.setattr(one_rate, "OUT", str(tmp_path))   # an empty folder: reuse, then train
+    one_rate.train(jobs=2, dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    reused = sum(line.startswith("reuse ") for line in out)
+    assert reused == 7 and out[-1].startswith(f"{n - 7} of {n} networks to train; 0 already")
+    assert not os.listdir(tmp_path)   # a dry run writes nothing
+
+
 def test_one_rate_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
     one_rate = load_one_rate()
     monkeypatch.setattr(one_rate, "OUT", str(tmp_path))

@@ -203,8 +203,8 @@ def train_one(net):
 
 
 def train(jobs, dry_run):
-    todo = []
-    for net in networks():
+    todo, nets = [], networks()
+    for net in nets:
         if status(net):
             continue
         if reused_source(net):
@@ -213,6 +213,11 @@ def train(jobs, dry_run):
             todo.append(net)
     for net in todo:
         print(" ".join(net.command()), flush=True)
+    finished = sum(1 for net in nets if status(net))   # a dry run printed nothing without it
+    print(f"{len(todo)} of {len(nets)} networks to train; {finished} already finished in {OUT} "
+          f"(results.json or diverged.json) are skipped" + (
+              "; to train them again, point ONE_RATE_DIR at an empty folder"
+              if finished == len(nets) else ""), flush=True)
     if not dry_run and todo:
         study.run_parallel(todo, train_one, jobs)
 
