@@ -1279,9 +1279,12 @@ class CheckpointWriter:
 
     def close(self):
         """wait() on the way out of training, whatever raised: the error of a write is
-        printed, not raised over the exception that is ending the run."""
+        printed, not raised over the exception that is ending the run. A Ctrl-C here is one:
+        it stops the run (the write goes on; the interpreter waits for its thread at exit)."""
         try:
             self.wait()
+        except KeyboardInterrupt:
+            raise
         except BaseException as e:
             print(f"note: the last background write of last.pt failed: {common.user_message(e)}",
                   file=sys.stderr, flush=True)

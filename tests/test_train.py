@@ -461,6 +461,20 @@ def test_ctrl_c_while_waiting_for_a_checkpoint_write_still_waits_for_it():
     assert written == [1], "close() returned before the write in flight was done"
 
 
+def test_ctrl_c_while_closing_the_checkpoint_writer_is_a_ctrl_c():
+    """close() runs on every way out of the step loop, a normal end included: a Ctrl-C there
+    must stop the run, not be printed as a failed write and dropped. The write goes on in its
+    (non-daemon) thread, which the interpreter waits for at exit."""
+    import threading
+    writer, written = train_imagenet.CheckpointWriter(), []
+    writer.start(lambda: (time.sleep(1.0), written.append(1)))
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    writer.close()   # waits for the write in flight
+    assert written == [1]
+
+
 _FORK_SIGINT = {"armed": False}
 
 
