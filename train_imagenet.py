@@ -1279,7 +1279,7 @@ class CheckpointWriter:
 
     def close(self):
         """wait() on the way out of training, whatever raised: the error of a write is
-        printed, not raised over the exception that is ending the run. A Ctrl-C here is one:
+        printed, not raised over the exception that is ending the run. A Ctrl-C is raised:
         it stops the run (the write goes on; the interpreter waits for its thread at exit)."""
         try:
             self.wait()

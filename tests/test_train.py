@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -446,17 +447,25 @@ def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
     common.load_checkpoint(os.path.join(out, "last.pt"))  # intact
 
 
+def checkpoint_write_held_until_released():
+    """A CheckpointWriter whose write in flight holds until the test sets `go` (then takes 0.5 s
+    more), and a Ctrl-C to this process 0.2 s from now: it lands while the writer is busy,
+    however slow the machine."""
+    writer, written, go = train_imagenet.CheckpointWriter(), [], threading.Event()
+    writer.start(lambda: (go.wait(30), time.sleep(0.5), written.append(1)))
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return writer, written, go
+
+
 def test_ctrl_c_while_waiting_for_a_checkpoint_write_still_waits_for_it():
     """Python 3.11's Thread.join(), interrupted by Ctrl-C, marks the still-running thread as
     finished (CPython gh-90882): the interpreter then exited under the last.pt writer and the
     process aborted in torch.save (SIGABRT, "terminate called without an active exception";
     6 of 48 Ctrl-Cs of the group test above). After the interrupt, close() must still wait."""
-    import threading
-    writer, written = train_imagenet.CheckpointWriter(), []
-    writer.start(lambda: (time.sleep(1.0), written.append(1)))
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    writer, written, go = checkpoint_write_held_until_released()
     with pytest.raises(KeyboardInterrupt):
         writer.wait()
+    go.set()
     writer.close()
     assert written == [1], "close() returned before the write in flight was done"
 
@@ -465,12 +474,10 @@ def test_ctrl_c_while_closing_the_checkpoint_writer_is_a_ctrl_c():
     """close() runs on every way out of the step loop, a normal end included: a Ctrl-C there
     must stop the run, not be printed as a failed write and dropped. The write goes on in its
     (non-daemon) thread, which the interpreter waits for at exit."""
-    import threading
-    writer, written = train_imagenet.CheckpointWriter(), []
-    writer.start(lambda: (time.sleep(1.0), written.append(1)))
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    writer, written, go = checkpoint_write_held_until_released()
     with pytest.raises(KeyboardInterrupt):
         writer.close()
+    go.set()
     writer.close()   # waits for the write in flight
     assert written == [1]
 
