@@ -449,12 +449,14 @@ def test_ctrl_c_to_the_process_group_ends_training_and_its_workers(tmp_path):
 
 def checkpoint_write_held_until_released():
     """A CheckpointWriter whose write in flight holds until the test sets `go` (then takes 0.5 s
-    more), and a Ctrl-C to this process 0.2 s from now: it lands while the writer is busy,
-    however slow the machine."""
+    more): a Ctrl-C from ctrl_c_soon() lands while the writer is busy, however slow the machine."""
     writer, written, go = train_imagenet.CheckpointWriter(), [], threading.Event()
     writer.start(lambda: (go.wait(30), time.sleep(0.5), written.append(1)))
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     return writer, written, go
+
+
+def ctrl_c_soon():
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
 
 
 def test_ctrl_c_while_waiting_for_a_checkpoint_write_still_waits_for_it():
@@ -464,6 +466,7 @@ def test_ctrl_c_while_waiting_for_a_checkpoint_write_still_waits_for_it():
     6 of 48 Ctrl-Cs of the group test above). After the interrupt, close() must still wait."""
     writer, written, go = checkpoint_write_held_until_released()
     with pytest.raises(KeyboardInterrupt):
+        ctrl_c_soon()
         writer.wait()
     go.set()
     writer.close()
@@ -476,6 +479,7 @@ def test_ctrl_c_while_closing_the_checkpoint_writer_is_a_ctrl_c():
     (non-daemon) thread, which the interpreter waits for at exit."""
     writer, written, go = checkpoint_write_held_until_released()
     with pytest.raises(KeyboardInterrupt):
+        ctrl_c_soon()
         writer.close()
     go.set()
     writer.close()   # waits for the write in flight
