@@ -203,17 +203,16 @@ def train_one(net):
 
 
 def train(jobs, dry_run):
-    todo, nets = [], networks()
+    todo, finished, nets = [], 0, networks()
     for net in nets:
         if status(net):
-            continue
-        if reused_source(net):
+            finished += 1
+        elif reused_source(net):
             copy_reused(net, dry_run)
         else:
             todo.append(net)
     for net in todo:
         print(" ".join(net.command()), flush=True)
-    finished = sum(1 for net in nets if status(net))   # a dry run printed nothing without it
     print(f"{len(todo)} of {len(nets)} networks to train; {finished} already finished in {OUT} "
           f"(results.json or diverged.json) are skipped" + (
               "; to train them again, point ONE_RATE_DIR at an empty folder"
